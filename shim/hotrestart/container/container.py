@@ -1,0 +1,442 @@
+"""The per-container aggregate: one init process, its execs, its rootfs, its runc calls.
+
+Public coroutines validate against the state machine first, then act, then publish the
+event. Lifecycle calls are serialised by a lock; observers (State, Wait, Pids, Stats) never
+wait behind a long call such as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import signal
+import time
+from typing import Any
+
+from hotrestart.container.process import ExitInfo, Process, StdioPaths
+from hotrestart.container.state import Action, State
+from hotrestart.container.stdio import ConsoleIO, open_io
+from hotrestart.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    RuntimeCommandError,
+)
+from hotrestart.events import TaskEvents
+from hotrestart.reaper import Reaper
+from hotrestart.runtime import mounts
+from hotrestart.runtime.oom import OOMWatcher, memory_cgroup_dir
+from hotrestart.runtime.runc import CheckpointOpts, RestoreOpts, Runc
+
+log = logging.getLogger(__name__)
+
+_EXEC_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CreateConfig:
+    id: str
+    bundle: str
+    rootfs: tuple[mounts.Mount, ...]
+    stdio: StdioPaths
+    checkpoint: str = ""
+    no_pivot: bool = False
+    no_new_keyring: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExecConfig:
+    exec_id: str
+    stdio: StdioPaths
+    spec: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckpointConfig:
+    path: str
+    exit: bool = False
+    open_tcp: bool = False
+    external_unix_sockets: bool = False
+    terminal: bool = False
+    file_locks: bool = False
+    empty_namespaces: tuple[str, ...] = ()
+    cgroups_mode: str = ""
+    work_path: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProcessState:
+    id: str
+    exec_id: str
+    bundle: str
+    pid: int
+    state: State
+    stdio: StdioPaths
+    exit_status: int
+    exited_at_ns: int
+
+
+class Container:
+    def __init__(self, cfg: CreateConfig, runc: Runc, reaper: Reaper, events: TaskEvents) -> None:
+        self.id = cfg.id
+        self.cfg = cfg
+        self.bundle = cfg.bundle
+        self._runc = runc
+        self._reaper = reaper
+        self._events = events
+        self._lock = asyncio.Lock()
+        self.spec = _load_spec(cfg.bundle)
+        self.annotations: dict[str, str] = dict(self.spec.get("annotations") or {})
+        initial = State.CREATED_CHECKPOINT if cfg.checkpoint else State.CREATED
+        self.init = Process(cfg.id, "", cfg.stdio, open_io(cfg.stdio.stdin, cfg.stdio.stdout,
+                                                          cfg.stdio.stderr, cfg.stdio.terminal), initial)
+        self.execs: dict[str, Process] = {}
+        self._oom: OOMWatcher | None = None
+        self._rootfs_mounted = False
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    @property
+    def rootfs(self) -> str:
+        return os.path.join(self.bundle, "rootfs")
+
+    @property
+    def pid_file(self) -> str:
+        return os.path.join(self.bundle, "init.pid")
+
+    @property
+    def own_pid_namespace(self) -> bool:
+        namespaces = (self.spec.get("linux") or {}).get("namespaces") or []
+        return any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
+
+    # -- create / start -----------------------------------------------------------------------
+
+    async def create(self) -> int:
+        async with self._lock:
+            try:
+                if self.cfg.rootfs:
+                    mounts.mount_all(list(self.cfg.rootfs), self.rootfs)
+                    self._rootfs_mounted = True
+                if self.init.state is State.CREATED:
+                    await self._run_init(self._runc_create)
+            except BaseException:
+                self.init.io.close()
+                self._unmount()
+                raise
+            self._events.create(self.id, self.bundle, [(m.type, m.source, m.options) for m in self.cfg.rootfs],
+                                self.cfg.stdio.stdin, self.cfg.stdio.stdout, self.cfg.stdio.stderr,
+                                self.cfg.stdio.terminal, self.cfg.checkpoint, self.init.pid)
+            return self.init.pid
+
+    async def _runc_create(self, console_socket: str) -> None:
+        await self._runc.create(self.id, self.bundle, self.pid_file, self.init.io.runc_stdio(),
+                                console_socket=console_socket, no_pivot=self.cfg.no_pivot,
+                                no_new_keyring=self.cfg.no_new_keyring)
+
+    async def _runc_restore(self, console_socket: str) -> None:
+        work = os.path.join(self.bundle, "restore-work")
+        os.makedirs(work, mode=0o700, exist_ok=True)
+        opts = RestoreOpts(image_path=self.cfg.checkpoint, bundle=self.bundle, pid_file=self.pid_file,
+                           work_path=work, console_socket=console_socket, no_pivot=self.cfg.no_pivot,
+                           shell_job=self.cfg.stdio.terminal)
+        await self._runc.restore(self.id, opts, self.init.io.runc_stdio())
+
+    async def _run_init(self, launch: Any) -> None:
+        """Run `launch` (runc create or restore) and start watching the init process it leaves."""
+        since = time.monotonic()
+        io = self.init.io
+        receive = asyncio.ensure_future(io.receive_master()) if isinstance(io, ConsoleIO) else None
+        try:
+            await launch(io.console_socket)
+            if receive is not None:
+                await receive
+        except BaseException:
+            if receive is not None:
+                receive.cancel()
+                with contextlib.suppress(BaseException):
+                    await receive
+            raise
+        await io.started()
+        self.init.pid = _read_pid(self.pid_file)
+        self._start_oom_watch()
+        self._watch(self.init, since)
+
+    async def start(self, exec_id: str = "") -> int:
+        if exec_id:
+            return await self._start_exec(exec_id)
+        async with self._lock:
+            state = self.init.state
+            self.init.sm.check(Action.START)
+            if state is State.CREATED_CHECKPOINT:
+                await self._run_init(self._runc_restore)
+            else:
+                await self._runc.start(self.id)
+            if not self.init.exited:
+                self.init.sm.advance(Action.START)
+            self._events.start(self.id, self.init.pid)
+            return self.init.pid
+
+    # -- exec ---------------------------------------------------------------------------------
+
+    async def exec(self, cfg: ExecConfig) -> None:
+        if not _EXEC_ID.match(cfg.exec_id):
+            raise InvalidArgumentError(f"invalid exec id {cfg.exec_id!r}")
+        async with self._lock:
+            self.init.sm.check(Action.EXEC)
+            if cfg.exec_id in self.execs:
+                raise AlreadyExistsError(f"id {cfg.exec_id}: already exists")
+            io = open_io(cfg.stdio.stdin, cfg.stdio.stdout, cfg.stdio.stderr, cfg.stdio.terminal)
+            proc = Process(self.id, cfg.exec_id, cfg.stdio, io)
+            self.execs[cfg.exec_id] = proc
+            spec_path = self._exec_spec_path(cfg.exec_id)
+            fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(cfg.spec, f)
+        self._events.exec_added(self.id, cfg.exec_id)
+
+    def _exec_spec_path(self, exec_id: str) -> str:
+        return os.path.join(self.bundle, f".exec-{exec_id}.json")
+
+    async def _start_exec(self, exec_id: str) -> int:
+        proc = self.process(exec_id)
+        proc.sm.check(Action.START)
+        self.init.sm.check(Action.EXEC)
+        since = time.monotonic()
+        pid_file = os.path.join(self.bundle, f".exec-{exec_id}.pid")
+        io = proc.io
+        receive = asyncio.ensure_future(io.receive_master()) if isinstance(io, ConsoleIO) else None
+        try:
+            await self._runc.exec(self.id, self._exec_spec_path(exec_id), pid_file, io.runc_stdio(),
+                                  console_socket=io.console_socket)
+            if receive is not None:
+                await receive
+        except BaseException:
+            if receive is not None:
+                receive.cancel()
+            io.close()
+            proc.set_exited(255)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(self._exec_spec_path(exec_id))
+        await io.started()
+        proc.pid = _read_pid(pid_file)
+        with contextlib.suppress(OSError):
+            os.unlink(pid_file)
+        if not proc.exited:
+            proc.sm.advance(Action.START)
+        self._watch(proc, since)
+        self._events.exec_started(self.id, exec_id, proc.pid)
+        return proc.pid
+
+    # -- exits --------------------------------------------------------------------------------
+
+    def _watch(self, proc: Process, since: float) -> None:
+        task = asyncio.ensure_future(self._on_exit(proc, since))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _on_exit(self, proc: Process, since: float) -> None:
+        status = await self._reaper.wait_for(proc.pid, since)
+        # Output must reach containerd before the exit does, or CRI logs lose their tail.
+        await proc.io.drained(2.0)
+        if proc is self.init:
+            if self._oom is not None:
+                self._oom.poll()
+            await self._end_execs()
+        proc.set_exited(status)
+        proc.io.close()
+        self._events.exit(self.id, proc.id, proc.pid, status, proc.exited_at_ns)
+
+    async def _end_execs(self) -> None:
+        """The init is gone: execs end too, and their exits go out before the init's."""
+        running = [p for p in self.execs.values() if p.state is State.RUNNING and not p.exited]
+        if not running:
+            return
+        if not self.own_pid_namespace:
+            with contextlib.suppress(Exception):
+                await self._runc.kill(self.id, signal.SIGKILL, all_processes=True)
+        await asyncio.wait([asyncio.ensure_future(p.wait()) for p in running], timeout=2.0)
+
+    def _start_oom_watch(self) -> None:
+        cgroup = memory_cgroup_dir(self.init.pid)
+        if cgroup is None:
+            return
+        watcher = OOMWatcher(cgroup, lambda: self._events.oom(self.id))
+        try:
+            watcher.start()
+        except OSError as exc:
+            log.warning("%s: no OOM notifications: %s", self.id, exc)
+            return
+        self._oom = watcher
+
+    # -- signals, pause, update ---------------------------------------------------------------
+
+    async def kill(self, exec_id: str, sig: int, all_processes: bool) -> None:
+        if exec_id:
+            proc = self.process(exec_id)
+            proc.sm.check(Action.KILL)
+            if proc.exited:
+                raise NotFoundError("process already finished")
+            try:
+                os.kill(proc.pid, sig)
+            except ProcessLookupError as exc:
+                raise NotFoundError("process already finished") from exc
+            return
+        self.init.sm.check(Action.KILL)
+        if self.init.state is State.CREATED_CHECKPOINT:
+            raise NotFoundError("process already finished")
+        try:
+            await self._runc.kill(self.id, sig, all_processes=all_processes)
+        except RuntimeCommandError as exc:
+            if self.init.exited or "not running" in exc.detail or "already finished" in exc.detail:
+                raise NotFoundError("process already finished") from exc
+            raise
+
+    async def pause(self) -> None:
+        async with self._lock:
+            self.init.sm.check(Action.PAUSE)
+            await self._runc.pause(self.id)
+            self.init.sm.advance(Action.PAUSE)
+        self._events.paused(self.id)
+
+    async def resume(self) -> None:
+        async with self._lock:
+            self.init.sm.check(Action.RESUME)
+            await self._runc.resume(self.id)
+            self.init.sm.advance(Action.RESUME)
+        self._events.resumed(self.id)
+
+    async def update(self, resources: dict[str, Any]) -> None:
+        async with self._lock:
+            self.init.sm.check(Action.UPDATE)
+            await self._runc.update(self.id, resources)
+
+    async def checkpoint(self, cfg: CheckpointConfig) -> None:
+        async with self._lock:
+            self.init.sm.check(Action.CHECKPOINT)
+            os.makedirs(cfg.path, mode=0o700, exist_ok=True)
+            work = cfg.work_path or os.path.join(self.bundle, "criu-work")
+            os.makedirs(work, mode=0o700, exist_ok=True)
+            opts = CheckpointOpts(image_path=cfg.path, work_path=work, leave_running=not cfg.exit,
+                                  tcp_established=cfg.open_tcp, ext_unix_sk=cfg.external_unix_sockets,
+                                  shell_job=cfg.terminal or self.cfg.stdio.terminal, file_locks=cfg.file_locks,
+                                  empty_ns=cfg.empty_namespaces, manage_cgroups_mode=cfg.cgroups_mode)
+            try:
+                await self._runc.checkpoint(self.id, opts)
+            except RuntimeCommandError as exc:
+                dump_log = os.path.join(work, "dump.log")
+                if os.path.exists(dump_log):
+                    target = os.path.join(self.bundle, "criu-dump.log")
+                    with contextlib.suppress(OSError):
+                        os.replace(dump_log, target)
+                    raise RuntimeCommandError(exc.argv, exc.returncode, f"{exc.detail} (see {target})") from exc
+                raise
+        self._events.checkpointed(self.id, cfg.path)
+
+    # -- observers ----------------------------------------------------------------------------
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        proc = self.execs.get(exec_id)
+        if proc is None:
+            raise NotFoundError(f"process {exec_id} does not exist")
+        return proc
+
+    def state(self, exec_id: str) -> ProcessState:
+        proc = self.process(exec_id)
+        return ProcessState(self.id, exec_id, self.bundle, proc.pid, proc.state, proc.stdio,
+                            proc.exit_status, proc.exited_at_ns)
+
+    async def wait(self, exec_id: str) -> ExitInfo:
+        return await self.process(exec_id).wait()
+
+    async def pids(self) -> list[tuple[int, str]]:
+        """(pid, exec id or "") for every process in the container."""
+        if self.init.exited or self.init.pid == 0:
+            return []
+        try:
+            pids = await self._runc.ps(self.id)
+        except RuntimeCommandError:
+            return [(self.init.pid, "")] if not self.init.exited else []
+        by_pid = {p.pid: p.exec_id for p in self.execs.values() if p.pid}
+        return [(pid, by_pid.get(pid, "")) for pid in pids]
+
+    async def stats(self) -> dict[str, Any]:
+        self.init.sm.check(Action.STATS)
+        return await self._runc.stats(self.id)
+
+    def resize_pty(self, exec_id: str, width: int, height: int) -> None:
+        self.process(exec_id).io.resize(width, height)
+
+    def close_io(self, exec_id: str) -> None:
+        self.process(exec_id).io.close_stdin()
+
+    # -- delete -------------------------------------------------------------------------------
+
+    async def delete(self, exec_id: str = "") -> ExitInfo:
+        if exec_id:
+            proc = self.process(exec_id)
+            proc.sm.check(Action.DELETE)
+            proc.sm.advance(Action.DELETE)
+            del self.execs[exec_id]
+            proc.io.close()
+            return proc.exit_info()
+        async with self._lock:
+            self.init.sm.check(Action.DELETE)
+            if self.init.state is not State.CREATED_CHECKPOINT:
+                try:
+                    await self._runc.delete(self.id, force=self.init.state is State.CREATED)
+                except NotFoundError:
+                    pass
+            if self.init.state is State.CREATED and self.init.pid:
+                # A created-but-never-started init was killed by `delete --force`; report it.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5):
+                        await self.init.wait()
+            self.init.sm.advance(Action.DELETE)
+            self.init.io.close()
+            for proc in self.execs.values():
+                proc.io.close()
+            if self._oom is not None:
+                self._oom.stop()
+            self._unmount()
+        info = self.init.exit_info()
+        self._events.delete(self.id, info.pid, info.status, info.exited_at_ns)
+        return info
+
+    def _unmount(self) -> None:
+        if self._rootfs_mounted:
+            try:
+                mounts.unmount_all(self.rootfs)
+            except OSError as exc:
+                log.warning("%s: %s", self.id, exc)
+            self._rootfs_mounted = False
+
+    def has_live_processes(self) -> bool:
+        return self.init.state is not State.DELETED
+
+
+def _load_spec(bundle: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            spec: dict[str, Any] = json.load(f)
+            return spec
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise InvalidArgumentError(f"bundle {bundle}: invalid config.json: {exc}") from exc
+
+
+def _read_pid(path: str) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError) as exc:
+        raise FailedPreconditionError(f"runc left no usable pid file {path}: {exc}") from exc

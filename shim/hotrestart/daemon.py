@@ -1,0 +1,92 @@
+"""The long-running shim: serves the Task API for one pod until its last container is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import TYPE_CHECKING
+
+from hotrestart.events import Publisher, TaskEvents
+from hotrestart.lifecycle import LISTEN_FD_ENV
+from hotrestart.reaper import Reaper, become_subreaper
+from hotrestart.service.task import SERVICES, TaskService
+from hotrestart.ttrpc.server import Server
+
+if TYPE_CHECKING:
+    from hotrestart.shim_main import Flags
+
+log = logging.getLogger("hotrestart")
+
+
+class _FifoHandler(logging.Handler):
+    """Writes to the bundle's `log` FIFO, which containerd copies into its own log.
+
+    Non-blocking: a containerd that stops reading must never stall the shim; lines are
+    dropped instead.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            os.write(self._fd, (self.format(record) + "\n").encode(errors="replace"))
+        except OSError:
+            pass
+
+
+def _setup_logging(debug: bool, shim_id: str) -> None:
+    handler: logging.Handler
+    try:
+        handler = _FifoHandler("log")
+    except OSError:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"time=%(asctime)s level=%(levelname)s shim=hotrestart id={shim_id} "
+                                           "msg=%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def serve(flags: Flags) -> None:
+    _setup_logging(flags.debug, flags.id)
+    fd = int(os.environ.pop(LISTEN_FD_ENV, "3"))
+    sock = socket.socket(fileno=fd)
+    try:
+        asyncio.run(_serve(flags, sock))
+    finally:
+        path = sock.getsockname() if sock.fileno() >= 0 else ""
+        sock.close()
+        if isinstance(path, str) and path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+async def _serve(flags: Flags, sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        become_subreaper()
+    except OSError as exc:
+        log.warning("%s", exc)
+    reaper = Reaper()
+    reaper.install(loop)
+    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
+    stop = asyncio.Event()
+    service = TaskService(namespace=flags.namespace, reaper=reaper, events=TaskEvents(publisher), on_idle=stop.set)
+    server = Server()
+    for name in SERVICES:
+        server.register(name, service.handlers())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.serve_socket(sock)
+    log.info("shim serving namespace %s (pid %d)", flags.namespace, os.getpid())
+    await stop.wait()
+    await server.close()
+    await publisher.drain(5.0)
+    log.info("shim exiting")

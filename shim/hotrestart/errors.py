@@ -1,0 +1,109 @@
+"""The project's one exception hierarchy and its single mapping to wire status codes.
+
+Every layer raises these (or lets foreign exceptions through); only `status_for` turns an
+exception into a ttrpc/gRPC status, so an error means the same thing whichever call it
+surfaces from. containerd's errdefs understands NotFound, AlreadyExists, InvalidArgument,
+FailedPrecondition, Unavailable, Unimplemented, Canceled and DeadlineExceeded; anything else
+becomes "unknown" on its side, so we pick from that set where we can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+
+
+class Code(enum.IntEnum):
+    """gRPC status codes (ttrpc reuses them)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+class ShimError(Exception):
+    """Base of every error the shim raises on purpose."""
+
+    code: Code = Code.UNKNOWN
+
+
+class NotFoundError(ShimError):
+    code = Code.NOT_FOUND
+
+
+class AlreadyExistsError(ShimError):
+    code = Code.ALREADY_EXISTS
+
+
+class InvalidArgumentError(ShimError):
+    code = Code.INVALID_ARGUMENT
+
+
+class FailedPreconditionError(ShimError):
+    code = Code.FAILED_PRECONDITION
+
+
+class InvalidTransitionError(FailedPreconditionError):
+    """A call that the container's current state does not allow."""
+
+    def __init__(self, state: str, action: str) -> None:
+        super().__init__(f"invalid state transition: cannot {action} a container that is {state}")
+        self.state = state
+        self.action = action
+
+
+class NotImplementedShimError(ShimError):
+    code = Code.UNIMPLEMENTED
+
+
+class UnavailableError(ShimError):
+    code = Code.UNAVAILABLE
+
+
+class ResourceExhaustedError(ShimError):
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class RuntimeCommandError(ShimError):
+    """An external command (runc, CRIU) failed; `message` carries its own last words."""
+
+    code = Code.UNKNOWN
+
+    def __init__(self, argv: list[str], returncode: int, detail: str) -> None:
+        name = argv[0].rsplit("/", 1)[-1] if argv else "command"
+        verb = next((a for a in argv[1:] if not a.startswith("-")), "")
+        super().__init__(f"{name} {verb} failed (exit {returncode}): {detail}".rstrip(": "))
+        self.argv = argv
+        self.returncode = returncode
+        self.detail = detail
+
+
+def status_for(exc: BaseException) -> tuple[Code, str]:
+    """Map any exception to the (code, message) sent on the wire. The only such mapping."""
+    if isinstance(exc, ShimError):
+        return exc.code, str(exc)
+    if isinstance(exc, asyncio.CancelledError):
+        return Code.CANCELLED, "cancelled"
+    if isinstance(exc, TimeoutError):
+        return Code.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded"
+    if isinstance(exc, FileNotFoundError):
+        return Code.NOT_FOUND, str(exc)
+    if isinstance(exc, PermissionError):
+        return Code.PERMISSION_DENIED, str(exc)
+    if isinstance(exc, NotImplementedError):
+        return Code.UNIMPLEMENTED, str(exc) or "not implemented"
+    return Code.UNKNOWN, f"{type(exc).__name__}: {exc}"

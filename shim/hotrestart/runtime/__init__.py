@@ -1,0 +1,1 @@
+"""Every external command the shim runs, each built in one place."""

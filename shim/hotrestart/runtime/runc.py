@@ -1,0 +1,249 @@
+"""The runc command line, built here and nowhere else.
+
+Each public coroutine maps to one runc verb. argv construction is kept in small pure
+methods (`*_argv`) so unit tests can check exact command lines without running anything.
+Errors carry runc's own last log line (from `--log`, JSON) rather than a bare exit status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from hotrestart.errors import NotFoundError, RuntimeCommandError
+from hotrestart.runtime.command import CommandRunner, Completed, Stdio
+
+DEFAULT_ROOT = "/run/containerd/runc"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckpointOpts:
+    image_path: str
+    work_path: str = ""
+    parent_path: str = ""
+    leave_running: bool = True
+    tcp_established: bool = False
+    ext_unix_sk: bool = False
+    shell_job: bool = False
+    file_locks: bool = False
+    empty_ns: Sequence[str] = ()
+    manage_cgroups_mode: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RestoreOpts:
+    image_path: str
+    bundle: str
+    pid_file: str
+    work_path: str = ""
+    parent_path: str = ""
+    console_socket: str = ""
+    no_pivot: bool = False
+    tcp_established: bool = False
+    tcp_close: bool = False
+    ext_unix_sk: bool = False
+    shell_job: bool = False
+    file_locks: bool = False
+    manage_cgroups_mode: str = ""
+
+
+class Runc:
+    def __init__(
+        self,
+        runner: CommandRunner,
+        *,
+        binary: str = "runc",
+        root: str = DEFAULT_ROOT,
+        log_path: str = "",
+        systemd_cgroup: bool = False,
+        criu: str = "",
+    ) -> None:
+        self._runner = runner
+        self.binary = binary
+        self.root = root
+        self.log_path = log_path
+        self.systemd_cgroup = systemd_cgroup
+        self.criu = criu
+
+    # -- argv -------------------------------------------------------------------------------
+
+    def base_argv(self) -> list[str]:
+        argv = [self.binary, "--root", self.root]
+        if self.log_path:
+            argv += ["--log", self.log_path, "--log-format", "json"]
+        if self.systemd_cgroup:
+            argv.append("--systemd-cgroup")
+        if self.criu:
+            argv += ["--criu", self.criu]
+        return argv
+
+    def create_argv(self, cid: str, bundle: str, pid_file: str, console_socket: str = "",
+                    no_pivot: bool = False, no_new_keyring: bool = False) -> list[str]:
+        argv = [*self.base_argv(), "create", "--bundle", bundle, "--pid-file", pid_file]
+        if console_socket:
+            argv += ["--console-socket", console_socket]
+        if no_pivot:
+            argv.append("--no-pivot")
+        if no_new_keyring:
+            argv.append("--no-new-keyring")
+        return [*argv, cid]
+
+    def exec_argv(self, cid: str, process_json: str, pid_file: str, console_socket: str = "") -> list[str]:
+        argv = [*self.base_argv(), "exec", "--process", process_json, "--detach", "--pid-file", pid_file]
+        if console_socket:
+            argv += ["--console-socket", console_socket]
+        return [*argv, cid]
+
+    def kill_argv(self, cid: str, sig: int, all_processes: bool = False) -> list[str]:
+        return [*self.base_argv(), "kill", *(["--all"] if all_processes else []), cid, str(sig)]
+
+    def delete_argv(self, cid: str, force: bool = False) -> list[str]:
+        return [*self.base_argv(), "delete", *(["--force"] if force else []), cid]
+
+    def simple_argv(self, verb: str, cid: str, *flags: str) -> list[str]:
+        return [*self.base_argv(), verb, *flags, cid]
+
+    def checkpoint_argv(self, cid: str, o: CheckpointOpts) -> list[str]:
+        argv = [*self.base_argv(), "checkpoint", "--image-path", o.image_path]
+        if o.work_path:
+            argv += ["--work-path", o.work_path]
+        if o.parent_path:
+            argv += ["--parent-path", o.parent_path]
+        if o.leave_running:
+            argv.append("--leave-running")
+        if o.tcp_established:
+            argv.append("--tcp-established")
+        if o.ext_unix_sk:
+            argv.append("--ext-unix-sk")
+        if o.shell_job:
+            argv.append("--shell-job")
+        if o.file_locks:
+            argv.append("--file-locks")
+        for ns in o.empty_ns:
+            argv += ["--empty-ns", ns]
+        if o.manage_cgroups_mode:
+            argv += ["--manage-cgroups-mode", o.manage_cgroups_mode]
+        return [*argv, cid]
+
+    def restore_argv(self, cid: str, o: RestoreOpts) -> list[str]:
+        argv = [*self.base_argv(), "restore", "--detach", "--no-subreaper", "--image-path", o.image_path,
+                "--bundle", o.bundle, "--pid-file", o.pid_file]
+        if o.work_path:
+            argv += ["--work-path", o.work_path]
+        if o.parent_path:
+            argv += ["--parent-path", o.parent_path]
+        if o.console_socket:
+            argv += ["--console-socket", o.console_socket]
+        if o.no_pivot:
+            argv.append("--no-pivot")
+        if o.tcp_established:
+            argv.append("--tcp-established")
+        if o.tcp_close:
+            argv.append("--tcp-close")
+        if o.ext_unix_sk:
+            argv.append("--ext-unix-sk")
+        if o.shell_job:
+            argv.append("--shell-job")
+        if o.file_locks:
+            argv.append("--file-locks")
+        if o.manage_cgroups_mode:
+            argv += ["--manage-cgroups-mode", o.manage_cgroups_mode]
+        return [*argv, cid]
+
+    # -- verbs ------------------------------------------------------------------------------
+
+    async def create(self, cid: str, bundle: str, pid_file: str, stdio: Stdio, *, console_socket: str = "",
+                     no_pivot: bool = False, no_new_keyring: bool = False) -> None:
+        await self._check(self.create_argv(cid, bundle, pid_file, console_socket, no_pivot, no_new_keyring),
+                          stdio=stdio, cwd=bundle)
+
+    async def start(self, cid: str) -> None:
+        await self._check(self.simple_argv("start", cid))
+
+    async def exec(self, cid: str, process_json: str, pid_file: str, stdio: Stdio, *, console_socket: str = "") -> None:
+        await self._check(self.exec_argv(cid, process_json, pid_file, console_socket), stdio=stdio)
+
+    async def kill(self, cid: str, sig: int, *, all_processes: bool = False) -> None:
+        await self._check(self.kill_argv(cid, sig, all_processes))
+
+    async def delete(self, cid: str, *, force: bool = False) -> None:
+        await self._check(self.delete_argv(cid, force))
+
+    async def pause(self, cid: str) -> None:
+        await self._check(self.simple_argv("pause", cid))
+
+    async def resume(self, cid: str) -> None:
+        await self._check(self.simple_argv("resume", cid))
+
+    async def update(self, cid: str, resources: dict[str, Any]) -> None:
+        await self._check(self.simple_argv("update", cid, "--resources", "-"), input=json.dumps(resources).encode())
+
+    async def ps(self, cid: str) -> list[int]:
+        result = await self._check(self.simple_argv("ps", cid, "--format", "json"))
+        pids = json.loads(result.stdout or b"[]")
+        return [int(p) for p in pids or []]
+
+    async def state(self, cid: str) -> dict[str, Any]:
+        result = await self._check(self.simple_argv("state", cid))
+        state: dict[str, Any] = json.loads(result.stdout)
+        return state
+
+    async def stats(self, cid: str) -> dict[str, Any]:
+        result = await self._check(self.simple_argv("events", cid, "--stats"))
+        event: dict[str, Any] = json.loads(result.stdout)
+        data: dict[str, Any] = event.get("data", {})
+        return data
+
+    async def checkpoint(self, cid: str, opts: CheckpointOpts) -> None:
+        await self._check(self.checkpoint_argv(cid, opts))
+
+    async def restore(self, cid: str, opts: RestoreOpts, stdio: Stdio) -> None:
+        await self._check(self.restore_argv(cid, opts), stdio=stdio, cwd=opts.bundle)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _check(self, argv: list[str], *, input: bytes | None = None, stdio: Stdio | None = None,
+                     cwd: str | None = None) -> Completed:
+        log_offset = _size(self.log_path)
+        result = await self._runner.run(argv, input=input, stdio=stdio, cwd=cwd)
+        if result.returncode != 0:
+            detail = _last_log_error(self.log_path, log_offset) or _tail(result.stderr) or _tail(result.stdout)
+            if "does not exist" in detail or "container not found" in detail.lower():
+                raise NotFoundError(detail)
+            raise RuntimeCommandError(argv, result.returncode, detail)
+        return result
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size if path else 0
+    except OSError:
+        return 0
+
+
+def _tail(data: bytes) -> str:
+    lines = data.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _last_log_error(path: str, offset: int) -> str:
+    """The last error message runc wrote to its JSON log since `offset`."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("level") in ("error", "fatal"):
+            return str(entry.get("msg", ""))
+    return ""

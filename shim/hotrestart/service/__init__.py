@@ -1,0 +1,1 @@
+"""The Task service: decode a request, call the container, encode the reply."""

@@ -1,0 +1,99 @@
+"""`containerd-shim-hotrestart-v2`: the verbs containerd runs (start, delete) and the daemon.
+
+containerd calls `<shim> -namespace NS -address A -publish-binary B -id ID [-debug] start`
+with the bundle as working directory, reads the socket address from our output, and later
+`... -bundle B delete` to clean up after a shim that died. Flags are Go style (one dash)
+and come before the action word. This module imports as little as possible until it knows
+which verb runs: `start` is on every pod's start path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+
+@dataclasses.dataclass
+class Flags:
+    namespace: str = ""
+    address: str = "/run/containerd/containerd.sock"
+    publish_binary: str = ""
+    id: str = ""
+    bundle: str = ""
+    socket: str = ""
+    debug: bool = False
+    version: bool = False
+    info: bool = False
+    action: str = ""
+
+
+_VALUE_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
+_BOOL_FLAGS = {"debug", "v", "version", "info"}
+
+
+def parse(argv: list[str]) -> Flags:
+    flags = Flags()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-") or arg in ("-", "--"):
+            if arg == "--":
+                i += 1
+            break
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name in _BOOL_FLAGS:
+            if name in ("v", "version"):
+                flags.version = True
+            elif name == "debug":
+                flags.debug = value.lower() not in ("false", "0") if eq else True
+            else:
+                flags.info = True
+        elif name in _VALUE_FLAGS:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise SystemExit(f"flag needs an argument: -{name}")
+                value = argv[i]
+            setattr(flags, name.replace("-", "_"), value)
+        else:
+            raise SystemExit(f"flag provided but not defined: -{name}")
+        i += 1
+    rest = argv[i:]
+    if rest:
+        flags.action = rest[0]
+    return flags
+
+
+def main(argv: list[str] | None = None) -> None:
+    flags = parse(sys.argv[1:] if argv is None else argv)
+    if flags.version:
+        from hotrestart import __version__
+
+        print(f"containerd-shim-hotrestart-v2:\n  Version:  {__version__}\n  Runtime:  runc")
+        return
+    if flags.info:
+        from hotrestart.lifecycle import print_info
+
+        print_info()
+        return
+    if not flags.namespace:
+        raise SystemExit("shim namespace cannot be empty")
+    if flags.action == "start":
+        from hotrestart.lifecycle import start
+
+        start(flags)
+    elif flags.action == "delete":
+        from hotrestart.lifecycle import delete
+
+        delete(flags)
+    elif flags.action == "":
+        from hotrestart.daemon import serve
+
+        serve(flags)
+    else:
+        raise SystemExit(f"unknown action {flags.action!r}")
+
+
+if __name__ == "__main__":
+    main()

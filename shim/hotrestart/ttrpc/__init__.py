@@ -1,0 +1,1 @@
+"""ttrpc: containerd's lightweight RPC over Unix sockets (framing, server, client)."""

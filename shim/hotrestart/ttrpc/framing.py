@@ -1,0 +1,71 @@
+"""ttrpc frames: a 10-byte header (length, stream id, type, flags) and a protobuf payload.
+
+Header layout (big-endian): uint32 payload length, uint32 stream id, uint8 type, uint8 flags.
+Payloads above 4 MiB are refused; the reader discards such a payload so the connection stays
+in step and the caller can answer ResourceExhausted on that stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import struct
+
+HEADER = struct.Struct(">IIBB")
+HEADER_SIZE = HEADER.size  # 10
+MAX_PAYLOAD = 4 << 20
+
+
+class MessageType(enum.IntEnum):
+    REQUEST = 1
+    RESPONSE = 2
+    DATA = 3
+
+
+class FrameError(Exception):
+    """The byte stream is broken; the connection cannot continue."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Frame:
+    stream_id: int
+    type: int
+    flags: int
+    payload: bytes
+    # Set when the payload was over the limit and dropped; `payload` is then empty.
+    oversize: int = 0
+
+
+def encode(stream_id: int, mtype: int, payload: bytes, flags: int = 0) -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"ttrpc payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(len(payload), stream_id, mtype, flags) + payload
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
+    """Read one frame; None on a clean end of stream, FrameError on a torn one."""
+    try:
+        header = await reader.readexactly(HEADER_SIZE)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise FrameError(f"truncated ttrpc header ({len(exc.partial)} of 10 bytes)") from exc
+    length, stream_id, mtype, flags = HEADER.unpack(header)
+    if length > MAX_PAYLOAD:
+        await _discard(reader, length)
+        return Frame(stream_id, mtype, flags, b"", oversize=length)
+    try:
+        payload = await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        raise FrameError(f"truncated ttrpc payload ({len(exc.partial)} of {length} bytes)") from exc
+    return Frame(stream_id, mtype, flags, payload)
+
+
+async def _discard(reader: asyncio.StreamReader, length: int) -> None:
+    remaining = length
+    while remaining:
+        chunk = await reader.read(min(remaining, 1 << 16))
+        if not chunk:
+            raise FrameError(f"connection closed inside an oversize frame of {length} bytes")
+        remaining -= len(chunk)
