@@ -83,13 +83,14 @@ class RuntimeCommandError(ShimError):
 
     code = Code.UNKNOWN
 
-    def __init__(self, argv: list[str], returncode: int, detail: str) -> None:
+    def __init__(self, argv: list[str], returncode: int, detail: str, verb: str = "") -> None:
         name = argv[0].rsplit("/", 1)[-1] if argv else "command"
-        verb = next((a for a in argv[1:] if not a.startswith("-")), "")
-        super().__init__(f"{name} {verb} failed (exit {returncode}): {detail}".rstrip(": "))
+        what = f"{name} {verb}" if verb else name
+        super().__init__(f"{what} failed (exit {returncode}): {detail}".rstrip(": "))
         self.argv = argv
         self.returncode = returncode
         self.detail = detail
+        self.verb = verb
 
 
 def status_for(exc: BaseException) -> tuple[Code, str]:

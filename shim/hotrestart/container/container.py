@@ -335,7 +335,7 @@ class Container:
                     target = os.path.join(self.bundle, "criu-dump.log")
                     with contextlib.suppress(OSError):
                         os.replace(dump_log, target)
-                    raise RuntimeCommandError(exc.argv, exc.returncode, f"{exc.detail} (see {target})") from exc
+                    raise RuntimeCommandError(exc.argv, exc.returncode, f"{exc.detail} (see {target})", exc.verb) from exc
                 raise
         self._events.checkpointed(self.id, cfg.path)
 

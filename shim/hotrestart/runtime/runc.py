@@ -213,7 +213,8 @@ class Runc:
             detail = _last_log_error(self.log_path, log_offset) or _tail(result.stderr) or _tail(result.stdout)
             if "does not exist" in detail or "container not found" in detail.lower():
                 raise NotFoundError(detail)
-            raise RuntimeCommandError(argv, result.returncode, detail)
+            verb = argv[len(self.base_argv())] if len(argv) > len(self.base_argv()) else ""
+            raise RuntimeCommandError(argv, result.returncode, detail, verb)
         return result
 
 

@@ -68,10 +68,8 @@ def unary(request_type: type[Req], fn: _Unary[Req]) -> Handler:
 class Server:
     def __init__(self) -> None:
         self._services: dict[str, dict[str, Handler]] = {}
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._server: asyncio.base_events.Server | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     def register(self, service: str, methods: Mapping[str, Handler]) -> None:
         self._services.setdefault(service, {}).update(methods)
@@ -82,11 +80,12 @@ class Server:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        for task in list(self._connections):
-            with contextlib.suppress(BaseException):
-                await task
+        # Closing the transports ends each connection's read loop; cancelling the handler
+        # tasks instead would make asyncio log every one of them as an error.
+        for writer in list(self._connections.values()):
+            writer.close()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=2.0)
 
     @property
     def connection_count(self) -> int:
@@ -95,14 +94,14 @@ class Server:
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
+        self._connections[task] = writer
         try:
             if not _peer_is_same_user(writer):
                 log.warning("refusing ttrpc connection from another user")
                 return
             await _Connection(self, reader, writer).run()
         finally:
-            self._connections.discard(task)
+            self._connections.pop(task, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
