@@ -58,10 +58,10 @@ def serve(flags: Flags) -> None:
     _setup_logging(flags.debug, flags.id)
     fd = int(os.environ.pop(LISTEN_FD_ENV, "3"))
     sock = socket.socket(fileno=fd)
+    path = sock.getsockname()
     try:
         asyncio.run(_serve(flags, sock))
     finally:
-        path = sock.getsockname() if sock.fileno() >= 0 else ""
         sock.close()
         if isinstance(path, str) and path:
             with contextlib.suppress(OSError):

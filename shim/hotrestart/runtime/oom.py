@@ -31,70 +31,62 @@ def memory_cgroup_dir(pid: int) -> str | None:
 
 
 class OOMWatcher:
-    """Calls `on_oom` once per OOM kill in the cgroup (v1 only; v2 is polled on exit)."""
+    """Calls `on_oom` once per new OOM kill in the cgroup.
+
+    The kill counter (v1 `memory.oom_control` oom_kill, v2 `memory.events` oom_kill) is the
+    source of truth: some kernels never signal the v1 eventfd for a kill, so the counter is
+    also read just before an exit is reported. The eventfd, where it fires, only makes the
+    event arrive earlier.
+    """
 
     def __init__(self, cgroup_dir: str, on_oom: Callable[[], None]) -> None:
         self._dir = cgroup_dir
         self._on_oom = on_oom
         self._efd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._v2_kills = 0
+        self._kills = 0
+
+    @property
+    def _v1(self) -> bool:
+        return os.path.exists(os.path.join(self._dir, "memory.oom_control"))
 
     def start(self) -> None:
-        control = os.path.join(self._dir, "memory.oom_control")
-        if os.path.exists(control):
-            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            cfd = os.open(control, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                with open(os.path.join(self._dir, "cgroup.event_control"), "w") as f:
-                    f.write(f"{efd} {cfd}")
-            except OSError:
-                os.close(efd)
-                raise
-            finally:
-                os.close(cfd)
-            self._efd = efd
-            self._loop = asyncio.get_running_loop()
-            self._loop.add_reader(efd, self.poll)
-        else:
-            self._v2_kills = self._read_v2()
+        self._kills = self._read_kills()
+        if not self._v1:
+            return
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        cfd = os.open(os.path.join(self._dir, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with open(os.path.join(self._dir, "cgroup.event_control"), "w") as f:
+                f.write(f"{efd} {cfd}")
+        except OSError:
+            os.close(efd)
+            raise
+        finally:
+            os.close(cfd)
+        self._efd = efd
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(efd, self.poll)
 
     def poll(self) -> None:
-        """Deliver any pending notification now (also called just before an exit is reported)."""
+        """Report kills that happened since the last look."""
         if self._efd >= 0:
-            try:
+            with contextlib.suppress(OSError):
                 os.eventfd_read(self._efd)
-            except (BlockingIOError, OSError):
-                return
-            # The eventfd also fires when the cgroup is removed; only report a real kill.
-            if self._v1_under_oom_or_killed():
-                self._on_oom()
-        else:
-            kills = self._read_v2()
-            if kills > self._v2_kills:
-                self._v2_kills = kills
-                self._on_oom()
+        kills = self._read_kills()
+        if kills > self._kills:
+            self._kills = kills
+            self._on_oom()
 
-    def _v1_under_oom_or_killed(self) -> bool:
+    def _read_kills(self) -> int:
+        name = "memory.oom_control" if self._v1 else "memory.events"
         try:
-            with open(os.path.join(self._dir, "memory.oom_control")) as f:
-                fields = dict(line.split() for line in f if line.strip())
-        except OSError:
-            return False
-        kills = int(fields.get("oom_kill", "0"))
-        if kills > self._v2_kills or fields.get("under_oom") == "1":
-            self._v2_kills = kills
-            return True
-        return False
-
-    def _read_v2(self) -> int:
-        try:
-            with open(os.path.join(self._dir, "memory.events")) as f:
+            with open(os.path.join(self._dir, name)) as f:
                 for line in f:
                     key, _, value = line.partition(" ")
                     if key == "oom_kill":
                         return int(value)
-        except OSError:
+        except (OSError, ValueError):
             pass
         return 0
 
