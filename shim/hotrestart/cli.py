@@ -59,29 +59,65 @@ def doctor_checks() -> list[Check]:
         checks.append(Check("runc", ok, f"{found[1]} ({found[0]})", "" if ok else "upgrade runc to 1.1 or newer"))
     found = _version_of("criu", r"Version: (\S+)")
     if found is None:
-        checks.append(Check("criu", False, "not found on PATH",
-                            "install CRIU 4.x (checkpoints need it; pods still run without it)"))
+        checks.append(
+            Check(
+                "criu", False, "not found on PATH", "install CRIU 4.x (checkpoints need it; pods still run without it)"
+            )
+        )
     else:
         ok = _version_tuple(found[1]) >= (3, 16)
-        checks.append(Check("criu version", ok, f"{found[1]} ({found[0]})",
-                            "" if ok else "CRIU 3.16+ is required; 4.x recommended"))
+        checks.append(
+            Check(
+                "criu version", ok, f"{found[1]} ({found[0]})", "" if ok else "CRIU 3.16+ is required; 4.x recommended"
+            )
+        )
         code, out = _run([found[0], "check"], timeout=60)
         last = out.splitlines()[-1] if out else ""
-        checks.append(Check("criu check", code == 0, last or f"exit {code}",
-                            "" if code == 0 else "CRIU cannot checkpoint on this kernel; on Debian 12 use CRIU 4.x"))
+        checks.append(
+            Check(
+                "criu check",
+                code == 0,
+                last or f"exit {code}",
+                "" if code == 0 else "CRIU cannot checkpoint on this kernel; on Debian 12 use CRIU 4.x",
+            )
+        )
     kernel = platform.release()
-    checks.append(Check("kernel", _version_tuple(kernel) >= (5, 4), kernel,
-                        "" if _version_tuple(kernel) >= (5, 4) else "a 5.4+ kernel is recommended"))
+    checks.append(
+        Check(
+            "kernel",
+            _version_tuple(kernel) >= (5, 4),
+            kernel,
+            "" if _version_tuple(kernel) >= (5, 4) else "a 5.4+ kernel is recommended",
+        )
+    )
     cg2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
     checks.append(Check("cgroups", True, "v2 (unified)" if cg2 else "v1 (legacy/hybrid)"))
     for name, path in (("user namespaces", "/proc/self/ns/user"), ("pid namespaces", "/proc/self/ns/pid")):
-        checks.append(Check(name, os.path.exists(path), "available" if os.path.exists(path) else "missing",
-                            "" if os.path.exists(path) else "enable the namespace in the kernel"))
+        checks.append(
+            Check(
+                name,
+                os.path.exists(path),
+                "available" if os.path.exists(path) else "missing",
+                "" if os.path.exists(path) else "enable the namespace in the kernel",
+            )
+        )
     shim = shutil.which("containerd-shim-hotrestart-v2")
-    checks.append(Check("shim on PATH", shim is not None, shim or "containerd-shim-hotrestart-v2 not found",
-                        "" if shim else "pip install hotrestart into a PATH containerd searches"))
-    checks.append(Check("root", os.geteuid() == 0, "running as root" if os.geteuid() == 0 else "not root",
-                        "" if os.geteuid() == 0 else "run as root to check CRIU"))
+    checks.append(
+        Check(
+            "shim on PATH",
+            shim is not None,
+            shim or "containerd-shim-hotrestart-v2 not found",
+            "" if shim else "pip install hotrestart into a PATH containerd searches",
+        )
+    )
+    checks.append(
+        Check(
+            "root",
+            os.geteuid() == 0,
+            "running as root" if os.geteuid() == 0 else "not root",
+            "" if os.geteuid() == 0 else "run as root to check CRIU",
+        )
+    )
     return checks
 
 

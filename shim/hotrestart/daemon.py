@@ -47,8 +47,9 @@ def _setup_logging(debug: bool, shim_id: str) -> None:
         handler = _FifoHandler("log")
     except OSError:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"time=%(asctime)s level=%(levelname)s shim=hotrestart id={shim_id} "
-                                           "msg=%(message)s"))
+    handler.setFormatter(
+        logging.Formatter(f"time=%(asctime)s level=%(levelname)s shim=hotrestart id={shim_id} msg=%(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)

@@ -87,8 +87,9 @@ class Publisher:
             return
         if self._client is None or self._client.closed:
             self._client = await Client.connect(self._address)
-        await self._client.call(FORWARD_SERVICE, "Forward", request,
-                                metadata={NAMESPACE_KEY: self._namespace}, timeout=5.0)
+        await self._client.call(
+            FORWARD_SERVICE, "Forward", request, metadata={NAMESPACE_KEY: self._namespace}, timeout=5.0
+        )
 
     async def _disconnect(self) -> None:
         client, self._client = self._client, None
@@ -110,8 +111,18 @@ class TaskEvents:
     def __init__(self, sink: EventSink) -> None:
         self._sink = sink
 
-    def create(self, cid: str, bundle: str, rootfs: list[tuple[str, str, tuple[str, ...]]], stdin: str,
-               stdout: str, stderr: str, terminal: bool, checkpoint: str, pid: int) -> None:
+    def create(
+        self,
+        cid: str,
+        bundle: str,
+        rootfs: list[tuple[str, str, tuple[str, ...]]],
+        stdin: str,
+        stdout: str,
+        stderr: str,
+        terminal: bool,
+        checkpoint: str,
+        pid: int,
+    ) -> None:
         msg = ev.TaskCreate(container_id=cid, bundle=bundle, checkpoint=checkpoint, pid=pid)
         for mtype, source, options in rootfs:
             msg.rootfs.add(type=mtype, source=source, options=list(options))

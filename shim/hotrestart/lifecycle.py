@@ -101,15 +101,32 @@ def start(flags: Flags) -> None:
         sys.stdout.write(address)
         return
     try:
-        argv = [sys.executable, "-m", "hotrestart.shim_main", "-namespace", flags.namespace,
-                "-id", flags.id, "-address", flags.address]
+        argv = [
+            sys.executable,
+            "-m",
+            "hotrestart.shim_main",
+            "-namespace",
+            flags.namespace,
+            "-id",
+            flags.id,
+            "-address",
+            flags.address,
+        ]
         if flags.publish_binary:
             argv += ["-publish-binary", flags.publish_binary]
         if flags.debug:
             argv.append("-debug")
         env = dict(os.environ, **{LISTEN_FD_ENV: str(sock.fileno())})
-        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         pass_fds=(sock.fileno(),), cwd=bundle, env=env, start_new_session=True)
+        subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(sock.fileno(),),
+            cwd=bundle,
+            env=env,
+            start_new_session=True,
+        )
         _write_address(bundle, address)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -132,8 +149,11 @@ def delete(flags: Flags) -> None:
             saved = json.load(f)
         binary = saved.get("binary_name") or binary
         root = saved.get("root") or root
-    result = subprocess.run([binary, "--root", os.path.join(root, flags.namespace), "delete", "--force", flags.id],
-                            capture_output=True, check=False)
+    result = subprocess.run(
+        [binary, "--root", os.path.join(root, flags.namespace), "delete", "--force", flags.id],
+        capture_output=True,
+        check=False,
+    )
     if result.returncode != 0:
         sys.stderr.write(result.stderr.decode(errors="replace"))
     try:

@@ -24,12 +24,13 @@ log = logging.getLogger(__name__)
 
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
+DEFAULT_ROOT = "/run/containerd/runc"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RuntimeOptions:
     binary_name: str = "runc"
-    root: str = "/run/containerd/runc"
+    root: str = DEFAULT_ROOT
     systemd_cgroup: bool = False
     no_pivot_root: bool = False
     no_new_keyring: bool = False
@@ -37,13 +38,17 @@ class RuntimeOptions:
 
 
 _TOML_KEYS = {
-    "BinaryName": "binary_name", "Root": "root", "SystemdCgroup": "systemd_cgroup",
-    "NoPivotRoot": "no_pivot_root", "NoNewKeyring": "no_new_keyring", "CriuPath": "criu_path",
+    "BinaryName": "binary_name",
+    "Root": "root",
+    "SystemdCgroup": "systemd_cgroup",
+    "NoPivotRoot": "no_pivot_root",
+    "NoNewKeyring": "no_new_keyring",
+    "CriuPath": "criu_path",
 }
 
 
 def _type_name(any_msg: any_pb2.Any) -> str:
-    return any_msg.type_url.rsplit("/", 1)[-1]
+    return str(any_msg.type_url).rsplit("/", 1)[-1]
 
 
 def decode(any_msg: any_pb2.Any | None) -> RuntimeOptions:
@@ -54,9 +59,12 @@ def decode(any_msg: any_pb2.Any | None) -> RuntimeOptions:
         if name == RUNC_OPTIONS:
             runc = oci_pb2.Options.FromString(any_msg.value)
             return RuntimeOptions(
-                binary_name=runc.binary_name or "runc", root=runc.root or RuntimeOptions.root,
-                systemd_cgroup=runc.systemd_cgroup, no_pivot_root=runc.no_pivot_root,
-                no_new_keyring=runc.no_new_keyring, criu_path=runc.criu_path,
+                binary_name=runc.binary_name or "runc",
+                root=runc.root or DEFAULT_ROOT,
+                systemd_cgroup=runc.systemd_cgroup,
+                no_pivot_root=runc.no_pivot_root,
+                no_new_keyring=runc.no_new_keyring,
+                criu_path=runc.criu_path,
             )
         if name == RUNTIME_OPTIONS:
             ro = runtimeoptions_pb2.Options.FromString(any_msg.value)

@@ -10,7 +10,6 @@ which verb runs: `start` is on every pod's start path.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 

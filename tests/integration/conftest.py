@@ -102,8 +102,9 @@ class Shim:
 async def shim_env(tmp_path: Path, env_path: str) -> AsyncIterator[tuple[Path, EventSink, dict[str, str]]]:
     sink = EventSink()
     server = Server()
-    server.register("containerd.services.events.ttrpc.v1.Events",
-                    {"Forward": unary(events_pb2.ForwardRequest, sink.forward)})
+    server.register(
+        "containerd.services.events.ttrpc.v1.Events", {"Forward": unary(events_pb2.ForwardRequest, sink.forward)}
+    )
     events_sock = tmp_path / "events.sock"
     import socket as _socket
 
@@ -119,16 +120,31 @@ async def shim_env(tmp_path: Path, env_path: str) -> AsyncIterator[tuple[Path, E
     runc_root = Path("/run/containerd/runc") / NAMESPACE
     if runc_root.exists():
         for state in runc_root.iterdir():
-            subprocess.run([os.path.join(TESTBED_BIN, "runc"), "--root", str(runc_root), "delete", "--force",
-                            state.name], check=False, capture_output=True)
+            subprocess.run(
+                [os.path.join(TESTBED_BIN, "runc"), "--root", str(runc_root), "delete", "--force", state.name],
+                check=False,
+                capture_output=True,
+            )
 
 
 async def start_shim(tmp: Path, bundle: Path, cid: str, env: dict[str, str]) -> Shim:
     address = f"{tmp}/containerd.sock"
     proc = await asyncio.create_subprocess_exec(
-        "containerd-shim-hotrestart-v2", "-namespace", NAMESPACE, "-address", address, "-publish-binary",
-        "/bin/false", "-id", cid, "start", cwd=bundle, env=env, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        "containerd-shim-hotrestart-v2",
+        "-namespace",
+        NAMESPACE,
+        "-address",
+        address,
+        "-publish-binary",
+        "/bin/false",
+        "-id",
+        cid,
+        "start",
+        cwd=bundle,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     assert proc.returncode == 0, err
     assert err == b""
@@ -139,7 +155,8 @@ async def start_shim(tmp: Path, bundle: Path, cid: str, env: dict[str, str]) -> 
     from hotrestart.api.containerd.task.v2 import shim_pb2 as task
 
     connect = task.ConnectResponse.FromString(
-        await client.call(TASK, "Connect", task.ConnectRequest(id=cid), metadata=NS_MD, timeout=30))
+        await client.call(TASK, "Connect", task.ConnectRequest(id=cid), metadata=NS_MD, timeout=30)
+    )
     return Shim(client, connect.shim_pid)
 
 

@@ -17,7 +17,7 @@ from hotrestart.api.io.containerd.cgroups.v1 import metrics_pb2
 from hotrestart.errors import Code
 from hotrestart.ttrpc.client import StatusError
 
-from .conftest import TASK, make_bundle, process_alive, start_shim, wait_gone
+from .conftest import make_bundle, process_alive, start_shim, wait_gone
 
 pytestmark = pytest.mark.integration
 
@@ -54,8 +54,11 @@ async def test_lifecycle_output_exit_and_event_order(shim_env: tuple[Path, objec
     bundle = make_bundle(tmp, "c1", ["/bin/sh", "-c", "echo out; echo err >&2; exit 3"])
     shim = await start_shim(tmp, bundle, "c1", env)
     out, err = FifoReader(tmp / "out"), FifoReader(tmp / "err")
-    created = await shim.call("Create", task.CreateTaskRequest(id="c1", bundle=str(bundle), stdout=str(out.path),
-                                                               stderr=str(err.path)), task.CreateTaskResponse)
+    created = await shim.call(
+        "Create",
+        task.CreateTaskRequest(id="c1", bundle=str(bundle), stdout=str(out.path), stderr=str(err.path)),
+        task.CreateTaskResponse,
+    )
     assert created.pid > 0
     state = await shim.call("State", task.StateRequest(id="c1"), task.StateResponse)
     assert state.status == types.CREATED
@@ -91,14 +94,29 @@ async def test_running_container_calls(shim_env: tuple[Path, object, dict[str, s
 
     # exec with captured output
     out = FifoReader(tmp / "exec-out")
-    spec = {"args": ["/bin/sh", "-c", "cat /tmp/count; exit 5"], "cwd": "/", "env": ["PATH=/bin"],
-            "user": {"uid": 0, "gid": 0}}
-    await shim.call("Exec", task.ExecProcessRequest(
-        id="c2", exec_id="e1", stdout=str(out.path),
-        spec=any_pb2.Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/Process",
-                         value=json.dumps(spec).encode())))
-    await expect_code(shim.call("Exec", task.ExecProcessRequest(id="c2", exec_id="e1", spec=any_pb2.Any(
-        value=json.dumps(spec).encode()))), Code.ALREADY_EXISTS)
+    spec = {
+        "args": ["/bin/sh", "-c", "cat /tmp/count; exit 5"],
+        "cwd": "/",
+        "env": ["PATH=/bin"],
+        "user": {"uid": 0, "gid": 0},
+    }
+    await shim.call(
+        "Exec",
+        task.ExecProcessRequest(
+            id="c2",
+            exec_id="e1",
+            stdout=str(out.path),
+            spec=any_pb2.Any(
+                type_url="types.containerd.io/opencontainers/runtime-spec/1/Process", value=json.dumps(spec).encode()
+            ),
+        ),
+    )
+    await expect_code(
+        shim.call(
+            "Exec", task.ExecProcessRequest(id="c2", exec_id="e1", spec=any_pb2.Any(value=json.dumps(spec).encode()))
+        ),
+        Code.ALREADY_EXISTS,
+    )
     await shim.call("Start", task.StartRequest(id="c2", exec_id="e1"))
     waited = await shim.call("Wait", task.WaitRequest(id="c2", exec_id="e1"), task.WaitResponse)
     assert waited.exit_status == 5
@@ -112,12 +130,21 @@ async def test_running_container_calls(shim_env: tuple[Path, object, dict[str, s
     metrics = metrics_pb2.Metrics.FromString(stats.stats.value)
     assert metrics.memory.usage.usage > 0 and metrics.cpu.usage.total > 0
 
-    await shim.call("Update", task.UpdateTaskRequest(id="c2", resources=any_pb2.Any(
-        value=json.dumps({"memory": {"limit": 64 << 20}}).encode())))
-    assert (metrics_pb2.Metrics.FromString((await shim.call("Stats", task.StatsRequest(id="c2"),
-            task.StatsResponse)).stats.value).memory.usage.limit) == 64 << 20
-    await expect_code(shim.call("Update", task.UpdateTaskRequest(id="c2", resources=any_pb2.Any(value=b"{bad"))),
-                      Code.INVALID_ARGUMENT)
+    await shim.call(
+        "Update",
+        task.UpdateTaskRequest(
+            id="c2", resources=any_pb2.Any(value=json.dumps({"memory": {"limit": 64 << 20}}).encode())
+        ),
+    )
+    assert (
+        metrics_pb2.Metrics.FromString(
+            (await shim.call("Stats", task.StatsRequest(id="c2"), task.StatsResponse)).stats.value
+        ).memory.usage.limit
+    ) == 64 << 20
+    await expect_code(
+        shim.call("Update", task.UpdateTaskRequest(id="c2", resources=any_pb2.Any(value=b"{bad"))),
+        Code.INVALID_ARGUMENT,
+    )
 
     await shim.call("Pause", task.PauseRequest(id="c2"))
     await expect_code(shim.call("Pause", task.PauseRequest(id="c2")), Code.FAILED_PRECONDITION)
@@ -135,16 +162,27 @@ async def test_running_container_calls(shim_env: tuple[Path, object, dict[str, s
     await shim.call("Delete", task.DeleteRequest(id="c2"))
     await sink.wait_for("/tasks/delete")
     topics = sink.topics("c2")
-    assert topics == ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
-                      "/tasks/paused", "/tasks/resumed", "/tasks/checkpointed", "/tasks/exit", "/tasks/delete"]
+    assert topics == [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exec-added",
+        "/tasks/exec-started",
+        "/tasks/exit",
+        "/tasks/paused",
+        "/tasks/resumed",
+        "/tasks/checkpointed",
+        "/tasks/exit",
+        "/tasks/delete",
+    ]
     await shim.call("Shutdown", task.ShutdownRequest(id="c2"))
     assert await wait_gone(shim.pid)
 
 
 async def test_oom_is_reported_before_exit(shim_env: tuple[Path, object, dict[str, str]]) -> None:
     tmp, sink, env = shim_env
-    bundle = make_bundle(tmp, "c3", ["/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"],
-                         memory_limit=32 << 20)
+    bundle = make_bundle(
+        tmp, "c3", ["/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"], memory_limit=32 << 20
+    )
     shim = await start_shim(tmp, bundle, "c3", env)
     await shim.call("Create", task.CreateTaskRequest(id="c3", bundle=str(bundle)))
     await shim.call("Start", task.StartRequest(id="c3"))
@@ -159,7 +197,7 @@ async def test_oom_is_reported_before_exit(shim_env: tuple[Path, object, dict[st
 
 
 async def test_restore_into_new_container_from_checkpoint(shim_env: tuple[Path, object, dict[str, str]]) -> None:
-    tmp, sink, env = shim_env
+    tmp, _sink, env = shim_env
     script = "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done"
     bundle = make_bundle(tmp, "c4", ["/bin/sh", "-c", script])
     shim = await start_shim(tmp, bundle, "c4", env)
@@ -171,17 +209,24 @@ async def test_restore_into_new_container_from_checkpoint(shim_env: tuple[Path, 
     from hotrestart.api.containerd.runc.v1 import oci_pb2
 
     opts = oci_pb2.CheckpointOptions(exit=True)
-    await shim.call("Checkpoint", task.CheckpointTaskRequest(
-        id="c4", path=str(images), options=any_pb2.Any(type_url="containerd.runc.v1.CheckpointOptions",
-                                                       value=opts.SerializeToString())), timeout=60)
+    await shim.call(
+        "Checkpoint",
+        task.CheckpointTaskRequest(
+            id="c4",
+            path=str(images),
+            options=any_pb2.Any(type_url="containerd.runc.v1.CheckpointOptions", value=opts.SerializeToString()),
+        ),
+        timeout=60,
+    )
     await shim.call("Wait", task.WaitRequest(id="c4"), task.WaitResponse)
     before = [int(x) for x in out.text().split()]
     await shim.call("Delete", task.DeleteRequest(id="c4"))
 
     bundle2 = make_bundle(tmp, "c5", ["/bin/sh", "-c", "echo cold start"])
     out2 = FifoReader(tmp / "c5-out")
-    await shim.call("Create", task.CreateTaskRequest(id="c5", bundle=str(bundle2), stdout=str(out2.path),
-                                                     checkpoint=str(images)))
+    await shim.call(
+        "Create", task.CreateTaskRequest(id="c5", bundle=str(bundle2), stdout=str(out2.path), checkpoint=str(images))
+    )
     assert (await shim.call("State", task.StateRequest(id="c5"), task.StateResponse)).status == types.CREATED
     started = await shim.call("Start", task.StartRequest(id="c5"), task.StartResponse, timeout=60)
     assert process_alive(started.pid)

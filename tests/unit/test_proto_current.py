@@ -31,9 +31,7 @@ def _generated_files(root: Path) -> set[Path]:
     for path in root.rglob("*"):
         if not path.is_file() or "__pycache__" in path.parts:
             continue
-        if path.name == "__init__.py" or path.name.endswith(
-            ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
-        ):
+        if path.name == "__init__.py" or path.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")):
             found.add(path.relative_to(root))
     return found
 
@@ -66,9 +64,7 @@ def test_same_file_set(regenerated: Path) -> None:
     assert expected, "gen-proto.sh produced nothing"
     missing = sorted(str(p) for p in expected - committed)
     stale = sorted(str(p) for p in committed - expected)
-    assert not missing and not stale, (
-        f"run hack/gen-proto.sh and commit the result; missing={missing} stale={stale}"
-    )
+    assert not missing and not stale, f"run hack/gen-proto.sh and commit the result; missing={missing} stale={stale}"
 
 
 def test_same_bytes(regenerated: Path) -> None:
@@ -85,10 +81,6 @@ def test_task_v3_matches_v2() -> None:
 
     def body(version: str) -> list[str]:
         text = (COMMITTED / "containerd" / "task" / version / "shim.proto").read_text()
-        return [
-            line
-            for line in text.splitlines()
-            if not line.startswith("//") and not line.startswith("package ")
-        ]
+        return [line for line in text.splitlines() if not line.startswith("//") and not line.startswith("package ")]
 
     assert body("v2") == body("v3")

@@ -44,9 +44,7 @@ def bare_any(msg: object) -> any_pb2.Any:
 
 def test_all_modules_import_into_one_pool() -> None:
     names = [
-        m.name
-        for m in pkgutil.walk_packages(hotrestart.api.__path__, "hotrestart.api.")
-        if m.name.endswith("_pb2")
+        m.name for m in pkgutil.walk_packages(hotrestart.api.__path__, "hotrestart.api.") if m.name.endswith("_pb2")
     ]
     assert len(names) == 13
     for name in names:
@@ -103,11 +101,7 @@ def test_event_any_uses_bare_type_name() -> None:
     )
     assert events_pb2.TaskExit.DESCRIPTOR.full_name == "containerd.events.TaskExit"
     assert exit_ev.SerializeToString() == (
-        ld(0x0A, b"c1")
-        + ld(0x12, b"c1")
-        + b"\x18\x2a"
-        + b"\x20\x89\x01"
-        + ld(0x2A, b"\x08\x01\x10\x02")
+        ld(0x0A, b"c1") + ld(0x12, b"c1") + b"\x18\x2a" + b"\x20\x89\x01" + ld(0x2A, b"\x08\x01\x10\x02")
     )
     wrapped = bare_any(exit_ev)
     assert wrapped.type_url == "containerd.events.TaskExit"
@@ -178,9 +172,7 @@ def test_forward_request_bytes() -> None:
         )
     )
     event = ld(0x0A, b"containerd.events.TaskOOM") + ld(0x12, ld(0x0A, b"c"))
-    envelope = (
-        ld(0x0A, b"\x08\x05") + ld(0x12, b"k8s.io") + ld(0x1A, b"/tasks/oom") + ld(0x22, event)
-    )
+    envelope = ld(0x0A, b"\x08\x05") + ld(0x12, b"k8s.io") + ld(0x1A, b"/tasks/oom") + ld(0x22, event)
     assert req.SerializeToString() == ld(0x0A, envelope)
     svc = forward_pb2.DESCRIPTOR.services_by_name["Events"]
     assert svc.full_name == "containerd.services.events.ttrpc.v1.Events"
@@ -223,10 +215,7 @@ def test_task_service(mod: object) -> None:
 def _shape(fd: object) -> dict[str, dict[str, tuple[int, int, str]]]:
     out = {}
     for name, msg in fd.message_types_by_name.items():  # type: ignore[attr-defined]
-        out[name] = {
-            f.name: (f.number, f.type, f.message_type.name if f.message_type else "")
-            for f in msg.fields
-        }
+        out[name] = {f.name: (f.number, f.type, f.message_type.name if f.message_type else "") for f in msg.fields}
     return out
 
 
@@ -235,18 +224,13 @@ def test_task_v2_v3_same_messages() -> None:
 
 
 def test_task_message_fields() -> None:
-    state = task_v2.StateResponse(
-        pid=9, status=types_pb2.RUNNING, terminal=True, exit_status=1, exec_id="e"
-    )
+    state = task_v2.StateResponse(pid=9, status=types_pb2.RUNNING, terminal=True, exit_status=1, exec_id="e")
     assert state.SerializeToString() == b"\x18\x09\x20\x02\x40\x01\x48\x01" + ld(0x5A, b"e")
     assert task_v2.KillRequest(signal=15, all=True).SerializeToString() == b"\x18\x0f\x20\x01"
     assert task_v2.ConnectResponse(shim_pid=1, task_pid=2, version="3").SerializeToString() == (
         b"\x08\x01\x10\x02" + ld(0x1A, b"3")
     )
-    assert (
-        task_v2.ShutdownRequest(id="c", now=True).SerializeToString()
-        == ld(0x0A, b"c") + b"\x10\x01"
-    )
+    assert task_v2.ShutdownRequest(id="c", now=True).SerializeToString() == ld(0x0A, b"c") + b"\x10\x01"
     assert task_v2.CheckpointTaskRequest(path="/x").SerializeToString() == ld(0x12, b"/x")
     upd = task_v2.UpdateTaskRequest(annotations={"k": "v"})
     assert upd.SerializeToString() == ld(0x1A, ld(0x0A, b"k") + ld(0x12, b"v"))
@@ -254,12 +238,8 @@ def test_task_message_fields() -> None:
     assert pids.SerializeToString() == ld(0x0A, b"\x08\x05")
     assert task_v2.ResizePtyRequest(width=80, height=24).SerializeToString() == b"\x18\x50\x20\x18"
     assert task_v2.CloseIORequest(stdin=True).SerializeToString() == b"\x18\x01"
-    assert task_v2.ExecProcessRequest(terminal=True, stderr="e").SerializeToString() == (
-        b"\x18\x01" + ld(0x32, b"e")
-    )
-    assert task_v2.StatsResponse(stats=any_pb2.Any(type_url="t")).SerializeToString() == ld(
-        0x0A, ld(0x0A, b"t")
-    )
+    assert task_v2.ExecProcessRequest(terminal=True, stderr="e").SerializeToString() == (b"\x18\x01" + ld(0x32, b"e"))
+    assert task_v2.StatsResponse(stats=any_pb2.Any(type_url="t")).SerializeToString() == ld(0x0A, ld(0x0A, b"t"))
 
 
 def test_delete_response_zero_time_from_containerd_16() -> None:

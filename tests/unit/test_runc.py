@@ -37,7 +37,9 @@ async def runc(tmp_path: Path) -> tuple[Runc, Path]:
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     reaper = Reaper()
     reaper.install(asyncio.get_running_loop())
-    return Runc(CommandRunner(reaper), binary=str(script), root="/run/r/k8s.io", log_path=str(tmp_path / "log.json")), record
+    return Runc(
+        CommandRunner(reaper), binary=str(script), root="/run/r/k8s.io", log_path=str(tmp_path / "log.json")
+    ), record
 
 
 def argv(record: Path) -> list[str]:
@@ -47,8 +49,18 @@ def argv(record: Path) -> list[str]:
 async def test_base_flags_and_ps(runc: tuple[Runc, Path]) -> None:
     r, record = runc
     assert await r.ps("c1") == [1, 23]
-    assert argv(record) == ["--root", "/run/r/k8s.io", "--log", r.log_path, "--log-format", "json", "ps",
-                            "--format", "json", "c1"]
+    assert argv(record) == [
+        "--root",
+        "/run/r/k8s.io",
+        "--log",
+        r.log_path,
+        "--log-format",
+        "json",
+        "ps",
+        "--format",
+        "json",
+        "c1",
+    ]
 
 
 async def test_update_sends_resources_on_stdin(runc: tuple[Runc, Path]) -> None:
@@ -69,28 +81,90 @@ async def test_errors_carry_runc_log_line(runc: tuple[Runc, Path]) -> None:
 def test_create_exec_kill_argv() -> None:
     r = Runc(CommandRunner(Reaper()), binary="runc", root="/x")
     assert r.create_argv("c", "/b", "/b/init.pid", console_socket="/s", no_pivot=True) == [
-        "runc", "--root", "/x", "create", "--bundle", "/b", "--pid-file", "/b/init.pid", "--console-socket", "/s",
-        "--no-pivot", "c"]
+        "runc",
+        "--root",
+        "/x",
+        "create",
+        "--bundle",
+        "/b",
+        "--pid-file",
+        "/b/init.pid",
+        "--console-socket",
+        "/s",
+        "--no-pivot",
+        "c",
+    ]
     assert r.exec_argv("c", "/p.json", "/e.pid") == [
-        "runc", "--root", "/x", "exec", "--process", "/p.json", "--detach", "--pid-file", "/e.pid", "c"]
+        "runc",
+        "--root",
+        "/x",
+        "exec",
+        "--process",
+        "/p.json",
+        "--detach",
+        "--pid-file",
+        "/e.pid",
+        "c",
+    ]
     assert r.kill_argv("c", 9, True) == ["runc", "--root", "/x", "kill", "--all", "c", "9"]
     assert r.delete_argv("c", force=True) == ["runc", "--root", "/x", "delete", "--force", "c"]
 
 
 def test_checkpoint_and_restore_argv() -> None:
     r = Runc(CommandRunner(Reaper()), binary="runc", root="/x", systemd_cgroup=True)
-    opts = CheckpointOpts(image_path="/img", work_path="/w", leave_running=True, tcp_established=True,
-                          ext_unix_sk=True, shell_job=True, file_locks=True, empty_ns=("network",),
-                          manage_cgroups_mode="soft")
+    opts = CheckpointOpts(
+        image_path="/img",
+        work_path="/w",
+        leave_running=True,
+        tcp_established=True,
+        ext_unix_sk=True,
+        shell_job=True,
+        file_locks=True,
+        empty_ns=("network",),
+        manage_cgroups_mode="soft",
+    )
     assert r.checkpoint_argv("c", opts) == [
-        "runc", "--root", "/x", "--systemd-cgroup", "checkpoint", "--image-path", "/img", "--work-path", "/w",
-        "--leave-running", "--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks", "--empty-ns",
-        "network", "--manage-cgroups-mode", "soft", "c"]
+        "runc",
+        "--root",
+        "/x",
+        "--systemd-cgroup",
+        "checkpoint",
+        "--image-path",
+        "/img",
+        "--work-path",
+        "/w",
+        "--leave-running",
+        "--tcp-established",
+        "--ext-unix-sk",
+        "--shell-job",
+        "--file-locks",
+        "--empty-ns",
+        "network",
+        "--manage-cgroups-mode",
+        "soft",
+        "c",
+    ]
     assert "--leave-running" not in r.checkpoint_argv("c", CheckpointOpts(image_path="/i", leave_running=False))
     restore = RestoreOpts(image_path="/img", bundle="/b", pid_file="/b/init.pid", console_socket="/s", tcp_close=True)
     assert r.restore_argv("c", restore) == [
-        "runc", "--root", "/x", "--systemd-cgroup", "restore", "--detach", "--no-subreaper", "--image-path", "/img",
-        "--bundle", "/b", "--pid-file", "/b/init.pid", "--console-socket", "/s", "--tcp-close", "c"]
+        "runc",
+        "--root",
+        "/x",
+        "--systemd-cgroup",
+        "restore",
+        "--detach",
+        "--no-subreaper",
+        "--image-path",
+        "/img",
+        "--bundle",
+        "/b",
+        "--pid-file",
+        "/b/init.pid",
+        "--console-socket",
+        "/s",
+        "--tcp-close",
+        "c",
+    ]
 
 
 async def test_reaper_hands_exit_codes_and_survives_early_exits(tmp_path: Path) -> None:

@@ -8,8 +8,13 @@ from hotrestart.errors import Code, InvalidTransitionError, NotFoundError, statu
 
 def test_happy_path() -> None:
     sm = StateMachine()
-    for action, expected in [(Action.START, State.RUNNING), (Action.PAUSE, State.PAUSED), (Action.RESUME, State.RUNNING),
-                             (Action.EXIT, State.STOPPED), (Action.DELETE, State.DELETED)]:
+    for action, expected in [
+        (Action.START, State.RUNNING),
+        (Action.PAUSE, State.PAUSED),
+        (Action.RESUME, State.RUNNING),
+        (Action.EXIT, State.STOPPED),
+        (Action.DELETE, State.DELETED),
+    ]:
         assert sm.advance(action) is expected
 
 
@@ -20,10 +25,17 @@ def test_created_from_checkpoint_starts_by_restoring() -> None:
     assert sm.advance(Action.START) is State.RUNNING
 
 
-@pytest.mark.parametrize(("state", "action"), [
-    (State.RUNNING, Action.START), (State.RUNNING, Action.DELETE), (State.PAUSED, Action.EXEC),
-    (State.CREATED, Action.PAUSE), (State.STOPPED, Action.START), (State.STOPPED, Action.RESUME),
-])
+@pytest.mark.parametrize(
+    ("state", "action"),
+    [
+        (State.RUNNING, Action.START),
+        (State.RUNNING, Action.DELETE),
+        (State.PAUSED, Action.EXEC),
+        (State.CREATED, Action.PAUSE),
+        (State.STOPPED, Action.START),
+        (State.STOPPED, Action.RESUME),
+    ],
+)
 def test_illegal_calls_name_the_transition(state: State, action: Action) -> None:
     sm = StateMachine(state)
     with pytest.raises(InvalidTransitionError) as info:

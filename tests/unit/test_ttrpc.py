@@ -48,7 +48,9 @@ async def served(tmp_path: os.PathLike[str]) -> AsyncIterator[tuple[str, Fake, S
     sock.listen()
     fake = Fake()
     server = Server()
-    server.register(SERVICE, {"State": unary(task.StateRequest, fake.state), "Wait": unary(task.WaitRequest, fake.wait)})
+    server.register(
+        SERVICE, {"State": unary(task.StateRequest, fake.state), "Wait": unary(task.WaitRequest, fake.wait)}
+    )
     await server.serve_socket(sock)
     yield path, fake, server
     await server.close()
@@ -65,7 +67,9 @@ async def test_call_and_metadata(served: tuple[str, Fake, Server]) -> None:
     path, fake, _ = served
     client = await Client.connect(path)
     reply = task.StateResponse.FromString(
-        await client.call(SERVICE, "State", task.StateRequest(id="c1"), metadata={"containerd-namespace-ttrpc": "k8s.io"})
+        await client.call(
+            SERVICE, "State", task.StateRequest(id="c1"), metadata={"containerd-namespace-ttrpc": "k8s.io"}
+        )
     )
     assert (reply.id, reply.pid) == ("c1", 42)
     assert fake.namespaces == ["k8s.io"]

@@ -94,8 +94,13 @@ class Container:
         self.spec = _load_spec(cfg.bundle)
         self.annotations: dict[str, str] = dict(self.spec.get("annotations") or {})
         initial = State.CREATED_CHECKPOINT if cfg.checkpoint else State.CREATED
-        self.init = Process(cfg.id, "", cfg.stdio, open_io(cfg.stdio.stdin, cfg.stdio.stdout,
-                                                          cfg.stdio.stderr, cfg.stdio.terminal), initial)
+        self.init = Process(
+            cfg.id,
+            "",
+            cfg.stdio,
+            open_io(cfg.stdio.stdin, cfg.stdio.stdout, cfg.stdio.stderr, cfg.stdio.terminal),
+            initial,
+        )
         self.execs: dict[str, Process] = {}
         self._oom: OOMWatcher | None = None
         self._rootfs_mounted = False
@@ -128,22 +133,42 @@ class Container:
                 self.init.io.close()
                 self._unmount()
                 raise
-            self._events.create(self.id, self.bundle, [(m.type, m.source, m.options) for m in self.cfg.rootfs],
-                                self.cfg.stdio.stdin, self.cfg.stdio.stdout, self.cfg.stdio.stderr,
-                                self.cfg.stdio.terminal, self.cfg.checkpoint, self.init.pid)
+            self._events.create(
+                self.id,
+                self.bundle,
+                [(m.type, m.source, m.options) for m in self.cfg.rootfs],
+                self.cfg.stdio.stdin,
+                self.cfg.stdio.stdout,
+                self.cfg.stdio.stderr,
+                self.cfg.stdio.terminal,
+                self.cfg.checkpoint,
+                self.init.pid,
+            )
             return self.init.pid
 
     async def _runc_create(self, console_socket: str) -> None:
-        await self._runc.create(self.id, self.bundle, self.pid_file, self.init.io.runc_stdio(),
-                                console_socket=console_socket, no_pivot=self.cfg.no_pivot,
-                                no_new_keyring=self.cfg.no_new_keyring)
+        await self._runc.create(
+            self.id,
+            self.bundle,
+            self.pid_file,
+            self.init.io.runc_stdio(),
+            console_socket=console_socket,
+            no_pivot=self.cfg.no_pivot,
+            no_new_keyring=self.cfg.no_new_keyring,
+        )
 
     async def _runc_restore(self, console_socket: str) -> None:
         work = os.path.join(self.bundle, "restore-work")
         os.makedirs(work, mode=0o700, exist_ok=True)
-        opts = RestoreOpts(image_path=self.cfg.checkpoint, bundle=self.bundle, pid_file=self.pid_file,
-                           work_path=work, console_socket=console_socket, no_pivot=self.cfg.no_pivot,
-                           shell_job=self.cfg.stdio.terminal)
+        opts = RestoreOpts(
+            image_path=self.cfg.checkpoint,
+            bundle=self.bundle,
+            pid_file=self.pid_file,
+            work_path=work,
+            console_socket=console_socket,
+            no_pivot=self.cfg.no_pivot,
+            shell_job=self.cfg.stdio.terminal,
+        )
         await self._runc.restore(self.id, opts, self.init.io.runc_stdio())
 
     async def _run_init(self, launch: Any) -> None:
@@ -211,8 +236,9 @@ class Container:
         io = proc.io
         receive = asyncio.ensure_future(io.receive_master()) if isinstance(io, ConsoleIO) else None
         try:
-            await self._runc.exec(self.id, self._exec_spec_path(exec_id), pid_file, io.runc_stdio(),
-                                  console_socket=io.console_socket)
+            await self._runc.exec(
+                self.id, self._exec_spec_path(exec_id), pid_file, io.runc_stdio(), console_socket=io.console_socket
+            )
             if receive is not None:
                 await receive
         except BaseException:
@@ -323,10 +349,17 @@ class Container:
             os.makedirs(cfg.path, mode=0o700, exist_ok=True)
             work = cfg.work_path or os.path.join(self.bundle, "criu-work")
             os.makedirs(work, mode=0o700, exist_ok=True)
-            opts = CheckpointOpts(image_path=cfg.path, work_path=work, leave_running=not cfg.exit,
-                                  tcp_established=cfg.open_tcp, ext_unix_sk=cfg.external_unix_sockets,
-                                  shell_job=cfg.terminal or self.cfg.stdio.terminal, file_locks=cfg.file_locks,
-                                  empty_ns=cfg.empty_namespaces, manage_cgroups_mode=cfg.cgroups_mode)
+            opts = CheckpointOpts(
+                image_path=cfg.path,
+                work_path=work,
+                leave_running=not cfg.exit,
+                tcp_established=cfg.open_tcp,
+                ext_unix_sk=cfg.external_unix_sockets,
+                shell_job=cfg.terminal or self.cfg.stdio.terminal,
+                file_locks=cfg.file_locks,
+                empty_ns=cfg.empty_namespaces,
+                manage_cgroups_mode=cfg.cgroups_mode,
+            )
             try:
                 await self._runc.checkpoint(self.id, opts)
             except RuntimeCommandError as exc:
@@ -335,7 +368,9 @@ class Container:
                     target = os.path.join(self.bundle, "criu-dump.log")
                     with contextlib.suppress(OSError):
                         os.replace(dump_log, target)
-                    raise RuntimeCommandError(exc.argv, exc.returncode, f"{exc.detail} (see {target})", exc.verb) from exc
+                    raise RuntimeCommandError(
+                        exc.argv, exc.returncode, f"{exc.detail} (see {target})", exc.verb
+                    ) from exc
                 raise
         self._events.checkpointed(self.id, cfg.path)
 
@@ -351,8 +386,9 @@ class Container:
 
     def state(self, exec_id: str) -> ProcessState:
         proc = self.process(exec_id)
-        return ProcessState(self.id, exec_id, self.bundle, proc.pid, proc.state, proc.stdio,
-                            proc.exit_status, proc.exited_at_ns)
+        return ProcessState(
+            self.id, exec_id, self.bundle, proc.pid, proc.state, proc.stdio, proc.exit_status, proc.exited_at_ns
+        )
 
     async def wait(self, exec_id: str) -> ExitInfo:
         return await self.process(exec_id).wait()

@@ -26,8 +26,9 @@ class ExitInfo:
 
 
 class Process:
-    def __init__(self, container_id: str, exec_id: str, stdio: StdioPaths, io: ProcessIO,
-                 initial: State = State.CREATED) -> None:
+    def __init__(
+        self, container_id: str, exec_id: str, stdio: StdioPaths, io: ProcessIO, initial: State = State.CREATED
+    ) -> None:
         self.container_id = container_id
         self.exec_id = exec_id
         self.stdio = stdio

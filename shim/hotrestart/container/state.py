@@ -39,13 +39,32 @@ S, A = State, Action
 
 # state -> action -> next state. Absent pairs are illegal.
 TRANSITIONS: dict[State, dict[Action, State]] = {
-    S.CREATED: {A.START: S.RUNNING, A.KILL: S.CREATED, A.EXIT: S.STOPPED, A.DELETE: S.DELETED,
-                A.UPDATE: S.CREATED, A.STATS: S.CREATED},
+    S.CREATED: {
+        A.START: S.RUNNING,
+        A.KILL: S.CREATED,
+        A.EXIT: S.STOPPED,
+        A.DELETE: S.DELETED,
+        A.UPDATE: S.CREATED,
+        A.STATS: S.CREATED,
+    },
     S.CREATED_CHECKPOINT: {A.START: S.RUNNING, A.EXIT: S.STOPPED, A.DELETE: S.DELETED},
-    S.RUNNING: {A.PAUSE: S.PAUSED, A.KILL: S.RUNNING, A.EXEC: S.RUNNING, A.UPDATE: S.RUNNING,
-                A.CHECKPOINT: S.RUNNING, A.STATS: S.RUNNING, A.EXIT: S.STOPPED},
-    S.PAUSED: {A.RESUME: S.RUNNING, A.KILL: S.PAUSED, A.UPDATE: S.PAUSED, A.CHECKPOINT: S.PAUSED,
-               A.STATS: S.PAUSED, A.EXIT: S.STOPPED},
+    S.RUNNING: {
+        A.PAUSE: S.PAUSED,
+        A.KILL: S.RUNNING,
+        A.EXEC: S.RUNNING,
+        A.UPDATE: S.RUNNING,
+        A.CHECKPOINT: S.RUNNING,
+        A.STATS: S.RUNNING,
+        A.EXIT: S.STOPPED,
+    },
+    S.PAUSED: {
+        A.RESUME: S.RUNNING,
+        A.KILL: S.PAUSED,
+        A.UPDATE: S.PAUSED,
+        A.CHECKPOINT: S.PAUSED,
+        A.STATS: S.PAUSED,
+        A.EXIT: S.STOPPED,
+    },
     S.STOPPED: {A.DELETE: S.DELETED, A.EXIT: S.STOPPED},
     S.DELETED: {},
 }
@@ -60,8 +79,7 @@ EXEC_TRANSITIONS: dict[State, dict[Action, State]] = {
 
 
 class StateMachine:
-    def __init__(self, initial: State = State.CREATED,
-                 table: dict[State, dict[Action, State]] = TRANSITIONS) -> None:
+    def __init__(self, initial: State = State.CREATED, table: dict[State, dict[Action, State]] = TRANSITIONS) -> None:
         self._state = initial
         self._table = table
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import socket
 import struct
@@ -79,7 +80,7 @@ def _copy_out(src: int, fifo_path: str, use_splice: bool) -> None:
                     n = len(data)
                     view = memoryview(data)
                     while view:
-                        view = view[os.write(dst, view):]
+                        view = view[os.write(dst, view) :]
             except InterruptedError:
                 continue
             except OSError:  # EIO from a pty whose last slave closed: the end of output
@@ -103,7 +104,7 @@ def _copy_in(fifo_path: str, dst: int) -> None:
                 break
             view = memoryview(data)
             while view:
-                view = view[os.write(dst, view):]
+                view = view[os.write(dst, view) :]
     except OSError:
         pass
     finally:
@@ -177,9 +178,9 @@ class PipeIO(ProcessIO):
         self._started_copy = True
         for kind, fd, path in self._plan:
             if kind == "out":
-                self._copier.spawn(f"copy-out {path}", lambda fd=fd, path=path: _copy_out(fd, path, True))
+                self._copier.spawn(f"copy-out {path}", functools.partial(_copy_out, fd, path, True))
             else:
-                self._copier.spawn(f"copy-in {path}", lambda fd=fd, path=path: _copy_in(path, fd), count=False)
+                self._copier.spawn(f"copy-in {path}", functools.partial(_copy_in, path, fd), count=False)
 
     async def started(self) -> None:
         for fd in self._child:
@@ -239,7 +240,8 @@ class ConsoleIO(ProcessIO):
             conn.setblocking(True)
             fds: list[int] = []
             _msg, ancdata, _flags, _addr = await asyncio.to_thread(
-                conn.recvmsg, 4096, socket.CMSG_SPACE(struct.calcsize("i")))
+                conn.recvmsg, 4096, socket.CMSG_SPACE(struct.calcsize("i"))
+            )
             for level, kind, data in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.extend(struct.unpack(f"{len(data) // 4}i", data[: len(data) - len(data) % 4]))

@@ -35,21 +35,39 @@ ENOENT = 2
 
 # option -> (clear?, flags)
 _FLAGS: dict[str, tuple[bool, int]] = {
-    "ro": (False, MS_RDONLY), "rw": (True, MS_RDONLY),
-    "nosuid": (False, MS_NOSUID), "suid": (True, MS_NOSUID),
-    "nodev": (False, MS_NODEV), "dev": (True, MS_NODEV),
-    "noexec": (False, MS_NOEXEC), "exec": (True, MS_NOEXEC),
-    "sync": (False, MS_SYNCHRONOUS), "async": (True, MS_SYNCHRONOUS),
-    "remount": (False, MS_REMOUNT), "mand": (False, MS_MANDLOCK), "nomand": (True, MS_MANDLOCK),
-    "dirsync": (False, MS_DIRSYNC), "noatime": (False, MS_NOATIME), "atime": (True, MS_NOATIME),
-    "nodiratime": (False, MS_NODIRATIME), "diratime": (True, MS_NODIRATIME),
-    "bind": (False, MS_BIND), "rbind": (False, MS_BIND | MS_REC),
-    "relatime": (False, MS_RELATIME), "norelatime": (True, MS_RELATIME),
+    "ro": (False, MS_RDONLY),
+    "rw": (True, MS_RDONLY),
+    "nosuid": (False, MS_NOSUID),
+    "suid": (True, MS_NOSUID),
+    "nodev": (False, MS_NODEV),
+    "dev": (True, MS_NODEV),
+    "noexec": (False, MS_NOEXEC),
+    "exec": (True, MS_NOEXEC),
+    "sync": (False, MS_SYNCHRONOUS),
+    "async": (True, MS_SYNCHRONOUS),
+    "remount": (False, MS_REMOUNT),
+    "mand": (False, MS_MANDLOCK),
+    "nomand": (True, MS_MANDLOCK),
+    "dirsync": (False, MS_DIRSYNC),
+    "noatime": (False, MS_NOATIME),
+    "atime": (True, MS_NOATIME),
+    "nodiratime": (False, MS_NODIRATIME),
+    "diratime": (True, MS_NODIRATIME),
+    "bind": (False, MS_BIND),
+    "rbind": (False, MS_BIND | MS_REC),
+    "relatime": (False, MS_RELATIME),
+    "norelatime": (True, MS_RELATIME),
     "strictatime": (False, MS_STRICTATIME),
     "defaults": (False, 0),
 }
-_PROPAGATION = {"private": MS_PRIVATE, "rprivate": MS_PRIVATE | MS_REC, "slave": MS_SLAVE,
-                "rslave": MS_SLAVE | MS_REC, "shared": MS_SHARED, "rshared": MS_SHARED | MS_REC}
+_PROPAGATION = {
+    "private": MS_PRIVATE,
+    "rprivate": MS_PRIVATE | MS_REC,
+    "slave": MS_SLAVE,
+    "rslave": MS_SLAVE | MS_REC,
+    "shared": MS_SHARED,
+    "rshared": MS_SHARED | MS_REC,
+}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,8 +94,16 @@ def parse_options(options: tuple[str, ...]) -> tuple[int, int, str]:
 
 
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    if _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
-                   data.encode() if data else None) != 0:
+    if (
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            flags,
+            data.encode() if data else None,
+        )
+        != 0
+    ):
         err = ctypes.get_errno()
         raise OSError(err, f"mount {fstype or 'bind'} {source} on {target}: {os.strerror(err)}")
 

@@ -80,8 +80,15 @@ class Runc:
             argv += ["--criu", self.criu]
         return argv
 
-    def create_argv(self, cid: str, bundle: str, pid_file: str, console_socket: str = "",
-                    no_pivot: bool = False, no_new_keyring: bool = False) -> list[str]:
+    def create_argv(
+        self,
+        cid: str,
+        bundle: str,
+        pid_file: str,
+        console_socket: str = "",
+        no_pivot: bool = False,
+        no_new_keyring: bool = False,
+    ) -> list[str]:
         argv = [*self.base_argv(), "create", "--bundle", bundle, "--pid-file", pid_file]
         if console_socket:
             argv += ["--console-socket", console_socket]
@@ -129,8 +136,18 @@ class Runc:
         return [*argv, cid]
 
     def restore_argv(self, cid: str, o: RestoreOpts) -> list[str]:
-        argv = [*self.base_argv(), "restore", "--detach", "--no-subreaper", "--image-path", o.image_path,
-                "--bundle", o.bundle, "--pid-file", o.pid_file]
+        argv = [
+            *self.base_argv(),
+            "restore",
+            "--detach",
+            "--no-subreaper",
+            "--image-path",
+            o.image_path,
+            "--bundle",
+            o.bundle,
+            "--pid-file",
+            o.pid_file,
+        ]
         if o.work_path:
             argv += ["--work-path", o.work_path]
         if o.parent_path:
@@ -155,10 +172,20 @@ class Runc:
 
     # -- verbs ------------------------------------------------------------------------------
 
-    async def create(self, cid: str, bundle: str, pid_file: str, stdio: Stdio, *, console_socket: str = "",
-                     no_pivot: bool = False, no_new_keyring: bool = False) -> None:
-        await self._check(self.create_argv(cid, bundle, pid_file, console_socket, no_pivot, no_new_keyring),
-                          stdio=stdio, cwd=bundle)
+    async def create(
+        self,
+        cid: str,
+        bundle: str,
+        pid_file: str,
+        stdio: Stdio,
+        *,
+        console_socket: str = "",
+        no_pivot: bool = False,
+        no_new_keyring: bool = False,
+    ) -> None:
+        await self._check(
+            self.create_argv(cid, bundle, pid_file, console_socket, no_pivot, no_new_keyring), stdio=stdio, cwd=bundle
+        )
 
     async def start(self, cid: str) -> None:
         await self._check(self.simple_argv("start", cid))
@@ -205,8 +232,9 @@ class Runc:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    async def _check(self, argv: list[str], *, input: bytes | None = None, stdio: Stdio | None = None,
-                     cwd: str | None = None) -> Completed:
+    async def _check(
+        self, argv: list[str], *, input: bytes | None = None, stdio: Stdio | None = None, cwd: str | None = None
+    ) -> Completed:
         log_offset = _size(self.log_path)
         result = await self._runner.run(argv, input=input, stdio=stdio, cwd=cwd)
         if result.returncode != 0:

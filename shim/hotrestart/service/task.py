@@ -51,8 +51,15 @@ _STATUS = {
 
 
 class TaskService:
-    def __init__(self, *, namespace: str, reaper: Reaper, events: TaskEvents,
-                 on_idle: Callable[[], None] | None = None, defaults: RuntimeOptions | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        reaper: Reaper,
+        events: TaskEvents,
+        on_idle: Callable[[], None] | None = None,
+        defaults: RuntimeOptions | None = None,
+    ) -> None:
         self.namespace = namespace
         self._reaper = reaper
         self._runner = CommandRunner(reaper)
@@ -89,9 +96,14 @@ class TaskService:
         return container
 
     def _runc_for(self, opts: RuntimeOptions, bundle: str) -> Runc:
-        return Runc(self._runner, binary=opts.binary_name, root=os.path.join(opts.root, self.namespace),
-                    log_path=os.path.join(bundle, "log.json"), systemd_cgroup=opts.systemd_cgroup,
-                    criu=opts.criu_path)
+        return Runc(
+            self._runner,
+            binary=opts.binary_name,
+            root=os.path.join(opts.root, self.namespace),
+            log_path=os.path.join(bundle, "log.json"),
+            systemd_cgroup=opts.systemd_cgroup,
+            criu=opts.criu_path,
+        )
 
     # -- calls ----------------------------------------------------------------------------------
 
@@ -208,9 +220,16 @@ class TaskService:
     async def State(self, r: task.StateRequest, ctx: CallContext) -> task.StateResponse:
         s = self._get(r.id).state(r.exec_id)
         reply = task.StateResponse(
-            id=s.exec_id or s.id, bundle=s.bundle, pid=s.pid, status=_STATUS[s.state], stdin=s.stdio.stdin,
-            stdout=s.stdio.stdout, stderr=s.stdio.stderr, terminal=s.stdio.terminal,
-            exit_status=s.exit_status, exec_id=s.exec_id,
+            id=s.exec_id or s.id,
+            bundle=s.bundle,
+            pid=s.pid,
+            status=_STATUS[s.state],
+            stdin=s.stdio.stdin,
+            stdout=s.stdio.stdout,
+            stderr=s.stdio.stderr,
+            terminal=s.stdio.terminal,
+            exit_status=s.exit_status,
+            exec_id=s.exec_id,
         )
         if s.exited_at_ns:
             reply.exited_at.FromNanoseconds(s.exited_at_ns)
@@ -218,8 +237,9 @@ class TaskService:
 
     async def Connect(self, r: task.ConnectRequest, ctx: CallContext) -> task.ConnectResponse:
         container = self.containers.get(r.id)
-        return task.ConnectResponse(shim_pid=os.getpid(), task_pid=container.init.pid if container else 0,
-                                    version=__version__)
+        return task.ConnectResponse(
+            shim_pid=os.getpid(), task_pid=container.init.pid if container else 0, version=__version__
+        )
 
     async def Shutdown(self, r: task.ShutdownRequest, ctx: CallContext) -> empty_pb2.Empty:
         if not self.containers and self._on_idle is not None:
@@ -234,9 +254,15 @@ def _checkpoint_config(path: str, options: any_pb2.Any) -> CheckpointConfig:
         raise InvalidArgumentError(f"unsupported checkpoint options type {name}")
     o = oci_pb2.CheckpointOptions.FromString(options.value)
     kwargs: dict[str, Any] = dict(
-        path=path, exit=o.exit, open_tcp=o.open_tcp, external_unix_sockets=o.external_unix_sockets,
-        terminal=o.terminal, file_locks=o.file_locks, empty_namespaces=tuple(o.empty_namespaces),
-        cgroups_mode=o.cgroups_mode, work_path=o.work_path,
+        path=path,
+        exit=o.exit,
+        open_tcp=o.open_tcp,
+        external_unix_sockets=o.external_unix_sockets,
+        terminal=o.terminal,
+        file_locks=o.file_locks,
+        empty_namespaces=tuple(o.empty_namespaces),
+        cgroups_mode=o.cgroups_mode,
+        work_path=o.work_path,
     )
     return CheckpointConfig(**kwargs)
 

@@ -34,7 +34,7 @@ class Client:
     @classmethod
     async def connect(cls, path: str) -> Client:
         if path.startswith("unix://"):
-            path = path[len("unix://"):]
+            path = path[len("unix://") :]
         reader, writer = await asyncio.open_unix_connection(path)
         return cls(reader, writer)
 

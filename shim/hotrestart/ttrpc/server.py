@@ -16,7 +16,7 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -46,11 +46,7 @@ Handler = Callable[[bytes, CallContext], Awaitable[bytes]]
 Req = TypeVar("Req", bound=Message)
 
 
-class _Unary(Protocol[Req]):
-    def __call__(self, request: Req, ctx: CallContext, /) -> Awaitable[Message]: ...
-
-
-def unary(request_type: type[Req], fn: _Unary[Req]) -> Handler:
+def unary(request_type: type[Req], fn: Callable[[Req, CallContext], Awaitable[Message]]) -> Handler:
     """Wrap a typed method as a bytes-in, bytes-out handler; garbage input is InvalidArgument."""
 
     async def handle(payload: bytes, ctx: CallContext) -> bytes:
@@ -155,12 +151,18 @@ class _Connection:
             # as ttrpc does for types it does not handle.
             return
         if frame.oversize:
-            self._spawn(self._reply_status(frame.stream_id, Code.RESOURCE_EXHAUSTED,
-                                           f"message length {frame.oversize} exceeds maximum message size of {framing.MAX_PAYLOAD}"))
+            self._spawn(
+                self._reply_status(
+                    frame.stream_id,
+                    Code.RESOURCE_EXHAUSTED,
+                    f"message length {frame.oversize} exceeds maximum message size of {framing.MAX_PAYLOAD}",
+                )
+            )
             return
         if frame.stream_id % 2 == 0 or frame.stream_id <= self._last_stream:
-            self._spawn(self._reply_status(frame.stream_id, Code.INVALID_ARGUMENT,
-                                           f"invalid stream id {frame.stream_id}"))
+            self._spawn(
+                self._reply_status(frame.stream_id, Code.INVALID_ARGUMENT, f"invalid stream id {frame.stream_id}")
+            )
             return
         self._last_stream = frame.stream_id
         self._spawn(self._handle(frame))
@@ -237,4 +239,4 @@ def _peer_is_same_user(writer: asyncio.StreamWriter) -> bool:
     except OSError:
         return True
     _pid, uid, gid = struct.unpack("3i", creds)
-    return uid == os.geteuid() and (uid == 0 or gid == os.getegid())
+    return bool(uid == os.geteuid() and (uid == 0 or gid == os.getegid()))
