@@ -101,32 +101,7 @@ def start(flags: Flags) -> None:
         sys.stdout.write(address)
         return
     try:
-        argv = [
-            sys.executable,
-            "-m",
-            "hotrestart.shim_main",
-            "-namespace",
-            flags.namespace,
-            "-id",
-            flags.id,
-            "-address",
-            flags.address,
-        ]
-        if flags.publish_binary:
-            argv += ["-publish-binary", flags.publish_binary]
-        if flags.debug:
-            argv.append("-debug")
-        env = dict(os.environ, **{LISTEN_FD_ENV: str(sock.fileno())})
-        subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            pass_fds=(sock.fileno(),),
-            cwd=bundle,
-            env=env,
-            start_new_session=True,
-        )
+        _launch_daemon(flags, bundle, sock)
         _write_address(bundle, address)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -135,6 +110,40 @@ def start(flags: Flags) -> None:
     finally:
         sock.close()
     sys.stdout.write(address)
+
+
+def _launch_daemon(flags: Flags, bundle: str, sock: socket.socket) -> None:
+    """Fork the pod's shim from the zygote, or start a fresh interpreter when there is none."""
+    from hotrestart import zygote
+
+    if zygote.enabled():
+        wanted = {
+            "namespace": flags.namespace,
+            "id": flags.id,
+            "address": flags.address,
+            "publish_binary": flags.publish_binary,
+            "debug": flags.debug,
+        }
+        if zygote.request_shim(wanted, bundle, sock.fileno()):
+            return
+        zygote.launch()
+    argv = [sys.executable, "-m", "hotrestart.shim_main", "-namespace", flags.namespace, "-id", flags.id]
+    argv += ["-address", flags.address]
+    if flags.publish_binary:
+        argv += ["-publish-binary", flags.publish_binary]
+    if flags.debug:
+        argv.append("-debug")
+    env = dict(os.environ, **{LISTEN_FD_ENV: str(sock.fileno())})
+    subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(sock.fileno(),),
+        cwd=bundle,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def delete(flags: Flags) -> None:

@@ -238,3 +238,30 @@ async def test_restore_into_new_container_from_checkpoint(shim_env: tuple[Path, 
     await shim.call("Delete", task.DeleteRequest(id="c5"))
     await shim.call("Shutdown", task.ShutdownRequest(id="c5"))
     assert await wait_gone(shim.pid)
+
+
+async def test_zygote_forks_later_shims(shim_env: tuple[Path, object, dict[str, str]]) -> None:
+    tmp, _sink, env = shim_env
+    first = make_bundle(tmp, "z1", ["/bin/sh", "-c", "exit 0"])
+    shim1 = await start_shim(tmp, first, "z1", env)
+    zygote_sock = tmp / "zygote.sock"
+    for _ in range(100):
+        if zygote_sock.exists():
+            break
+        await asyncio.sleep(0.05)
+    assert zygote_sock.exists(), "the first start launches a zygote for later pods"
+    assert oct(zygote_sock.stat().st_mode & 0o777) == "0o600"
+    second = make_bundle(tmp, "z2", ["/bin/sh", "-c", "echo forked; exit 4"])
+    shim2 = await start_shim(tmp, second, "z2", env)
+    assert shim2.pid != shim1.pid
+    with open(f"/proc/{shim2.pid}/cmdline", "rb") as f:
+        assert b"hotrestart.zygote" in f.read(), "the second shim is forked from the zygote"
+    out = FifoReader(tmp / "z2-out")
+    await shim2.call("Create", task.CreateTaskRequest(id="z2", bundle=str(second), stdout=str(out.path)))
+    await shim2.call("Start", task.StartRequest(id="z2"))
+    assert (await shim2.call("Wait", task.WaitRequest(id="z2"), task.WaitResponse)).exit_status == 4
+    assert out.text() == "forked\n"
+    await shim2.call("Delete", task.DeleteRequest(id="z2"))
+    for shim in (shim1, shim2):
+        await shim.call("Shutdown", task.ShutdownRequest(id=""))
+        assert await wait_gone(shim.pid)
