@@ -61,8 +61,10 @@ def request_shim(flags: dict[str, object], cwd: str, listen_fd: int) -> bool:
     with conn:
         body = json.dumps({"flags": flags, "cwd": cwd, "env": dict(os.environ), "stamp": _stamp()}).encode()
         try:
-            conn.sendmsg([struct.pack(">I", len(body)), body],
-                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", listen_fd))])
+            conn.sendmsg(
+                [struct.pack(">I", len(body)), body],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", listen_fd))],
+            )
             reply = conn.recv(64)
         except OSError:
             return False
@@ -73,9 +75,14 @@ def launch() -> None:
     """Start a zygote in the background (best effort; a concurrent one may win the socket)."""
     import subprocess
 
-    subprocess.Popen([sys.executable, "-m", "hotrestart.zygote", socket_path()], stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                     env=dict(os.environ))
+    subprocess.Popen(
+        [sys.executable, "-m", "hotrestart.zygote", socket_path()],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=dict(os.environ),
+    )
 
 
 @dataclasses.dataclass
@@ -113,8 +120,13 @@ def _receive(conn: socket.socket) -> _Request | None:
         body += chunk
     try:
         data = json.loads(body)
-        return _Request(dict(data["flags"]), str(data["cwd"]), {str(k): str(v) for k, v in data["env"].items()},
-                        str(data["stamp"]), fds[0])
+        return _Request(
+            dict(data["flags"]),
+            str(data["cwd"]),
+            {str(k): str(v) for k, v in data["env"].items()},
+            str(data["stamp"]),
+            fds[0],
+        )
     except (ValueError, KeyError, TypeError, AttributeError):
         os.close(fds[0])
         return None

@@ -66,8 +66,9 @@ class Pod:
         assert not [m for m in host.mounts_under(self.inst.state) if self.id in m]
 
 
-def both(client: CRIClient, inst: ContainerdInstance, tmp: Path, name: str,
-         scenario: Callable[[Pod], dict[str, Any]]) -> dict[str, Any]:
+def both(
+    client: CRIClient, inst: ContainerdInstance, tmp: Path, name: str, scenario: Callable[[Pod], dict[str, Any]]
+) -> dict[str, Any]:
     """Run `scenario` under each handler; assert equal observations and return one."""
     seen = {}
     for handler in HANDLERS:
@@ -107,8 +108,12 @@ def test_stop_delivers_sigterm(client: CRIClient, inst: ContainerdInstance, tmp_
         return {"exit": st.exit_code, "reason": st.reason, "log": log_of(pod.client, cid), "prompt": took < 5}
 
     seen = both(client, inst, tmp_path, "stop", scenario)
-    assert seen == {"exit": 0, "reason": "Completed", "log": [("stdout", "F", "up"), ("stdout", "F", "bye")],
-                    "prompt": True}
+    assert seen == {
+        "exit": 0,
+        "reason": "Completed",
+        "log": [("stdout", "F", "up"), ("stdout", "F", "bye")],
+        "prompt": True,
+    }
 
 
 def test_exec_sync(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:

@@ -112,8 +112,12 @@ async def shim_env(tmp_path: Path, env_path: str) -> AsyncIterator[tuple[Path, E
     sock.bind(str(events_sock))
     sock.listen()
     await server.serve_socket(sock)
-    env = dict(os.environ, PATH=env_path, TTRPC_ADDRESS=str(events_sock),
-               HOTRESTART_ZYGOTE_SOCKET=str(tmp_path / "zygote.sock"))
+    env = dict(
+        os.environ,
+        PATH=env_path,
+        TTRPC_ADDRESS=str(events_sock),
+        HOTRESTART_ZYGOTE_SOCKET=str(tmp_path / "zygote.sock"),
+    )
     yield tmp_path, sink, env
     await server.close()
     # Nothing of ours may outlive the test.

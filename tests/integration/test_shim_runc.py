@@ -254,8 +254,8 @@ async def test_zygote_forks_later_shims(shim_env: tuple[Path, object, dict[str, 
     second = make_bundle(tmp, "z2", ["/bin/sh", "-c", "echo forked; exit 4"])
     shim2 = await start_shim(tmp, second, "z2", env)
     assert shim2.pid != shim1.pid
-    with open(f"/proc/{shim2.pid}/cmdline", "rb") as f:
-        assert b"hotrestart.zygote" in f.read(), "the second shim is forked from the zygote"
+    cmdline = Path(f"/proc/{shim2.pid}/cmdline").read_bytes()
+    assert b"hotrestart.zygote" in cmdline, "the second shim is forked from the zygote"
     out = FifoReader(tmp / "z2-out")
     await shim2.call("Create", task.CreateTaskRequest(id="z2", bundle=str(second), stdout=str(out.path)))
     await shim2.call("Start", task.StartRequest(id="z2"))
