@@ -135,7 +135,7 @@ def _receive(conn: socket.socket) -> _Request | None:
 def _same_user(conn: socket.socket) -> bool:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid == os.geteuid()
+    return bool(uid == os.geteuid())
 
 
 def _become_shim(listener: socket.socket, conn: socket.socket, req: _Request) -> None:
