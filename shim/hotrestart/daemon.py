@@ -56,9 +56,13 @@ def _setup_logging(debug: bool, shim_id: str) -> None:
 
 
 def serve(flags: Flags) -> None:
-    _setup_logging(flags.debug, flags.id)
     fd = int(os.environ.pop(LISTEN_FD_ENV, "3"))
-    sock = socket.socket(fileno=fd)
+    serve_socket(flags, socket.socket(fileno=fd))
+
+
+def serve_socket(flags: Flags, sock: socket.socket) -> None:
+    """Serve the Task API on `sock` until shut down, then remove the socket file."""
+    _setup_logging(flags.debug, flags.id)
     path = sock.getsockname()
     try:
         asyncio.run(_serve(flags, sock))

@@ -46,7 +46,7 @@ def socket_path(address: str, namespace: str, group: str) -> str:
     return posixpath.join(SOCKET_DIR, hashlib.sha256(joined.encode()).hexdigest())
 
 
-def _write_address(bundle: str, address: str) -> None:
+def write_address(bundle: str, address: str) -> None:
     tmp = os.path.join(bundle, ".address.tmp")
     with open(tmp, "w") as f:
         f.write(address)
@@ -65,7 +65,7 @@ def _answers(path: str) -> bool:
         probe.close()
 
 
-def _listen(path: str) -> socket.socket | None:
+def listen(path: str) -> socket.socket | None:
     """Bind the pod's socket, or None when a live shim already owns it."""
     os.makedirs(SOCKET_DIR, mode=0o711, exist_ok=True)
     for _ in range(3):
@@ -95,14 +95,14 @@ def start(flags: Flags) -> None:
     bundle = os.getcwd()
     path = socket_path(flags.address, flags.namespace, group_id(bundle, flags.id))
     address = "unix://" + path
-    sock = _listen(path)
+    sock = listen(path)
     if sock is None:
-        _write_address(bundle, address)
+        write_address(bundle, address)
         sys.stdout.write(address)
         return
     try:
         _launch_daemon(flags, bundle, sock)
-        _write_address(bundle, address)
+        write_address(bundle, address)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -113,19 +113,12 @@ def start(flags: Flags) -> None:
 
 
 def _launch_daemon(flags: Flags, bundle: str, sock: socket.socket) -> None:
-    """Fork the pod's shim from the zygote, or start a fresh interpreter when there is none."""
-    from hotrestart import zygote
+    """Start a fresh interpreter for this shim, and a zygote for the pods after it."""
+    from hotrestart import zygote_client
 
-    if zygote.enabled():
-        wanted = {
-            "namespace": flags.namespace,
-            "id": flags.id,
-            "address": flags.address,
-            "publish_binary": flags.publish_binary,
-            "debug": flags.debug,
-        }
-        if zygote.request_shim(wanted, bundle, sock.fileno()):
-            return
+    if zygote_client.enabled():
+        from hotrestart import zygote
+
         zygote.launch()
     argv = [sys.executable, "-m", "hotrestart.shim_main", "-namespace", flags.namespace, "-id", flags.id]
     argv += ["-address", flags.address]

@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     if not flags.namespace:
         raise SystemExit("shim namespace cannot be empty")
     if flags.action == "start":
-        from hotrestart.lifecycle import start
-
-        start(flags)
+        _start(flags)
     elif flags.action == "delete":
         from hotrestart.lifecycle import delete
 
@@ -92,6 +90,29 @@ def main(argv: list[str] | None = None) -> None:
         serve(flags)
     else:
         raise SystemExit(f"unknown action {flags.action!r}")
+
+
+def _start(flags: Flags) -> None:
+    from hotrestart import zygote_client
+
+    if zygote_client.enabled():
+        fields = {
+            "namespace": flags.namespace,
+            "id": flags.id,
+            "address": flags.address,
+            "publish_binary": flags.publish_binary,
+            "debug": "1" if flags.debug else "",
+        }
+        try:
+            address = zygote_client.request_start(fields)
+        except zygote_client.Declined as exc:
+            raise SystemExit(f"start shim: {exc}") from None
+        if address is not None:
+            sys.stdout.write(address)
+            return
+    from hotrestart.lifecycle import start
+
+    start(flags)
 
 
 if __name__ == "__main__":

@@ -1,74 +1,29 @@
-"""A preloaded parent that forks pod shims, so a new pod does not pay Python's start-up.
+"""A preloaded parent that starts pod shims, so a new pod does not pay Python's start-up.
 
 A pod's shim starts on the pod's critical path: `start` must hand containerd an address
 that answers at once. Importing the daemon (asyncio, protobuf, the Task service) takes
 longer than containerd's whole Go shim needs to start, so a node-wide zygote imports it
-once, freezes the heap (`gc.freeze`) and forks one daemon per pod. Forked shims share the
-preloaded pages copy-on-write, which is also what keeps the per-pod memory small.
+once, freezes the heap (`gc.freeze`) and does the `start` work itself: it finds or binds
+the pod's socket and double-forks the shim, which is then nobody's child. Forked shims
+share the preloaded pages copy-on-write, which also keeps the memory per pod small.
 
-`start` passes the pod's listening socket (SCM_RIGHTS), its flags, working directory and
-environment; the zygote double-forks so the shim is not its child, then answers. When no
-zygote answers, `start` launches one for later pods and starts this shim directly. The
-zygote socket is a 0600 file, and only callers with our uid are served.
+When no zygote answers, `start` launches one for later pods and starts its own shim the
+slow way. The zygote socket is a 0600 file, and only callers with our uid are served.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
-import json
 import os
 import signal
 import socket
 import struct
 import sys
 
-SOCKET_ENV = "HOTRESTART_ZYGOTE_SOCKET"
-# "0" turns the zygote off: every pod's shim is then a fresh interpreter.
-ENABLE_ENV = "HOTRESTART_ZYGOTE"
-DEFAULT_SOCKET = "/run/hotrestart/zygote.sock"
+from hotrestart.zygote_client import code_stamp, decode, socket_path
+
 _MAX_REQUEST = 1 << 20
-
-
-def enabled() -> bool:
-    return os.environ.get(ENABLE_ENV, "1") != "0"
-
-
-def socket_path() -> str:
-    return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
-
-
-def _stamp() -> str:
-    """Identifies the installed code, so an upgraded package never runs in a stale zygote."""
-    import hotrestart
-
-    here = os.path.dirname(hotrestart.__file__)
-    newest = max(os.stat(os.path.join(here, name)).st_mtime_ns for name in os.listdir(here) if name.endswith(".py"))
-    return f"{hotrestart.__version__}:{newest}"
-
-
-def request_shim(flags: dict[str, object], cwd: str, listen_fd: int) -> bool:
-    """Ask a running zygote for a shim on `listen_fd`; False if none is there to ask."""
-    path = socket_path()
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.settimeout(5)
-    try:
-        conn.connect(path)
-    except OSError:
-        conn.close()
-        return False
-    with conn:
-        body = json.dumps({"flags": flags, "cwd": cwd, "env": dict(os.environ), "stamp": _stamp()}).encode()
-        try:
-            conn.sendmsg(
-                [struct.pack(">I", len(body)), body],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", listen_fd))],
-            )
-            reply = conn.recv(64)
-        except OSError:
-            return False
-    return reply.startswith(b"ok")
 
 
 def launch() -> None:
@@ -85,50 +40,20 @@ def launch() -> None:
     )
 
 
-@dataclasses.dataclass
-class _Request:
-    flags: dict[str, object]
-    cwd: str
-    env: dict[str, str]
-    stamp: str
-    fd: int
-
-
-def _receive(conn: socket.socket) -> _Request | None:
+def _receive(conn: socket.socket) -> tuple[dict[str, str], dict[str, str]] | None:
     conn.settimeout(5)
-    header, ancdata, _flags, _addr = conn.recvmsg(4, socket.CMSG_SPACE(struct.calcsize("i")))
-    fds = [
-        fd
-        for level, kind, data in ancdata
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-        for fd in struct.unpack(f"{len(data) // 4}i", data[: len(data) - len(data) % 4])
-    ]
-    if len(header) != 4 or len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
+    header = conn.recv(4, socket.MSG_WAITALL)
+    if len(header) != 4:
         return None
-    (length,) = struct.unpack(">I", header)
+    length = int.from_bytes(header, "big")
     if length > _MAX_REQUEST:
-        os.close(fds[0])
         return None
-    body = b""
-    while len(body) < length:
-        chunk = conn.recv(length - len(body))
-        if not chunk:
-            os.close(fds[0])
-            return None
-        body += chunk
+    body = conn.recv(length, socket.MSG_WAITALL) if length else b""
+    if len(body) != length:
+        return None
     try:
-        data = json.loads(body)
-        return _Request(
-            dict(data["flags"]),
-            str(data["cwd"]),
-            {str(k): str(v) for k, v in data["env"].items()},
-            str(data["stamp"]),
-            fds[0],
-        )
-    except (ValueError, KeyError, TypeError, AttributeError):
-        os.close(fds[0])
+        return decode(body)
+    except UnicodeDecodeError:
         return None
 
 
@@ -138,57 +63,82 @@ def _same_user(conn: socket.socket) -> bool:
     return bool(uid == os.geteuid())
 
 
-def _become_shim(listener: socket.socket, conn: socket.socket, req: _Request) -> None:
+def _start(listener: socket.socket, conn: socket.socket, fields: dict[str, str], env: dict[str, str]) -> str:
+    """The `start` verb's work, done here: the address of the pod's (possibly new) shim."""
+    from hotrestart import lifecycle
+
+    cwd = fields["cwd"]
+    path = lifecycle.socket_path(fields["address"], fields["namespace"], lifecycle.group_id(cwd, fields["id"]))
+    address = "unix://" + path
+    sock = lifecycle.listen(path)
+    if sock is not None:
+        try:
+            pid = os.fork()
+            if pid == 0:
+                conn.close()  # the caller waits for end of file on it
+                _become_shim(listener, sock, fields, env)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        finally:
+            sock.close()
+    lifecycle.write_address(cwd, address)
+    return address
+
+
+def _become_shim(listener: socket.socket, sock: socket.socket, fields: dict[str, str], env: dict[str, str]) -> None:
     """In the forked child: detach, adopt the pod's context and serve. Never returns."""
+    code = 1
     try:
         listener.close()
-        conn.close()
         os.setsid()
         if os.fork():
             os._exit(0)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.chdir(req.cwd)
+        os.chdir(fields["cwd"])
         os.environ.clear()
-        os.environ.update(req.env)
-        from hotrestart.daemon import serve
-        from hotrestart.lifecycle import LISTEN_FD_ENV
+        os.environ.update(env)
+        from hotrestart.daemon import serve_socket
         from hotrestart.shim_main import Flags
 
-        os.environ[LISTEN_FD_ENV] = str(req.fd)
-        flags = Flags(**{k: v for k, v in req.flags.items() if k in Flags.__dataclass_fields__})  # type: ignore[arg-type]
+        flags = Flags(
+            namespace=fields["namespace"],
+            address=fields["address"],
+            publish_binary=fields.get("publish_binary", ""),
+            id=fields["id"],
+            debug=fields.get("debug") == "1",
+        )
         gc.enable()
-        serve(flags)
+        serve_socket(flags, sock)
         code = 0
-    except BaseException:
-        code = 1
-    os._exit(code)
+    finally:
+        os._exit(code)
 
 
 def serve(path: str) -> None:
     # Preload everything a shim runs, then keep the collector from touching (and so
     # copying) the preloaded objects in every child.
     import hotrestart.daemon
-    import hotrestart.runtime.stats  # noqa: F401
+    import hotrestart.lifecycle  # noqa: F401
 
-    stamp = _stamp()
+    stamp = code_stamp()
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
-        listener.bind(path)
-    except OSError:
-        # Another zygote owns a live socket: leave. A stale file is replaced.
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            probe.connect(path)
-            return
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
             listener.bind(path)
-        finally:
-            probe.close()
+        except OSError:
+            # Another zygote owns a live socket: leave. A stale file is replaced.
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                return
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                listener.bind(path)
+            finally:
+                probe.close()
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
@@ -208,24 +158,21 @@ def serve(path: str) -> None:
                 try:
                     if not _same_user(conn):
                         continue
-                    req = _receive(conn)
+                    request = _receive(conn)
+                    if request is None:
+                        continue
+                    fields, env = request
+                    if fields.get("stamp") != stamp:
+                        # The package changed under us: decline, and make room for a fresh zygote.
+                        conn.sendall(b"stale")
+                        return
+                    try:
+                        reply = b"ok " + _start(listener, conn, fields, env).encode()
+                    except (OSError, KeyError) as exc:
+                        reply = b"err " + str(exc).encode()
+                    conn.sendall(reply)
                 except OSError:
                     continue
-                if req is None:
-                    continue
-                if req.stamp != stamp:
-                    # The package changed under us: decline, and make room for a fresh zygote.
-                    os.close(req.fd)
-                    conn.sendall(b"stale")
-                    return
-                pid = os.fork()
-                if pid == 0:
-                    _become_shim(listener, conn, req)
-                os.close(req.fd)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, 0)
-                with contextlib.suppress(OSError):
-                    conn.sendall(b"ok")
     finally:
         with contextlib.suppress(OSError):
             if os.stat(path).st_ino == inode:
