@@ -113,13 +113,7 @@ def start(flags: Flags) -> None:
 
 
 def _launch_daemon(flags: Flags, bundle: str, sock: socket.socket) -> None:
-    """Start a fresh interpreter for this shim, and a zygote for the pods after it."""
-    from hotrestart import zygote_client
-
-    if zygote_client.enabled():
-        from hotrestart import zygote
-
-        zygote.launch()
+    """Start this shim in a fresh interpreter (used when no zygote is available)."""
     argv = [sys.executable, "-m", "hotrestart.shim_main", "-namespace", flags.namespace, "-id", flags.id]
     argv += ["-address", flags.address]
     if flags.publish_binary:

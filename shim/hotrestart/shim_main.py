@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _start(flags: Flags) -> None:
+    """Get the pod's shim from the node's zygote, launching the zygote first if needed."""
     from hotrestart import zygote_client
 
     if zygote_client.enabled():
@@ -115,11 +116,17 @@ def _start(flags: Flags) -> None:
         }
         try:
             address = zygote_client.request_start(fields)
+            if address is None:
+                from hotrestart import zygote
+
+                zygote.launch()
+                address = zygote_client.request_start(fields, wait=5.0)
         except zygote_client.Declined as exc:
             raise SystemExit(f"start shim: {exc}") from None
         if address is not None:
             sys.stdout.write(address)
             return
+    # No zygote: this shim runs in a fresh interpreter of its own.
     from hotrestart.lifecycle import start
 
     start(flags)

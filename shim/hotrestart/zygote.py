@@ -107,11 +107,20 @@ def _become_shim(listener: socket.socket, sock: socket.socket, fields: dict[str,
             id=fields["id"],
             debug=fields.get("debug") == "1",
         )
-        gc.enable()
+        _one_malloc_arena()
         serve_socket(flags, sock)
         code = 0
     finally:
         os._exit(code)
+
+
+def _one_malloc_arena() -> None:
+    """Keep glibc from giving each stdio thread its own (mostly private) heap arena."""
+    import ctypes
+
+    m_arena_max = -8
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(m_arena_max, 1)
 
 
 def serve(path: str) -> None:

@@ -53,15 +53,30 @@ class Declined(Exception):
     """The zygote answered but would not start this shim (its message says why)."""
 
 
-def request_start(fields: dict[str, str]) -> str | None:
-    """The pod's shim address from the zygote, or None when no zygote answers."""
-    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    conn.settimeout(10)
-    try:
+def _connect(wait: float) -> _socket.socket | None:
+    """Connect to the zygote, retrying for up to `wait` seconds while one is starting."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        conn.settimeout(10)
         try:
             conn.connect(socket_path())
+            return conn
         except OSError:
-            return None
+            conn.close()
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+
+
+def request_start(fields: dict[str, str], wait: float = 0.0) -> str | None:
+    """The pod's shim address from the zygote, or None when no zygote answers."""
+    conn = _connect(wait)
+    if conn is None:
+        return None
+    try:
         fields = dict(fields, cwd=os.getcwd(), stamp=code_stamp())
         try:
             conn.sendall(encode(fields, dict(os.environ)))
