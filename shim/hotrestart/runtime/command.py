@@ -51,7 +51,10 @@ class CommandRunner:
         cwd: str | None = None,
         pass_fds: Sequence[int] = (),
         timeout: float | None = None,
+        own_group: bool = False,
     ) -> Completed:
+        """Run `argv` to completion. With `own_group`, it gets a process group of its own and
+        a timeout or cancellation kills the whole group (runc's CRIU child included)."""
         argv = list(argv)
         stdio = stdio or Stdio()
         with contextlib.ExitStack() as stack:
@@ -73,14 +76,18 @@ class CommandRunner:
                 cwd=cwd,
                 pass_fds=tuple(pass_fds),
                 close_fds=True,
+                start_new_session=own_group,
             )
             exited = self._reaper.wait_for(proc.pid, since=started)
             try:
                 async with asyncio.timeout(timeout):
                     code = await asyncio.shield(exited)
             except (TimeoutError, asyncio.CancelledError):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    if own_group:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    else:
+                        os.kill(proc.pid, signal.SIGKILL)
                 code = await exited
                 proc.returncode = code
                 raise

@@ -43,7 +43,6 @@ class RestoreOpts:
     console_socket: str = ""
     no_pivot: bool = False
     tcp_established: bool = False
-    tcp_close: bool = False
     ext_unix_sk: bool = False
     shell_job: bool = False
     file_locks: bool = False
@@ -158,8 +157,6 @@ class Runc:
             argv.append("--no-pivot")
         if o.tcp_established:
             argv.append("--tcp-established")
-        if o.tcp_close:
-            argv.append("--tcp-close")
         if o.ext_unix_sk:
             argv.append("--ext-unix-sk")
         if o.shell_job:
@@ -224,19 +221,34 @@ class Runc:
         data: dict[str, Any] = event.get("data", {})
         return data
 
-    async def checkpoint(self, cid: str, opts: CheckpointOpts) -> None:
-        await self._check(self.checkpoint_argv(cid, opts))
+    async def checkpoint(self, cid: str, opts: CheckpointOpts, *, timeout: float | None = None) -> None:
+        # Own process group: a timeout must take CRIU down with runc.
+        await self._check(self.checkpoint_argv(cid, opts), timeout=timeout, own_group=True)
 
-    async def restore(self, cid: str, opts: RestoreOpts, stdio: Stdio) -> None:
-        await self._check(self.restore_argv(cid, opts), stdio=stdio, cwd=opts.bundle)
+    async def version(self) -> str:
+        result = await self._runner.run([self.binary, "--version"])
+        first = result.stdout.decode(errors="replace").splitlines()
+        return first[0].split()[-1] if first else ""
+
+    async def restore(self, cid: str, opts: RestoreOpts, stdio: Stdio, *, timeout: float | None = None) -> None:
+        await self._check(self.restore_argv(cid, opts), stdio=stdio, cwd=opts.bundle, timeout=timeout, own_group=True)
 
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _check(
-        self, argv: list[str], *, input: bytes | None = None, stdio: Stdio | None = None, cwd: str | None = None
+        self,
+        argv: list[str],
+        *,
+        input: bytes | None = None,
+        stdio: Stdio | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        own_group: bool = False,
     ) -> Completed:
         log_offset = _size(self.log_path)
-        result = await self._runner.run(argv, input=input, stdio=stdio, cwd=cwd)
+        result = await self._runner.run(
+            argv, input=input, stdio=stdio, cwd=cwd, timeout=timeout, own_group=own_group
+        )
         if result.returncode != 0:
             detail = _last_log_error(self.log_path, log_offset) or _tail(result.stderr) or _tail(result.stdout)
             if "does not exist" in detail or "container not found" in detail.lower():

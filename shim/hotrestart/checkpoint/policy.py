@@ -1,0 +1,78 @@
+"""Per-pod hot-restart policy, read from the live spec's annotations.
+
+Choosing the RuntimeClass is the opt-in; these pod annotations (passed to the shim because
+the runtime's `pod_annotations` lists `hotrestart.io/*`) tune it:
+
+- `hotrestart.io/checkpoint`: `off` disables hot restart for the pod.
+- `hotrestart.io/checkpoint-timeout`: budget for a stop-time checkpoint (`10s`, `1m`);
+  past it the original signal is delivered. Default 10 s, well inside the default 30 s
+  grace period.
+- `hotrestart.io/tcp`: `close` (default) closes established TCP connections on restore;
+  `keep` restores them when the pod's address is unchanged.
+- `hotrestart.io/carry-volumes`: comma-separated emptyDir volume names whose contents
+  travel with the checkpoint.
+- `hotrestart.io/identity`: the key under which the checkpoint is stored (default
+  namespace/pod/container), for pods whose names change between incarnations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from hotrestart.errors import InvalidArgumentError
+from hotrestart.store.manifest import Identity
+
+PREFIX = "hotrestart.io/"
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+SANDBOX_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
+SANDBOX_NAME = "io.kubernetes.cri.sandbox-name"
+CONTAINER_NAME = "io.kubernetes.cri.container-name"
+IMAGE_NAME = "io.kubernetes.cri.image-name"
+DEFAULT_TIMEOUT = 10.0
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    match = _DURATION.match(text)
+    if not match:
+        raise InvalidArgumentError(f"invalid duration {text!r} (use e.g. 500ms, 10s, 2m)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    enabled: bool
+    identity: Identity
+    timeout: float = DEFAULT_TIMEOUT
+    tcp: str = "close"
+    carry_volumes: tuple[str, ...] = ()
+    why_disabled: str = ""
+
+
+def policy_for(spec: Mapping[str, Any]) -> Policy:
+    annotations: Mapping[str, str] = spec.get("annotations") or {}
+    identity = Identity(
+        namespace=annotations.get(SANDBOX_NAMESPACE, ""),
+        pod=annotations.get(SANDBOX_NAME, ""),
+        container=annotations.get(CONTAINER_NAME, ""),
+        key=annotations.get(PREFIX + "identity", ""),
+    )
+    if annotations.get(CONTAINER_TYPE) != "container":
+        return Policy(False, identity, why_disabled="not a Kubernetes app container")
+    if annotations.get(PREFIX + "checkpoint", "").lower() in ("off", "false", "disabled", "0"):
+        return Policy(False, identity, why_disabled="hotrestart.io/checkpoint is off")
+    if not identity.key and not (identity.namespace and identity.pod and identity.container):
+        return Policy(False, identity, why_disabled="no pod identity in the spec annotations")
+    timeout = DEFAULT_TIMEOUT
+    if PREFIX + "checkpoint-timeout" in annotations:
+        timeout = parse_duration(annotations[PREFIX + "checkpoint-timeout"])
+    tcp = annotations.get(PREFIX + "tcp", "close").lower()
+    if tcp not in ("close", "keep"):
+        raise InvalidArgumentError(f"hotrestart.io/tcp must be close or keep, not {tcp!r}")
+    volumes = tuple(v.strip() for v in annotations.get(PREFIX + "carry-volumes", "").split(",") if v.strip())
+    return Policy(True, identity, timeout=timeout, tcp=tcp, carry_volumes=volumes)

@@ -1,0 +1,1 @@
+"""The checkpoint store: layout, manifest, atomic publish and claim, verification, retention."""

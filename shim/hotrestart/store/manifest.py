@@ -1,0 +1,85 @@
+"""The versioned JSON manifest that describes one checkpoint.
+
+The manifest is the only thing trusted about a checkpoint before it is verified: every
+file it lists carries a sha256 of its stored (compressed) bytes, checked while it is
+decompressed, so a flipped byte anywhere means a cold start, never a restore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+SCHEMA = "hotrestart.io/checkpoint/v1"
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, malformed, or of a schema this version cannot read."""
+
+
+@dataclasses.dataclass
+class FileEntry:
+    path: str  # relative to the checkpoint folder
+    sha256: str  # of the stored bytes
+    stored_bytes: int
+    raw_bytes: int
+
+
+@dataclasses.dataclass
+class Identity:
+    namespace: str
+    pod: str
+    container: str
+    key: str = ""  # set by the hotrestart.io/identity annotation; overrides the three above
+
+    def canonical(self) -> str:
+        return self.key or f"{self.namespace}/{self.pod}/{self.container}"
+
+
+@dataclasses.dataclass
+class Manifest:
+    id: str
+    identity: Identity
+    created_at: float
+    node: str
+    reason: str  # "stop" (checkpoint on stop) or "api", "periodic"
+    image: str
+    spec_digest: str
+    runtime: dict[str, str]  # runc, criu, kernel versions and architecture
+    network: dict[str, Any]  # addresses of the pod network namespace at checkpoint time
+    files: list[FileEntry]
+    timings: dict[str, float]  # seconds per phase
+    restore_attempts: int = 0
+    tcp: str = "close"
+    schema: str = SCHEMA
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(f.stored_bytes for f in self.files)
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(f.raw_bytes for f in self.files)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ManifestError(f"manifest is not JSON: {exc}") from exc
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise ManifestError(f"unknown manifest schema {data.get('schema') if isinstance(data, dict) else None!r}")
+        try:
+            data["identity"] = Identity(**data["identity"])
+            data["files"] = [FileEntry(**f) for f in data["files"]]
+            manifest = cls(**data)
+        except (KeyError, TypeError) as exc:
+            raise ManifestError(f"manifest is incomplete: {exc}") from exc
+        for entry in manifest.files:
+            if entry.path.startswith("/") or ".." in entry.path.split("/"):
+                raise ManifestError(f"manifest names a file outside the checkpoint: {entry.path!r}")
+        return manifest
