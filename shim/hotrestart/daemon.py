@@ -92,6 +92,7 @@ async def _serve(flags: Flags, sock: socket.socket) -> None:
     await server.serve_socket(sock)
     log.info("shim serving namespace %s (pid %d)", flags.namespace, os.getpid())
     await stop.wait()
+    await service.drain()
     await server.close()
     await publisher.drain(5.0)
     log.info("shim exiting")

@@ -35,6 +35,8 @@ class RuntimeOptions:
     no_pivot_root: bool = False
     no_new_keyring: bool = False
     criu_path: str = ""
+    # Hot restart: where checkpoints live (node-local by default, or a shared mount).
+    checkpoint_store: str = ""
 
 
 _TOML_KEYS = {
@@ -44,6 +46,7 @@ _TOML_KEYS = {
     "NoPivotRoot": "no_pivot_root",
     "NoNewKeyring": "no_new_keyring",
     "CriuPath": "criu_path",
+    "CheckpointStore": "checkpoint_store",
 }
 
 

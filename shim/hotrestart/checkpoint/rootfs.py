@@ -83,7 +83,7 @@ def _remove(path: str) -> None:
 
 def _apply_in_chroot(target: str, tar_path: str, changes_path: str) -> None:
     tar = tarfile.open(tar_path, mode="r")
-    changes = {"whiteouts": [], "opaque": []}
+    changes: dict[str, list[str]] = {"whiteouts": [], "opaque": []}
     if changes_path:
         with open(changes_path) as f:
             changes = json.load(f)

@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import time
 from typing import Any
 
+from hotrestart.checkpoint.engine import RESTORE_WINDOW, Claim, Engine, RestoreFailed, Subject
+from hotrestart.checkpoint.policy import Policy, policy_for
+from hotrestart.checkpoint.rootfs import upperdir_of
 from hotrestart.container.process import ExitInfo, Process, StdioPaths
 from hotrestart.container.state import Action, State
 from hotrestart.container.stdio import ConsoleIO, open_io
@@ -30,9 +35,10 @@ from hotrestart.errors import (
 )
 from hotrestart.events import TaskEvents
 from hotrestart.reaper import Reaper
-from hotrestart.runtime import mounts
+from hotrestart.runtime import cgroups, mounts
 from hotrestart.runtime.oom import OOMWatcher, memory_cgroup_dir
 from hotrestart.runtime.runc import CheckpointOpts, RestoreOpts, Runc
+from hotrestart.store.store import Entry
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +89,9 @@ class ProcessState:
 
 
 class Container:
-    def __init__(self, cfg: CreateConfig, runc: Runc, reaper: Reaper, events: TaskEvents) -> None:
+    def __init__(
+        self, cfg: CreateConfig, runc: Runc, reaper: Reaper, events: TaskEvents, hot: Engine | None = None
+    ) -> None:
         self.id = cfg.id
         self.cfg = cfg
         self.bundle = cfg.bundle
@@ -105,6 +113,16 @@ class Container:
         self._oom: OOMWatcher | None = None
         self._rootfs_mounted = False
         self._watchers: set[asyncio.Task[None]] = set()
+        # Hot restart: the policy from the live spec, a planned restore, the stop in progress.
+        self._hot = hot
+        self.policy: Policy | None = _policy(self.spec) if hot is not None else None
+        self._restore_entry: Entry | None = None
+        self._claim: Claim | None = None
+        self._note = ""
+        self._stopping: asyncio.Task[None] | None = None
+        self._stop_done = asyncio.Event()
+        self._exit_override: int | None = None
+        self._restored_at = 0.0
 
     @property
     def rootfs(self) -> str:
@@ -113,6 +131,14 @@ class Container:
     @property
     def pid_file(self) -> str:
         return os.path.join(self.bundle, "init.pid")
+
+    @property
+    def hot_enabled(self) -> bool:
+        return self._hot is not None and self.policy is not None and self.policy.enabled
+
+    def _subject(self) -> Subject:
+        upper = next((upperdir_of(m.options) for m in self.cfg.rootfs if m.type == "overlay"), "")
+        return Subject(self.id, self.bundle, self.spec, self._runc, upper, self.cfg.stdio.terminal, self.init.pid)
 
     @property
     def own_pid_namespace(self) -> bool:
@@ -127,6 +153,8 @@ class Container:
                 if self.cfg.rootfs:
                     mounts.mount_all(list(self.cfg.rootfs), self.rootfs)
                     self._rootfs_mounted = True
+                if self.init.state is State.CREATED and self.hot_enabled:
+                    await self._plan_restore()
                 if self.init.state is State.CREATED:
                     await self._run_init(self._runc_create)
             except BaseException:
@@ -146,6 +174,21 @@ class Container:
             )
             return self.init.pid
 
+    async def _plan_restore(self) -> None:
+        assert self._hot is not None and self.policy is not None
+        try:
+            entry, why = await self._hot.find(self.spec, self.policy, self._runc)
+        except Exception as exc:
+            entry, why = None, f"checkpoint lookup failed: {exc}"
+        if entry is None:
+            if why != "no checkpoint":
+                log.warning("%s: starting cold: %s", self.id, why)
+                self._note = f"hotrestart: starting cold: {why}"
+            return
+        self._restore_entry = entry
+        self.init.sm.advance(Action.PLAN_RESTORE)
+        log.info("%s: will restore from checkpoint %s", self.id, entry.id)
+
     async def _runc_create(self, console_socket: str) -> None:
         await self._runc.create(
             self.id,
@@ -157,11 +200,16 @@ class Container:
             no_new_keyring=self.cfg.no_new_keyring,
         )
 
-    async def _runc_restore(self, console_socket: str) -> None:
+    async def _runc_restore(self, console_socket: str, image_path: str = "", keep_tcp: bool | None = None) -> None:
+        """runc restore into this (new) bundle; `keep_tcp` is set for hot-restart images,
+        which are dumped with established connections and need them restored or closed."""
         work = os.path.join(self.bundle, "restore-work")
         os.makedirs(work, mode=0o700, exist_ok=True)
+        hot = keep_tcp is not None
         opts = RestoreOpts(
-            image_path=self.cfg.checkpoint,
+            tcp_established=bool(keep_tcp),
+            file_locks=hot,
+            image_path=image_path or self.cfg.checkpoint,
             bundle=self.bundle,
             pid_file=self.pid_file,
             work_path=work,
@@ -169,12 +217,20 @@ class Container:
             no_pivot=self.cfg.no_pivot,
             shell_job=self.cfg.stdio.terminal,
         )
-        await self._runc.restore(self.id, opts, self.init.io.runc_stdio())
+        if hot and not keep_tcp:
+            # runc has no --tcp-close; CRIU takes it from a config file named by the spec.
+            with _criu_config(self.bundle, "tcp-close\n"):
+                await self._runc.restore(self.id, opts, self.init.io.runc_stdio())
+        else:
+            await self._runc.restore(self.id, opts, self.init.io.runc_stdio())
 
     async def _run_init(self, launch: Any) -> None:
         """Run `launch` (runc create or restore) and start watching the init process it leaves."""
         since = time.monotonic()
         io = self.init.io
+        if self._note:
+            io.note(self._note)  # ahead of anything the process writes
+            self._note = ""
         receive = asyncio.ensure_future(io.receive_master()) if isinstance(io, ConsoleIO) else None
         try:
             await launch(io.console_socket)
@@ -197,7 +253,9 @@ class Container:
         async with self._lock:
             state = self.init.state
             self.init.sm.check(Action.START)
-            if state is State.CREATED_CHECKPOINT:
+            if state is State.CREATED_CHECKPOINT and self._restore_entry is not None:
+                await self._hot_restore(self._restore_entry)
+            elif state is State.CREATED_CHECKPOINT:
                 await self._run_init(self._runc_restore)
             else:
                 await self._runc.start(self.id)
@@ -205,6 +263,56 @@ class Container:
                 self.init.sm.advance(Action.START)
             self._events.start(self.id, self.init.pid)
             return self.init.pid
+
+    async def _hot_restore(self, entry: Entry) -> None:
+        """Restore from the planned checkpoint; on any failure start cold in the same call."""
+        assert self._hot is not None and self.policy is not None
+
+        async def launch(image_path: str, keep_tcp: bool) -> None:
+            await self._run_init(functools.partial(self._runc_restore, image_path=image_path, keep_tcp=keep_tcp))
+
+        manifest = entry.manifest
+        taken = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(manifest.created_at)) if manifest else "?"
+        self._note = (
+            f"hotrestart: restoring from checkpoint {entry.id} taken on {manifest.node if manifest else '?'} at {taken}"
+        )
+        try:
+            self._claim = await self._hot.restore(self._subject(), entry, self.policy, launch)
+        except RestoreFailed as exc:
+            log.warning("%s: restore from %s failed, starting cold: %s", self.id, entry.id, exc)
+            self._note = f"hotrestart: restore from checkpoint {entry.id} failed ({exc}); started cold"
+            await self._cold_start_after_failed_restore()
+            return
+        self._restored_at = time.monotonic()
+        asyncio.get_running_loop().call_later(RESTORE_WINDOW, self._restore_proved)
+
+    async def _cold_start_after_failed_restore(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._runc.delete(self.id, force=True)
+        self._reset_rootfs()
+        await self._run_init(self._runc_create)
+        await self._runc.start(self.id)
+
+    def _reset_rootfs(self) -> None:
+        """Give a cold start the pristine root filesystem: drop what a failed restore applied."""
+        upper = self._subject().upperdir
+        if not self._rootfs_mounted or not upper:
+            return
+        self._unmount()
+        for name in os.listdir(upper):
+            path = os.path.join(upper, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        mounts.mount_all(list(self.cfg.rootfs), self.rootfs)
+        self._rootfs_mounted = True
+
+    def _restore_proved(self) -> None:
+        """The restored container outlived the window: its checkpoint is used up."""
+        if self._claim is not None and self._hot is not None and not self.init.exited:
+            self._hot.settle(self._claim, died_early=False)
+            self._claim = None
 
     # -- exec ---------------------------------------------------------------------------------
 
@@ -269,6 +377,16 @@ class Container:
 
     async def _on_exit(self, proc: Process, since: float) -> None:
         status = await self._reaper.wait_for(proc.pid, since)
+        if proc is self.init and self._stopping is not None:
+            # The exit may come from CRIU ending a dumped container: report it as the stop
+            # signal would have, once the checkpoint attempt has settled.
+            await self._stop_done.wait()
+            if self._exit_override is not None:
+                status = self._exit_override
+        if proc is self.init and self._claim is not None and self._hot is not None:
+            died_early = self._exit_override is None and time.monotonic() - self._restored_at < RESTORE_WINDOW
+            self._hot.settle(self._claim, died_early=died_early)
+            self._claim = None
         # Output must reach containerd before the exit does, or CRI logs lose their tail.
         await proc.io.drained(2.0)
         if proc is self.init:
@@ -317,12 +435,42 @@ class Container:
         self.init.sm.check(Action.KILL)
         if self.init.state is State.CREATED_CHECKPOINT:
             raise NotFoundError("process already finished")
+        if sig != signal.SIGKILL and self.hot_enabled and self.init.state is State.RUNNING:
+            # A stop: checkpoint instead of delivering the signal (a second one is absorbed).
+            if self._stopping is None:
+                self._stopping = asyncio.ensure_future(self._checkpoint_then_stop(sig))
+            return
+        if self._stopping is not None and not self._stopping.done():
+            # A later SIGKILL always wins over a checkpoint in progress.
+            self._stopping.cancel()
+            with contextlib.suppress(BaseException):
+                await self._stopping
         try:
             await self._runc.kill(self.id, sig, all_processes=all_processes)
         except RuntimeCommandError as exc:
             if self.init.exited or "not running" in exc.detail or "already finished" in exc.detail:
                 raise NotFoundError("process already finished") from exc
             raise
+
+    async def _checkpoint_then_stop(self, sig: int) -> None:
+        assert self._hot is not None and self.policy is not None
+        ok = False
+        try:
+            ok = await self._hot.checkpoint_on_stop(self._subject(), self.policy, self.policy.timeout)
+        except asyncio.CancelledError:
+            cgroups.thaw(self.init.pid)
+            raise
+        except Exception as exc:
+            log.warning("%s: checkpoint on stop failed: %s", self.id, exc)
+        finally:
+            if ok:
+                self._exit_override = 128 + sig
+            self._stop_done.set()
+        if not ok:
+            cgroups.thaw(self.init.pid)
+            log.info("%s: delivering signal %d the ordinary way", self.id, sig)
+            with contextlib.suppress(Exception):
+                await self._runc.kill(self.id, sig)
 
     async def pause(self) -> None:
         async with self._lock:
@@ -457,6 +605,36 @@ class Container:
 
     def has_live_processes(self) -> bool:
         return self.init.state is not State.DELETED
+
+
+def _policy(spec: dict[str, Any]) -> Policy | None:
+    try:
+        return policy_for(spec)
+    except InvalidArgumentError as exc:
+        log.warning("hot restart disabled: %s", exc)
+        return None
+
+
+@contextlib.contextmanager
+def _criu_config(bundle: str, text: str) -> Any:
+    """Point runc at a CRIU config file (annotation org.criu.config) for one command."""
+    spec_path = os.path.join(bundle, "config.json")
+    conf = os.path.join(bundle, "criu-restore.conf")
+    with open(spec_path) as f:
+        original = f.read()
+    spec = json.loads(original)
+    spec.setdefault("annotations", {})["org.criu.config"] = conf
+    with open(conf, "w") as f:
+        f.write(text)
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    try:
+        yield
+    finally:
+        with open(spec_path, "w") as f:
+            f.write(original)
+        with contextlib.suppress(OSError):
+            os.unlink(conf)
 
 
 def _load_spec(bundle: str) -> dict[str, Any]:

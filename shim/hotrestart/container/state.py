@@ -33,6 +33,7 @@ class Action(enum.Enum):
     STATS = "stats"
     EXIT = "exit"
     DELETE = "delete"
+    PLAN_RESTORE = "plan a restore for"
 
 
 S, A = State, Action
@@ -40,6 +41,7 @@ S, A = State, Action
 # state -> action -> next state. Absent pairs are illegal.
 TRANSITIONS: dict[State, dict[Action, State]] = {
     S.CREATED: {
+        A.PLAN_RESTORE: S.CREATED_CHECKPOINT,
         A.START: S.RUNNING,
         A.KILL: S.CREATED,
         A.EXIT: S.STOPPED,

@@ -128,6 +128,9 @@ class ProcessIO:
     async def started(self) -> None:
         """runc has handed the descriptors to the process; drop our copies of its ends."""
 
+    def note(self, text: str) -> None:
+        """A line of the shim's own in the container's output (restore outcomes)."""
+
     def close_stdin(self) -> None:
         """CloseIO: the process sees end of file on stdin."""
 
@@ -181,6 +184,14 @@ class PipeIO(ProcessIO):
                 self._copier.spawn(f"copy-out {path}", functools.partial(_copy_out, fd, path, True))
             else:
                 self._copier.spawn(f"copy-in {path}", functools.partial(_copy_in, path, fd), count=False)
+
+    def note(self, text: str) -> None:
+        self._start_copy()
+        fd = self._fds.stdout
+        if fd is None or fd == self._child[0]:  # no stdout, or /dev/null
+            return
+        with contextlib.suppress(OSError):
+            os.write(fd, (text + "\n").encode())
 
     async def started(self) -> None:
         for fd in self._child:

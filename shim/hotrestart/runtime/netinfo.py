@@ -17,7 +17,7 @@ def addresses(netns: str) -> list[str]:
     """Global addresses ("addr/prefix") in `netns`, loopback excluded; [] for the host netns."""
     if not netns:
         return []
-    from pyroute2 import NetNS  # heavy import: only when a checkpoint or restore needs it
+    from pyroute2 import NetNS  # type: ignore[import-untyped]  # heavy: imported only when needed
 
     with NetNS(netns) as ns:
         found = []

@@ -246,9 +246,7 @@ class Runc:
         own_group: bool = False,
     ) -> Completed:
         log_offset = _size(self.log_path)
-        result = await self._runner.run(
-            argv, input=input, stdio=stdio, cwd=cwd, timeout=timeout, own_group=own_group
-        )
+        result = await self._runner.run(argv, input=input, stdio=stdio, cwd=cwd, timeout=timeout, own_group=own_group)
         if result.returncode != 0:
             detail = _last_log_error(self.log_path, log_offset) or _tail(result.stderr) or _tail(result.stdout)
             if "does not exist" in detail or "container not found" in detail.lower():

@@ -21,6 +21,7 @@ from hotrestart import __version__
 from hotrestart.api.containerd.runc.v1 import oci_pb2
 from hotrestart.api.containerd.task.v2 import shim_pb2 as task
 from hotrestart.api.containerd.v1.types import task_pb2 as types
+from hotrestart.checkpoint.engine import Engine
 from hotrestart.container.container import CheckpointConfig, Container, CreateConfig, ExecConfig
 from hotrestart.container.process import StdioPaths
 from hotrestart.container.state import State
@@ -33,11 +34,14 @@ from hotrestart.runtime import mounts
 from hotrestart.runtime.command import CommandRunner
 from hotrestart.runtime.runc import Runc
 from hotrestart.runtime.stats import metrics_v1
+from hotrestart.store.store import DEFAULT_ROOT as DEFAULT_STORE
+from hotrestart.store.store import Store
 from hotrestart.ttrpc.server import CallContext, Handler, unary
 
 log = logging.getLogger(__name__)
 
 SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
+STORE_ENV = "HOTRESTART_STORE"
 CHECKPOINT_OPTIONS = "containerd.runc.v1.CheckpointOptions"
 
 _STATUS = {
@@ -67,6 +71,7 @@ class TaskService:
         self._on_idle = on_idle
         self._defaults = defaults or RuntimeOptions()
         self.containers: dict[str, Container] = {}
+        self._engines: dict[str, Engine] = {}
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -88,6 +93,18 @@ class TaskService:
             "Connect": unary(task.ConnectRequest, self.Connect),
             "Shutdown": unary(task.ShutdownRequest, self.Shutdown),
         }
+
+    def _engine(self, opts: RuntimeOptions) -> Engine:
+        root = opts.checkpoint_store or os.environ.get(STORE_ENV) or DEFAULT_STORE
+        engine = self._engines.get(root)
+        if engine is None:
+            engine = self._engines[root] = Engine(self._runner, Store(root))
+        return engine
+
+    async def drain(self) -> None:
+        """Let checkpoints still being published finish before the shim exits."""
+        for engine in self._engines.values():
+            await engine.drain()
 
     def _get(self, cid: str) -> Container:
         container = self.containers.get(cid)
@@ -124,7 +141,7 @@ class TaskService:
             no_new_keyring=opts.no_new_keyring,
         )
         _save_options(bundle, opts)
-        container = Container(cfg, self._runc_for(opts, bundle), self._reaper, self._events)
+        container = Container(cfg, self._runc_for(opts, bundle), self._reaper, self._events, self._engine(opts))
         self.containers[r.id] = container
         try:
             pid = await container.create()

@@ -45,7 +45,7 @@ def compress_file(src: str, dst: str, rel: str, *, level: int = 1, threads: int 
     cctx = zstandard.ZstdCompressor(level=level, threads=threads if threads > 1 else 0)
     with open(src, "rb") as fin, open(dst, "wb", opener=_private) as fout:
         sink = _HashingWriter(fout)
-        raw, _written = cctx.copy_stream(fin, sink, read_size=CHUNK, write_size=CHUNK)
+        raw, _written = cctx.copy_stream(fin, sink, read_size=CHUNK, write_size=CHUNK)  # type: ignore[arg-type]
         fout.flush()
         os.fsync(fout.fileno())
     return FileEntry(path=rel, sha256=sink.hash.hexdigest(), stored_bytes=sink.count, raw_bytes=raw)

@@ -247,7 +247,9 @@ class Store:
         matches = [e for e in self.entries() if e.id.startswith(prefix)]
         return matches[0] if len(matches) == 1 else None
 
-    def prune(self, *, max_age: float | None = None, max_bytes: int | None = None, now: float | None = None) -> list[Entry]:
+    def prune(
+        self, *, max_age: float | None = None, max_bytes: int | None = None, now: float | None = None
+    ) -> list[Entry]:
         """Remove expired, abandoned and over-budget checkpoints; returns what was removed."""
         now = now or time.time()
         removed: list[Entry] = []

@@ -130,6 +130,7 @@ class ContainerdInstance:
         env: Mapping[str, str] | None = None,
         runc_options: Mapping[str, Any] | None = None,
         hotrestart_options: Mapping[str, Any] | None = None,
+        store: str | Path | None = None,
         images: Path | None = None,
         start_timeout: float = 60.0,
     ) -> None:
@@ -160,9 +161,13 @@ class ContainerdInstance:
         self.namespace = NAMESPACE
         self.extra_env = dict(env or {})
         self.runc_options = dict(runc_options or {})
-        # None: Root under our state dir (like runc's); {}: send no options at all.
+        # None: Root under our state dir (like runc's) and a checkpoint store of this
+        # instance (or the shared one given); {}: send no options at all.
+        self.store = Path(store) if store else self.dir / "store"
         self.hotrestart_options = (
-            {"Root": str(self.state / "runc")} if hotrestart_options is None else dict(hotrestart_options)
+            {"Root": str(self.state / "runc"), "CheckpointStore": str(self.store)}
+            if hotrestart_options is None
+            else dict(hotrestart_options)
         )
         self.zygote_socket = self.dir / "zygote.sock"
         self.images_tar = images

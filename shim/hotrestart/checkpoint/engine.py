@@ -1,0 +1,417 @@
+"""The hot-restart engine: checkpoint a container as it is stopped, restore it when created.
+
+Stop: CRIU dumps the process tree (through `runc checkpoint`) into a private tmpfs when the
+node has the memory, the root filesystem changes and carried volumes are captured while
+the container's files still exist, and only then is the exit reported. Compression,
+hashing and the atomic publish continue in the background; the shim stays up until they
+are done. A dump that fails or runs out of its budget publishes nothing, and the caller
+delivers the original signal.
+
+Create/Start: the newest compatible checkpoint of the container's identity is claimed (a
+rename: exactly one restore wins), verified while it is decompressed, replayed onto the new
+root filesystem and volumes, and restored with `runc restore` into the NEW bundle. Every
+failure quarantines the checkpoint with the reason and CRIU's log and returns False, and
+the caller starts the container cold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from hotrestart import telemetry
+from hotrestart.checkpoint import rootfs
+from hotrestart.checkpoint.compat import image_of, incompatibility, spec_digest
+from hotrestart.checkpoint.policy import Policy
+from hotrestart.runtime import mounts, netinfo
+from hotrestart.runtime.command import CommandRunner
+from hotrestart.runtime.runc import CheckpointOpts, Runc
+from hotrestart.store import archive
+from hotrestart.store.manifest import FileEntry, Manifest
+from hotrestart.store.store import Entry, Store
+
+log = logging.getLogger(__name__)
+
+WORK_ROOT = "/run/hotrestart/work"
+RESTORE_WINDOW = 30.0  # a restored container that dies sooner counts as a failed restore
+MAX_SHORT_RESTORES = 3
+PENDING_WAIT = 30.0
+
+
+@dataclasses.dataclass
+class Subject:
+    """What the engine needs to know of a container (plain values, no container object)."""
+
+    id: str
+    bundle: str
+    spec: Mapping[str, Any]
+    runc: Runc
+    upperdir: str
+    terminal: bool
+    pid: int
+
+
+@dataclasses.dataclass
+class Dumped:
+    """A dumped container waiting to be compressed and published."""
+
+    id: str
+    staging: str
+    work: str
+    tmpfs: bool
+    files: list[tuple[str, str]]  # (raw file, path in the checkpoint)
+    manifest: Manifest
+    started: float
+
+
+@dataclasses.dataclass
+class Claim:
+    entry: Entry
+    manifest: Manifest
+    restored_at: float = 0.0
+
+
+class RestoreFailed(Exception):
+    """A restore could not complete; the message is the reason shown to the user."""
+
+    def __init__(self, reason: str, log_file: str = "") -> None:
+        super().__init__(reason)
+        self.log_file = log_file
+
+
+def _mem_available() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return 0
+
+
+def _memory_usage(pid: int) -> int:
+    """Resident memory of the container's cgroup (falls back to the init's RSS)."""
+    from hotrestart.runtime.oom import memory_cgroup_dir
+
+    cgroup = memory_cgroup_dir(pid)
+    for name in ("memory.usage_in_bytes", "memory.current"):
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            with open(os.path.join(cgroup or "", name)) as f:
+                return int(f.read())
+    with contextlib.suppress(OSError, ValueError):
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return 0
+
+
+def _volume_sources(spec: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, str]:
+    """emptyDir volume name -> host directory, for the named volumes mounted in `spec`."""
+    found: dict[str, str] = {}
+    for m in spec.get("mounts") or []:
+        source = str(m.get("source") or "")
+        marker = "/volumes/kubernetes.io~empty-dir/"
+        if marker in source:
+            name = source.split(marker, 1)[1].split("/", 1)[0]
+            if name in names and os.path.isdir(source):
+                found[name] = source
+    return found
+
+
+class Engine:
+    def __init__(self, runner: CommandRunner, store: Store, *, work_root: str = WORK_ROOT, node: str = "") -> None:
+        self._runner = runner
+        self.store = store
+        self.work_root = work_root
+        self.node = node or socket.gethostname()
+        self._runtime: dict[str, str] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- shared ---------------------------------------------------------------------------------
+
+    async def runtime_info(self, runc: Runc) -> dict[str, str]:
+        if self._runtime is None:
+            criu = ""
+            with contextlib.suppress(OSError):
+                result = await self._runner.run([shutil.which("criu") or "criu", "--version"])
+                for line in result.stdout.decode(errors="replace").splitlines():
+                    if line.startswith("Version:"):
+                        criu = line.split(":", 1)[1].strip()
+            runc_version = ""
+            with contextlib.suppress(OSError):
+                runc_version = await runc.version()
+            self._runtime = {
+                "runc": runc_version,
+                "criu": criu,
+                "kernel": platform.release(),
+                "arch": platform.machine(),
+            }
+        return self._runtime
+
+    def _work_dir(self, name: str, size: int) -> tuple[str, bool]:
+        """A private work folder, on tmpfs when `size` bytes fit comfortably in memory."""
+        os.makedirs(self.work_root, mode=0o700, exist_ok=True)
+        path = os.path.join(self.work_root, name)
+        os.mkdir(path, 0o700)
+        if size and size * 1.25 + (256 << 20) < _mem_available():
+            try:
+                limit = int(size * 1.25) + (64 << 20)
+                mounts.mount(mounts.Mount("tmpfs", "tmpfs", ("mode=0700", f"size={limit}")), path)
+                return path, True
+            except OSError as exc:
+                log.info("no tmpfs for %s (%s); using disk", path, exc)
+        return path, False
+
+    def _drop_work(self, path: str, tmpfs: bool) -> None:
+        if tmpfs:
+            with contextlib.suppress(OSError):
+                mounts.unmount_all(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+    def _track(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self, timeout: float = 600.0) -> None:
+        """Wait for background publishes (the shim must not exit under them)."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout)
+
+    # -- stop -----------------------------------------------------------------------------------
+
+    async def checkpoint_on_stop(self, subject: Subject, policy: Policy, budget: float) -> bool:
+        """Dump and capture `subject`; True when its processes are gone and the rest is queued."""
+        t0 = time.monotonic()
+        deadline = t0 + budget
+        runtime = await self.runtime_info(subject.runc)
+        if not runtime.get("criu"):
+            log.warning("%s: no CRIU on this node; stopping without a checkpoint", subject.id)
+            return False
+        self.store.mark_pending(policy.identity)
+        cid, staging = self.store.new_staging()
+        work, tmpfs = self._work_dir(cid, _memory_usage(subject.pid))
+        net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(subject.spec)))
+        timings: dict[str, float] = {}
+        try:
+            images = os.path.join(work, "images")
+            opts = CheckpointOpts(
+                image_path=images,
+                work_path=os.path.join(work, "criu"),
+                leave_running=False,
+                tcp_established=True,
+                shell_job=subject.terminal,
+                file_locks=True,
+            )
+            with telemetry.span("hotrestart.checkpoint.dump", container=subject.id) as sp:
+                try:
+                    await subject.runc.checkpoint(subject.id, opts, timeout=max(deadline - time.monotonic(), 0.1))
+                except TimeoutError:
+                    sp.set("outcome", "timeout")
+                    raise
+                sp.set("outcome", "ok")
+            timings["dump"] = time.monotonic() - t0
+            files = [(os.path.join(images, name), f"images/{name}.zst") for name in sorted(os.listdir(images))]
+            t1 = time.monotonic()
+            with telemetry.span("hotrestart.checkpoint.rootfs_diff", container=subject.id) as sp:
+                files += await asyncio.to_thread(self._capture_files, subject, policy, work)
+                sp.set("files", len(files))
+            timings["rootfs_diff"] = time.monotonic() - t1
+        except BaseException as exc:
+            net.cancel()
+            self._drop_work(work, tmpfs)
+            self.store.discard(staging)
+            self.store.clear_pending(policy.identity)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.warning("%s: checkpoint on stop failed: %s", subject.id, exc)
+            self._keep_dump_log(subject, work)
+            return False
+        try:
+            addresses = await asyncio.wait_for(net, 5)
+        except Exception as exc:
+            log.info("%s: could not read pod addresses: %s", subject.id, exc)
+            addresses = []
+        manifest = Manifest(
+            id=cid,
+            identity=policy.identity,
+            created_at=time.time(),
+            node=self.node,
+            reason="stop",
+            image=image_of(subject.spec),
+            spec_digest=spec_digest(subject.spec),
+            runtime=runtime,
+            network={"addresses": addresses},
+            files=[],
+            timings=timings,
+            tcp=policy.tcp,
+        )
+        self._track(self._publish(Dumped(cid, staging, work, tmpfs, files, manifest, t0)))
+        return True
+
+    def _capture_files(self, subject: Subject, policy: Policy, work: str) -> list[tuple[str, str]]:
+        files: list[tuple[str, str]] = []
+        if subject.upperdir and os.path.isdir(subject.upperdir):
+            tar = os.path.join(work, "rootfs-diff.tar")
+            changes = rootfs.capture(subject.upperdir, tar, overlay=True)
+            changes_path = os.path.join(work, "rootfs-diff.json")
+            with open(changes_path, "w") as f:
+                json.dump(changes, f)
+            files += [(tar, "rootfs-diff.tar.zst"), (changes_path, "rootfs-diff.json.zst")]
+        for name, source in sorted(_volume_sources(subject.spec, policy.carry_volumes).items()):
+            tar = os.path.join(work, f"volume-{name}.tar")
+            rootfs.capture(source, tar, overlay=False)
+            files.append((tar, f"volumes/{name}.tar.zst"))
+        return files
+
+    def _keep_dump_log(self, subject: Subject, work: str) -> None:
+        del work  # already removed; runc copies nothing on its own
+
+    async def _publish(self, dumped: Dumped) -> None:
+        manifest = dumped.manifest
+        try:
+            t0 = time.monotonic()
+            with telemetry.span("hotrestart.checkpoint.compress", checkpoint=dumped.id) as sp:
+                entries = await asyncio.to_thread(self._compress_all, dumped)
+                manifest.files = entries
+                sp.set("raw_bytes", manifest.raw_bytes)
+                sp.set("stored_bytes", manifest.stored_bytes)
+            manifest.timings["compress"] = time.monotonic() - t0
+            t1 = time.monotonic()
+            with telemetry.span("hotrestart.checkpoint.publish", checkpoint=dumped.id):
+                manifest.timings["durable"] = time.monotonic() - dumped.started
+                await asyncio.to_thread(self.store.publish, dumped.staging, manifest)
+            manifest.timings["publish"] = time.monotonic() - t1
+            log.info(
+                "checkpoint %s of %s published: %d bytes (%d raw) in %.2fs",
+                dumped.id,
+                manifest.identity.canonical(),
+                manifest.stored_bytes,
+                manifest.raw_bytes,
+                time.monotonic() - dumped.started,
+            )
+        except Exception as exc:
+            log.error("checkpoint %s could not be published: %s", dumped.id, exc)
+            self.store.discard(dumped.staging)
+        finally:
+            self._drop_work(dumped.work, dumped.tmpfs)
+            self.store.clear_pending(manifest.identity)
+
+    def _compress_all(self, dumped: Dumped) -> list[FileEntry]:
+        os.makedirs(os.path.join(dumped.staging, "images"), mode=0o700, exist_ok=True)
+        os.makedirs(os.path.join(dumped.staging, "volumes"), mode=0o700, exist_ok=True)
+        return [archive.compress_file(src, os.path.join(dumped.staging, rel), rel) for src, rel in dumped.files]
+
+    # -- create / start -------------------------------------------------------------------------
+
+    async def find(self, spec: Mapping[str, Any], policy: Policy, runc: Runc) -> tuple[Entry | None, str]:
+        """The checkpoint to restore `spec` from, or (None, why not)."""
+        waited = 0.0
+        while self.store.is_pending(policy.identity) and waited < PENDING_WAIT:
+            await asyncio.sleep(0.1)
+            waited += 0.1
+        entry = await asyncio.to_thread(self.store.latest, policy.identity)
+        if entry is None or entry.manifest is None:
+            return None, "no checkpoint"
+        reason = incompatibility(entry.manifest, spec, await self.runtime_info(runc))
+        if reason:
+            return None, f"checkpoint {entry.id} not compatible: {reason}"
+        return entry, ""
+
+    async def restore(
+        self, subject: Subject, entry: Entry, policy: Policy, launch: Callable[[str, bool], Awaitable[None]]
+    ) -> Claim:
+        """Restore `subject` from `entry`; `launch(image_path, keep_tcp)` runs runc restore."""
+        claimed = self.store.claim(entry)
+        if claimed is None or claimed.manifest is None:
+            raise RestoreFailed(f"checkpoint {entry.id} was claimed by another restore")
+        manifest = claimed.manifest
+        work, tmpfs = self._work_dir(f"restore-{entry.id}", manifest.raw_bytes)
+        restore_log = os.path.join(work, "criu", "restore.log")
+        try:
+            t0 = time.monotonic()
+            net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(subject.spec)))
+            with telemetry.span("hotrestart.restore.verify", checkpoint=entry.id) as sp:
+                await asyncio.to_thread(self._decompress_all, claimed, work)
+                sp.set("stored_bytes", manifest.stored_bytes)
+            t1 = time.monotonic()
+            with telemetry.span("hotrestart.restore.rootfs_apply", checkpoint=entry.id):
+                await self._apply_files(subject, policy, manifest, work)
+            t2 = time.monotonic()
+            try:
+                addresses = await asyncio.wait_for(net, 5)
+            except Exception:
+                addresses = []
+            keep_tcp = policy.tcp == "keep" and addresses == manifest.network.get("addresses")
+            with telemetry.span("hotrestart.restore.restore", checkpoint=entry.id, keep_tcp=keep_tcp):
+                await launch(os.path.join(work, "images"), keep_tcp)
+            log.info(
+                "%s restored from %s (verify %.2fs, apply %.2fs, restore %.2fs)",
+                subject.id,
+                entry.id,
+                t1 - t0,
+                t2 - t1,
+                time.monotonic() - t2,
+            )
+            return Claim(claimed, manifest, time.monotonic())
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            with contextlib.suppress(OSError):
+                self.store.quarantine(claimed, reason, restore_log)
+            raise RestoreFailed(reason, restore_log) from exc
+        finally:
+            self._drop_work(work, tmpfs)
+
+    def _decompress_all(self, claimed: Entry, work: str) -> None:
+        assert claimed.manifest is not None
+        for entry in claimed.manifest.files:
+            dst = os.path.join(work, entry.path.removesuffix(".zst"))
+            os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+            archive.decompress_file(os.path.join(claimed.path, entry.path), dst, entry)
+
+    async def _apply_files(self, subject: Subject, policy: Policy, manifest: Manifest, work: str) -> None:
+        names = {f.path for f in manifest.files}
+        if "rootfs-diff.tar.zst" in names:
+            await self._run_apply(
+                os.path.join(subject.bundle, "rootfs"),
+                os.path.join(work, "rootfs-diff.tar"),
+                os.path.join(work, "rootfs-diff.json"),
+            )
+        carried = tuple(p.removeprefix("volumes/").removesuffix(".tar.zst") for p in names if p.startswith("volumes/"))
+        targets = _volume_sources(subject.spec, carried)
+        for name in carried:
+            if name not in targets:
+                raise RestoreFailed(f"volume {name} travelled with the checkpoint but the new pod does not mount it")
+            await self._run_apply(targets[name], os.path.join(work, "volumes", f"{name}.tar"), "")
+
+    async def _run_apply(self, target: str, tar: str, changes: str) -> None:
+        result = await self._runner.run(rootfs.apply_argv(target, tar, changes))
+        if result.returncode != 0:
+            detail = result.stderr.decode(errors="replace").strip().splitlines()
+            raise RestoreFailed(f"could not apply saved files to {target}: {detail[-1] if detail else 'failed'}")
+
+    # -- after a restore --------------------------------------------------------------------------
+
+    def settle(self, claim: Claim, *, died_early: bool) -> None:
+        """A restored container ended or proved itself: consume, retry or quarantine its checkpoint."""
+        if died_early:
+            claim.manifest.restore_attempts += 1
+            if claim.manifest.restore_attempts >= MAX_SHORT_RESTORES:
+                reason = f"restored container died within {RESTORE_WINDOW:.0f}s {claim.manifest.restore_attempts} times"
+                with contextlib.suppress(OSError):
+                    self.store.quarantine(claim.entry, reason)
+                log.warning("checkpoint %s quarantined: %s", claim.entry.id, reason)
+                return
+            with contextlib.suppress(OSError):
+                self.store.release(claim.entry, claim.manifest)
+            return
+        with contextlib.suppress(OSError):
+            self.store.remove(claim.entry)
