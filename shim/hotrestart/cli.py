@@ -10,8 +10,11 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 from hotrestart import __version__
+from hotrestart.store.store import DEFAULT_ROOT as DEFAULT_STORE
+from hotrestart.store.store import Store
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -139,11 +142,141 @@ def cmd_version(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _age(seconds: float) -> str:
+    seconds = max(seconds, 0)
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _store(args: argparse.Namespace) -> Store:
+    return Store(args.store)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    now = time.time()
+    rows = [("ID", "STATE", "IDENTITY", "NODE", "AGE", "SIZE", "REASON")]
+    for e in _store(args).entries():
+        if e.state == "staging" and not args.all:
+            continue
+        m = e.manifest
+        rows.append(
+            (
+                e.id,
+                e.state.rstrip("s") if e.state == "checkpoints" else e.state,
+                m.identity.canonical() if m else "?",
+                m.node if m else "?",
+                _age(now - m.created_at) if m else "?",
+                _size(e.size),
+                m.reason if m else "unreadable",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    entry = _store(args).find(args.id)
+    if entry is None:
+        print(f"no single checkpoint matches {args.id!r}", file=sys.stderr)
+        return 1
+    print(f"id:        {entry.id}\nstate:     {entry.state}\npath:      {entry.path}")
+    reason = os.path.join(entry.path, "reason.txt")
+    if os.path.exists(reason):
+        with open(reason) as f:
+            print(f"quarantined: {f.read().strip()}")
+    m = entry.manifest
+    if m is None:
+        print("manifest:  missing or unreadable")
+        return 1
+    print(f"identity:  {m.identity.canonical()}\nnode:      {m.node}\nreason:    {m.reason}")
+    print(
+        f"taken:     {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(m.created_at))} "
+        f"({_age(time.time() - m.created_at)} ago)"
+    )
+    print(f"image:     {m.image}\nruntime:   " + ", ".join(f"{k} {v}" for k, v in sorted(m.runtime.items())))
+    print(f"network:   {', '.join(m.network.get('addresses') or []) or 'none recorded'} (tcp: {m.tcp})")
+    print(
+        f"size:      {_size(m.stored_bytes)} stored, {_size(m.raw_bytes)} raw"
+        + (f" ({m.stored_bytes / m.raw_bytes:.2f})" if m.raw_bytes else "")
+    )
+    print("timings:   " + ", ".join(f"{k} {v:.2f}s" for k, v in sorted(m.timings.items())))
+    if m.restore_attempts:
+        print(f"restores that died early: {m.restore_attempts}")
+    if args.files:
+        for fe in m.files:
+            print(f"  {fe.path}  {_size(fe.stored_bytes)}  sha256:{fe.sha256[:16]}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    store = _store(args)
+    code = 0
+    for cid in args.ids:
+        entry = store.find(cid)
+        if entry is None:
+            print(f"no single checkpoint matches {cid!r}", file=sys.stderr)
+            code = 1
+            continue
+        store.remove(entry)
+        print(f"removed {entry.id}")
+    return code
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from hotrestart.checkpoint.policy import parse_duration
+
+    max_age = parse_duration(args.max_age) if args.max_age else None
+    removed = _store(args).prune(max_age=max_age, max_bytes=_parse_size(args.max_size) if args.max_size else None)
+    for e in removed:
+        print(f"removed {e.state} {e.id}")
+    print(f"{len(removed)} removed")
+    return 0
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", text.lower())
+    if not match:
+        raise SystemExit(f"invalid size {text!r} (use e.g. 500M, 20G)")
+    return int(float(match.group(1)) * units[match.group(2)])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hotrestart", description="hot restart for containerd pods")
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("HOTRESTART_STORE", DEFAULT_STORE),
+        help="checkpoint store root (default: %(default)s)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("version", help="print the version").set_defaults(fn=cmd_version)
     sub.add_parser("doctor", help="check this node for what the shim needs").set_defaults(fn=cmd_doctor)
+    p = sub.add_parser("ls", help="list checkpoints")
+    p.add_argument("-a", "--all", action="store_true", help="include checkpoints still being written")
+    p.set_defaults(fn=cmd_ls)
+    p = sub.add_parser("inspect", help="show one checkpoint (an id or a unique prefix)")
+    p.add_argument("id")
+    p.add_argument("--files", action="store_true", help="list its files and hashes")
+    p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("rm", help="remove checkpoints")
+    p.add_argument("ids", nargs="+")
+    p.set_defaults(fn=cmd_rm)
+    p = sub.add_parser("prune", help="remove abandoned, expired and over-budget checkpoints")
+    p.add_argument("--max-age", help="remove checkpoints older than this (e.g. 24h)")
+    p.add_argument("--max-size", help="keep the store under this size (e.g. 50G), oldest removed first")
+    p.set_defaults(fn=cmd_prune)
     args = parser.parse_args(argv)
     sys.exit(args.fn(args))
 
