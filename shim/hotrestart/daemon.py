@@ -55,6 +55,11 @@ def _setup_logging(debug: bool, shim_id: str) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+def _stop_on_signal(stop: asyncio.Event, sig: int) -> None:
+    log.info("received %s; shutting down", signal.Signals(sig).name)
+    stop.set()
+
+
 def serve(flags: Flags) -> None:
     fd = int(os.environ.pop(LISTEN_FD_ENV, "3"))
     serve_socket(flags, socket.socket(fileno=fd))
@@ -88,7 +93,7 @@ async def _serve(flags: Flags, sock: socket.socket) -> None:
     for name in SERVICES:
         server.register(name, service.handlers())
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _stop_on_signal, stop, sig)
     await server.serve_socket(sock)
     log.info("shim serving namespace %s (pid %d)", flags.namespace, os.getpid())
     await stop.wait()

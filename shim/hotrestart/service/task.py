@@ -259,6 +259,7 @@ class TaskService:
         )
 
     async def Shutdown(self, r: task.ShutdownRequest, ctx: CallContext) -> empty_pb2.Empty:
+        log.info("shutdown requested (%d containers left)", len(self.containers))
         if not self.containers and self._on_idle is not None:
             # Reply first, then exit: containerd waits for the answer.
             asyncio.get_running_loop().call_soon(self._on_idle)
