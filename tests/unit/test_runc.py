@@ -145,7 +145,9 @@ def test_checkpoint_and_restore_argv() -> None:
         "c",
     ]
     assert "--leave-running" not in r.checkpoint_argv("c", CheckpointOpts(image_path="/i", leave_running=False))
-    restore = RestoreOpts(image_path="/img", bundle="/b", pid_file="/b/init.pid", console_socket="/s", tcp_established=True)
+    restore = RestoreOpts(
+        image_path="/img", bundle="/b", pid_file="/b/init.pid", console_socket="/s", tcp_established=True
+    )
     assert r.restore_argv("c", restore) == [
         "runc",
         "--root",

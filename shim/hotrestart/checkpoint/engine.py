@@ -327,7 +327,7 @@ class Engine:
         return entry, ""
 
     async def restore(
-        self, subject: Subject, entry: Entry, policy: Policy, launch: Callable[[str, bool], Awaitable[None]]
+        self, subject: Subject, entry: Entry, policy: Policy, launch: Callable[[str, str, bool], Awaitable[None]]
     ) -> Claim:
         """Restore `subject` from `entry`; `launch(image_path, keep_tcp)` runs runc restore."""
         claimed = self.store.claim(entry)
@@ -335,7 +335,8 @@ class Engine:
             raise RestoreFailed(f"checkpoint {entry.id} was claimed by another restore")
         manifest = claimed.manifest
         work, tmpfs = self._work_dir(f"restore-{entry.id}", manifest.raw_bytes)
-        restore_log = os.path.join(work, "criu", "restore.log")
+        criu_work = os.path.join(work, "criu")
+        restore_log = os.path.join(criu_work, "restore.log")
         try:
             t0 = time.monotonic()
             net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(subject.spec)))
@@ -352,7 +353,7 @@ class Engine:
                 addresses = []
             keep_tcp = policy.tcp == "keep" and addresses == manifest.network.get("addresses")
             with telemetry.span("hotrestart.restore.restore", checkpoint=entry.id, keep_tcp=keep_tcp):
-                await launch(os.path.join(work, "images"), keep_tcp)
+                await launch(os.path.join(work, "images"), criu_work, keep_tcp)
             log.info(
                 "%s restored from %s (verify %.2fs, apply %.2fs, restore %.2fs)",
                 subject.id,

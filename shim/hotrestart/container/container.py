@@ -123,6 +123,7 @@ class Container:
         self._stop_done = asyncio.Event()
         self._exit_override: int | None = None
         self._restored_at = 0.0
+        self._stop_requested = False  # containerd asked for the init to end (any Kill)
 
     @property
     def rootfs(self) -> str:
@@ -200,10 +201,12 @@ class Container:
             no_new_keyring=self.cfg.no_new_keyring,
         )
 
-    async def _runc_restore(self, console_socket: str, image_path: str = "", keep_tcp: bool | None = None) -> None:
+    async def _runc_restore(
+        self, console_socket: str, image_path: str = "", keep_tcp: bool | None = None, work_path: str = ""
+    ) -> None:
         """runc restore into this (new) bundle; `keep_tcp` is set for hot-restart images,
         which are dumped with established connections and need them restored or closed."""
-        work = os.path.join(self.bundle, "restore-work")
+        work = work_path or os.path.join(self.bundle, "restore-work")
         os.makedirs(work, mode=0o700, exist_ok=True)
         hot = keep_tcp is not None
         opts = RestoreOpts(
@@ -268,8 +271,11 @@ class Container:
         """Restore from the planned checkpoint; on any failure start cold in the same call."""
         assert self._hot is not None and self.policy is not None
 
-        async def launch(image_path: str, keep_tcp: bool) -> None:
-            await self._run_init(functools.partial(self._runc_restore, image_path=image_path, keep_tcp=keep_tcp))
+        async def launch(image_path: str, work_path: str, keep_tcp: bool) -> None:
+            restore = functools.partial(
+                self._runc_restore, image_path=image_path, keep_tcp=keep_tcp, work_path=work_path
+            )
+            await self._run_init(restore)
 
         manifest = entry.manifest
         taken = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(manifest.created_at)) if manifest else "?"
@@ -384,7 +390,7 @@ class Container:
             if self._exit_override is not None:
                 status = self._exit_override
         if proc is self.init and self._claim is not None and self._hot is not None:
-            died_early = self._exit_override is None and time.monotonic() - self._restored_at < RESTORE_WINDOW
+            died_early = not self._stop_requested and time.monotonic() - self._restored_at < RESTORE_WINDOW
             self._hot.settle(self._claim, died_early=died_early)
             self._claim = None
         # Output must reach containerd before the exit does, or CRI logs lose their tail.
@@ -435,6 +441,7 @@ class Container:
         self.init.sm.check(Action.KILL)
         if self.init.state is State.CREATED_CHECKPOINT:
             raise NotFoundError("process already finished")
+        self._stop_requested = True
         if sig != signal.SIGKILL and self.hot_enabled and self.init.state is State.RUNNING:
             # A stop: checkpoint instead of delivering the signal (a second one is absorbed).
             if self._stopping is None:

@@ -1,0 +1,342 @@
+"""Hot restart end to end: pods stopped and created again through containerd's CRI.
+
+The workload keeps its state only in memory: a counter and a checksum over a buffer of
+random numbers drawn at start (busybox awk). A restore is proven by the counter going on
+from where it stopped with the same checksum; a cold start begins again at 1 with a new one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cri import CONTAINER_EXITED, CONTAINER_RUNNING, CRIClient, parse_cri_log
+from testbed import BUSYBOX_IMAGE, ContainerdInstance, host
+
+pytestmark = pytest.mark.e2e
+
+STATEFUL = [
+    "awk",
+    "BEGIN { srand(); for (i = 0; i < 20000; i++) { b[i] = int(rand() * 100000); s += b[i] } "
+    "for (n = 1; ; n++) { t = 0; for (i = 0; i < 20000; i++) t += b[i]; "
+    'printf "%d %d %d\\n", n, s, t; fflush(); system("sleep 0.1") } }',
+]
+
+
+@pytest.fixture(scope="module")
+def inst(containerd_factory: Callable[..., ContainerdInstance]) -> ContainerdInstance:
+    return containerd_factory("2")
+
+
+@pytest.fixture(autouse=True)
+def empty_store(inst: ContainerdInstance) -> Iterator[None]:
+    """Each test starts with an empty store (checkpoints are per identity, but counts are not)."""
+    shutil.rmtree(inst.store / "v1", ignore_errors=True)
+    yield
+
+
+@pytest.fixture
+def client(inst: ContainerdInstance) -> Iterator[CRIClient]:
+    c = inst.cri()
+    try:
+        yield c
+    finally:
+        c.remove_all(stop_timeout=0)
+        c.close()
+
+
+class Incarnation:
+    """One pod sandbox of a stable identity (namespace/name), as a StatefulSet recreates it."""
+
+    def __init__(
+        self,
+        client: CRIClient,
+        inst: ContainerdInstance,
+        tmp: Path,
+        name: str,
+        *,
+        annotations: dict[str, str] | None = None,
+    ) -> None:
+        self.client = client
+        self.inst = inst
+        self.uid = str(uuid.uuid4())
+        self.volumes = tmp / "kubelet" / self.uid / "volumes" / "kubernetes.io~empty-dir"
+        logs = tmp / "logs" / f"hot_{name}_{self.uid}"
+        logs.mkdir(parents=True)
+        self.config = client.pod_config(
+            name,
+            "hot",
+            self.uid,
+            annotations=annotations or {},
+            log_directory=logs,
+            cgroup_parent=inst.pod_cgroup_parent(self.uid),
+        )
+        self.pod = client.run_pod_sandbox(config=self.config, runtime_handler="hotrestart")
+        self.cid = ""
+
+    def empty_dir(self, name: str) -> Path:
+        path = self.volumes / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def create(self, command: list[str] | None = None, *, name: str = "app", start: bool = True, **kwargs: Any) -> str:
+        self.cid = self.client.create_container(
+            self.pod, self.config, name=name, image=BUSYBOX_IMAGE, command=command or STATEFUL, **kwargs
+        )
+        if start:
+            self.client.start_container(self.cid)
+            self.client.wait_container_state(self.cid, CONTAINER_RUNNING)
+        return self.cid
+
+    def lines(self) -> list[str]:
+        return [x.message for x in parse_cri_log(self.client.read_log(self.cid))]
+
+    def state(self, timeout: float = 10) -> tuple[int, int, int]:
+        """The newest (counter, checksum at start, checksum now) the workload printed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = [r.split() for r in self.lines() if not r.startswith("hotrestart:")]
+            rows = [r for r in rows if len(r) == 3 and all(x.isdigit() for x in r)]
+            if rows:
+                return int(rows[-1][0]), int(rows[-1][1]), int(rows[-1][2])
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no workload output in {self.lines()}")
+            time.sleep(0.1)
+
+    def first(self) -> tuple[int, int, int]:
+        self.state()
+        row = next(r.split() for r in self.lines() if len(r.split()) == 3 and r.split()[0].isdigit())
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def stop(self, grace: int = 10) -> Any:
+        self.client.stop_container(self.cid, timeout=grace)
+        return self.client.wait_container_exit(self.cid)
+
+    def remove(self) -> None:
+        for c in self.client.list_containers(pod_id=self.pod):
+            if c.state != CONTAINER_EXITED:
+                self.client.stop_container(c.id, timeout=0)
+            self.client.remove_container(c.id)
+        self.client.stop_pod_sandbox(self.pod)
+        self.client.remove_pod_sandbox(self.pod)
+
+
+def stored(inst: ContainerdInstance, state: str = "checkpoints") -> list[Path]:
+    base = inst.store / "v1" / state
+    if not base.exists():
+        return []
+    if state == "checkpoints":
+        return [c for d in base.iterdir() for c in d.iterdir()]
+    return list(base.iterdir())
+
+
+def wait_published(inst: ContainerdInstance, count: int = 1, timeout: float = 30) -> list[Path]:
+    assert host.wait_until(lambda: len(stored(inst)) >= count, timeout), "checkpoint never published"
+    return stored(inst)
+
+
+def run_and_stop(client: CRIClient, inst: ContainerdInstance, tmp: Path, name: str, **kwargs: Any) -> tuple[int, int]:
+    """First incarnation: run the workload a moment, stop it like a kubelet, remove the pod."""
+    pod = Incarnation(client, inst, tmp, name, annotations=kwargs.pop("annotations", None))
+    pod.create(**kwargs)
+    time.sleep(1.0)
+    st = pod.stop()
+    assert st.exit_code == 143, (st.exit_code, st.reason)  # reported as SIGTERM would have
+    counter, checksum, now = pod.state()
+    assert checksum == now and counter >= 3
+    pod.remove()
+    return counter, checksum
+
+
+def test_stop_and_create_again_continues(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:
+    counter, checksum = run_and_stop(client, inst, tmp_path, "web-0")
+    [ckpt] = wait_published(inst)
+    assert oct(ckpt.stat().st_mode & 0o777) == "0o700"
+    assert all(oct(f.stat().st_mode & 0o777) == "0o600" for f in ckpt.rglob("*") if f.is_file())
+    again = Incarnation(client, inst, tmp_path, "web-0")
+    again.create()
+    time.sleep(0.5)
+    first = again.first()
+    assert first[0] == counter + 1 and first[1] == checksum, (first, counter, checksum)
+    n, s, t = again.state()
+    assert n > counter + 1 and s == t == checksum
+    assert any(line.startswith("hotrestart: restoring from checkpoint") for line in again.lines())
+    assert not stored(inst), "a checkpoint is used once"
+    assert not host.mounts_under("/run/hotrestart/work")
+    again.remove()
+
+
+def test_node_move_through_a_shared_store(
+    containerd_factory: Callable[..., ContainerdInstance], tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared-store"
+    node_a = containerd_factory("2", store=shared)
+    node_b = containerd_factory("2", store=shared)
+    a, b = node_a.cri(), node_b.cri()
+    try:
+        counter, checksum = run_and_stop(a, node_a, tmp_path, "db-0")
+        wait_published(node_a)
+        moved = Incarnation(b, node_b, tmp_path, "db-0")
+        moved.create()
+        time.sleep(0.5)
+        assert moved.first()[:2] == (counter + 1, checksum)
+        moved.remove()
+    finally:
+        for c in (a, b):
+            c.remove_all(stop_timeout=0)
+            c.close()
+        node_a.stop()
+        node_b.stop()
+
+
+def test_changed_command_starts_cold(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:
+    run_and_stop(client, inst, tmp_path, "cmd-0")
+    wait_published(inst)
+    again = Incarnation(client, inst, tmp_path, "cmd-0")
+    again.create(["sh", "-c", "echo changed; sleep inf"])
+    assert host.wait_until(lambda: "changed" in again.lines(), 10), again.lines()
+    assert any("not compatible" in line and "command" in line for line in again.lines())
+    assert len(stored(inst)) == 1, "an incompatible checkpoint is left alone"
+    again.remove()
+    for c in stored(inst):
+        os.system(f"rm -rf {c}")
+
+
+def test_corrupted_checkpoint_starts_cold(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:
+    run_and_stop(client, inst, tmp_path, "bad-0")
+    [ckpt] = wait_published(inst)
+    pages = max((ckpt / "images").iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(pages.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    pages.write_bytes(bytes(data))
+    again = Incarnation(client, inst, tmp_path, "bad-0")
+    again.create()
+    assert again.first()[0] == 1, "a corrupted checkpoint must never be restored"
+    assert any("started cold" in line and "sha256" in line for line in again.lines()), again.lines()
+    [quarantined] = stored(inst, "quarantine")
+    assert "sha256" in (quarantined / "reason.txt").read_text()
+    again.remove()
+
+
+def test_restore_rejected_by_criu_starts_cold(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:
+    # The process holds a file open in an emptyDir that does not travel: CRIU cannot
+    # reopen it in the new pod and refuses the restore.
+    first = Incarnation(client, inst, tmp_path, "criu-0")
+    scratch = first.empty_dir("scratch")
+    hold = ["sh", "-c", "exec 3>/scratch/held; i=0; while :; do i=$((i+1)); echo $i 1 1; sleep 0.1; done"]
+    first.create(hold, mounts=[(str(scratch), "/scratch")])
+    time.sleep(0.8)
+    assert first.stop().exit_code == 143
+    first.remove()
+    wait_published(inst)
+    again = Incarnation(client, inst, tmp_path, "criu-0")
+    again.create(hold, mounts=[(str(again.empty_dir("scratch")), "/scratch")])
+    assert again.first()[0] == 1
+    assert any("started cold" in line for line in again.lines()), again.lines()
+    [quarantined] = stored(inst, "quarantine")
+    assert (quarantined / "restore.log").exists(), "CRIU's restore log is kept with the quarantined checkpoint"
+    again.remove()
+
+
+def test_opt_out_annotation_stops_the_ordinary_way(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:
+    pod = Incarnation(client, inst, tmp_path, "off-0", annotations={"hotrestart.io/checkpoint": "off"})
+    pod.create(["sh", "-c", "trap 'echo bye; exit 0' TERM; while :; do sleep 0.1; done"])
+    time.sleep(0.3)
+    st = pod.stop()
+    assert (st.exit_code, pod.lines()[-1]) == (0, "bye")
+    pod.remove()
+    assert not stored(inst) and not stored(inst, "staging")
+
+
+def test_two_pods_race_for_one_checkpoint(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:
+    counter, _ = run_and_stop(client, inst, tmp_path, "race-0")
+    wait_published(inst)
+    pods = [Incarnation(client, inst, tmp_path, "race-0") for _ in range(2)]
+    for p in pods:
+        p.create(start=False)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda p: p.client.start_container(p.cid), pods))
+    firsts = sorted(p.first()[0] for p in pods)
+    assert firsts == [1, counter + 1], firsts
+    for p in pods:
+        p.remove()
+
+
+def test_rootfs_and_open_emptydir_files_survive(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:
+    annotations = {"hotrestart.io/carry-volumes": "data"}
+    script = (
+        "echo from-rootfs > /etc/written; rm /etc/hostname.orig 2>/dev/null; "
+        "echo first > /data/log; exec 3>>/data/log; i=0; "
+        "while :; do i=$((i+1)); echo line$i >&3; echo $i 1 1; sleep 0.1; done"
+    )
+    first = Incarnation(client, inst, tmp_path, "files-0", annotations=annotations)
+    first.create(["sh", "-c", script], mounts=[(str(first.empty_dir("data")), "/data")])
+    time.sleep(0.8)
+    assert first.stop().exit_code == 143
+    counter = first.state()[0]
+    first.remove()
+    wait_published(inst)
+    again = Incarnation(client, inst, tmp_path, "files-0", annotations=annotations)
+    data = again.empty_dir("data")
+    again.create(["sh", "-c", script], mounts=[(str(data), "/data")])
+    time.sleep(0.5)
+    assert again.first()[0] == counter + 1, again.lines()
+    assert client.exec_sync(again.cid, ["cat", "/etc/written"]).stdout == b"from-rootfs\n"
+    log_lines = (data / "log").read_text().split()
+    assert log_lines[0] == "first" and f"line{counter + 2}" in log_lines, log_lines[-3:]
+    again.remove()
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+
+def test_listener_serves_at_the_new_address(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:
+    server = ["sh", "-c", "mkdir -p /www && echo served > /www/index.html && exec httpd -f -p 8080 -h /www"]
+    first = Incarnation(client, inst, tmp_path, "net-0")
+    first.create(server)
+    old_ip = client.pod_sandbox_status(first.pod).network.ip
+    assert host.wait_until(lambda: _try(f"http://{old_ip}:8080/") == "served\n", 10)
+    assert first.stop().exit_code == 143
+    first.remove()
+    wait_published(inst)
+    again = Incarnation(client, inst, tmp_path, "net-0")
+    again.create(server)
+    new_ip = client.pod_sandbox_status(again.pod).network.ip
+    assert new_ip != old_ip
+    assert host.wait_until(lambda: _try(f"http://{new_ip}:8080/") == "served\n", 10)
+    assert any(line.startswith("hotrestart: restoring") for line in again.lines()), "it must be a restore"
+    again.remove()
+
+
+def _try(url: str) -> str:
+    try:
+        return _get(url)
+    except OSError:
+        return ""
+
+
+def test_sigkill_during_checkpoint_leaves_nothing(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:
+    big = ["sh", "-c", "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo 1 1 1; exec sleep inf"]
+    pod = Incarnation(client, inst, tmp_path, "kill-0")
+    pod.create(big)
+    pod.state(timeout=30)
+    inst.ctr("tasks", "kill", "-s", "TERM", pod.cid)
+    pending = inst.store / "v1" / "pending"
+    assert host.wait_until(lambda: pending.exists() and any(pending.iterdir()), 10)
+    inst.ctr("tasks", "kill", "-s", "KILL", pod.cid)
+    st = pod.client.wait_container_exit(pod.cid, timeout=30)
+    assert st.exit_code == 137
+    pod.remove()
+    time.sleep(1)
+    assert not stored(inst) and not stored(inst, "staging") and not stored(inst, "claimed")
+    assert not host.mounts_under("/run/hotrestart/work")
