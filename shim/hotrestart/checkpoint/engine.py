@@ -306,8 +306,9 @@ class Engine:
             self.store.clear_pending(manifest.identity)
 
     def _compress_all(self, dumped: Dumped) -> list[FileEntry]:
-        os.makedirs(os.path.join(dumped.staging, "images"), mode=0o700, exist_ok=True)
-        os.makedirs(os.path.join(dumped.staging, "volumes"), mode=0o700, exist_ok=True)
+        for sub in ("images", "volumes"):
+            os.makedirs(os.path.join(dumped.staging, sub), mode=0o700, exist_ok=True)
+            os.chmod(os.path.join(dumped.staging, sub), 0o700)
         return [archive.compress_file(src, os.path.join(dumped.staging, rel), rel) for src, rel in dumped.files]
 
     # -- create / start -------------------------------------------------------------------------

@@ -87,10 +87,10 @@ class Store:
         return os.path.join(self.base, state)
 
     def ensure(self) -> None:
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
-        os.chmod(self.root, 0o700)
+        for path in (self.root, self.base):
+            _private_dir(path)
         for state in ("staging", "checkpoints", "claimed", "quarantine", "pending"):
-            os.makedirs(self._dir(state), mode=0o700, exist_ok=True)
+            _private_dir(self._dir(state))
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -100,6 +100,7 @@ class Store:
         cid = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(6)
         path = os.path.join(self._dir("staging"), cid)
         os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)
         with open(os.path.join(path, OWNER), "w", opener=_private) as f:
             f.write(f"{socket.gethostname()} {os.getpid()}\n")
         return cid, path
@@ -112,9 +113,13 @@ class Store:
             os.fsync(f.fileno())
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(staging, OWNER))
+        for dirpath, _dirs, files in os.walk(staging):
+            os.chmod(dirpath, 0o700)
+            for name in files:
+                os.chmod(os.path.join(dirpath, name), 0o600)
         _fsync_dir(staging)
         parent = os.path.join(self._dir("checkpoints"), identity_key(manifest.identity))
-        os.makedirs(parent, mode=0o700, exist_ok=True)
+        _private_dir(parent)
         target = os.path.join(parent, manifest.id)
         os.rename(staging, target)
         _fsync_dir(parent)
@@ -192,7 +197,7 @@ class Store:
         with open(os.path.join(entry.path, MANIFEST), "w", opener=_private) as f:
             f.write(manifest.to_json())
         parent = os.path.join(self._dir("checkpoints"), identity_key(manifest.identity))
-        os.makedirs(parent, mode=0o700, exist_ok=True)
+        _private_dir(parent)
         target = os.path.join(parent, entry.id)
         os.rename(entry.path, target)
         return Entry("checkpoints", entry.id, target, manifest)
@@ -289,6 +294,13 @@ class Store:
         if host != socket.gethostname():
             return time.time() - _mtime(path) < 3600
         return _pid_alive(int(pid))
+
+
+def _private_dir(path: str) -> None:
+    """A 0700 folder whatever the umask (makedirs' mode is filtered by it)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.stat(path).st_mode & 0o777 != 0o700:
+        os.chmod(path, 0o700)
 
 
 def _mtime(path: str) -> float:

@@ -1,0 +1,131 @@
+"""Hot-restart policy from annotations, compatibility, and the rootfs diff."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hotrestart.checkpoint import rootfs
+from hotrestart.checkpoint.compat import incompatibility, spec_digest
+from hotrestart.checkpoint.policy import parse_duration, policy_for
+from hotrestart.errors import InvalidArgumentError
+from hotrestart.store.manifest import Identity, Manifest
+
+
+def spec(**annotations: str) -> dict[str, Any]:
+    base = {
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.sandbox-namespace": "ns",
+        "io.kubernetes.cri.sandbox-name": "web-0",
+        "io.kubernetes.cri.container-name": "app",
+        "io.kubernetes.cri.image-name": "example/app:1",
+    }
+    base.update(annotations)
+    return {"annotations": base, "process": {"args": ["app", "--serve"], "env": ["A=1"], "cwd": "/"}}
+
+
+def test_defaults_and_annotations() -> None:
+    p = policy_for(spec())
+    assert p.enabled and p.identity.canonical() == "ns/web-0/app" and p.timeout == 10 and p.tcp == "close"
+    p = policy_for(
+        spec(
+            **{
+                "hotrestart.io/checkpoint-timeout": "2m",
+                "hotrestart.io/tcp": "keep",
+                "hotrestart.io/carry-volumes": "data, cache",
+                "hotrestart.io/identity": "db-primary",
+            }
+        )
+    )
+    assert (p.timeout, p.tcp, p.carry_volumes, p.identity.canonical()) == (120, "keep", ("data", "cache"), "db-primary")
+
+
+def test_sandbox_and_opt_out_are_passed_through() -> None:
+    assert not policy_for(spec(**{"io.kubernetes.cri.container-type": "sandbox"})).enabled
+    assert not policy_for(spec(**{"hotrestart.io/checkpoint": "off"})).enabled
+    assert not policy_for({"annotations": {"io.kubernetes.cri.container-type": "container"}}).enabled
+
+
+@pytest.mark.parametrize("bad", [{"hotrestart.io/tcp": "sometimes"}, {"hotrestart.io/checkpoint-timeout": "soon"}])
+def test_bad_annotations_are_clear_errors(bad: dict[str, str]) -> None:
+    with pytest.raises(InvalidArgumentError):
+        policy_for(spec(**bad))
+
+
+def test_durations() -> None:
+    assert parse_duration("500ms") == 0.5 and parse_duration("10") == 10 and parse_duration("1h") == 3600
+
+
+def manifest_for(s: dict[str, Any], criu: str = "4.2") -> Manifest:
+    return Manifest(
+        id="x",
+        identity=Identity("ns", "web-0", "app"),
+        created_at=0,
+        node="n",
+        reason="stop",
+        image=s["annotations"]["io.kubernetes.cri.image-name"],
+        spec_digest=spec_digest(s),
+        runtime={"criu": criu},
+        network={},
+        files=[],
+        timings={},
+    )
+
+
+def test_compatibility() -> None:
+    s = spec()
+    m = manifest_for(s)
+    here = {"criu": "4.2"}
+    assert incompatibility(m, s, here) == ""
+    changed = spec(**{"io.kubernetes.cri.image-name": "example/app:2"})
+    assert "image" in incompatibility(m, changed, here)
+    other_args = spec()
+    other_args["process"]["args"] = ["app", "--other"]
+    assert "command" in incompatibility(m, other_args, here)
+    assert "older" in incompatibility(manifest_for(s, "5.0"), s, here)
+    assert "not available" in incompatibility(m, s, {"criu": ""})
+    # Resources and mounts are not part of the fingerprint: they come from the live spec.
+    more = spec()
+    more["mounts"] = [{"destination": "/data"}]
+    more["linux"] = {"resources": {"memory": {"limit": 1}}}
+    assert incompatibility(m, more, here) == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chroot and whiteouts need root")
+def test_rootfs_diff_replays_files_deletions_and_opaque_dirs(tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "new.conf").write_text("v2\n")
+    os.mknod(upper / "etc" / "gone", 0o600 | 0o020000, os.makedev(0, 0))  # overlay whiteout
+    (upper / "cache").mkdir()
+    os.setxattr(upper / "cache", "trusted.overlay.opaque", b"y")
+    (upper / "cache" / "fresh").write_text("x")
+    os.symlink("/etc/new.conf", upper / "link")
+    target = tmp_path / "merged"
+    (target / "etc").mkdir(parents=True)
+    (target / "etc" / "gone").write_text("old")
+    (target / "cache").mkdir()
+    (target / "cache" / "stale").write_text("old")
+    # An image symlink that would lead out of the root on the host must stay inside.
+    (target / "var").symlink_to("/outside")
+    (upper / "var").mkdir()
+    (upper / "var" / "file").write_text("inside")
+    (target / "var").unlink()
+    (target / "var").symlink_to("/etc")
+    tar = tmp_path / "diff.tar"
+    changes = rootfs.capture(str(upper), str(tar), overlay=True)
+    assert changes == {"whiteouts": ["etc/gone"], "opaque": ["cache"]}
+    (tmp_path / "changes.json").write_text(json.dumps(changes))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run(rootfs.apply_argv(str(target), str(tar), str(tmp_path / "changes.json")), check=True, env=env)
+    assert (target / "etc" / "new.conf").read_text() == "v2\n"
+    assert not (target / "etc" / "gone").exists()
+    assert sorted(os.listdir(target / "cache")) == ["fresh"]
+    assert os.readlink(target / "link") == "/etc/new.conf"
+    assert not Path("/etc/file").exists(), "extraction followed a symlink out of the root"

@@ -1,0 +1,157 @@
+"""The checkpoint store: atomic publish and claim, verification, retention, layout rights."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from hotrestart.store import archive
+from hotrestart.store.manifest import Identity, Manifest, ManifestError
+from hotrestart.store.store import Store
+
+IDENT = Identity("ns", "web-0", "app")
+
+
+def make_checkpoint(store: Store, tmp: Path, payload: bytes = b"memory" * 1000, created: float | None = None) -> str:
+    cid, staging = store.new_staging()
+    src = tmp / f"pages-{cid}.img"
+    src.write_bytes(payload)
+    os.makedirs(os.path.join(staging, "images"))
+    entry = archive.compress_file(str(src), os.path.join(staging, "images", "pages.img.zst"), "images/pages.img.zst")
+    manifest = Manifest(
+        id=cid,
+        identity=IDENT,
+        created_at=created or time.time(),
+        node="n1",
+        reason="stop",
+        image="img",
+        spec_digest="d",
+        runtime={"criu": "4.2"},
+        network={},
+        files=[entry],
+        timings={},
+    )
+    store.publish(staging, manifest)
+    return cid
+
+
+def test_layout_is_private(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    make_checkpoint(store, tmp_path)
+    os.umask(0o022)
+    for dirpath, _dirnames, filenames in os.walk(store.root):
+        assert os.stat(dirpath).st_mode & 0o777 == 0o700, dirpath
+        for name in filenames:
+            assert os.stat(os.path.join(dirpath, name)).st_mode & 0o777 == 0o600, name
+
+
+def test_publish_keeps_newest_and_claim_has_one_winner(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    make_checkpoint(store, tmp_path, created=time.time() - 10)
+    newest = make_checkpoint(store, tmp_path)
+    entry = store.latest(IDENT)
+    assert entry is not None and entry.id == newest
+    assert [e.id for e in store.entries() if e.state == "checkpoints"] == [newest]
+    first = store.claim(entry)
+    second = store.claim(entry)
+    assert first is not None and second is None
+    assert store.latest(IDENT) is None
+
+
+def test_roundtrip_and_any_flipped_byte_is_refused(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    payload = os.urandom(100_000) + b"\0" * 100_000
+    make_checkpoint(store, tmp_path, payload)
+    entry = store.latest(IDENT)
+    assert entry is not None and entry.manifest is not None
+    fe = entry.manifest.files[0]
+    stored = os.path.join(entry.path, fe.path)
+    archive.decompress_file(stored, str(tmp_path / "out"), fe)
+    assert (tmp_path / "out").read_bytes() == payload
+    data = bytearray(Path(stored).read_bytes())
+    data[len(data) // 3] ^= 0x40
+    Path(stored).write_bytes(bytes(data))
+    with pytest.raises(archive.IntegrityError):
+        archive.decompress_file(stored, str(tmp_path / "out2"), fe)
+    assert not (tmp_path / "out2").exists(), "nothing of a bad file is left for a restore to use"
+
+
+def test_truncated_file_is_refused(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    make_checkpoint(store, tmp_path, os.urandom(50_000))
+    entry = store.latest(IDENT)
+    assert entry is not None and entry.manifest is not None
+    fe = entry.manifest.files[0]
+    stored = os.path.join(entry.path, fe.path)
+    Path(stored).write_bytes(Path(stored).read_bytes()[:-100])
+    with pytest.raises(archive.IntegrityError):
+        archive.decompress_file(stored, str(tmp_path / "out"), fe)
+
+
+def test_unfinished_staging_is_never_listed_as_restorable_and_prune_clears_it(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    _cid, staging = store.new_staging()
+    (Path(staging) / "owner").write_text("otherhost 1\n")
+    os.utime(staging, (time.time() - 7200, time.time() - 7200))
+    assert store.latest(IDENT) is None
+    removed = store.prune()
+    assert [e.state for e in removed] == ["staging"]
+
+
+def test_release_and_quarantine(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    make_checkpoint(store, tmp_path)
+    entry = store.latest(IDENT)
+    assert entry is not None and entry.manifest is not None
+    claimed = store.claim(entry)
+    assert claimed is not None and claimed.manifest is not None
+    claimed.manifest.restore_attempts = 1
+    released = store.release(claimed, claimed.manifest)
+    again = store.latest(IDENT)
+    assert again is not None and again.manifest is not None and again.manifest.restore_attempts == 1
+    log = tmp_path / "restore.log"
+    log.write_text("criu said no\n")
+    q = store.quarantine(store.claim(released) or released, "CRIU refused", str(log))
+    assert (Path(q.path) / "reason.txt").read_text().endswith("CRIU refused\n")
+    assert (Path(q.path) / "restore.log").read_text() == "criu said no\n"
+    assert store.latest(IDENT) is None
+
+
+def test_prune_by_age_and_size(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    old = make_checkpoint(store, tmp_path, created=time.time() - 3 * 86400)
+    store2 = Store(str(tmp_path / "s"))
+    removed = store2.prune(max_age=86400)
+    assert [e.id for e in removed] == [old]
+    make_checkpoint(store, tmp_path, os.urandom(200_000))
+    assert store.prune(max_bytes=1000)
+    assert store.latest(IDENT) is None
+
+
+def test_pending_marker_of_a_dead_process_is_ignored(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    store.mark_pending(IDENT)
+    assert store.is_pending(IDENT)
+    marker = next((tmp_path / "s" / "v1" / "pending").iterdir())
+    host = marker.read_text().split()[0]
+    marker.write_text(f"{host} 999999 0\n")
+    assert not store.is_pending(IDENT)
+
+
+@pytest.mark.parametrize("text", ["", "{}", '{"schema": "other"}', '{"schema": "hotrestart.io/checkpoint/v1"}'])
+def test_bad_manifests_are_refused(text: str) -> None:
+    with pytest.raises(ManifestError):
+        Manifest.from_json(text)
+
+
+def test_manifest_cannot_name_files_outside_the_checkpoint(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    make_checkpoint(store, tmp_path)
+    entry = store.latest(IDENT)
+    assert entry is not None and entry.manifest is not None
+    text = entry.manifest.to_json().replace('"images/pages.img.zst"', '"../../etc/shadow"')
+    with pytest.raises(ManifestError):
+        Manifest.from_json(text)
