@@ -1,28 +1,41 @@
 #!/usr/bin/env python3
-"""`make bench`: the shim against containerd's runc-v2 shim, side by side in one run.
+"""`make bench`: the shim against containerd's runc-v2 shim and plain runc, in one run.
 
 Measures, on one private containerd 2.x (the test bed):
 - pod start latency: RunPodSandbox + CreateContainer + StartContainer, median of
   alternating runs (runc, hotrestart, runc, ...), after one warm-up pod each;
 - idle shim memory: PSS of the shim processes per pod, with N pods of each handler idle
   at once. For hotrestart the node-wide zygote is reported separately and also amortised
-  over the N pods, since it is a per-node cost.
+  over the N pods, since it is a per-node cost;
+- hot restart of a container holding 1 GiB of half-compressible memory (hack/memhog.c):
+  stop time (StopContainer until the exit is reported), time until the checkpoint is
+  durable in the store, its size, and the time StartContainer takes to have the process
+  running again; against plain `runc checkpoint` (to disk, fsynced) and `runc restore`
+  of the same workload, containerd's CRI CheckpointContainer with runc-v2, and a cold
+  start of the same service with a slow start.
 Absolute times on shared machines are noisy; the ratios are the result.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
-from testbed import BUSYBOX_IMAGE, ContainerdInstance, host  # noqa: E402
+from cri import parse_cri_log  # noqa: E402
+from testbed import BIN_DIR, BUSYBOX_IMAGE, ContainerdInstance, host  # noqa: E402
 from testbed.pods import make_pod_config  # noqa: E402
 
 HANDLERS = ("runc", "hotrestart")
@@ -63,43 +76,247 @@ def zygote_pid(inst: ContainerdInstance) -> int | None:
     return min(holders) if holders else None
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=10, help="timed pod starts per handler")
-    parser.add_argument("--pods", type=int, default=10, help="idle pods per handler for the memory figure")
-    args = parser.parse_args()
-    shim_dir = Path(sys.executable).parent
-    with ContainerdInstance(shim_bin_dir=shim_dir) as inst:
-        cri = inst.cri()
-        tmp = inst.dir / "bench-pods"
-        for handler in HANDLERS:  # warm-up: images, CNI, the zygote
-            pod, _ = start_pod(cri, inst, tmp, handler, "warm")
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build_memhog(dest: Path) -> Path:
+    binary = dest / "memhog"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(binary), str(ROOT / "hack" / "memhog.c")], check=True)
+    return binary
+
+
+def wait_for_line(cri, cid: str, predicate, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in (x.message for x in parse_cri_log(cri.read_log(cid))):
+            if predicate(line):
+                return line
+        time.sleep(0.05)
+    raise TimeoutError(f"no matching line in the log of {cid}")
+
+
+def memhog_pod(cri, inst, handler: str, name: str, memhog: Path, args: list[str], **kw: Any) -> tuple[str, str]:
+    uid = str(uuid.uuid4())
+    logs = inst.dir / "bench-logs" / uid
+    logs.mkdir(parents=True)
+    config = cri.pod_config(name, "bench", uid, log_directory=logs, cgroup_parent=inst.pod_cgroup_parent(uid), **kw)
+    pod = cri.run_pod_sandbox(config=config, runtime_handler=handler)
+    cid = cri.create_container(
+        pod,
+        config,
+        name="svc",
+        image=BUSYBOX_IMAGE,
+        command=["/memhog", *args],
+        mounts=[(str(memhog), "/memhog", True)],
+    )
+    return pod, cid
+
+
+def tree_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+
+def bench_hot_restart(inst: ContainerdInstance, cri, mib: int, warmup: float) -> dict[str, float]:
+    memhog = build_memhog(inst.dir)
+    # On a VM, memory the guest never touched is slow the first time (the host backs it on
+    # demand); touch plenty once so neither side of a comparison pays that.
+    progress("warming the machine's memory")
+    subprocess.run([str(memhog), str(min(8192, mib * 6)), "0", "once"], check=True, stdout=subprocess.DEVNULL)
+    r: dict[str, float] = {}
+    drop_caches = Path("/proc/sys/vm/drop_caches")
+
+    # Hot restart through the shim.
+    progress("hot restart: run, stop, create again")
+    pod, cid = memhog_pod(cri, inst, "hotrestart", "svc-0", memhog, [str(mib)])
+    cri.start_container(cid)
+    wait_for_line(cri, cid, lambda x: x.startswith("ready"))
+    before = wait_for_line(cri, cid, lambda x: x.split()[0] == "3")
+    store = inst.store / "v1" / "checkpoints"
+    t0 = time.monotonic()
+    cri.stop_container(cid, timeout=60)
+    r["hot_stop"] = time.monotonic() - t0
+    while not (store.exists() and any(store.rglob("manifest.json"))):
+        time.sleep(0.01)
+    r["hot_durable"] = time.monotonic() - t0
+    manifest = json.loads(next(store.rglob("manifest.json")).read_text())
+    r["hot_size"] = sum(f["stored_bytes"] for f in manifest["files"])
+    r["hot_raw"] = sum(f["raw_bytes"] for f in manifest["files"])
+    remove_pod(cri, pod)
+    pod, cid = memhog_pod(cri, inst, "hotrestart", "svc-0", memhog, [str(mib)])
+    t0 = time.monotonic()
+    cri.start_container(cid)
+    r["hot_restore"] = time.monotonic() - t0
+    resumed = wait_for_line(cri, cid, lambda x: x[:1].isdigit())
+    if resumed.split()[1] != before.split()[1]:
+        raise SystemExit(f"restore lost the memory: {before} then {resumed}")
+    remove_pod(cri, pod)
+
+    # The same service started cold, with a slow start.
+    progress("cold start with a slow start")
+    pod, cid = memhog_pod(cri, inst, "hotrestart", "cold-0", memhog, [str(mib), str(warmup)])
+    t0 = time.monotonic()
+    cri.start_container(cid)
+    wait_for_line(cri, cid, lambda x: x.startswith("ready"))
+    r["cold_start"] = time.monotonic() - t0
+    cri.stop_container(cid, timeout=0)
+    remove_pod(cri, pod)
+
+    # containerd's CRI CheckpointContainer with runc-v2 (leaves the container running).
+    progress("CRI CheckpointContainer on runc-v2")
+    pod, cid = memhog_pod(cri, inst, "runc", "cri-0", memhog, [str(mib)])
+    cri.start_container(cid)
+    wait_for_line(cri, cid, lambda x: x.startswith("ready"))
+    archive = inst.dir / "cri-checkpoint.tar"
+    t0 = time.monotonic()
+    cri.checkpoint_container(cid, str(archive), timeout=300)
+    r["cri_checkpoint"] = time.monotonic() - t0
+    r["cri_size"] = archive.stat().st_size
+    archive.unlink()
+    cri.stop_container(cid, timeout=0)
+    remove_pod(cri, pod)
+
+    # Plain runc: run, checkpoint to disk (fsynced), restore, on a bundle of our own.
+    progress("plain runc checkpoint and restore")
+    bundle = inst.dir / "plain-bundle"
+    rootfs = bundle / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    for d in ("proc", "sys", "dev", "tmp"):
+        (rootfs / d).mkdir()
+    shutil.copy(memhog, rootfs / "memhog")
+    runc = str(BIN_DIR / "runc")
+    root = str(inst.dir / "plain-runc")
+    env = dict(os.environ, PATH=f"{BIN_DIR}:{os.environ.get('PATH', '')}")  # runc finds criu on PATH
+    subprocess.run([runc, "spec", "--bundle", str(bundle)], check=True)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"].update(args=["/memhog", str(mib)], terminal=False)
+    (bundle / "config.json").write_text(json.dumps(spec))
+    cid = f"plain-{uuid.uuid4().hex[:8]}"
+    images = inst.dir / "plain-images"
+    output = bytearray()
+    try:
+        # A pipe, not a file, for stdout: CRIU cannot dump a file outside the container.
+        run = subprocess.Popen(
+            [runc, "--root", root, "run", "-d", "--bundle", str(bundle), cid],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        assert run.stdout is not None
+
+        def drain(stream: Any) -> None:
+            while chunk := stream.read1(65536):
+                output.extend(chunk)
+
+        threading.Thread(target=drain, args=(run.stdout,), daemon=True).start()
+        if run.wait() != 0:
+            raise SystemExit("runc run failed")
+        while b"\n3 " not in output:
+            time.sleep(0.05)
+        progress("plain runc: checkpoint")
+        t0 = time.monotonic()
+        subprocess.run([runc, "--root", root, "checkpoint", "--image-path", str(images), cid], check=True, env=env)
+        r["runc_checkpoint"] = time.monotonic() - t0
+        fsync_tree(images)
+        r["runc_checkpoint_durable"] = time.monotonic() - t0
+        r["runc_size"] = tree_size(images)
+        if drop_caches.exists():
+            # Fair to both: each restore reads its images from a cold cache.
+            subprocess.run(["sync"], check=True)
+            drop_caches.write_text("3")
+        progress("plain runc: restore")
+        t0 = time.monotonic()
+        restore = subprocess.Popen(
+            [runc, "--root", root, "restore", "-d", "--image-path", str(images), "--bundle", str(bundle), cid],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        assert restore.stdout is not None
+        threading.Thread(target=drain, args=(restore.stdout,), daemon=True).start()
+        if restore.wait() != 0:
+            raise SystemExit("plain runc restore failed")
+        r["runc_restore"] = time.monotonic() - t0
+    finally:
+        subprocess.run([runc, "--root", root, "kill", cid, "KILL"], check=False, env=env, capture_output=True)
+        time.sleep(0.3)
+        subprocess.run([runc, "--root", root, "delete", "--force", cid], check=False, env=env, capture_output=True)
+    shutil.rmtree(images, ignore_errors=True)
+    return r
+
+
+def print_hot_restart(r: dict[str, float], mib: int, warmup: float) -> None:
+    gb = 1e9
+    print(f"\nHot restart of a container holding {mib} MiB of half-compressible memory:\n")
+    print("| measure | reference | hotrestart | ratio |")
+    print("|---|---|---|---|")
+    print(f"| stop: signal to exit reported (s) | - | {r['hot_stop']:.2f} | |")
+    print(
+        f"| checkpoint durable, vs plain `runc checkpoint` + fsync (s) | {r['runc_checkpoint_durable']:.2f} | "
+        f"{r['hot_durable']:.2f} | {r['hot_durable'] / r['runc_checkpoint_durable']:.2f}x |"
+    )
+    print(
+        f"| checkpoint durable, vs CRI CheckpointContainer on runc-v2 (s) | {r['cri_checkpoint']:.2f} | "
+        f"{r['hot_durable']:.2f} | {r['hot_durable'] / r['cri_checkpoint']:.2f}x |"
+    )
+    print(
+        f"| checkpoint size, vs plain `runc checkpoint` (GB) | {r['runc_size'] / gb:.2f} | {r['hot_size'] / gb:.2f} | "
+        f"{r['hot_size'] / r['runc_size']:.2f}x |"
+    )
+    print(
+        f"| checkpoint size, vs CRI CheckpointContainer archive (GB) | {r['cri_size'] / gb:.2f} | "
+        f"{r['hot_size'] / gb:.2f} | {r['hot_size'] / r['cri_size']:.2f}x |"
+    )
+    print(
+        f"| StartContainer to running again, vs plain `runc restore` (s) | {r['runc_restore']:.2f} | "
+        f"{r['hot_restore']:.2f} | {r['hot_restore'] / r['runc_restore']:.2f}x |"
+    )
+    print(
+        f"| ready to serve, vs a cold start with a {warmup:.0f} s warm-up (s) | {r['cold_start']:.2f} | "
+        f"{r['hot_restore']:.2f} | {r['hot_restore'] / r['cold_start']:.2f}x |"
+    )
+    print(
+        f"\n(plain `runc checkpoint` without fsync: {r['runc_checkpoint']:.2f} s; raw images "
+        f"{r['hot_raw'] / gb:.2f} GB)"
+    )
+
+
+def bench_start_and_memory(inst: ContainerdInstance, cri, runs: int, pods_n: int) -> None:
+    tmp = inst.dir / "bench-pods"
+    for handler in HANDLERS:  # warm-up: images, CNI, the zygote
+        pod, _ = start_pod(cri, inst, tmp, handler, "warm")
+        remove_pod(cri, pod)
+    times: dict[str, list[float]] = {h: [] for h in HANDLERS}
+    for i in range(runs):
+        for handler in HANDLERS if i % 2 == 0 else reversed(HANDLERS):
+            pod, took = start_pod(cri, inst, tmp, handler, f"lat{i}")
+            times[handler].append(took)
             remove_pod(cri, pod)
-        times: dict[str, list[float]] = {h: [] for h in HANDLERS}
-        for i in range(args.runs):
-            for handler in HANDLERS if i % 2 == 0 else reversed(HANDLERS):
-                pod, took = start_pod(cri, inst, tmp, handler, f"lat{i}")
-                times[handler].append(took)
-                remove_pod(cri, pod)
-
-        memory: dict[str, float] = {}
-        zygote_kib = 0
-        for handler in HANDLERS:
-            pods = [start_pod(cri, inst, tmp, handler, f"mem{i}")[0] for i in range(args.pods)]
-            time.sleep(2)  # idle
-            pids = shim_pids(inst, handler)
-            memory[handler] = sum(pss_kib(p) for p in pids) / len(pods)
-            if handler == "hotrestart":
-                zpid = zygote_pid(inst)
-                zygote_kib = pss_kib(zpid) if zpid else 0
-            print(f"{handler}: {len(pids)} shim processes for {len(pods)} pods", file=sys.stderr)
-            for pod in pods:
-                remove_pod(cri, pod)
-        cri.close()
-
+    memory: dict[str, float] = {}
+    zygote_kib = 0
+    for handler in HANDLERS:
+        pods = [start_pod(cri, inst, tmp, handler, f"mem{i}")[0] for i in range(pods_n)]
+        time.sleep(2)  # idle
+        pids = shim_pids(inst, handler)
+        memory[handler] = sum(pss_kib(p) for p in pids) / len(pods)
+        if handler == "hotrestart":
+            zpid = zygote_pid(inst)
+            zygote_kib = pss_kib(zpid) if zpid else 0
+        for pod in pods:
+            remove_pod(cri, pod)
     med = {h: statistics.median(v) * 1000 for h, v in times.items()}
-    amortised = memory["hotrestart"] + zygote_kib / args.pods
-    print(f"containerd {inst.major}.x, {os.cpu_count()} CPUs, {args.runs} alternating runs, {args.pods} idle pods\n")
+    amortised = memory["hotrestart"] + zygote_kib / pods_n
+    print(f"containerd {inst.major}.x, {os.cpu_count()} CPUs, {runs} alternating runs, {pods_n} idle pods\n")
     print("| measure | runc-v2 | hotrestart | ratio |")
     print("|---|---|---|---|")
     print(
@@ -111,12 +328,29 @@ def main() -> int:
         f"{memory['hotrestart'] / memory['runc']:.2f}x |"
     )
     print(
-        f"| same, zygote amortised over {args.pods} pods (MiB) | {memory['runc'] / 1024:.1f} | "
+        f"| same, zygote amortised over {pods_n} pods (MiB) | {memory['runc'] / 1024:.1f} | "
         f"{amortised / 1024:.1f} | {amortised / memory['runc']:.2f}x |"
     )
     print(f"\nzygote PSS (once per node): {zygote_kib / 1024:.1f} MiB")
     for h in HANDLERS:
         print(f"{h} start times (ms): " + " ".join(f"{t * 1000:.0f}" for t in times[h]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=10, help="timed pod starts per handler")
+    parser.add_argument("--pods", type=int, default=10, help="idle pods per handler for the memory figure")
+    parser.add_argument("--mib", type=int, default=1024, help="memory of the hot-restart workload")
+    parser.add_argument("--warmup", type=float, default=10.0, help="warm-up of the cold-start comparison (s)")
+    parser.add_argument("--only", choices=("start", "checkpoint"), help="run one part only")
+    args = parser.parse_args()
+    with ContainerdInstance(shim_bin_dir=Path(sys.executable).parent) as inst:
+        cri = inst.cri()
+        if args.only in (None, "start"):
+            bench_start_and_memory(inst, cri, args.runs, args.pods)
+        if args.only in (None, "checkpoint"):
+            print_hot_restart(bench_hot_restart(inst, cri, args.mib, args.warmup), args.mib, args.warmup)
+        cri.close()
     return 0
 
 
