@@ -155,3 +155,15 @@ def test_manifest_cannot_name_files_outside_the_checkpoint(tmp_path: Path) -> No
     text = entry.manifest.to_json().replace('"images/pages.img.zst"', '"../../etc/shadow"')
     with pytest.raises(ManifestError):
         Manifest.from_json(text)
+
+
+def test_many_chunks_roundtrip_in_parallel(tmp_path: Path) -> None:
+    payload = b"".join(os.urandom(2048) + b"\0" * 2048 for _ in range(100)) + b"tail"
+    src = tmp_path / "raw"
+    src.write_bytes(payload)
+    entry = archive.compress_file(str(src), str(tmp_path / "z"), "z", chunk=10_000)
+    assert len(entry.chunks) == -(-len(payload) // 10_000)
+    assert entry.stored_bytes < len(payload) * 0.6
+    archive.decompress_file(str(tmp_path / "z"), str(tmp_path / "out"), entry)
+    assert (tmp_path / "out").read_bytes() == payload
+    archive.verify_file(str(tmp_path / "z"), entry)

@@ -19,11 +19,21 @@ class ManifestError(ValueError):
 
 
 @dataclasses.dataclass
+class Chunk:
+    """One independent zstd frame of a stored file (restores decompress chunks in parallel)."""
+
+    stored: int
+    raw: int
+    sha256: str
+
+
+@dataclasses.dataclass
 class FileEntry:
     path: str  # relative to the checkpoint folder
     sha256: str  # of the stored bytes
     stored_bytes: int
     raw_bytes: int
+    chunks: list[Chunk] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -75,11 +85,20 @@ class Manifest:
             raise ManifestError(f"unknown manifest schema {data.get('schema') if isinstance(data, dict) else None!r}")
         try:
             data["identity"] = Identity(**data["identity"])
-            data["files"] = [FileEntry(**f) for f in data["files"]]
+            files = []
+            for f in data["files"]:
+                f["chunks"] = [Chunk(**c) for c in f.get("chunks") or []]
+                files.append(FileEntry(**f))
+            data["files"] = files
             manifest = cls(**data)
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"manifest is incomplete: {exc}") from exc
         for entry in manifest.files:
             if entry.path.startswith("/") or ".." in entry.path.split("/"):
                 raise ManifestError(f"manifest names a file outside the checkpoint: {entry.path!r}")
+            if entry.chunks and (
+                sum(c.stored for c in entry.chunks) != entry.stored_bytes
+                or sum(c.raw for c in entry.chunks) != entry.raw_bytes
+            ):
+                raise ManifestError(f"{entry.path}: chunk sizes do not add up")
         return manifest
