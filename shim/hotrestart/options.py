@@ -19,12 +19,12 @@ from google.protobuf.message import DecodeError
 from hotrestart.api.containerd.runc.v1 import oci_pb2
 from hotrestart.api.runtimeoptions.v1 import api_pb2 as runtimeoptions_pb2
 from hotrestart.errors import InvalidArgumentError
+from hotrestart.runtime.runc import DEFAULT_ROOT
 
 log = logging.getLogger(__name__)
 
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
-DEFAULT_ROOT = "/run/containerd/runc"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

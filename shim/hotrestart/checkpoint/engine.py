@@ -227,13 +227,13 @@ class Engine:
             timings["rootfs_diff"] = time.monotonic() - t1
         except BaseException as exc:
             net.cancel()
+            self._keep_dump_log(subject, work)
             self._drop_work(work, tmpfs)
             self.store.discard(staging)
             self.store.clear_pending(policy.identity)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             log.warning("%s: checkpoint on stop failed: %s", subject.id, exc)
-            self._keep_dump_log(subject, work)
             return False
         try:
             addresses = await asyncio.wait_for(net, 5)
@@ -273,7 +273,9 @@ class Engine:
         return files
 
     def _keep_dump_log(self, subject: Subject, work: str) -> None:
-        del work  # already removed; runc copies nothing on its own
+        """Keep CRIU's log of a failed dump as <bundle>/criu-dump.log, where runc-v2 puts it."""
+        with contextlib.suppress(OSError):
+            shutil.copyfile(os.path.join(work, "criu", "dump.log"), os.path.join(subject.bundle, "criu-dump.log"))
 
     async def _publish(self, dumped: Dumped) -> None:
         manifest = dumped.manifest
