@@ -22,7 +22,8 @@ from testbed.pods import make_pod_config
 pytestmark = pytest.mark.e2e
 
 HANDLERS = ("runc", "hotrestart")
-COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
+# The count is replaced atomically so that a reader never sees the file empty.
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done"
 
 
 @pytest.fixture(scope="module", params=["2", "1.7"], ids=["containerd2", "containerd1.7"])
