@@ -31,9 +31,9 @@ STATEFUL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def inst(containerd_factory: Callable[..., ContainerdInstance]) -> ContainerdInstance:
-    return containerd_factory("2")
+@pytest.fixture(scope="module", params=["2", "1.7"], ids=["containerd2", "containerd1.7"])
+def inst(request: pytest.FixtureRequest, containerd_factory: Callable[..., ContainerdInstance]) -> ContainerdInstance:
+    return containerd_factory(request.param)
 
 
 @pytest.fixture(autouse=True)
@@ -175,11 +175,12 @@ def test_stop_and_create_again_continues(client: CRIClient, inst: ContainerdInst
 
 
 def test_node_move_through_a_shared_store(
-    containerd_factory: Callable[..., ContainerdInstance], tmp_path: Path
+    containerd_factory: Callable[..., ContainerdInstance], inst: ContainerdInstance, tmp_path: Path
 ) -> None:
     shared = tmp_path / "shared-store"
-    node_a = containerd_factory("2", store=shared)
-    node_b = containerd_factory("2", store=shared)
+    version = "1.7" if inst.is_1_7 else "2"
+    node_a = containerd_factory(version, store=shared)
+    node_b = containerd_factory(version, store=shared)
     a, b = node_a.cri(), node_b.cri()
     try:
         counter, checksum = run_and_stop(a, node_a, tmp_path, "db-0")
