@@ -341,3 +341,29 @@ def test_sigkill_during_checkpoint_leaves_nothing(client: CRIClient, inst: Conta
     time.sleep(1)
     assert not stored(inst) and not stored(inst, "staging") and not stored(inst, "claimed")
     assert not host.mounts_under("/run/hotrestart/work")
+
+
+def test_restored_container_that_keeps_dying_is_not_restored_again(
+    client: CRIClient, inst: ContainerdInstance, tmp_path: Path
+) -> None:
+    # Counts to 25 and exits on its own: stopped at about 10 the first time, every restore
+    # then dies within the restore window, as a crash loop would.
+    limited = ["sh", "-c", "i=0; while [ $i -lt 25 ]; do i=$((i+1)); echo $i 1 1; sleep 0.1; done"]
+    first = Incarnation(client, inst, tmp_path, "loop-0")
+    first.create(limited)
+    time.sleep(1.0)
+    assert first.stop().exit_code == 143
+    counter = first.state()[0]
+    first.remove()
+    wait_published(inst)
+    pod = Incarnation(client, inst, tmp_path, "loop-0")
+    for attempt in range(3):
+        pod.create(limited, attempt=attempt)
+        assert pod.first()[0] == counter + 1, f"restore {attempt + 1} continues from the checkpoint"
+        assert client.wait_container_exit(pod.cid, timeout=30).exit_code == 0
+        assert host.wait_until(lambda: bool(stored(inst) or stored(inst, "quarantine")), 10)
+    assert not stored(inst) and len(stored(inst, "quarantine")) == 1
+    assert "died within" in (stored(inst, "quarantine")[0] / "reason.txt").read_text()
+    pod.create(limited, attempt=3)
+    assert pod.first()[0] == 1, "after three early deaths the container starts cold"
+    pod.remove()
