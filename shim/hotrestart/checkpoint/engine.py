@@ -341,9 +341,9 @@ class Engine:
         work, tmpfs = self._work_dir(f"restore-{entry.id}", manifest.raw_bytes)
         criu_work = os.path.join(work, "criu")
         restore_log = os.path.join(criu_work, "restore.log")
+        net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(subject.spec)))
         try:
             t0 = time.monotonic()
-            net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(subject.spec)))
             with telemetry.span("hotrestart.restore.verify", checkpoint=entry.id) as sp:
                 await asyncio.to_thread(self._decompress_all, claimed, work)
                 sp.set("stored_bytes", manifest.stored_bytes)
@@ -368,6 +368,7 @@ class Engine:
             )
             return Claim(claimed, manifest, time.monotonic())
         except Exception as exc:
+            net.cancel()
             reason = str(exc) or type(exc).__name__
             with contextlib.suppress(OSError):
                 self.store.quarantine(claimed, reason, restore_log)
