@@ -114,57 +114,33 @@ class Runc:
 
     def checkpoint_argv(self, cid: str, o: CheckpointOpts) -> list[str]:
         argv = [*self.base_argv(), "checkpoint", "--image-path", o.image_path]
-        if o.work_path:
-            argv += ["--work-path", o.work_path]
-        if o.parent_path:
-            argv += ["--parent-path", o.parent_path]
-        if o.leave_running:
-            argv.append("--leave-running")
-        if o.tcp_established:
-            argv.append("--tcp-established")
-        if o.ext_unix_sk:
-            argv.append("--ext-unix-sk")
-        if o.shell_job:
-            argv.append("--shell-job")
-        if o.file_locks:
-            argv.append("--file-locks")
+        argv += _options(
+            ("--work-path", o.work_path),
+            ("--parent-path", o.parent_path),
+            ("--leave-running", o.leave_running),
+            ("--tcp-established", o.tcp_established),
+            ("--ext-unix-sk", o.ext_unix_sk),
+            ("--shell-job", o.shell_job),
+            ("--file-locks", o.file_locks),
+        )
         for ns in o.empty_ns:
             argv += ["--empty-ns", ns]
-        if o.manage_cgroups_mode:
-            argv += ["--manage-cgroups-mode", o.manage_cgroups_mode]
-        return [*argv, cid]
+        return [*argv, *_options(("--manage-cgroups-mode", o.manage_cgroups_mode)), cid]
 
     def restore_argv(self, cid: str, o: RestoreOpts) -> list[str]:
-        argv = [
-            *self.base_argv(),
-            "restore",
-            "--detach",
-            "--no-subreaper",
-            "--image-path",
-            o.image_path,
-            "--bundle",
-            o.bundle,
-            "--pid-file",
-            o.pid_file,
-        ]
-        if o.work_path:
-            argv += ["--work-path", o.work_path]
-        if o.parent_path:
-            argv += ["--parent-path", o.parent_path]
-        if o.console_socket:
-            argv += ["--console-socket", o.console_socket]
-        if o.no_pivot:
-            argv.append("--no-pivot")
-        if o.tcp_established:
-            argv.append("--tcp-established")
-        if o.ext_unix_sk:
-            argv.append("--ext-unix-sk")
-        if o.shell_job:
-            argv.append("--shell-job")
-        if o.file_locks:
-            argv.append("--file-locks")
-        if o.manage_cgroups_mode:
-            argv += ["--manage-cgroups-mode", o.manage_cgroups_mode]
+        argv = [*self.base_argv(), "restore", "--detach", "--no-subreaper", "--image-path", o.image_path]
+        argv += ["--bundle", o.bundle, "--pid-file", o.pid_file]
+        argv += _options(
+            ("--work-path", o.work_path),
+            ("--parent-path", o.parent_path),
+            ("--console-socket", o.console_socket),
+            ("--no-pivot", o.no_pivot),
+            ("--tcp-established", o.tcp_established),
+            ("--ext-unix-sk", o.ext_unix_sk),
+            ("--shell-job", o.shell_job),
+            ("--file-locks", o.file_locks),
+            ("--manage-cgroups-mode", o.manage_cgroups_mode),
+        )
         return [*argv, cid]
 
     # -- verbs ------------------------------------------------------------------------------
@@ -254,6 +230,17 @@ class Runc:
             verb = argv[len(self.base_argv())] if len(argv) > len(self.base_argv()) else ""
             raise RuntimeCommandError(argv, result.returncode, detail, verb)
         return result
+
+
+def _options(*pairs: tuple[str, str | bool]) -> list[str]:
+    """Flags in the order given: a true bool is the flag alone, a non-empty string its value."""
+    argv: list[str] = []
+    for flag, value in pairs:
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, str) and value:
+            argv += [flag, value]
+    return argv
 
 
 def _size(path: str) -> int:
