@@ -82,7 +82,8 @@ def progress(msg: str) -> None:
 
 def build_memhog(dest: Path) -> Path:
     binary = dest / "memhog"
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(binary), str(ROOT / "hack" / "memhog.c")], check=True)
+    source = str(ROOT / "hack" / "memhog.c")
+    subprocess.run(["gcc", "-static", "-O2", "-pthread", "-o", str(binary), source], check=True)
     return binary
 
 

@@ -65,7 +65,8 @@ def wait_line(cri, cid: str, pred, timeout: float = 60) -> str:
 def main() -> int:
     with ContainerdInstance(shim_bin_dir=Path(sys.executable).parent) as inst:
         memhog = inst.dir / "memhog"
-        subprocess.run(["gcc", "-static", "-O2", "-o", str(memhog), str(ROOT / "hack" / "memhog.c")], check=True)
+        source = str(ROOT / "hack" / "memhog.c")
+        subprocess.run(["gcc", "-static", "-O2", "-pthread", "-o", str(memhog), source], check=True)
         say(f"containerd {inst.major}.x up at {inst.address}; runtime handler 'hotrestart' registered")
         say(f"checkpoint store: {inst.store}\n")
         cri = inst.cri()

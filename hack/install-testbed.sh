@@ -29,10 +29,10 @@ set -euo pipefail
 
 PREFIX=${HOTRESTART_TESTBED:-/opt/hotrestart-testbed}
 # Bump when the layout or the recipe below changes: forces a rebuild.
-RECIPE=1
+RECIPE=2
 APT_SOURCES=/etc/apt/sources.list.d/hotrestart-testbed.sources
 APT_PREFS=/etc/apt/preferences.d/hotrestart-testbed
-NATIVE_PKGS=(patchelf busybox-static containernetworking-plugins iptables iproute2 file)
+NATIVE_PKGS=(patchelf busybox-static containernetworking-plugins iptables iproute2 file python3-protobuf)
 SYSROOT_ROOTS=(criu runc containerd)
 CRI_API_PKG=golang-github-kubernetes-cri-api-dev
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -199,7 +199,7 @@ install_native() {
 # 3.-5. the private tree under $PREFIX
 # ---------------------------------------------------------------------------
 
-LINKS=(containerd ctr containerd-shim-runc-v2 runc criu)
+LINKS=(containerd ctr containerd-shim-runc-v2 runc criu crit)
 C17_BINS=(containerd ctr containerd-shim-runc-v2)
 
 tree_ok() {
@@ -211,6 +211,7 @@ tree_ok() {
     [[ -s $PREFIX/cri/api.proto ]] || return 1
     "$PREFIX/bin/runc" --version >/dev/null 2>&1 || return 1
     "$PREFIX/bin/criu" --version >/dev/null 2>&1 || return 1
+    "$PREFIX/bin/crit" --help >/dev/null 2>&1 || return 1
 }
 
 deb_version() { dpkg-deb -f "$1" Version; }
@@ -234,6 +235,10 @@ build_tree() {
     (cd "$work/sid" && apt-get "${APT_OPTS[@]}" download -qq "${closure[@]/%//sid}")
     log "downloading containerd and $CRI_API_PKG from trixie"
     (cd "$work/trixie" && apt-get "${APT_OPTS[@]}" download -qq containerd/trixie "$CRI_API_PKG/trixie")
+    # CRIU's own image tool (pure Python), matching the CRIU above; it runs on the
+    # host's python3 with bookworm's python3-protobuf.
+    log "downloading python3-pycriu (crit) from sid"
+    (cd "$work/x" && apt-get "${APT_OPTS[@]}" download -qq python3-pycriu/sid)
 
     # 3. sysroot
     local deb
@@ -255,6 +260,10 @@ build_tree() {
     ln -s ../root/usr/bin/containerd-shim-runc-v2 "$stage/bin/containerd-shim-runc-v2"
     ln -s ../root/usr/sbin/runc "$stage/bin/runc"
     ln -s ../root/usr/sbin/criu "$stage/bin/criu"
+    dpkg-deb -x "$work"/x/python3-pycriu_*.deb "$stage/crit"
+    printf '#!/bin/sh\nPYTHONPATH=%s/crit/usr/lib/python3/dist-packages exec /usr/bin/python3 -m crit "$@"\n' \
+        "$PREFIX" >"$stage/bin/crit"
+    chmod 0755 "$stage/bin/crit"
 
     # 4. containerd 1.7
     dpkg-deb -x "$work"/trixie/containerd_*.deb "$work/x/c17"

@@ -78,6 +78,12 @@ class ResourceExhaustedError(ShimError):
     code = Code.RESOURCE_EXHAUSTED
 
 
+class CheckpointError(ShimError):
+    """A checkpoint could not be taken; nothing was published and the container is as it was."""
+
+    code = Code.UNKNOWN
+
+
 class RuntimeCommandError(ShimError):
     """An external command (runc, CRIU) failed; `message` carries its own last words."""
 

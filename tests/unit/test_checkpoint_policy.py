@@ -40,10 +40,12 @@ def test_defaults_and_annotations() -> None:
                 "hotrestart.io/tcp": "keep",
                 "hotrestart.io/carry-volumes": "data, cache",
                 "hotrestart.io/identity": "db-primary",
+                "hotrestart.io/checkpoint-interval": "10m",
             }
         )
     )
     assert (p.timeout, p.tcp, p.carry_volumes, p.identity.canonical()) == (120, "keep", ("data", "cache"), "db-primary")
+    assert p.interval == 600 and policy_for(spec()).interval == 0
 
 
 def test_sandbox_and_opt_out_are_passed_through() -> None:
@@ -52,7 +54,15 @@ def test_sandbox_and_opt_out_are_passed_through() -> None:
     assert not policy_for({"annotations": {"io.kubernetes.cri.container-type": "container"}}).enabled
 
 
-@pytest.mark.parametrize("bad", [{"hotrestart.io/tcp": "sometimes"}, {"hotrestart.io/checkpoint-timeout": "soon"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"hotrestart.io/tcp": "sometimes"},
+        {"hotrestart.io/checkpoint-timeout": "soon"},
+        {"hotrestart.io/checkpoint-interval": "200ms"},
+        {"hotrestart.io/checkpoint-interval": "hourly"},
+    ],
+)
 def test_bad_annotations_are_clear_errors(bad: dict[str, str]) -> None:
     with pytest.raises(InvalidArgumentError):
         policy_for(spec(**bad))

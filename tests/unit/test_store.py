@@ -131,9 +131,17 @@ def test_prune_by_age_and_size(tmp_path: Path) -> None:
     assert store.latest(IDENT) is None
 
 
+def test_an_older_checkpoint_published_late_is_discarded(tmp_path: Path) -> None:
+    # A periodic checkpoint still compressing when the stop checkpoint lands must not win.
+    store = Store(str(tmp_path / "s"))
+    newest = make_checkpoint(store, tmp_path)
+    make_checkpoint(store, tmp_path, created=time.time() - 10)
+    assert [e.id for e in store.entries()] == [newest]
+
+
 def test_pending_marker_of_a_dead_process_is_ignored(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "s"))
-    store.mark_pending(IDENT)
+    store.mark_pending(IDENT, "c1")
     assert store.is_pending(IDENT)
     marker = next((tmp_path / "s" / "v1" / "pending").iterdir())
     host = marker.read_text().split()[0]

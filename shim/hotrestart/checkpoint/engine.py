@@ -26,18 +26,19 @@ import platform
 import shutil
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from hotrestart import telemetry
 from hotrestart.checkpoint import rootfs
 from hotrestart.checkpoint.compat import image_of, incompatibility, spec_digest
 from hotrestart.checkpoint.policy import Policy
+from hotrestart.errors import CheckpointError
 from hotrestart.runtime import mounts, netinfo
 from hotrestart.runtime.command import CommandRunner
 from hotrestart.runtime.runc import CheckpointOpts, Runc
 from hotrestart.store import archive
-from hotrestart.store.manifest import FileEntry, Manifest
+from hotrestart.store.manifest import FileEntry, Identity, Manifest
 from hotrestart.store.store import Entry, Store
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,22 @@ class Dumped:
     files: list[tuple[str, str]]  # (raw file, path in the checkpoint)
     manifest: Manifest
     started: float
+    images: str  # the raw CRIU images, until published
+
+
+@dataclasses.dataclass(frozen=True)
+class DumpRequest:
+    """Why and how to dump: a stop ends the container; API and periodic checkpoints leave it
+    running. TCP connections and file locks are dumped by default so that any checkpoint can
+    serve as a restore point (the restore closes connections unless the address is kept)."""
+
+    reason: str  # stop, api, periodic
+    leave_running: bool
+    tcp_established: bool = True
+    file_locks: bool = True
+    ext_unix_sk: bool = False
+    empty_ns: tuple[str, ...] = ()
+    cgroups_mode: str = ""
 
 
 @dataclasses.dataclass
@@ -134,6 +151,9 @@ class Engine:
         self.node = node or socket.gethostname()
         self._runtime: dict[str, str] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._newest: dict[str, float] = {}  # identity -> wall time of its newest successful dump here
+        self._in_flight: dict[str, tuple[str, str]] = {}  # checkpoint id -> (identity, reason), while published
+        self._publish_lock = asyncio.Lock()
 
     # -- shared ---------------------------------------------------------------------------------
 
@@ -162,12 +182,14 @@ class Engine:
         path = os.path.join(self.work_root, name)
         os.mkdir(path, 0o700)
         if size and size * 1.25 + (256 << 20) < _mem_available():
-            try:
-                limit = int(size * 1.25) + (64 << 20)
-                mounts.mount(mounts.Mount("tmpfs", "tmpfs", ("mode=0700", f"size={limit}")), path)
-                return path, True
-            except OSError as exc:
-                log.info("no tmpfs for %s (%s); using disk", path, exc)
+            limit = int(size * 1.25) + (64 << 20)
+            # Huge pages halve CRIU's time writing pages, which is time the process is frozen.
+            for extra in (("huge=always",), ()):
+                try:
+                    mounts.mount(mounts.Mount("tmpfs", "tmpfs", ("mode=0700", f"size={limit}", *extra)), path)
+                    return path, True
+                except OSError as exc:
+                    log.info("no tmpfs %s for %s (%s)", " ".join(extra), path, exc)
         return path, False
 
     def _drop_work(self, path: str, tmpfs: bool) -> None:
@@ -176,28 +198,41 @@ class Engine:
                 mounts.unmount_all(path)
         shutil.rmtree(path, ignore_errors=True)
 
-    def _track(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
+    def _track(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def drain(self, timeout: float = 600.0) -> None:
         """Wait for background publishes (the shim must not exit under them)."""
         if self._background:
             await asyncio.wait(list(self._background), timeout=timeout)
 
-    # -- stop -----------------------------------------------------------------------------------
+    # -- checkpoint -----------------------------------------------------------------------------
 
     async def checkpoint_on_stop(self, subject: Subject, policy: Policy, budget: float) -> bool:
         """Dump and capture `subject`; True when its processes are gone and the rest is queued."""
+        try:
+            dumped = await self.dump(subject, policy, DumpRequest("stop", leave_running=False), budget)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("%s: checkpoint on stop failed: %s", subject.id, exc)
+            return False
+        self.publish_later(dumped)
+        return True
+
+    async def dump(self, subject: Subject, policy: Policy, req: DumpRequest, budget: float | None) -> Dumped:
+        """CRIU-dump `subject` into a private work folder (tmpfs when memory allows) and
+        capture its files, within `budget` seconds. The process tree is frozen only for the
+        dump itself; nothing is published yet. Raises on failure, leaving nothing behind."""
         t0 = time.monotonic()
-        deadline = t0 + budget
         runtime = await self.runtime_info(subject.runc)
         if not runtime.get("criu"):
-            log.warning("%s: no CRIU on this node; stopping without a checkpoint", subject.id)
-            return False
-        self.store.mark_pending(policy.identity)
+            raise CheckpointError("no CRIU on this node")
         cid, staging = self.store.new_staging()
+        self.store.mark_pending(policy.identity, cid)
         work, tmpfs = self._work_dir(cid, _memory_usage(subject.pid))
         net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(subject.spec)))
         timings: dict[str, float] = {}
@@ -206,35 +241,43 @@ class Engine:
             opts = CheckpointOpts(
                 image_path=images,
                 work_path=os.path.join(work, "criu"),
-                leave_running=False,
-                tcp_established=True,
+                leave_running=req.leave_running,
+                tcp_established=req.tcp_established,
+                ext_unix_sk=req.ext_unix_sk,
                 shell_job=subject.terminal,
-                file_locks=True,
+                file_locks=req.file_locks,
+                empty_ns=req.empty_ns,
+                manage_cgroups_mode=req.cgroups_mode,
             )
-            with telemetry.span("hotrestart.checkpoint.dump", container=subject.id) as sp:
+            log.info("%s: dump %s (%s) begins", subject.id, cid, req.reason)
+            with telemetry.span("hotrestart.checkpoint.dump", container=subject.id, reason=req.reason) as sp:
+                outcome = "failed"
                 try:
-                    await subject.runc.checkpoint(subject.id, opts, timeout=max(deadline - time.monotonic(), 0.1))
+                    left = None if budget is None else max(t0 + budget - time.monotonic(), 0.1)
+                    await subject.runc.checkpoint(subject.id, opts, timeout=left)
+                    outcome = "ok"
                 except TimeoutError:
-                    sp.set("outcome", "timeout")
-                    raise
-                sp.set("outcome", "ok")
-            timings["dump"] = time.monotonic() - t0
+                    outcome = "timeout"
+                    raise CheckpointError(f"the dump did not finish within {budget or 0:.1f}s") from None
+                finally:
+                    sp.set("outcome", outcome)
+                    timings["dump"] = time.monotonic() - t0
+                    took = timings["dump"]
+                    log.info("%s: dump %s (%s) ends: %s after %.2fs", subject.id, cid, req.reason, outcome, took)
+            self._newest[policy.identity.canonical()] = time.time()
             files = [(os.path.join(images, name), f"images/{name}.zst") for name in sorted(os.listdir(images))]
             t1 = time.monotonic()
             with telemetry.span("hotrestart.checkpoint.rootfs_diff", container=subject.id) as sp:
                 files += await asyncio.to_thread(self._capture_files, subject, policy, work)
                 sp.set("files", len(files))
             timings["rootfs_diff"] = time.monotonic() - t1
-        except BaseException as exc:
+        except BaseException:
             net.cancel()
             self._keep_dump_log(subject, work)
             self._drop_work(work, tmpfs)
             self.store.discard(staging)
-            self.store.clear_pending(policy.identity)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            log.warning("%s: checkpoint on stop failed: %s", subject.id, exc)
-            return False
+            self.store.clear_pending(policy.identity, cid)
+            raise
         try:
             addresses = await asyncio.wait_for(net, 5)
         except Exception as exc:
@@ -245,7 +288,7 @@ class Engine:
             identity=policy.identity,
             created_at=time.time(),
             node=self.node,
-            reason="stop",
+            reason=req.reason,
             image=image_of(subject.spec),
             spec_digest=spec_digest(subject.spec),
             runtime=runtime,
@@ -254,8 +297,27 @@ class Engine:
             timings=timings,
             tcp=policy.tcp,
         )
-        self._track(self._publish(Dumped(cid, staging, work, tmpfs, files, manifest, t0)))
-        return True
+        return Dumped(cid, staging, work, tmpfs, files, manifest, t0, os.path.join(work, "images"))
+
+    def discard(self, dumped: Dumped) -> None:
+        self._drop_work(dumped.work, dumped.tmpfs)
+        self.store.discard(dumped.staging)
+        self.store.clear_pending(dumped.manifest.identity, dumped.id)
+
+    def publish_later(self, dumped: Dumped) -> asyncio.Task[None]:
+        """Compress, hash and publish `dumped` in the background (the shim waits for it on exit)."""
+        return self._track(self._publish(dumped))
+
+    def publishing(self, identity: Identity, reason: str) -> bool:
+        """A checkpoint of `identity` taken here for `reason` is still being compressed or published."""
+        return (identity.canonical(), reason) in self._in_flight.values()
+
+    def retire(self, identity: Identity, reasons: tuple[str, ...]) -> None:
+        """Drop the restore points of `identity` taken for `reasons` (a clean exit ends them)."""
+        self._newest[identity.canonical()] = time.time()
+        for entry in self.store.published(identity):
+            if entry.manifest is not None and entry.manifest.reason in reasons:
+                self.store.remove(entry)
 
     def _capture_files(self, subject: Subject, policy: Policy, work: str) -> list[tuple[str, str]]:
         files: list[tuple[str, str]] = []
@@ -279,6 +341,8 @@ class Engine:
 
     async def _publish(self, dumped: Dumped) -> None:
         manifest = dumped.manifest
+        identity = manifest.identity.canonical()
+        self._in_flight[dumped.id] = (identity, manifest.reason)
         try:
             t0 = time.monotonic()
             with telemetry.span("hotrestart.checkpoint.compress", checkpoint=dumped.id) as sp:
@@ -288,9 +352,18 @@ class Engine:
                 sp.set("stored_bytes", manifest.stored_bytes)
             manifest.timings["compress"] = time.monotonic() - t0
             t1 = time.monotonic()
-            with telemetry.span("hotrestart.checkpoint.publish", checkpoint=dumped.id):
-                manifest.timings["durable"] = time.monotonic() - dumped.started
-                await asyncio.to_thread(self.store.publish, dumped.staging, manifest)
+            async with self._publish_lock:
+                if self._newest.get(identity, 0.0) > manifest.created_at:
+                    # A later checkpoint (or a clean exit) of the same container came first.
+                    log.info("checkpoint %s of %s superseded; dropped", dumped.id, identity)
+                    self.store.discard(dumped.staging)
+                    return
+                with telemetry.span("hotrestart.checkpoint.publish", checkpoint=dumped.id):
+                    manifest.timings["durable"] = time.monotonic() - dumped.started
+                    published = await asyncio.to_thread(self.store.publish, dumped.staging, manifest)
+            if published is None:
+                log.info("checkpoint %s of %s is older than the published one; dropped", dumped.id, identity)
+                return
             manifest.timings["publish"] = time.monotonic() - t1
             log.info(
                 "checkpoint %s of %s published: %d bytes (%d raw) in %.2fs",
@@ -304,8 +377,9 @@ class Engine:
             log.error("checkpoint %s could not be published: %s", dumped.id, exc)
             self.store.discard(dumped.staging)
         finally:
+            self._in_flight.pop(dumped.id, None)
             self._drop_work(dumped.work, dumped.tmpfs)
-            self.store.clear_pending(manifest.identity)
+            self.store.clear_pending(manifest.identity, dumped.id)
 
     def _compress_all(self, dumped: Dumped) -> list[FileEntry]:
         for sub in ("images", "volumes"):
@@ -318,6 +392,7 @@ class Engine:
     async def find(self, spec: Mapping[str, Any], policy: Policy, runc: Runc) -> tuple[Entry | None, str]:
         """The checkpoint to restore `spec` from, or (None, why not)."""
         waited = 0.0
+        # A checkpoint being written (the stop of the previous incarnation) is waited for.
         while self.store.is_pending(policy.identity) and waited < PENDING_WAIT:
             await asyncio.sleep(0.1)
             waited += 0.1

@@ -11,6 +11,8 @@ the runtime's `pod_annotations` lists `hotrestart.io/*`) tune it:
   `keep` restores them when the pod's address is unchanged.
 - `hotrestart.io/carry-volumes`: comma-separated emptyDir volume names whose contents
   travel with the checkpoint.
+- `hotrestart.io/checkpoint-interval`: take a leave-running checkpoint on this schedule
+  (`10m`), so a crash, an OOM kill or the loss of the node loses at most one interval.
 - `hotrestart.io/identity`: the key under which the checkpoint is stored (default
   namespace/pod/container), for pods whose names change between incarnations.
 """
@@ -32,6 +34,7 @@ SANDBOX_NAME = "io.kubernetes.cri.sandbox-name"
 CONTAINER_NAME = "io.kubernetes.cri.container-name"
 IMAGE_NAME = "io.kubernetes.cri.image-name"
 DEFAULT_TIMEOUT = 10.0
+MIN_INTERVAL = 1.0
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -51,6 +54,7 @@ class Policy:
     timeout: float = DEFAULT_TIMEOUT
     tcp: str = "close"
     carry_volumes: tuple[str, ...] = ()
+    interval: float = 0.0  # seconds between periodic checkpoints; 0 = none
     why_disabled: str = ""
 
 
@@ -75,4 +79,9 @@ def policy_for(spec: Mapping[str, Any]) -> Policy:
     if tcp not in ("close", "keep"):
         raise InvalidArgumentError(f"hotrestart.io/tcp must be close or keep, not {tcp!r}")
     volumes = tuple(v.strip() for v in annotations.get(PREFIX + "carry-volumes", "").split(",") if v.strip())
-    return Policy(True, identity, timeout=timeout, tcp=tcp, carry_volumes=volumes)
+    interval = 0.0
+    if annotations.get(PREFIX + "checkpoint-interval", "").strip() not in ("", "0", "off"):
+        interval = parse_duration(annotations[PREFIX + "checkpoint-interval"])
+        if interval < MIN_INTERVAL:
+            raise InvalidArgumentError(f"hotrestart.io/checkpoint-interval must be at least {MIN_INTERVAL:.0f}s")
+    return Policy(True, identity, timeout=timeout, tcp=tcp, carry_volumes=volumes, interval=interval)

@@ -20,7 +20,7 @@ import signal
 import time
 from typing import Any
 
-from hotrestart.checkpoint.engine import RESTORE_WINDOW, Claim, Engine, RestoreFailed, Subject
+from hotrestart.checkpoint.engine import RESTORE_WINDOW, Claim, DumpRequest, Engine, RestoreFailed, Subject
 from hotrestart.checkpoint.policy import Policy, policy_for
 from hotrestart.checkpoint.rootfs import upperdir_of
 from hotrestart.container.process import ExitInfo, Process, StdioPaths
@@ -74,6 +74,7 @@ class CheckpointConfig:
     empty_namespaces: tuple[str, ...] = ()
     cgroups_mode: str = ""
     work_path: str = ""
+    options_given: bool = False  # containerd 2.x sends none to a runtime not named runc: leave running
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -124,6 +125,9 @@ class Container:
         self._exit_override: int | None = None
         self._restored_at = 0.0
         self._stop_requested = False  # containerd asked for the init to end (any Kill)
+        # One dump at a time per container: stop, API and periodic checkpoints queue here.
+        self._dump_lock = asyncio.Lock()
+        self._periodic: asyncio.Task[None] | None = None
 
     @property
     def rootfs(self) -> str:
@@ -264,6 +268,7 @@ class Container:
                 await self._runc.start(self.id)
             if not self.init.exited:
                 self.init.sm.advance(Action.START)
+                self._start_periodic()
             self._events.start(self.id, self.init.pid)
             return self.init.pid
 
@@ -389,6 +394,13 @@ class Container:
             await self._stop_done.wait()
             if self._exit_override is not None:
                 status = self._exit_override
+        if proc is self.init:
+            self._stop_periodic()
+            if status == 0 and not self._stop_requested and self.hot_enabled:
+                # A clean exit on its own: the work is done, there is nothing to recover.
+                assert self._hot is not None and self.policy is not None
+                with contextlib.suppress(OSError):
+                    self._hot.retire(self.policy.identity, ("periodic", "api"))
         if proc is self.init and self._claim is not None and self._hot is not None:
             died_early = not self._stop_requested and time.monotonic() - self._restored_at < RESTORE_WINDOW
             self._hot.settle(self._claim, died_early=died_early)
@@ -462,8 +474,12 @@ class Container:
     async def _checkpoint_then_stop(self, sig: int) -> None:
         assert self._hot is not None and self.policy is not None
         ok = False
+        since = time.monotonic()
         try:
-            ok = await self._hot.checkpoint_on_stop(self._subject(), self.policy, self.policy.timeout)
+            async with self._dump_lock:  # a periodic or API checkpoint in progress finishes first
+                left = self.policy.timeout - (time.monotonic() - since)
+                if left > 0.5 and self.init.state is State.RUNNING:
+                    ok = await self._hot.checkpoint_on_stop(self._subject(), self.policy, left)
         except asyncio.CancelledError:
             cgroups.thaw(self.init.pid)
             raise
@@ -480,14 +496,15 @@ class Container:
                 await self._runc.kill(self.id, sig)
 
     async def pause(self) -> None:
-        async with self._lock:
+        # The freezer is CRIU's during a dump (runc would call the container not running).
+        async with self._lock, self._dump_lock:
             self.init.sm.check(Action.PAUSE)
             await self._runc.pause(self.id)
             self.init.sm.advance(Action.PAUSE)
         self._events.paused(self.id)
 
     async def resume(self) -> None:
-        async with self._lock:
+        async with self._lock, self._dump_lock:
             self.init.sm.check(Action.RESUME)
             await self._runc.resume(self.id)
             self.init.sm.advance(Action.RESUME)
@@ -502,32 +519,101 @@ class Container:
         async with self._lock:
             self.init.sm.check(Action.CHECKPOINT)
             os.makedirs(cfg.path, mode=0o700, exist_ok=True)
-            work = cfg.work_path or os.path.join(self.bundle, "criu-work")
-            os.makedirs(work, mode=0o700, exist_ok=True)
-            opts = CheckpointOpts(
-                image_path=cfg.path,
-                work_path=work,
+            if self.hot_enabled and self._stopping is None:
+                await self._checkpoint_to_store(cfg)
+            else:
+                await self._runc_checkpoint(cfg)
+        self._events.checkpointed(self.id, cfg.path)
+
+    async def _checkpoint_to_store(self, cfg: CheckpointConfig) -> None:
+        """An API checkpoint of a hot-restart container: dump once into fast private storage,
+        hand containerd its copy of the images, and keep the dump as the identity's newest
+        restore point (published in the background)."""
+        assert self._hot is not None and self.policy is not None
+        req = DumpRequest("api", leave_running=not cfg.exit)
+        if cfg.options_given:
+            req = DumpRequest(
+                "api",
                 leave_running=not cfg.exit,
                 tcp_established=cfg.open_tcp,
-                ext_unix_sk=cfg.external_unix_sockets,
-                shell_job=cfg.terminal or self.cfg.stdio.terminal,
                 file_locks=cfg.file_locks,
+                ext_unix_sk=cfg.external_unix_sockets,
                 empty_ns=cfg.empty_namespaces,
-                manage_cgroups_mode=cfg.cgroups_mode,
+                cgroups_mode=cfg.cgroups_mode,
             )
+        async with self._dump_lock:
+            dumped = await self._hot.dump(self._subject(), self.policy, req, None)
+        try:
+            await asyncio.to_thread(_copy_images, dumped.images, cfg.path)
+        except BaseException:
+            self._hot.discard(dumped)
+            raise
+        self._hot.publish_later(dumped)
+
+    async def _runc_checkpoint(self, cfg: CheckpointConfig) -> None:
+        work = cfg.work_path or os.path.join(self.bundle, "criu-work")
+        os.makedirs(work, mode=0o700, exist_ok=True)
+        opts = CheckpointOpts(
+            image_path=cfg.path,
+            work_path=work,
+            leave_running=not cfg.exit,
+            tcp_established=cfg.open_tcp,
+            ext_unix_sk=cfg.external_unix_sockets,
+            shell_job=cfg.terminal or self.cfg.stdio.terminal,
+            file_locks=cfg.file_locks,
+            empty_ns=cfg.empty_namespaces,
+            manage_cgroups_mode=cfg.cgroups_mode,
+        )
+        try:
+            await self._runc.checkpoint(self.id, opts)
+        except RuntimeCommandError as exc:
+            dump_log = os.path.join(work, "dump.log")
+            if os.path.exists(dump_log):
+                target = os.path.join(self.bundle, "criu-dump.log")
+                with contextlib.suppress(OSError):
+                    os.replace(dump_log, target)
+                raise RuntimeCommandError(exc.argv, exc.returncode, f"{exc.detail} (see {target})", exc.verb) from exc
+            raise
+
+    # -- periodic checkpoints -------------------------------------------------------------------
+
+    def _start_periodic(self) -> None:
+        if self.hot_enabled and self.policy is not None and self.policy.interval > 0 and self._periodic is None:
+            self._periodic = asyncio.ensure_future(self._periodic_checkpoints(self.policy.interval))
+
+    def _stop_periodic(self) -> None:
+        if self._periodic is not None:
+            self._periodic.cancel()
+            self._periodic = None
+
+    async def _periodic_checkpoints(self, interval: float) -> None:
+        """Leave-running checkpoints on a schedule. A failure is logged and retried at the next
+        tick; a tick is skipped while the previous checkpoint is still being published."""
+        assert self._hot is not None and self.policy is not None
+        while not self.init.exited:
+            await asyncio.sleep(interval)
+            if self._stopping is not None or self.init.exited:
+                return
+            if self._hot.publishing(self.policy.identity, "periodic"):
+                log.info("%s: previous checkpoint still being published; skipping this interval", self.id)
+                continue
             try:
-                await self._runc.checkpoint(self.id, opts)
-            except RuntimeCommandError as exc:
-                dump_log = os.path.join(work, "dump.log")
-                if os.path.exists(dump_log):
-                    target = os.path.join(self.bundle, "criu-dump.log")
-                    with contextlib.suppress(OSError):
-                        os.replace(dump_log, target)
-                    raise RuntimeCommandError(
-                        exc.argv, exc.returncode, f"{exc.detail} (see {target})", exc.verb
-                    ) from exc
+                async with self._dump_lock:
+                    # A paused container is dumped as it is (containerd pauses around its own checkpoints).
+                    if self._stopping is not None or self.init.state not in (State.RUNNING, State.PAUSED):
+                        continue
+                    try:
+                        req = DumpRequest("periodic", leave_running=True)
+                        dumped = await self._hot.dump(self._subject(), self.policy, req, self.policy.timeout)
+                    except asyncio.CancelledError:
+                        cgroups.thaw(self.init.pid)
+                        raise
+                self._hot.publish_later(dumped)
+            except asyncio.CancelledError:
                 raise
-        self._events.checkpointed(self.id, cfg.path)
+            except Exception as exc:
+                cgroups.thaw(self.init.pid)
+                log.warning("%s: periodic checkpoint failed (next in %.0fs): %s", self.id, interval, exc)
 
     # -- observers ----------------------------------------------------------------------------
 
@@ -592,6 +678,7 @@ class Container:
                     async with asyncio.timeout(5):
                         await self.init.wait()
             self.init.sm.advance(Action.DELETE)
+            self._stop_periodic()
             self.init.io.close()
             for proc in self.execs.values():
                 proc.io.close()
@@ -642,6 +729,13 @@ def _criu_config(bundle: str, text: str) -> Any:
             f.write(original)
         with contextlib.suppress(OSError):
             os.unlink(conf)
+
+
+def _copy_images(src: str, dst: str) -> None:
+    """CRIU's images, copied where containerd asked for them (in-kernel copies)."""
+    os.makedirs(dst, mode=0o700, exist_ok=True)
+    for name in os.listdir(src):
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name), follow_symlinks=False)
 
 
 def _load_spec(bundle: str) -> dict[str, Any]:

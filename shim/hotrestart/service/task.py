@@ -281,6 +281,7 @@ def _checkpoint_config(path: str, options: any_pb2.Any) -> CheckpointConfig:
         empty_namespaces=tuple(o.empty_namespaces),
         cgroups_mode=o.cgroups_mode,
         work_path=o.work_path,
+        options_given=True,
     )
     return CheckpointConfig(**kwargs)
 

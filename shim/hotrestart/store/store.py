@@ -7,7 +7,7 @@ mount such as NFS or CephFS so that a pod moved to another node restores there):
     v1/checkpoints/<key>/<id>/  published: manifest.json plus the files it lists
     v1/claimed/<id>/            taken by a restore (rename is the lock: one winner)
     v1/quarantine/<id>/         failed to restore; reason.txt and restore.log beside it
-    v1/pending/<key>            a checkpoint of this identity is being taken right now
+    v1/pending/<key>.<id>       a checkpoint of this identity is being taken right now
 
 `<key>` is a hash of the identity (namespace/pod/container or the annotation's key), and
 `<id>` is unique per checkpoint. Every state change is one rename(2) within the store, so a
@@ -105,8 +105,15 @@ class Store:
             f.write(f"{socket.gethostname()} {os.getpid()}\n")
         return cid, path
 
-    def publish(self, staging: str, manifest: Manifest) -> Entry:
-        """Write the manifest and move the staging folder into place in one rename."""
+    def publish(self, staging: str, manifest: Manifest) -> Entry | None:
+        """Write the manifest and move the staging folder into place in one rename.
+
+        A checkpoint older than one already published for the identity is discarded (None):
+        the newest state is the only one worth restoring."""
+        published = self.published(manifest.identity)
+        if any(e.manifest and e.manifest.created_at > manifest.created_at for e in published):
+            self.discard(staging)
+            return None
         with open(os.path.join(staging, MANIFEST), "w", opener=_private) as f:
             f.write(manifest.to_json())
             f.flush()
@@ -125,7 +132,7 @@ class Store:
         _fsync_dir(parent)
         entry = Entry("checkpoints", manifest.id, target, manifest)
         # Only the newest checkpoint of an identity is worth keeping.
-        for older in self._published(manifest.identity):
+        for older in self.published(manifest.identity):
             if older.id != manifest.id and older.manifest and older.manifest.created_at <= manifest.created_at:
                 self.remove(older)
         return entry
@@ -135,32 +142,40 @@ class Store:
 
     # -- pending markers ------------------------------------------------------------------------
 
-    def mark_pending(self, identity: Identity) -> None:
+    def mark_pending(self, identity: Identity, cid: str) -> None:
         self.ensure()
-        path = os.path.join(self._dir("pending"), identity_key(identity))
+        path = os.path.join(self._dir("pending"), f"{identity_key(identity)}.{cid}")
         with open(path, "w", opener=_private) as f:
             f.write(f"{socket.gethostname()} {os.getpid()} {time.time()}\n")
 
-    def clear_pending(self, identity: Identity) -> None:
+    def clear_pending(self, identity: Identity, cid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self._dir("pending"), identity_key(identity)))
+            os.unlink(os.path.join(self._dir("pending"), f"{identity_key(identity)}.{cid}"))
 
     def is_pending(self, identity: Identity) -> bool:
         """A checkpoint of `identity` is being written by a live process (on any node)."""
-        path = os.path.join(self._dir("pending"), identity_key(identity))
+        prefix = identity_key(identity) + "."
         try:
-            with open(path) as f:
-                host, pid, _since = f.read().split()
-        except (OSError, ValueError):
+            names = [n for n in os.listdir(self._dir("pending")) if n.startswith(prefix)]
+        except FileNotFoundError:
             return False
-        if host == socket.gethostname() and not _pid_alive(int(pid)):
-            self.clear_pending(identity)
-            return False
-        return True
+        for name in names:
+            path = os.path.join(self._dir("pending"), name)
+            try:
+                with open(path) as f:
+                    host, pid, _since = f.read().split()
+            except (OSError, ValueError):
+                continue
+            if host == socket.gethostname() and not _pid_alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                continue
+            return True
+        return False
 
     # -- reading and claiming -------------------------------------------------------------------
 
-    def _published(self, identity: Identity) -> list[Entry]:
+    def published(self, identity: Identity) -> list[Entry]:
         parent = os.path.join(self._dir("checkpoints"), identity_key(identity))
         try:
             names = os.listdir(parent)
@@ -174,7 +189,7 @@ class Store:
 
     def latest(self, identity: Identity) -> Entry | None:
         """The newest readable published checkpoint of `identity`."""
-        good = [e for e in self._published(identity) if e.manifest is not None]
+        good = [e for e in self.published(identity) if e.manifest is not None]
         good = [e for e in good if e.manifest and e.manifest.identity.canonical() == identity.canonical()]
         return max(good, key=lambda e: e.manifest.created_at if e.manifest else 0.0, default=None)
 
