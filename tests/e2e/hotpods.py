@@ -57,9 +57,17 @@ class Incarnation:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def create(self, command: list[str] | None = None, *, name: str = "app", start: bool = True, **kwargs: Any) -> str:
+    def create(
+        self,
+        command: list[str] | None = None,
+        *,
+        name: str = "app",
+        start: bool = True,
+        image: str = BUSYBOX_IMAGE,
+        **kwargs: Any,
+    ) -> str:
         self.cid = self.client.create_container(
-            self.pod, self.config, name=name, image=BUSYBOX_IMAGE, command=command or STATEFUL, **kwargs
+            self.pod, self.config, name=name, image=image, command=command or STATEFUL, **kwargs
         )
         if start:
             self.client.start_container(self.cid)
