@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from hotrestart.checkpoint.engine import RESTORE_WINDOW, Claim, DumpRequest, Engine, RestoreFailed, Subject
@@ -459,6 +460,8 @@ class Container:
             if self._stopping is None:
                 self._stopping = asyncio.ensure_future(self._checkpoint_then_stop(sig))
             return
+        if sig == signal.SIGKILL:
+            self._stop_periodic()  # a periodic dump in progress must not hold the kill up
         if self._stopping is not None and not self._stopping.done():
             # A later SIGKILL always wins over a checkpoint in progress.
             self._stopping.cancel()
@@ -479,7 +482,8 @@ class Container:
             async with self._dump_lock:  # a periodic or API checkpoint in progress finishes first
                 left = self.policy.timeout - (time.monotonic() - since)
                 if left > 0.5 and self.init.state is State.RUNNING:
-                    ok = await self._hot.checkpoint_on_stop(self._subject(), self.policy, left)
+                    async with self._quiesced(True):
+                        ok = await self._hot.checkpoint_on_stop(self._subject(), self.policy, left)
         except asyncio.CancelledError:
             cgroups.thaw(self.init.pid)
             raise
@@ -541,7 +545,7 @@ class Container:
                 empty_ns=cfg.empty_namespaces,
                 cgroups_mode=cfg.cgroups_mode,
             )
-        async with self._dump_lock:
+        async with self._dump_lock, self._quiesced(cfg.exit):
             dumped = await self._hot.dump(self._subject(), self.policy, req, None)
         try:
             await asyncio.to_thread(_copy_images, dumped.images, cfg.path)
@@ -565,7 +569,8 @@ class Container:
             manage_cgroups_mode=cfg.cgroups_mode,
         )
         try:
-            await self._runc.checkpoint(self.id, opts)
+            async with self._quiesced(cfg.exit):
+                await self._runc.checkpoint(self.id, opts)
         except RuntimeCommandError as exc:
             dump_log = os.path.join(work, "dump.log")
             if os.path.exists(dump_log):
@@ -574,6 +579,29 @@ class Container:
                     os.replace(dump_log, target)
                 raise RuntimeCommandError(exc.argv, exc.returncode, f"{exc.detail} (see {target})", exc.verb) from exc
             raise
+
+    @contextlib.asynccontextmanager
+    async def _quiesced(self, exits: bool) -> AsyncIterator[None]:
+        """Hand CRIU the container frozen with every process seizable; thaw it afterwards
+        unless it was paused before (containerd pauses a task around its own checkpoint).
+
+        A freeze, CRIU's own or containerd's pause, can catch a process in the middle of
+        vfork(); CRIU then waits out its whole timeout and fails. See cgroups.freeze_quiescent."""
+        paused = self.init.state is State.PAUSED
+        freezing = asyncio.ensure_future(asyncio.to_thread(cgroups.freeze_quiescent, self.init.pid))
+        try:
+            if not await asyncio.shield(freezing):
+                log.info("%s: a process stays inside vfork(); dumping anyway", self.id)
+        except asyncio.CancelledError:
+            # The freezing thread runs on; never leave its freeze behind.
+            await asyncio.wait([freezing])
+            cgroups.thaw(self.init.pid)
+            raise
+        try:
+            yield
+        finally:
+            if exits or not paused:
+                cgroups.thaw(self.init.pid)
 
     # -- periodic checkpoints -------------------------------------------------------------------
 
@@ -604,7 +632,8 @@ class Container:
                         continue
                     try:
                         req = DumpRequest("periodic", leave_running=True)
-                        dumped = await self._hot.dump(self._subject(), self.policy, req, self.policy.timeout)
+                        async with self._quiesced(False):
+                            dumped = await self._hot.dump(self._subject(), self.policy, req, self.policy.timeout)
                     except asyncio.CancelledError:
                         cgroups.thaw(self.init.pid)
                         raise

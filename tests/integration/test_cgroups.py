@@ -1,0 +1,75 @@
+"""The freeze handed to CRIU: never with a process caught inside vfork() (a real cgroup v1 freezer)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hotrestart.runtime import cgroups
+
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+# A parent blocked in vfork(): the child never execs (it waits in pause()).
+VFORK_PARENT = """
+import ctypes, os, time
+time.sleep(0.3)  # moved into the test cgroup meanwhile, so the child is born there
+libc = ctypes.CDLL(None)
+if libc.vfork() == 0:
+    libc.pause()
+"""
+
+
+@pytest.fixture
+def freezer() -> Iterator[Path]:
+    if os.geteuid() != 0 or not FREEZER.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("needs root and a cgroup v1 freezer")
+        pytest.skip("needs root and a cgroup v1 freezer")
+    path = FREEZER / f"hotrestart-test-{secrets.token_hex(4)}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        (path / "freezer.state").write_text("THAWED")
+        for pid in (path / "cgroup.procs").read_text().split():
+            os.kill(int(pid), signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while (path / "cgroup.procs").read_text().split() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        path.rmdir()
+
+
+def _state(path: Path) -> str:
+    return (path / "freezer.state").read_text().strip()
+
+
+def test_an_ordinary_tree_is_frozen(freezer: Path) -> None:
+    proc = subprocess.Popen(["sleep", "60"])
+    (freezer / "cgroup.procs").write_text(str(proc.pid))
+    assert cgroups.freeze_quiescent(proc.pid)
+    assert _state(freezer) == "FROZEN"
+    cgroups.thaw(proc.pid)
+    assert _state(freezer) == "THAWED"
+    proc.kill()
+    proc.wait()
+
+
+def test_a_process_inside_vfork_is_never_handed_over_frozen(freezer: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", VFORK_PARENT])
+    (freezer / "cgroup.procs").write_text(str(proc.pid))
+    deadline = time.monotonic() + 10
+    while len((freezer / "cgroup.procs").read_text().split()) < 2:
+        assert time.monotonic() < deadline, "the vfork child never appeared"
+        time.sleep(0.05)
+    assert not cgroups.freeze_quiescent(proc.pid, attempts=3, delay=0.01)
+    assert _state(freezer) == "THAWED", "a freeze CRIU could not seize is not left behind"
+    proc.kill()
+    proc.wait()
