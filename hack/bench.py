@@ -12,7 +12,11 @@ Measures, on one private containerd 2.x (the test bed):
   durable in the store, its size, and the time StartContainer takes to have the process
   running again; against plain `runc checkpoint` (to disk, fsynced) and `runc restore`
   of the same workload, containerd's CRI CheckpointContainer with runc-v2, and a cold
-  start of the same service with a slow start.
+  start of the same service with a slow start;
+- checkpoints that leave the container running: how long the application is frozen by a
+  periodic checkpoint (memhog reports its longest stop) against plain
+  `runc checkpoint --leave-running` to disk, and CRI CheckpointContainer through the shim
+  against the same call on runc-v2.
 Absolute times on shared machines are noisy; the ratios are the result.
 """
 
@@ -114,6 +118,26 @@ def memhog_pod(cri, inst, handler: str, name: str, memhog: Path, args: list[str]
     return pod, cid
 
 
+def rows(lines: list[str]) -> list[tuple[int, int, int]]:
+    """memhog's "counter checksum stall-ms" lines."""
+    out = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 3 and all(p.isdigit() for p in parts):
+            out.append((int(parts[0]), int(parts[1]), int(parts[2])))
+    return out
+
+
+def log_rows(cri, cid: str) -> list[tuple[int, int, int]]:
+    return rows([x.message for x in parse_cri_log(cri.read_log(cid))])
+
+
+def frozen_after(cri, cid: str, counter: int, settle: float = 1.5) -> float:
+    """The longest stop memhog saw after line `counter` (seconds), once it ran on a while."""
+    time.sleep(settle)
+    return max((stall for n, _, stall in log_rows(cri, cid) if n > counter), default=0) / 1000
+
+
 def tree_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -177,9 +201,11 @@ def bench_hot_restart(inst: ContainerdInstance, cri, mib: int, warmup: float) ->
     cri.start_container(cid)
     wait_for_line(cri, cid, lambda x: x.startswith("ready"))
     archive = inst.dir / "cri-checkpoint.tar"
+    n = wait_for_line(cri, cid, lambda x: x.split()[0] == "3")
     t0 = time.monotonic()
     cri.checkpoint_container(cid, str(archive), timeout=300)
     r["cri_checkpoint"] = time.monotonic() - t0
+    r["cri_frozen"] = frozen_after(cri, cid, int(n.split()[0]))
     r["cri_size"] = archive.stat().st_size
     archive.unlink()
     cri.stop_container(cid, timeout=0)
@@ -223,6 +249,21 @@ def bench_hot_restart(inst: ContainerdInstance, cri, mib: int, warmup: float) ->
             raise SystemExit("runc run failed")
         while b"\n3 " not in output:
             time.sleep(0.05)
+        progress("plain runc: checkpoint --leave-running")
+        seen = len(rows(output.decode(errors="replace").splitlines()))
+        running_images = inst.dir / "plain-running-images"
+        t0 = time.monotonic()
+        subprocess.run(
+            [runc, "--root", root, "checkpoint", "--leave-running", "--image-path", str(running_images), cid],
+            check=True,
+            env=env,
+        )
+        r["runc_leave_running"] = time.monotonic() - t0
+        time.sleep(1.5)
+        r["runc_leave_running_frozen"] = (
+            max((stall for _, _, stall in rows(output.decode(errors="replace").splitlines())[seen:]), default=0) / 1000
+        )
+        shutil.rmtree(running_images, ignore_errors=True)
         progress("plain runc: checkpoint")
         t0 = time.monotonic()
         subprocess.run([runc, "--root", root, "checkpoint", "--image-path", str(images), cid], check=True, env=env)
@@ -254,6 +295,61 @@ def bench_hot_restart(inst: ContainerdInstance, cri, mib: int, warmup: float) ->
         subprocess.run([runc, "--root", root, "delete", "--force", cid], check=False, env=env, capture_output=True)
     shutil.rmtree(images, ignore_errors=True)
     return r
+
+
+def bench_running(inst: ContainerdInstance, cri, mib: int, r: dict[str, float]) -> None:
+    """Checkpoints that leave the container running: periodic ones, and the CRI's."""
+    memhog = build_memhog(inst.dir)
+    progress("periodic checkpoint through the shim")
+    annotations = {"hotrestart.io/checkpoint-interval": "20s"}
+    pod, cid = memhog_pod(cri, inst, "hotrestart", "per-0", memhog, [str(mib)], annotations=annotations)
+    cri.start_container(cid)
+    wait_for_line(cri, cid, lambda x: x.startswith("ready"))
+    n = wait_for_line(cri, cid, lambda x: x.split()[0] == "3")
+    store = inst.store / "v1" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (store.exists() and any(store.rglob("manifest.json"))):
+        if time.monotonic() > deadline:
+            raise SystemExit("no periodic checkpoint was published")
+        time.sleep(0.05)
+    manifest = json.loads(next(store.rglob("manifest.json")).read_text())
+    r["periodic_dump"] = manifest["timings"]["dump"]
+    r["periodic_durable"] = manifest["timings"]["durable"]
+    r["periodic_frozen"] = frozen_after(cri, cid, int(n.split()[0]))
+    progress("CRI CheckpointContainer through the shim")
+    archive = inst.dir / "cri-checkpoint-hot.tar"
+    n = log_rows(cri, cid)[-1][0]
+    t0 = time.monotonic()
+    cri.checkpoint_container(cid, str(archive), timeout=300)
+    r["hot_cri_checkpoint"] = time.monotonic() - t0
+    r["hot_cri_frozen"] = frozen_after(cri, cid, n)
+    r["hot_cri_size"] = archive.stat().st_size
+    archive.unlink()
+    cri.stop_container(cid, timeout=0)
+    remove_pod(cri, pod)
+
+
+def print_running(r: dict[str, float], mib: int) -> None:
+    print(f"\nCheckpoints that leave a container holding {mib} MiB running:\n")
+    print("| measure | reference | hotrestart | ratio |")
+    print("|---|---|---|---|")
+    print(
+        f"| application frozen: periodic checkpoint, vs plain `runc checkpoint --leave-running` to disk (s) | "
+        f"{r['runc_leave_running_frozen']:.2f} | {r['periodic_frozen']:.2f} | "
+        f"{r['periodic_frozen'] / r['runc_leave_running_frozen']:.2f}x |"
+    )
+    print(
+        f"| CRI CheckpointContainer, vs the same on runc-v2 (s) | {r['cri_checkpoint']:.2f} | "
+        f"{r['hot_cri_checkpoint']:.2f} | {r['hot_cri_checkpoint'] / r['cri_checkpoint']:.2f}x |"
+    )
+    print(
+        f"| application frozen during CRI CheckpointContainer, vs runc-v2 (s) | {r['cri_frozen']:.2f} | "
+        f"{r['hot_cri_frozen']:.2f} | {r['hot_cri_frozen'] / r['cri_frozen']:.2f}x |"
+    )
+    print(
+        f"\n(periodic checkpoint: dump {r['periodic_dump']:.2f} s, durable in the store after "
+        f"{r['periodic_durable']:.2f} s; plain `runc checkpoint --leave-running` took {r['runc_leave_running']:.2f} s)"
+    )
 
 
 def print_hot_restart(r: dict[str, float], mib: int, warmup: float) -> None:
@@ -350,7 +446,10 @@ def main() -> int:
         if args.only in (None, "start"):
             bench_start_and_memory(inst, cri, args.runs, args.pods)
         if args.only in (None, "checkpoint"):
-            print_hot_restart(bench_hot_restart(inst, cri, args.mib, args.warmup), args.mib, args.warmup)
+            r = bench_hot_restart(inst, cri, args.mib, args.warmup)
+            bench_running(inst, cri, args.mib, r)
+            print_hot_restart(r, args.mib, args.warmup)
+            print_running(r, args.mib)
         cri.close()
     return 0
 

@@ -27,6 +27,7 @@ import shutil
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from hotrestart import telemetry
@@ -34,6 +35,8 @@ from hotrestart.checkpoint import rootfs
 from hotrestart.checkpoint.compat import image_of, incompatibility, spec_digest
 from hotrestart.checkpoint.policy import Policy
 from hotrestart.errors import CheckpointError
+from hotrestart.gpu import plan as gpu_plan
+from hotrestart.gpu.state import GpuState
 from hotrestart.runtime import mounts, netinfo
 from hotrestart.runtime.command import CommandRunner
 from hotrestart.runtime.runc import CheckpointOpts, Runc
@@ -44,6 +47,7 @@ from hotrestart.store.store import Entry, Store
 log = logging.getLogger(__name__)
 
 WORK_ROOT = "/run/hotrestart/work"
+Around = Callable[[], AbstractAsyncContextManager[None]]
 RESTORE_WINDOW = 30.0  # a restored container that dies sooner counts as a failed restore
 MAX_SHORT_RESTORES = 3
 PENDING_WAIT = 30.0
@@ -130,6 +134,24 @@ def _memory_usage(pid: int) -> int:
     return 0
 
 
+def _prefault(path: str, size: int) -> None:
+    """Have memory for the images allocated before the process is frozen: fill a file of
+    `size` bytes and free it, so CRIU's writes reuse pages that are already backed (a VM's
+    host backs fresh guest memory on first touch, which would otherwise happen frozen)."""
+    filler = os.path.join(path, ".prefault")
+    try:
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            chunk = bytes(8 << 20)  # written, not fallocated: tmpfs fallocate touches nothing
+            for _ in range(0, size, len(chunk)):
+                os.write(fd, chunk)
+        finally:
+            os.close(fd)
+            os.unlink(filler)
+    except OSError as exc:
+        log.info("could not prefault %s: %s", path, exc)
+
+
 def _volume_sources(spec: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, str]:
     """emptyDir volume name -> host directory, for the named volumes mounted in `spec`."""
     found: dict[str, str] = {}
@@ -144,8 +166,17 @@ def _volume_sources(spec: Mapping[str, Any], names: tuple[str, ...]) -> dict[str
 
 
 class Engine:
-    def __init__(self, runner: CommandRunner, store: Store, *, work_root: str = WORK_ROOT, node: str = "") -> None:
+    def __init__(
+        self,
+        runner: CommandRunner,
+        store: Store,
+        *,
+        work_root: str = WORK_ROOT,
+        node: str = "",
+        gpu: GpuState | None = None,
+    ) -> None:
         self._runner = runner
+        self.gpu = gpu
         self.store = store
         self.work_root = work_root
         self.node = node or socket.gethostname()
@@ -187,6 +218,7 @@ class Engine:
             for extra in (("huge=always",), ()):
                 try:
                     mounts.mount(mounts.Mount("tmpfs", "tmpfs", ("mode=0700", f"size={limit}", *extra)), path)
+                    _prefault(path, size)
                     return path, True
                 except OSError as exc:
                     log.info("no tmpfs %s for %s (%s)", " ".join(extra), path, exc)
@@ -211,10 +243,19 @@ class Engine:
 
     # -- checkpoint -----------------------------------------------------------------------------
 
-    async def checkpoint_on_stop(self, subject: Subject, policy: Policy, budget: float) -> bool:
+    async def checkpoint_on_stop(
+        self,
+        subject: Subject,
+        policy: Policy,
+        budget: float,
+        *,
+        around: Around | None = None,
+        gpu: dict[str, Any] | None = None,
+    ) -> bool:
         """Dump and capture `subject`; True when its processes are gone and the rest is queued."""
         try:
-            dumped = await self.dump(subject, policy, DumpRequest("stop", leave_running=False), budget)
+            req = DumpRequest("stop", leave_running=False)
+            dumped = await self.dump(subject, policy, req, budget, around=around, gpu=gpu)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -223,10 +264,20 @@ class Engine:
         self.publish_later(dumped)
         return True
 
-    async def dump(self, subject: Subject, policy: Policy, req: DumpRequest, budget: float | None) -> Dumped:
+    async def dump(
+        self,
+        subject: Subject,
+        policy: Policy,
+        req: DumpRequest,
+        budget: float | None,
+        *,
+        around: Around | None = None,
+        gpu: dict[str, Any] | None = None,
+    ) -> Dumped:
         """CRIU-dump `subject` into a private work folder (tmpfs when memory allows) and
         capture its files, within `budget` seconds. The process tree is frozen only for the
-        dump itself; nothing is published yet. Raises on failure, leaving nothing behind."""
+        dump itself (`around` wraps exactly the `runc checkpoint` call: the caller's freeze);
+        nothing is published yet. Raises on failure, leaving nothing behind."""
         t0 = time.monotonic()
         runtime = await self.runtime_info(subject.runc)
         if not runtime.get("criu"):
@@ -253,8 +304,9 @@ class Engine:
             with telemetry.span("hotrestart.checkpoint.dump", container=subject.id, reason=req.reason) as sp:
                 outcome = "failed"
                 try:
-                    left = None if budget is None else max(t0 + budget - time.monotonic(), 0.1)
-                    await subject.runc.checkpoint(subject.id, opts, timeout=left)
+                    async with around() if around is not None else contextlib.nullcontext():
+                        left = None if budget is None else max(t0 + budget - time.monotonic(), 0.1)
+                        await subject.runc.checkpoint(subject.id, opts, timeout=left)
                     outcome = "ok"
                 except TimeoutError:
                     outcome = "timeout"
@@ -296,6 +348,7 @@ class Engine:
             files=[],
             timings=timings,
             tcp=policy.tcp,
+            gpu=gpu or {},
         )
         return Dumped(cid, staging, work, tmpfs, files, manifest, t0, os.path.join(work, "images"))
 
@@ -401,9 +454,19 @@ class Engine:
         if entry is None or entry.manifest is None:
             return None, "no checkpoint"
         reason = incompatibility(entry.manifest, spec, await self.runtime_info(runc))
+        if not reason and entry.manifest.gpu.get("processes"):
+            _, reason = await self._gpu_placement(entry.manifest)
         if reason:
             return None, f"checkpoint {entry.id} not compatible: {reason}"
         return entry, ""
+
+    async def _gpu_placement(self, manifest: Manifest) -> tuple[dict[str, str], str]:
+        """(device map, "") when this node can take the checkpoint's GPU state, else ({}, why)."""
+        if self.gpu is None or not self.gpu.owner():
+            return {}, "it holds GPU state and this node has no cuda-checkpoint"
+        if manifest.gpu.get("owner") != self.gpu.owner():
+            return {}, f"its GPU state was saved by {manifest.gpu.get('owner')}, this node uses {self.gpu.owner()}"
+        return gpu_plan.placement(manifest.gpu, await self.gpu.inventory())
 
     async def restore(
         self, subject: Subject, entry: Entry, policy: Policy, launch: Callable[[str, str, bool], Awaitable[None]]
@@ -433,6 +496,12 @@ class Engine:
             keep_tcp = policy.tcp == "keep" and addresses == manifest.network.get("addresses")
             with telemetry.span("hotrestart.restore.restore", checkpoint=entry.id, keep_tcp=keep_tcp):
                 await launch(os.path.join(work, "images"), criu_work, keep_tcp)
+            if manifest.gpu.get("processes") and self.gpu is not None:
+                with telemetry.span("hotrestart.restore.gpu", checkpoint=entry.id):
+                    device_map, why = await self._gpu_placement(manifest)
+                    if why:
+                        raise RestoreFailed(why)
+                    await self.gpu.after_restore(await subject.runc.ps(subject.id), device_map)
             log.info(
                 "%s restored from %s (verify %.2fs, apply %.2fs, restore %.2fs)",
                 subject.id,

@@ -18,7 +18,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from hotrestart.checkpoint.engine import RESTORE_WINDOW, Claim, DumpRequest, Engine, RestoreFailed, Subject
@@ -29,12 +29,14 @@ from hotrestart.container.state import Action, State
 from hotrestart.container.stdio import ConsoleIO, open_io
 from hotrestart.errors import (
     AlreadyExistsError,
+    CheckpointError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     RuntimeCommandError,
 )
 from hotrestart.events import TaskEvents
+from hotrestart.gpu.state import GpuState
 from hotrestart.reaper import Reaper
 from hotrestart.runtime import cgroups, mounts
 from hotrestart.runtime.oom import OOMWatcher, memory_cgroup_dir
@@ -92,7 +94,13 @@ class ProcessState:
 
 class Container:
     def __init__(
-        self, cfg: CreateConfig, runc: Runc, reaper: Reaper, events: TaskEvents, hot: Engine | None = None
+        self,
+        cfg: CreateConfig,
+        runc: Runc,
+        reaper: Reaper,
+        events: TaskEvents,
+        hot: Engine | None = None,
+        gpu: GpuState | None = None,
     ) -> None:
         self.id = cfg.id
         self.cfg = cfg
@@ -128,6 +136,7 @@ class Container:
         self._stop_requested = False  # containerd asked for the init to end (any Kill)
         # One dump at a time per container: stop, API and periodic checkpoints queue here.
         self._dump_lock = asyncio.Lock()
+        self._gpu = gpu
         self._periodic: asyncio.Task[None] | None = None
 
     @property
@@ -265,6 +274,8 @@ class Container:
                 await self._hot_restore(self._restore_entry)
             elif state is State.CREATED_CHECKPOINT:
                 await self._run_init(self._runc_restore)
+                if self._gpu is not None:
+                    await self._gpu.after_restore([pid for pid, _ in await self.pids()])
             else:
                 await self._runc.start(self.id)
             if not self.init.exited:
@@ -482,8 +493,12 @@ class Container:
             async with self._dump_lock:  # a periodic or API checkpoint in progress finishes first
                 left = self.policy.timeout - (time.monotonic() - since)
                 if left > 0.5 and self.init.state is State.RUNNING:
-                    async with self._quiesced(True):
-                        ok = await self._hot.checkpoint_on_stop(self._subject(), self.policy, left)
+                    async with self._prepared(True) as prep:
+                        ok = await self._hot.checkpoint_on_stop(
+                            self._subject(), self.policy, left, around=prep.freeze, gpu=prep.gpu
+                        )
+                        if not ok:
+                            raise CheckpointError("the dump failed")  # resumes GPU state on the way out
         except asyncio.CancelledError:
             cgroups.thaw(self.init.pid)
             raise
@@ -545,8 +560,8 @@ class Container:
                 empty_ns=cfg.empty_namespaces,
                 cgroups_mode=cfg.cgroups_mode,
             )
-        async with self._dump_lock, self._quiesced(cfg.exit):
-            dumped = await self._hot.dump(self._subject(), self.policy, req, None)
+        async with self._dump_lock, self._prepared(cfg.exit) as prep:
+            dumped = await self._hot.dump(self._subject(), self.policy, req, None, around=prep.freeze, gpu=prep.gpu)
         try:
             await asyncio.to_thread(_copy_images, dumped.images, cfg.path)
         except BaseException:
@@ -569,7 +584,7 @@ class Container:
             manage_cgroups_mode=cfg.cgroups_mode,
         )
         try:
-            async with self._quiesced(cfg.exit):
+            async with self._dump_lock, self._prepared(cfg.exit) as prep, prep.freeze():
                 await self._runc.checkpoint(self.id, opts)
         except RuntimeCommandError as exc:
             dump_log = os.path.join(work, "dump.log")
@@ -581,13 +596,50 @@ class Container:
             raise
 
     @contextlib.asynccontextmanager
-    async def _quiesced(self, exits: bool) -> AsyncIterator[None]:
+    async def _prepared(self, exits: bool) -> AsyncIterator[Prepared]:
+        """Get the container ready for a dump: GPU state first, then the freeze (`freeze`,
+        entered by the caller around `runc checkpoint` alone, so that work folders and the like
+        are made while the application still runs).
+
+        GPU processes are locked and checkpointed before anything freezes them (a lock after a
+        freeze hangs); a container containerd paused is thawed for that and paused again at
+        the end. After a leave-running dump, or any failure, GPU state is resumed."""
+        paused = self.init.state is State.PAUSED
+        suspension = await self._gpu.find([pid for pid, _ in await self.pids()]) if self._gpu else None
+        if suspension is None:
+            yield Prepared({}, lambda: self._quiesced(exits, keep_frozen=paused))
+            return
+        assert self._gpu is not None
+        gpu = self._gpu
+        if paused:
+            cgroups.thaw(self.init.pid)
+        try:
+            await gpu.suspend(suspension)
+        except BaseException:
+            if paused:
+                await asyncio.to_thread(cgroups.freeze_quiescent, self.init.pid)
+            raise
+        ok = False
+        try:
+            if suspension.owner == "shim":
+                yield Prepared(suspension.record, lambda: self._quiesced(exits, keep_frozen=False))
+            else:  # CRIU's CUDA plugin locks first and freezes by itself
+                yield Prepared(suspension.record, _no_freeze)
+            ok = True
+        finally:
+            if not (exits and ok):
+                cgroups.thaw(self.init.pid)
+                await gpu.resume(suspension, quiet=True)
+                if paused:
+                    await asyncio.to_thread(cgroups.freeze_quiescent, self.init.pid)
+
+    @contextlib.asynccontextmanager
+    async def _quiesced(self, exits: bool, keep_frozen: bool) -> AsyncIterator[None]:
         """Hand CRIU the container frozen with every process seizable; thaw it afterwards
-        unless it was paused before (containerd pauses a task around its own checkpoint).
+        unless it is to stay frozen (containerd pauses a task around its own checkpoint).
 
         A freeze, CRIU's own or containerd's pause, can catch a process in the middle of
         vfork(); CRIU then waits out its whole timeout and fails. See cgroups.freeze_quiescent."""
-        paused = self.init.state is State.PAUSED
         freezing = asyncio.ensure_future(asyncio.to_thread(cgroups.freeze_quiescent, self.init.pid))
         try:
             if not await asyncio.shield(freezing):
@@ -600,7 +652,7 @@ class Container:
         try:
             yield
         finally:
-            if exits or not paused:
+            if exits or not keep_frozen:
                 cgroups.thaw(self.init.pid)
 
     # -- periodic checkpoints -------------------------------------------------------------------
@@ -632,8 +684,10 @@ class Container:
                         continue
                     try:
                         req = DumpRequest("periodic", leave_running=True)
-                        async with self._quiesced(False):
-                            dumped = await self._hot.dump(self._subject(), self.policy, req, self.policy.timeout)
+                        async with self._prepared(False) as prep:
+                            dumped = await self._hot.dump(
+                                self._subject(), self.policy, req, self.policy.timeout, around=prep.freeze, gpu=prep.gpu
+                            )
                     except asyncio.CancelledError:
                         cgroups.thaw(self.init.pid)
                         raise
@@ -728,6 +782,17 @@ class Container:
 
     def has_live_processes(self) -> bool:
         return self.init.state is not State.DELETED
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    gpu: dict[str, Any]  # the manifest's record of GPU state ({} without GPU processes)
+    freeze: Callable[[], contextlib.AbstractAsyncContextManager[None]]
+
+
+@contextlib.asynccontextmanager
+async def _no_freeze() -> AsyncIterator[None]:
+    yield
 
 
 def _policy(spec: dict[str, Any]) -> Policy | None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from hotrestart.container.process import StdioPaths
 from hotrestart.container.state import State
 from hotrestart.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from hotrestart.events import TaskEvents, pack
+from hotrestart.gpu.state import GpuState
 from hotrestart.lifecycle import OPTIONS_FILE
 from hotrestart.options import RuntimeOptions, decode
 from hotrestart.reaper import Reaper
@@ -72,6 +74,7 @@ class TaskService:
         self._defaults = defaults or RuntimeOptions()
         self.containers: dict[str, Container] = {}
         self._engines: dict[str, Engine] = {}
+        self._gpu: GpuState | None = None
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -98,8 +101,13 @@ class TaskService:
         root = opts.checkpoint_store or os.environ.get(STORE_ENV) or DEFAULT_STORE
         engine = self._engines.get(root)
         if engine is None:
-            engine = self._engines[root] = Engine(self._runner, Store(root))
+            engine = self._engines[root] = Engine(self._runner, Store(root), gpu=self._gpu_state(opts))
         return engine
+
+    def _gpu_state(self, opts: RuntimeOptions) -> GpuState:
+        if self._gpu is None:
+            self._gpu = GpuState(self._runner, criu_binary=opts.criu_path or shutil.which("criu") or "criu")
+        return self._gpu
 
     async def drain(self) -> None:
         """Let checkpoints still being published finish before the shim exits."""
@@ -141,7 +149,9 @@ class TaskService:
             no_new_keyring=opts.no_new_keyring,
         )
         _save_options(bundle, opts)
-        container = Container(cfg, self._runc_for(opts, bundle), self._reaper, self._events, self._engine(opts))
+        container = Container(
+            cfg, self._runc_for(opts, bundle), self._reaper, self._events, self._engine(opts), self._gpu_state(opts)
+        )
         self.containers[r.id] = container
         try:
             pid = await container.create()

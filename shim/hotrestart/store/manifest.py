@@ -62,6 +62,7 @@ class Manifest:
     timings: dict[str, float]  # seconds per phase
     restore_attempts: int = 0
     tcp: str = "close"
+    gpu: dict[str, Any] = dataclasses.field(default_factory=dict)  # devices and processes; see gpu/plan.py
     schema: str = SCHEMA
 
     @property

@@ -1,0 +1,1 @@
+"""GPU state through checkpoints: the node inventory (NVML), decisions, cuda-checkpoint."""
