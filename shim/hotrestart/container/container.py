@@ -310,8 +310,26 @@ class Container:
         asyncio.get_running_loop().call_later(RESTORE_WINDOW, self._restore_proved)
 
     async def _cold_start_after_failed_restore(self) -> None:
+        launched = self.init.pid != 0
+        if launched:
+            # The restore ran and failed afterwards (GPU state): its process is killed below,
+            # and must not be reported as this container's exit, nor keep the stdio.
+            for watcher in list(self._watchers):
+                watcher.cancel()
+            if self._oom is not None:
+                self._oom.stop()
+                self._oom = None
+        if launched:
+            # Fresh stdio for the cold start, holding containerd's FIFOs before the old copies end.
+            stdio = self.cfg.stdio
+            spent, self.init.io = self.init.io, open_io(stdio.stdin, stdio.stdout, stdio.stderr, stdio.terminal)
+            self.init.io.attach()
+            self.init.pid = 0
         with contextlib.suppress(Exception):
             await self._runc.delete(self.id, force=True)
+        if launched:
+            await spent.drained(1.0)
+            spent.close()
         self._reset_rootfs()
         await self._run_init(self._runc_create)
         await self._runc.start(self.id)

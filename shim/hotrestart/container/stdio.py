@@ -131,6 +131,9 @@ class ProcessIO:
     def note(self, text: str) -> None:
         """A line of the shim's own in the container's output (restore outcomes)."""
 
+    def attach(self) -> None:
+        """Open the container's stdio now (containerd sees end of file once no one holds it)."""
+
     def close_stdin(self) -> None:
         """CloseIO: the process sees end of file on stdin."""
 
@@ -184,6 +187,9 @@ class PipeIO(ProcessIO):
                 self._copier.spawn(f"copy-out {path}", functools.partial(_copy_out, fd, path, True))
             else:
                 self._copier.spawn(f"copy-in {path}", functools.partial(_copy_in, path, fd), count=False)
+
+    def attach(self) -> None:
+        self._start_copy()
 
     def note(self, text: str) -> None:
         self._start_copy()

@@ -110,7 +110,8 @@ def placement(recorded: Mapping[str, Any], here: Inventory | None) -> tuple[dict
     mapping: dict[str, str] = {}
     # Same UUID first (restoring on the same node), then any free device of the same model.
     for old in sorted(devices, key=lambda d: d["uuid"] not in {a.uuid for a in available}):
-        same = [a for a in available if a.uuid == old["uuid"]] or [a for a in available if a.name == old["name"]]
+        model = [a for a in available if a.name == old["name"]]
+        same = [a for a in model if a.uuid == old["uuid"]] or model
         if not same:
             have = sorted(a.name for a in here.devices)
             return {}, f"GPUs differ: the checkpoint used {names}, this node has {have}"

@@ -93,9 +93,25 @@ class GpuState:
         if s.owner != "shim":
             return
         tool = self._require_tool()
+
+        async def step(action: str, pid: int) -> int:
+            try:
+                await tool.action(action, pid, timeout_ms=self.lock_timeout_ms if action == "lock" else 0)
+            except CheckpointError:
+                if not await asyncio.to_thread(plan.maps_libcuda, pid):
+                    return 0  # it exited or exec'd meanwhile: no GPU state to carry
+                raise
+            return pid
+
         try:
-            await _all(tool.action("lock", pid, timeout_ms=self.lock_timeout_ms) for pid in s.pids)
-            await _all(tool.action("checkpoint", pid) for pid in s.pids)
+            for action in ("lock", "checkpoint"):
+                results = await asyncio.gather(*(step(action, pid) for pid in s.pids), return_exceptions=True)
+                s.pids = [r for r in results if isinstance(r, int) and r] + [
+                    pid for pid, r in zip(s.pids, results, strict=True) if isinstance(r, BaseException)
+                ]
+                for r in results:
+                    if isinstance(r, BaseException):
+                        raise r
         except BaseException as exc:
             await self.resume(s, quiet=True)
             if isinstance(exc, CheckpointError):
