@@ -113,6 +113,7 @@ def doctor_checks() -> list[Check]:
             "" if shim else "pip install hotrestart into a PATH containerd searches",
         )
     )
+    checks += gpu_checks()
     checks.append(
         Check(
             "root",
@@ -121,6 +122,63 @@ def doctor_checks() -> list[Check]:
             "" if os.geteuid() == 0 else "run as root to check CRIU",
         )
     )
+    return checks
+
+
+def gpu_checks() -> list[Check]:
+    """The node's GPU situation: driver, cuda-checkpoint, CRIU's CUDA plugin, who owns GPU state."""
+    from hotrestart.gpu import plan
+    from hotrestart.gpu.inventory import node_inventory
+    from hotrestart.runtime.cuda_checkpoint import find_binary
+
+    inventory = node_inventory()
+    driver = inventory.driver if inventory else ""
+    if not driver and os.path.exists("/proc/driver/nvidia/version"):
+        with open("/proc/driver/nvidia/version") as f:
+            match = re.search(r"Kernel Module\s+(\d+\.\d+(?:\.\d+)?)", f.read())
+            driver = match.group(1) if match else "unknown"
+    checks: list[Check] = []
+    if not driver:
+        checks.append(Check("nvidia driver", True, "none (GPU containers are not expected on this node)"))
+    else:
+        models = ", ".join(sorted({d.name for d in inventory.devices})) if inventory else "NVML unavailable"
+        count = len(inventory.devices) if inventory else 0
+        ok = _version_tuple(driver) >= (550,)
+        detail = f"{driver}; {count} GPU(s): {models}" + (
+            "" if _version_tuple(driver) >= (570,) else " (570+ recommended)"
+        )
+        checks.append(Check("nvidia driver", ok, detail, "" if ok else "cuda-checkpoint needs driver r550+ (r570+)"))
+    tool = find_binary()
+    if tool:
+        _code, out = _run([tool, "--help"])
+        actions = "--action" in out
+        checks.append(
+            Check(
+                "cuda-checkpoint",
+                actions,
+                tool + ("" if actions else " (no --action: older than r555)"),
+                "" if actions else "install cuda-checkpoint from driver r555+",
+            )
+        )
+    else:
+        checks.append(
+            Check(
+                "cuda-checkpoint",
+                not driver,
+                "not found (PATH, or HOTRESTART_CUDA_CHECKPOINT)",
+                "install NVIDIA's cuda-checkpoint on PATH" if driver else "",
+            )
+        )
+    criu = shutil.which("criu") or ""
+    plugin = plan.find_cuda_plugin(criu)
+    checks.append(Check("criu cuda plugin", True, plugin or "not installed"))
+    if plugin and driver:
+        owner = "CRIU's CUDA plugin (the shim leaves GPU state to it)"
+    elif tool:
+        owner = "the shim, through cuda-checkpoint"
+    else:
+        owner = "nobody: containers using a GPU stop and start cold"
+    checks.append(Check("GPU state owner", bool(tool or (plugin and driver)) or not driver, owner))
     return checks
 
 
@@ -212,6 +270,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         + (f" ({m.stored_bytes / m.raw_bytes:.2f})" if m.raw_bytes else "")
     )
     print("timings:   " + ", ".join(f"{k} {v:.2f}s" for k, v in sorted(m.timings.items())))
+    if m.gpu.get("processes"):
+        models = ", ".join(d["name"] for d in m.gpu.get("devices") or []) or "devices not recorded (no NVML)"
+        used = sum(p.get("memory_used", 0) for p in m.gpu["processes"])
+        print(
+            f"gpu:       {len(m.gpu['processes'])} process(es), {_size(used)} device memory, {models}; "
+            f"driver {m.gpu.get('driver') or '?'}; state saved by {m.gpu.get('owner')}"
+        )
     if m.restore_attempts:
         print(f"restores that died early: {m.restore_attempts}")
     if args.files:

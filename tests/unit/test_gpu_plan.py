@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -174,3 +176,20 @@ async def test_the_criu_plugin_owns_gpu_state_where_loaded() -> None:
     tool = FakeTool([1])
     await gpu_state(tool).suspend(Suspension([1], "criu-plugin", {}))
     assert tool.calls == []
+
+
+def test_doctor_reports_the_gpu_situation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from hotrestart.cli import gpu_checks
+
+    standin = Path(__file__).resolve().parents[1] / "e2e" / "standin" / "cuda-checkpoint"
+    inv = {"driver": "570.86.10", "devices": [{"uuid": "GPU-a", "name": H200, "memory_total": 1, "memory_used": 0}]}
+    (tmp_path / "inv.json").write_text(json.dumps(inv))
+    monkeypatch.setenv("HOTRESTART_GPU_INVENTORY", str(tmp_path / "inv.json"))
+    monkeypatch.setenv("HOTRESTART_CUDA_CHECKPOINT", str(standin))
+    checks = {c.name: c for c in gpu_checks()}
+    assert checks["nvidia driver"].ok and "1 GPU(s): NVIDIA H200" in checks["nvidia driver"].detail
+    assert checks["cuda-checkpoint"].ok and checks["GPU state owner"].detail == "the shim, through cuda-checkpoint"
+    monkeypatch.setenv("HOTRESTART_CUDA_CHECKPOINT", str(tmp_path / "absent"))
+    checks = {c.name: c for c in gpu_checks()}
+    assert not checks["cuda-checkpoint"].ok and "fix" not in checks["cuda-checkpoint"].fix
+    assert checks["cuda-checkpoint"].fix and not checks["GPU state owner"].ok
