@@ -41,11 +41,13 @@ def test_defaults_and_annotations() -> None:
                 "hotrestart.io/carry-volumes": "data, cache",
                 "hotrestart.io/identity": "db-primary",
                 "hotrestart.io/checkpoint-interval": "10m",
+                "hotrestart.io/gpu-lock-timeout": "2m",
             }
         )
     )
     assert (p.timeout, p.tcp, p.carry_volumes, p.identity.canonical()) == (120, "keep", ("data", "cache"), "db-primary")
     assert p.interval == 600 and policy_for(spec()).interval == 0
+    assert p.gpu_lock_timeout == 120 and policy_for(spec()).gpu_lock_timeout == 10
 
 
 def test_sandbox_and_opt_out_are_passed_through() -> None:

@@ -13,6 +13,8 @@ the runtime's `pod_annotations` lists `hotrestart.io/*`) tune it:
   travel with the checkpoint.
 - `hotrestart.io/checkpoint-interval`: take a leave-running checkpoint on this schedule
   (`10m`), so a crash, an OOM kill or the loss of the node loses at most one interval.
+- `hotrestart.io/gpu-lock-timeout`: how long cuda-checkpoint may wait for submitted GPU work
+  when it locks a process (default 10 s); past it the checkpoint fails and the process runs on.
 - `hotrestart.io/identity`: the key under which the checkpoint is stored (default
   namespace/pod/container), for pods whose names change between incarnations.
 """
@@ -55,6 +57,7 @@ class Policy:
     tcp: str = "close"
     carry_volumes: tuple[str, ...] = ()
     interval: float = 0.0  # seconds between periodic checkpoints; 0 = none
+    gpu_lock_timeout: float = 10.0
     why_disabled: str = ""
 
 
@@ -84,4 +87,7 @@ def policy_for(spec: Mapping[str, Any]) -> Policy:
         interval = parse_duration(annotations[PREFIX + "checkpoint-interval"])
         if interval < MIN_INTERVAL:
             raise InvalidArgumentError(f"hotrestart.io/checkpoint-interval must be at least {MIN_INTERVAL:.0f}s")
-    return Policy(True, identity, timeout=timeout, tcp=tcp, carry_volumes=volumes, interval=interval)
+    gpu_lock = parse_duration(annotations.get(PREFIX + "gpu-lock-timeout", "10s"))
+    return Policy(
+        True, identity, timeout=timeout, tcp=tcp, carry_volumes=volumes, interval=interval, gpu_lock_timeout=gpu_lock
+    )

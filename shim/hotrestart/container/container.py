@@ -632,7 +632,8 @@ class Container:
         if paused:
             cgroups.thaw(self.init.pid)
         try:
-            await gpu.suspend(suspension)
+            lock_ms = int(self.policy.gpu_lock_timeout * 1000) if self.policy is not None else None
+            await gpu.suspend(suspension, lock_ms)
         except BaseException:
             if paused:
                 await asyncio.to_thread(cgroups.freeze_quiescent, self.init.pid)

@@ -88,15 +88,16 @@ class GpuState:
             raise CheckpointError(problem)
         return Suspension(pids, owner, plan.record(pids, inventory, owner))
 
-    async def suspend(self, s: Suspension) -> None:
+    async def suspend(self, s: Suspension, lock_timeout_ms: int | None = None) -> None:
         """Lock, then checkpoint every GPU process (the shim's part only)."""
+        lock_ms = self.lock_timeout_ms if lock_timeout_ms is None else lock_timeout_ms
         if s.owner != "shim":
             return
         tool = self._require_tool()
 
         async def step(action: str, pid: int) -> int:
             try:
-                await tool.action(action, pid, timeout_ms=self.lock_timeout_ms if action == "lock" else 0)
+                await tool.action(action, pid, timeout_ms=lock_ms if action == "lock" else 0)
             except CheckpointError:
                 if not await asyncio.to_thread(plan.maps_libcuda, pid):
                     return 0  # it exited or exec'd meanwhile: no GPU state to carry
