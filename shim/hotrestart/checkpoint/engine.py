@@ -207,8 +207,11 @@ class Engine:
             }
         return self._runtime
 
-    def _work_dir(self, name: str, size: int) -> tuple[str, bool]:
-        """A private work folder, on tmpfs when `size` bytes fit comfortably in memory."""
+    def _work_dir(self, name: str, size: int, prefault: bool = False) -> tuple[str, bool]:
+        """A private work folder, on tmpfs when `size` bytes fit comfortably in memory.
+
+        `prefault` is for dumps that leave the process running: what counts there is how long
+        it is frozen, not how long the whole checkpoint takes (a stop wants the latter)."""
         os.makedirs(self.work_root, mode=0o700, exist_ok=True)
         path = os.path.join(self.work_root, name)
         os.mkdir(path, 0o700)
@@ -218,7 +221,8 @@ class Engine:
             for extra in (("huge=always",), ()):
                 try:
                     mounts.mount(mounts.Mount("tmpfs", "tmpfs", ("mode=0700", f"size={limit}", *extra)), path)
-                    _prefault(path, size)
+                    if prefault:
+                        _prefault(path, size)
                     return path, True
                 except OSError as exc:
                     log.info("no tmpfs %s for %s (%s)", " ".join(extra), path, exc)
@@ -284,7 +288,7 @@ class Engine:
             raise CheckpointError("no CRIU on this node")
         cid, staging = self.store.new_staging()
         self.store.mark_pending(policy.identity, cid)
-        work, tmpfs = self._work_dir(cid, _memory_usage(subject.pid))
+        work, tmpfs = self._work_dir(cid, _memory_usage(subject.pid), prefault=req.leave_running)
         net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(subject.spec)))
         timings: dict[str, float] = {}
         try:
