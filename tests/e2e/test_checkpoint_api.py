@@ -83,6 +83,8 @@ def test_cri_checkpoint_gives_an_archive_and_a_restore_point(
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
         assert {"config.dump", "spec.dump", "rootfs-diff.tar", "checkpoint/inventory.img"} <= names, sorted(names)
+        # CRIU's own records, where containerd looks for them (2.0-2.1.8 require stats-dump).
+        assert {"stats-dump", "dump.log"} <= names, sorted(names)
         assert any(re.fullmatch(r"checkpoint/pages-\d+\.img", n) for n in names), sorted(names)
         tar.extractall(tmp_path / "unpacked", filter="data")
     images = tmp_path / "unpacked" / "checkpoint"

@@ -585,7 +585,27 @@ class Container:
         except BaseException:
             self._hot.discard(dumped)
             raise
+        if not cfg.options_given:
+            await asyncio.to_thread(self._leave_criu_logs_for_cri, os.path.join(dumped.work, "criu"))
         self._hot.publish_later(dumped)
+
+    def _leave_criu_logs_for_cri(self, criu_work: str) -> None:
+        """Put CRIU's stats-dump and dump.log where containerd's CRI looks for them.
+
+        For runc-v2 the CRI passes its container folder as CRIU's work path; other runtimes get
+        no options, yet containerd 2.0-2.1.8 refuse the checkpoint without a stats-dump there
+        (2.1.9 reads them from <folder>/ctrd-checkpoint into the archive). The folder is found
+        from the snapshot mounts, which live under containerd's root."""
+        folder = _cri_container_dir(self.cfg.rootfs, self.id)
+        if not folder:
+            return
+        for target in (folder, os.path.join(folder, "ctrd-checkpoint")):
+            if not os.path.isdir(target):
+                continue
+            for name in ("stats-dump", "dump.log"):
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(os.path.join(criu_work, name), os.path.join(target, name))
+                    os.chmod(os.path.join(target, name), 0o600)
 
     async def _runc_checkpoint(self, cfg: CheckpointConfig) -> None:
         work = cfg.work_path or os.path.join(self.bundle, "criu-work")
@@ -842,6 +862,17 @@ def _criu_config(bundle: str, text: str) -> Any:
             f.write(original)
         with contextlib.suppress(OSError):
             os.unlink(conf)
+
+
+def _cri_container_dir(rootfs: tuple[mounts.Mount, ...], cid: str) -> str:
+    """containerd's CRI folder of container `cid`, found from its snapshot mounts ("" if none)."""
+    marker = "/io.containerd.snapshotter.v1."
+    for m in rootfs:
+        for path in (m.source, *(o.split("=", 1)[1] for o in m.options if "=" in o)):
+            if marker in path:
+                folder = os.path.join(path.split(marker, 1)[0], "io.containerd.grpc.v1.cri", "containers", cid)
+                return folder if os.path.isdir(folder) else ""
+    return ""
 
 
 def _copy_images(src: str, dst: str) -> None:
