@@ -169,6 +169,30 @@ def test_periodic_checkpoint_restores_after_a_crash(
     pod.remove()
 
 
+def test_periodic_checkpoint_restores_after_an_oom_kill(
+    client: CRIClient, inst: ContainerdInstance, tmp_path: Path
+) -> None:
+    # SIGUSR1 makes the workload's init exec a 256 MiB allocation under a 64 MiB limit.
+    oomable = [
+        "sh",
+        "-c",
+        "trap 'exec dd if=/dev/zero of=/dev/null bs=256M count=1' USR1; s=$RANDOM$RANDOM; i=0; "
+        "while :; do i=$((i+1)); echo $i $s $s; sleep 0.1; done",
+    ]
+    pod = Incarnation(client, inst, tmp_path, "oom-0", annotations={"hotrestart.io/checkpoint-interval": "2s"})
+    pod.create(oomable, memory_limit=64 << 20)
+    _, checksum, _ = pod.state()
+    wait_published(inst, timeout=30)
+    os.kill(client.container_pid(pod.cid), signal.SIGUSR1)
+    st = client.wait_container_exit(pod.cid)
+    assert (st.exit_code, st.reason) == (137, "OOMKilled")
+    killed_at = pod.state()[0]
+    pod.create(oomable, attempt=1, memory_limit=64 << 20)
+    first = pod.first()
+    assert 1 < first[0] <= killed_at + 1 and first[1] == checksum, (first, killed_at)
+    pod.remove()
+
+
 def test_clean_exit_retires_periodic_checkpoints(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:
     pod = Incarnation(client, inst, tmp_path, "job-0", annotations={"hotrestart.io/checkpoint-interval": "1s"})
     pod.create(["sh", "-c", "i=0; while [ $i -lt 40 ]; do i=$((i+1)); echo $i 1 1; sleep 0.1; done"])
