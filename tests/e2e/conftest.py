@@ -159,3 +159,26 @@ def pod_config(
         return make_pod_config(cri, containerd, tmp_path / "pods", name or request.node.name, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="module", params=["2", "1.7"], ids=["containerd2", "containerd1.7"])
+def inst(request: pytest.FixtureRequest, containerd_factory: Callable[..., ContainerdInstance]) -> ContainerdInstance:
+    """One containerd per module and version: the module's tests run on 2.x and on 1.7."""
+    return containerd_factory(request.param)
+
+
+@pytest.fixture
+def client(inst: ContainerdInstance) -> Iterator[Any]:
+    """A CRIClient on `inst`; whatever the test left running is removed afterwards."""
+    c = inst.cri()
+    try:
+        yield c
+    finally:
+        c.remove_all(stop_timeout=0)
+        c.close()
+
+
+@pytest.fixture
+def empty_store(inst: ContainerdInstance) -> None:
+    """The test starts with an empty checkpoint store (checkpoints are per identity, counts are not)."""
+    shutil.rmtree(inst.store / "v1", ignore_errors=True)

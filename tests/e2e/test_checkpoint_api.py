@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import tarfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -23,28 +21,7 @@ from hotpods import Incarnation, stored, wait_published
 from testbed import BIN_DIR, BUSYBOX_IMAGE, ContainerdInstance, host
 from testbed.registry import LocalRegistry
 
-pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module", params=["2", "1.7"], ids=["containerd2", "containerd1.7"])
-def inst(request: pytest.FixtureRequest, containerd_factory: Callable[..., ContainerdInstance]) -> ContainerdInstance:
-    return containerd_factory(request.param)
-
-
-@pytest.fixture(autouse=True)
-def empty_store(inst: ContainerdInstance) -> Iterator[None]:
-    shutil.rmtree(inst.store / "v1", ignore_errors=True)
-    yield
-
-
-@pytest.fixture
-def client(inst: ContainerdInstance) -> Iterator[CRIClient]:
-    c = inst.cri()
-    try:
-        yield c
-    finally:
-        c.remove_all(stop_timeout=0)
-        c.close()
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("empty_store")]
 
 
 def manifest(ckpt: Path) -> dict[str, object]:

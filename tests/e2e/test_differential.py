@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +24,6 @@ pytestmark = pytest.mark.e2e
 HANDLERS = ("runc", "hotrestart")
 # The count is replaced atomically so that a reader never sees the file empty.
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done"
-
-
-@pytest.fixture(scope="module", params=["2", "1.7"], ids=["containerd2", "containerd1.7"])
-def inst(request: pytest.FixtureRequest, containerd_factory: Callable[..., ContainerdInstance]) -> ContainerdInstance:
-    return containerd_factory(request.param)
-
-
-@pytest.fixture
-def client(inst: ContainerdInstance) -> Iterator[CRIClient]:
-    c = inst.cri()
-    try:
-        yield c
-    finally:
-        c.remove_all(stop_timeout=0)
-        c.close()
 
 
 class Pod:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import datetime
 import json
 import re
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,20 +72,8 @@ def inst(containerd_factory: Callable[..., ContainerdInstance], standin: Standin
 
 
 @pytest.fixture(autouse=True)
-def clean(inst: ContainerdInstance, standin: Standin) -> Iterator[None]:
-    shutil.rmtree(inst.store / "v1", ignore_errors=True)
+def clean(empty_store: None, standin: Standin) -> None:
     standin.reset()
-    yield
-
-
-@pytest.fixture
-def client(inst: ContainerdInstance) -> Iterator[CRIClient]:
-    c = inst.cri()
-    try:
-        yield c
-    finally:
-        c.remove_all(stop_timeout=0)
-        c.close()
 
 
 def shim_log_time(inst: ContainerdInstance, pattern: str) -> float:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import shutil
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,29 +20,7 @@ from cri import CRIClient
 from hotpods import Incarnation, stored, wait_published
 from testbed import ContainerdInstance, host
 
-pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module", params=["2", "1.7"], ids=["containerd2", "containerd1.7"])
-def inst(request: pytest.FixtureRequest, containerd_factory: Callable[..., ContainerdInstance]) -> ContainerdInstance:
-    return containerd_factory(request.param)
-
-
-@pytest.fixture(autouse=True)
-def empty_store(inst: ContainerdInstance) -> Iterator[None]:
-    """Each test starts with an empty store (checkpoints are per identity, but counts are not)."""
-    shutil.rmtree(inst.store / "v1", ignore_errors=True)
-    yield
-
-
-@pytest.fixture
-def client(inst: ContainerdInstance) -> Iterator[CRIClient]:
-    c = inst.cri()
-    try:
-        yield c
-    finally:
-        c.remove_all(stop_timeout=0)
-        c.close()
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("empty_store")]
 
 
 def run_and_stop(client: CRIClient, inst: ContainerdInstance, tmp: Path, name: str, **kwargs: Any) -> tuple[int, int]:
