@@ -73,3 +73,13 @@ def test_a_process_inside_vfork_is_never_handed_over_frozen(freezer: Path) -> No
     assert _state(freezer) == "THAWED", "a freeze CRIU could not seize is not left behind"
     proc.kill()
     proc.wait()
+
+
+def test_procs_lists_the_container(freezer: Path) -> None:
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    for p in procs:
+        (freezer / "cgroup.procs").write_text(str(p.pid))
+    assert sorted(cgroups.procs(procs[0].pid)) == sorted(p.pid for p in procs)
+    for p in procs:
+        p.kill()
+        p.wait()

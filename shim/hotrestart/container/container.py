@@ -275,7 +275,7 @@ class Container:
             elif state is State.CREATED_CHECKPOINT:
                 await self._run_init(self._runc_restore)
                 if self._gpu is not None:
-                    await self._gpu.after_restore([pid for pid, _ in await self.pids()])
+                    await self._gpu.after_restore(cgroups.procs(self.init.pid))
             else:
                 await self._runc.start(self.id)
             if not self.init.exited:
@@ -643,7 +643,8 @@ class Container:
         freeze hangs); a container containerd paused is thawed for that and paused again at
         the end. After a leave-running dump, or any failure, GPU state is resumed."""
         paused = self.init.state is State.PAUSED
-        suspension = await self._gpu.find([pid for pid, _ in await self.pids()]) if self._gpu else None
+        # The cgroup's list, not `runc ps`: this runs before every dump, stops included.
+        suspension = await self._gpu.find(cgroups.procs(self.init.pid)) if self._gpu else None
         if suspension is None:
             yield Prepared({}, lambda: self._quiesced(exits, keep_frozen=paused))
             return

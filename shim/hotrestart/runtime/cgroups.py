@@ -44,6 +44,17 @@ def _freezer(pid: int) -> tuple[str, str] | None:
     return None
 
 
+def procs(pid: int) -> list[int]:
+    """Every process in the container of `pid` (its freezer cgroup; v2: its cgroup)."""
+    found = _freezer(pid)
+    if found is None:
+        return [pid]
+    try:
+        return [int(p) for p in _read(os.path.join(found[1], "cgroup.procs")).split()]
+    except (OSError, ValueError):
+        return [pid]
+
+
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read()
