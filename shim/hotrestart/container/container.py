@@ -722,20 +722,14 @@ class Container:
                     # A paused container is dumped as it is (containerd pauses around its own checkpoints).
                     if self._stopping is not None or self.init.state not in (State.RUNNING, State.PAUSED):
                         continue
-                    try:
-                        req = DumpRequest("periodic", leave_running=True)
-                        async with self._prepared(False) as prep:
-                            dumped = await self._hot.dump(
-                                self._subject(), self.policy, req, self.policy.timeout, around=prep.freeze, gpu=prep.gpu
-                            )
-                    except asyncio.CancelledError:
-                        cgroups.thaw(self.init.pid)
-                        raise
+                    # _prepared and its freeze thaw on every way out, and keep a paused container paused.
+                    req = DumpRequest("periodic", leave_running=True)
+                    async with self._prepared(False) as prep:
+                        dumped = await self._hot.dump(
+                            self._subject(), self.policy, req, self.policy.timeout, around=prep.freeze, gpu=prep.gpu
+                        )
                 self._hot.publish_later(dumped)
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
-                cgroups.thaw(self.init.pid)
                 log.warning("%s: periodic checkpoint failed (next in %.0fs): %s", self.id, interval, exc)
 
     # -- observers ----------------------------------------------------------------------------
