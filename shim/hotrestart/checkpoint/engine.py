@@ -110,15 +110,6 @@ class RestoreFailed(Exception):
         self.log_file = log_file
 
 
-def _mem_available() -> int:
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    return 0
-
-
 def _memory_usage(pid: int) -> int:
     """Resident memory of the container's cgroup (falls back to the init's RSS)."""
     from hotrestart.runtime.oom import memory_cgroup_dir
@@ -215,7 +206,7 @@ class Engine:
         os.makedirs(self.work_root, mode=0o700, exist_ok=True)
         path = os.path.join(self.work_root, name)
         os.mkdir(path, 0o700)
-        if size and size * 1.25 + (256 << 20) < _mem_available():
+        if size and size * 1.25 + (256 << 20) < gpu_plan.host_available():
             limit = int(size * 1.25) + (64 << 20)
             # Huge pages halve CRIU's time writing pages, which is time the process is frozen.
             for extra in (("huge=always",), ()):

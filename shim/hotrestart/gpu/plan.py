@@ -126,6 +126,7 @@ def placement(recorded: Mapping[str, Any], here: Inventory | None) -> tuple[dict
 
 
 def host_available() -> int:
+    """MemAvailable of this host, in bytes (0 when unknown)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
