@@ -79,7 +79,7 @@ def main() -> int:
         say(f"   ready to serve after {time.monotonic() - t0:.2f} s")
         wait_line(cri, cid, lambda x: x.split()[0] == "10")
         last = lines(cri, cid)[-1]
-        say(f"   counting: {last}  (counter, checksum of its memory)\n")
+        say(f"   counting: {last}  (counter, checksum of its memory, longest stop in ms)\n")
 
         say("2. the pod is stopped and deleted, as on a node drain (StopContainer with a grace period)")
         t0 = time.monotonic()
