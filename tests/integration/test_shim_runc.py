@@ -282,3 +282,15 @@ async def test_without_zygote_each_shim_is_a_fresh_interpreter(
     await shim.call("Delete", task.DeleteRequest(id="f1"))
     await shim.call("Shutdown", task.ShutdownRequest(id=""))
     assert await wait_gone(shim.pid)
+
+
+async def test_zygote_warm_up_runs_the_shim_machinery_cleanly() -> None:
+    """The zygote's warm-up swallows errors (it is only an optimisation), so check here that
+    it really gets through: an API change that broke it would otherwise go unnoticed."""
+    import tempfile
+
+    from hotrestart import zygote
+
+    before = set(os.listdir(tempfile.gettempdir()))
+    await zygote._exercise()
+    assert set(os.listdir(tempfile.gettempdir())) <= before, "the warm-up leaves no temporary files"
