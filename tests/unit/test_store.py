@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hotrestart.store import archive
-from hotrestart.store.manifest import Identity, Manifest, ManifestError
+from hotrestart.store.manifest import Identity, Manifest, ManifestError, chunk_root
 from hotrestart.store.store import Store
 
 IDENT = Identity("ns", "web-0", "app")
@@ -175,3 +176,32 @@ def test_many_chunks_roundtrip_in_parallel(tmp_path: Path) -> None:
     archive.decompress_file(str(tmp_path / "z"), str(tmp_path / "out"), entry)
     assert (tmp_path / "out").read_bytes() == payload
     archive.verify_file(str(tmp_path / "z"), entry)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_and_buffered_writes_store_the_same_bytes(tmp_path: Path, direct: bool) -> None:
+    # Larger than the direct-I/O staging buffer, and not a whole number of blocks.
+    payload = b"".join(os.urandom(3000) + b"\0" * 1096 for _ in range(2600)) + b"odd tail"
+    src = tmp_path / "raw"
+    src.write_bytes(payload)
+    entry = archive.compress_file(str(src), str(tmp_path / "z"), "z", chunk=1 << 20, direct=direct)
+    stored = (tmp_path / "z").read_bytes()
+    assert len(stored) == entry.stored_bytes, "the padding of the last direct block is cut off"
+    assert oct((tmp_path / "z").stat().st_mode & 0o777) == "0o600"
+    archive.verify_file(str(tmp_path / "z"), entry)
+    archive.decompress_file(str(tmp_path / "z"), str(tmp_path / "out"), entry)
+    assert (tmp_path / "out").read_bytes() == payload
+
+
+def test_a_chunk_list_that_does_not_match_the_file_digest_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "raw"
+    src.write_bytes(os.urandom(30_000))
+    entry = archive.compress_file(str(src), str(tmp_path / "z"), "z", chunk=10_000)
+    assert entry.sha256 == chunk_root(entry.chunks)
+    swapped = dataclasses.replace(entry, chunks=[entry.chunks[1], entry.chunks[0], *entry.chunks[2:]])
+    with pytest.raises(archive.IntegrityError, match="digest"):
+        archive.decompress_file(str(tmp_path / "z"), str(tmp_path / "out"), swapped)
+    lying = dataclasses.replace(entry, raw_bytes=entry.raw_bytes + 1)
+    with pytest.raises(archive.IntegrityError, match="sizes"):
+        archive.decompress_file(str(tmp_path / "z"), str(tmp_path / "out"), lying)
+    assert not (tmp_path / "out").exists()

@@ -1,13 +1,16 @@
 """The versioned JSON manifest that describes one checkpoint.
 
 The manifest is the only thing trusted about a checkpoint before it is verified: every
-file it lists carries a sha256 of its stored (compressed) bytes, checked while it is
-decompressed, so a flipped byte anywhere means a cold start, never a restore.
+file it lists carries a sha256 of each of its stored (compressed) chunks, checked while it
+is decompressed, so a flipped byte anywhere means a cold start, never a restore. A file's
+own sha256 is the digest of its chunks' digests: one serial hash over gigabytes would
+cost more than compressing them on a many-core node.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any
 
@@ -30,10 +33,18 @@ class Chunk:
 @dataclasses.dataclass
 class FileEntry:
     path: str  # relative to the checkpoint folder
-    sha256: str  # of the stored bytes
+    sha256: str  # of the chunks' sha256 digests (32 bytes each, in order): see chunk_root
     stored_bytes: int
     raw_bytes: int
     chunks: list[Chunk] = dataclasses.field(default_factory=list)
+
+
+def chunk_root(chunks: list[Chunk]) -> str:
+    """A file's digest: sha256 over its chunks' binary sha256 digests, in order."""
+    root = hashlib.sha256()
+    for c in chunks:
+        root.update(bytes.fromhex(c.sha256))
+    return root.hexdigest()
 
 
 @dataclasses.dataclass
