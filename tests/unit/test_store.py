@@ -205,3 +205,38 @@ def test_a_chunk_list_that_does_not_match_the_file_digest_is_refused(tmp_path: P
     with pytest.raises(archive.IntegrityError, match="sizes"):
         archive.decompress_file(str(tmp_path / "z"), str(tmp_path / "out"), lying)
     assert not (tmp_path / "out").exists()
+
+
+def test_follower_compresses_a_file_while_it_is_written(tmp_path: Path) -> None:
+    images, dest = tmp_path / "images", tmp_path / "staging"
+    dest.mkdir()
+    follower = archive.Follower(str(images), str(dest), "images/", chunk=64 << 10)
+    follower.start()
+    images.mkdir()
+    payload = b"".join(os.urandom(1000) + b"\0" * 3096 for _ in range(100)) + b"tail"
+    with open(images / "pages-1.img", "wb", buffering=0) as f:
+        for at in range(0, len(payload), 50_000):
+            f.write(payload[at : at + 50_000])
+            time.sleep(archive.Follower.POLL * 2)
+        deadline = time.monotonic() + 5
+        while follower._files["pages-1.img"].offset < len(payload) // (64 << 10) * (64 << 10):
+            assert time.monotonic() < deadline, "whole chunks are compressed while the file grows"
+            time.sleep(0.01)
+    (images / "core-1.img").write_bytes(b"not followed")
+    entries = follower.finish()
+    assert list(entries) == [str(images / "pages-1.img")]
+    entry = entries[str(images / "pages-1.img")]
+    assert entry.path == "images/pages-1.img.zst" and entry.raw_bytes == len(payload)
+    archive.decompress_file(str(dest / "pages-1.img.zst"), str(tmp_path / "out"), entry)
+    assert (tmp_path / "out").read_bytes() == payload
+
+
+def test_follower_close_stops_it_without_a_result(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "pages-1.img").write_bytes(os.urandom(10_000))
+    follower = archive.Follower(str(tmp_path / "images"), str(tmp_path), "images/", chunk=4096)
+    follower.start()
+    time.sleep(archive.Follower.POLL * 3)
+    follower.close()
+    follower.close()
+    assert not follower._thread.is_alive()

@@ -78,6 +78,7 @@ class Dumped:
     manifest: Manifest
     started: float
     images: str  # the raw CRIU images, until published
+    early: archive.Follower | None = None  # compressing the page images since the dump began
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,8 +283,16 @@ class Engine:
         work, tmpfs = self._work_dir(cid, _memory_usage(subject.pid), prefault=req.leave_running)
         net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(subject.spec)))
         timings: dict[str, float] = {}
+        early: archive.Follower | None = None
         try:
             images = os.path.join(work, "images")
+            if not req.leave_running:
+                # The application is going away anyway, so its memory is compressed while
+                # CRIU still writes it; a dump that leaves it running keeps every core for
+                # CRIU instead, to keep the freeze short.
+                os.makedirs(os.path.join(staging, "images"), mode=0o700, exist_ok=True)
+                early = archive.Follower(images, os.path.join(staging, "images"), "images/")
+                early.start()
             opts = CheckpointOpts(
                 image_path=images,
                 work_path=os.path.join(work, "criu"),
@@ -320,6 +329,8 @@ class Engine:
             timings["rootfs_diff"] = time.monotonic() - t1
         except BaseException:
             net.cancel()
+            if early is not None:
+                early.close()
             self._keep_dump_log(subject, work)
             self._drop_work(work, tmpfs)
             self.store.discard(staging)
@@ -345,9 +356,11 @@ class Engine:
             tcp=policy.tcp,
             gpu=gpu or {},
         )
-        return Dumped(cid, staging, work, tmpfs, files, manifest, t0, os.path.join(work, "images"))
+        return Dumped(cid, staging, work, tmpfs, files, manifest, t0, os.path.join(work, "images"), early)
 
     def discard(self, dumped: Dumped) -> None:
+        if dumped.early is not None:
+            dumped.early.close()
         self._drop_work(dumped.work, dumped.tmpfs)
         self.store.discard(dumped.staging)
         self.store.clear_pending(dumped.manifest.identity, dumped.id)
@@ -426,6 +439,8 @@ class Engine:
             self.store.discard(dumped.staging)
         finally:
             self._in_flight.pop(dumped.id, None)
+            if dumped.early is not None:
+                dumped.early.close()
             self._drop_work(dumped.work, dumped.tmpfs)
             self.store.clear_pending(manifest.identity, dumped.id)
 
@@ -433,7 +448,11 @@ class Engine:
         for sub in ("images", "volumes"):
             os.makedirs(os.path.join(dumped.staging, sub), mode=0o700, exist_ok=True)
             os.chmod(os.path.join(dumped.staging, sub), 0o700)
-        return [archive.compress_file(src, os.path.join(dumped.staging, rel), rel) for src, rel in dumped.files]
+        done = dumped.early.finish() if dumped.early is not None else {}
+        return [
+            done.get(src) or archive.compress_file(src, os.path.join(dumped.staging, rel), rel)
+            for src, rel in dumped.files
+        ]
 
     # -- create / start -------------------------------------------------------------------------
 

@@ -119,46 +119,184 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+class _Stored:
+    """One file being compressed: its raw source, its stored output and the chunks so far."""
+
+    def __init__(self, src: str, dst: str, rel: str, *, chunk: int, level: int, direct: bool) -> None:
+        self.rel = rel
+        self.chunk = chunk
+        self.level = level
+        self.offset = 0  # raw bytes compressed so far; always a whole number of chunks until the end
+        self.chunks: list[Chunk] = []
+        self._fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._out = _Output(dst, direct=direct)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def advance(self, pool: concurrent.futures.Executor | None, *, final: bool) -> None:
+        """Compress the whole chunks written so far, and with `final` the rest too.
+
+        With no pool the chunks are compressed in the calling thread, one at a time."""
+        size = os.fstat(self._fd).st_size
+        end = size if final else self.offset + (size - self.offset) // self.chunk * self.chunk
+        if end <= self.offset:
+            return
+        base = self.offset  # a multiple of the chunk size, so of the page size: mmap takes it
+        source = mmap.mmap(self._fd, end - base, prot=mmap.PROT_READ, offset=base)
+        try:
+            spans = [(at - base, min(self.chunk, end - at)) for at in range(base, end, self.chunk)]
+            if pool is None:
+                for start, length in spans:
+                    self._append(length, _compress(source, start, length, self.level))
+            else:
+                self._in_parallel(pool, source, spans)
+        finally:
+            source.close()
+        self.offset = end
+
+    def _in_parallel(self, pool: concurrent.futures.Executor, source: mmap.mmap, spans: list[tuple[int, int]]) -> None:
+        window = 2 * _workers()  # bounds the frames held in memory
+        pending: deque[tuple[int, concurrent.futures.Future[tuple[bytes, str]]]] = deque()
+        try:
+            for start, length in spans:
+                pending.append((length, pool.submit(_compress, source, start, length, self.level)))
+                if len(pending) > window:
+                    length, future = pending.popleft()
+                    self._append(length, future.result())
+            while pending:
+                length, future = pending.popleft()
+                self._append(length, future.result())
+        finally:
+            # The mapping is closed after this returns: no worker may still be reading it.
+            concurrent.futures.wait([f for _, f in pending])
+
+    def _append(self, raw_len: int, result: tuple[bytes, str]) -> None:
+        frame, digest = result
+        self._out.write(frame)
+        self.chunks.append(Chunk(stored=len(frame), raw=raw_len, sha256=digest))
+
+    def finish(self) -> FileEntry:
+        self._out.finish()
+        return FileEntry(
+            path=self.rel,
+            sha256=chunk_root(self.chunks),
+            stored_bytes=sum(c.stored for c in self.chunks),
+            raw_bytes=sum(c.raw for c in self.chunks),
+            chunks=self.chunks,
+        )
+
+    def close(self) -> None:
+        self._out.close()
+        os.close(self._fd)
+
+
 def compress_file(
     src: str, dst: str, rel: str, *, level: int = LEVEL, chunk: int = CHUNK, direct: bool = True
 ) -> FileEntry:
     """Compress `src` into `dst` (durable on return); `rel` is the entry's path in the manifest."""
-    chunks: list[Chunk] = []
-    workers = _workers()
-    with open(src, "rb") as fin:
-        size = os.fstat(fin.fileno()).st_size
-        source = mmap.mmap(fin.fileno(), size, prot=mmap.PROT_READ) if size else None
-    out = _Output(dst, direct=direct)
+    stored = _Stored(src, dst, rel, chunk=chunk, level=level, direct=direct)
     try:
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            pending: deque[tuple[int, concurrent.futures.Future[tuple[bytes, str]]]] = deque()
-
-            def write_one() -> None:
-                raw_len, future = pending.popleft()
-                frame, digest = future.result()
-                out.write(frame)
-                chunks.append(Chunk(stored=len(frame), raw=raw_len, sha256=digest))
-
-            for start in range(0, size, chunk):
-                length = min(chunk, size - start)
-                assert source is not None
-                pending.append((length, pool.submit(_compress, source, start, length, level)))
-                if len(pending) > workers * 2:
-                    write_one()
-            while pending:
-                write_one()
-        out.finish()
+        with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+            stored.advance(pool, final=True)
+        return stored.finish()
     finally:
-        out.close()
-        if source is not None:
-            source.close()
-    return FileEntry(
-        path=rel,
-        sha256=chunk_root(chunks),
-        stored_bytes=sum(c.stored for c in chunks),
-        raw_bytes=sum(c.raw for c in chunks),
-        chunks=chunks,
-    )
+        stored.close()
+
+
+class Follower:
+    """Compresses files while another process is still appending to them.
+
+    CRIU writes a stop-time dump's memory (`pages-*.img`) front to back into the work
+    folder; compressing each chunk as soon as it is complete, on a core CRIU does not use,
+    leaves only the last chunk and the small images for after the dump, which is most of
+    the time from stop to a durable checkpoint. Only for files that are never rewritten
+    behind their end: CRIU's page images are, as long as it dumps without a parent image
+    (no pre-dump, no --auto-dedup).
+    """
+
+    POLL = 0.02
+
+    def __init__(
+        self,
+        directory: str,
+        dest: str,
+        rel_prefix: str,
+        *,
+        prefix: str = "pages-",
+        suffix: str = ".img",
+        chunk: int = CHUNK,
+        level: int = LEVEL,
+        direct: bool = True,
+    ) -> None:
+        self._dir = directory
+        self._dest = dest
+        self._rel_prefix = rel_prefix
+        self._match = (prefix, suffix)
+        self._chunk, self._level, self._direct = chunk, level, direct
+        self._files: dict[str, _Stored] = {}
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="hotrestart-follow", daemon=True)
+        self._closed = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.POLL):
+                self._step(None, final=False)
+        except BaseException as exc:
+            self._error = exc
+
+    def _step(self, pool: concurrent.futures.Executor | None, *, final: bool) -> None:
+        try:
+            names = sorted(os.listdir(self._dir))
+        except FileNotFoundError:
+            return  # not created yet
+        prefix, suffix = self._match
+        for name in names:
+            if not (name.startswith(prefix) and name.endswith(suffix)):
+                continue
+            stored = self._files.get(name)
+            if stored is None:
+                dst = os.path.join(self._dest, name + ".zst")
+                stored = self._files[name] = _Stored(
+                    os.path.join(self._dir, name),
+                    dst,
+                    self._rel_prefix + name + ".zst",
+                    chunk=self._chunk,
+                    level=self._level,
+                    direct=self._direct,
+                )
+            stored.advance(pool, final=final)
+
+    def finish(self) -> dict[str, FileEntry]:
+        """Once the writer is done: compress what is left; the entries by raw file path."""
+        self._halt()
+        try:
+            if self._error is not None:
+                raise self._error
+            with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+                self._step(pool, final=True)
+            return {os.path.join(self._dir, name): stored.finish() for name, stored in self._files.items()}
+        finally:
+            self.close()
+
+    def _halt(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def close(self) -> None:
+        """Stop following and release every descriptor (the outputs are left to the caller)."""
+        self._halt()
+        if not self._closed:
+            self._closed = True
+            for stored in self._files.values():
+                stored.close()
 
 
 def _restore_chunk(src_fd: int, target: mmap.mmap, c: Chunk, stored_at: int, raw_at: int, rel: str) -> None:
