@@ -52,7 +52,11 @@ def _setup_logging(debug: bool, shim_id: str) -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    level = logging.DEBUG if debug else logging.INFO
+    if root.level != level:
+        # setLevel clears every logger's cache: in a shim forked from the zygote (which set
+        # INFO already) that would copy the pages of all of them.
+        root.setLevel(level)
 
 
 def _stop_on_signal(stop: asyncio.Event, sig: int) -> None:

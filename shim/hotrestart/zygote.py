@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import signal
 import socket
@@ -72,6 +73,7 @@ def _start(listener: socket.socket, conn: socket.socket, fields: dict[str, str],
     address = "unix://" + path
     sock = lifecycle.listen(path)
     if sock is not None:
+        _adopt_environment(env)
         try:
             pid = os.fork()
             if pid == 0:
@@ -85,6 +87,19 @@ def _start(listener: socket.socket, conn: socket.socket, fields: dict[str, str],
     return address
 
 
+def _adopt_environment(env: dict[str, str]) -> None:
+    """Make our environment `env` before forking a shim, changing only what differs.
+
+    Done in the child, each variable set would copy pages of the shared heap into every
+    shim; done here, it is shared, and usually there is nothing to change: containerd
+    gives every `start` the same environment."""
+    for key in [k for k in os.environ if k not in env]:
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
+
 def _become_shim(listener: socket.socket, sock: socket.socket, fields: dict[str, str], env: dict[str, str]) -> None:
     """In the forked child: detach, adopt the pod's context and serve. Never returns."""
     code = 1
@@ -95,8 +110,6 @@ def _become_shim(listener: socket.socket, sock: socket.socket, fields: dict[str,
             os._exit(0)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.chdir(fields["cwd"])
-        os.environ.clear()
-        os.environ.update(env)
         from hotrestart.daemon import serve_socket
         from hotrestart.shim_main import Flags
 
@@ -189,6 +202,8 @@ def serve(path: str) -> None:
     import hotrestart.lifecycle
     import hotrestart.shim_main  # noqa: F401
 
+    # The level every shim logs at (INFO unless -debug), set once here: see _setup_logging.
+    logging.getLogger().setLevel(logging.INFO)
     _warm_up()
 
     stamp = code_stamp()
