@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 PR_SET_CHILD_SUBREAPER = 36
 _UNCLAIMED_LIMIT = 4096
 
+# Bound once at import (in the zygote, for forked shims): building a ctypes library handle
+# creates classes, which a shim would otherwise do, and pay for, on its own.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
 
 def exit_code(wait_status: int) -> int:
     """Shell-style exit code: the exit status, or 128 + signal number for a signal death."""
@@ -30,8 +34,7 @@ def exit_code(wait_status: int) -> int:
 
 
 def become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
 

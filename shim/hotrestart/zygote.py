@@ -120,7 +120,6 @@ def _become_shim(listener: socket.socket, sock: socket.socket, fields: dict[str,
             id=fields["id"],
             debug=fields.get("debug") == "1",
         )
-        _one_malloc_arena()
         serve_socket(flags, sock)
         code = 0
     finally:
@@ -128,7 +127,8 @@ def _become_shim(listener: socket.socket, sock: socket.socket, fields: dict[str,
 
 
 def _one_malloc_arena() -> None:
-    """Keep glibc from giving each stdio thread its own (mostly private) heap arena."""
+    """Keep glibc from giving each stdio thread of a shim its own (mostly private) heap
+    arena. The setting is process-wide and survives fork, so it is made once, here."""
     import ctypes
 
     m_arena_max = -8
@@ -142,11 +142,13 @@ class _DiscardEvents:
 
 
 async def _exercise() -> None:
-    """One pass through what every shim runs: event loop, reaper, a command, a ttrpc call."""
+    """One pass through what every shim runs: event loop, reaper, a command, a ttrpc call,
+    output copied into a FIFO."""
     import asyncio
     import tempfile
 
     from hotrestart.api.containerd.task.v2 import shim_pb2 as task
+    from hotrestart.container.stdio import PipeIO
     from hotrestart.events import TaskEvents
     from hotrestart.reaper import Reaper
     from hotrestart.runtime.command import CommandRunner
@@ -176,6 +178,17 @@ async def _exercise() -> None:
         finally:
             await client.close()
             await server.close()
+        fifo = os.path.join(tmp, "out")
+        os.mkfifo(fifo, 0o600)
+        io = PipeIO("", fifo, "")
+        try:
+            out = io.runc_stdio().stdout
+            assert out is not None
+            os.write(out, b"warm-up\n")
+            await io.started()  # drops our copy of the write end: the copy sees end of file
+            await io.drained(5)
+        finally:
+            io.close()
 
 
 def _warm_up() -> None:
@@ -205,6 +218,7 @@ def serve(path: str) -> None:
     # The level every shim logs at (INFO unless -debug), set once here: see _setup_logging.
     logging.getLogger().setLevel(logging.INFO)
     _warm_up()
+    _one_malloc_arena()
 
     stamp = code_stamp()
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
