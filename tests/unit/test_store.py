@@ -207,7 +207,11 @@ def test_a_chunk_list_that_does_not_match_the_file_digest_is_refused(tmp_path: P
     assert not (tmp_path / "out").exists()
 
 
-def test_follower_compresses_a_file_while_it_is_written(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cores", [2, 4])
+def test_follower_compresses_a_file_while_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cores: int
+) -> None:
+    monkeypatch.setattr(archive, "_workers", lambda: cores)  # 2: inline; 4: a pool of 3
     images, dest = tmp_path / "images", tmp_path / "staging"
     dest.mkdir()
     follower = archive.Follower(str(images), str(dest), "images/", chunk=64 << 10)

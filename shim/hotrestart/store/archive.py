@@ -14,6 +14,7 @@ filesystem allows it (see `_Output`).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import hashlib
 import mmap
@@ -245,9 +246,12 @@ class Follower:
         self._thread.start()
 
     def _run(self) -> None:
+        # Every core but one (CRIU's); on a two-core node that is this thread alone.
+        spare = _workers() - 1
         try:
-            while not self._stop.wait(self.POLL):
-                self._step(None, final=False)
+            with concurrent.futures.ThreadPoolExecutor(spare) if spare > 1 else contextlib.nullcontext() as pool:
+                while not self._stop.wait(self.POLL):
+                    self._step(pool, final=False)
         except BaseException as exc:
             self._error = exc
 
