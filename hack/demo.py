@@ -100,8 +100,8 @@ def main() -> int:
         stored = sum(f["stored_bytes"] for f in manifest["files"]) / 2**20
         raw = sum(f["raw_bytes"] for f in manifest["files"]) / 2**20
         say(
-            f"   checkpoint {manifest['id']}: {stored:.0f} MiB stored ({raw:.0f} MiB raw), durable after "
-            f"{manifest['timings']['durable']:.2f} s\n"
+            f"   checkpoint {manifest['id']}: {stored:.0f} MiB stored ({raw:.0f} MiB raw), durable "
+            f"{manifest['timings']['durable']:.2f} s after the dump began\n"
         )
         subprocess.run([sys.executable, "-m", "hotrestart.cli", "--store", str(inst.store), "ls"], check=True)
 
