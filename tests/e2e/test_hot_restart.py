@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
@@ -247,3 +248,29 @@ def test_restored_container_that_keeps_dying_is_not_restored_again(
     pod.create(limited, attempt=3)
     assert pod.first()[0] == 1, "after three early deaths the container starts cold"
     pod.remove()
+
+
+def test_a_full_store_loses_nothing_and_the_pod_starts_cold(
+    client: CRIClient, inst: ContainerdInstance, tmp_path: Path
+) -> None:
+    v1 = inst.store / "v1"
+    v1.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "hotrestart-full", str(v1)], check=True)
+    try:
+        pod = Incarnation(client, inst, tmp_path, "full-0")
+        pod.create()
+        time.sleep(1.0)
+        assert pod.stop().exit_code == 143, "the dump itself needs no room in the store"
+        checksum = pod.state()[1]
+        pod.remove()
+        # The compressed images do not fit: the publish fails, and nothing half-written stays.
+        assert host.wait_until(lambda: "No space left on device" in inst.read_log(), 30), inst.log_tail()
+        assert host.wait_until(lambda: not stored(inst, "pending") and not stored(inst, "staging"), 10)
+        assert not stored(inst)
+        again = Incarnation(client, inst, tmp_path, "full-0")
+        again.create()
+        first = again.first()
+        assert first[0] == 1 and first[1] != checksum, "no checkpoint: the pod starts cold"
+        again.remove()
+    finally:
+        subprocess.run(["umount", "-l", str(v1)], check=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import time
 from pathlib import Path
@@ -244,3 +245,25 @@ def test_follower_close_stops_it_without_a_result(tmp_path: Path) -> None:
     follower.close()
     follower.close()
     assert not follower._thread.is_alive()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_full_disk_fails_the_file_with_its_own_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    src = tmp_path / "raw"
+    src.write_bytes(os.urandom(3 << 20))
+    real_write, written = os.write, [0]
+
+    def write(fd: int, data: bytes) -> int:
+        if written[0] + len(data) > 1 << 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = real_write(fd, data)
+        written[0] += n
+        return n
+
+    monkeypatch.setattr(os, "write", write)
+    # Not a BufferError from tearing down the staging buffer: the caller logs this one.
+    with pytest.raises(OSError) as failure:
+        archive.compress_file(str(src), str(tmp_path / "z"), "z", chunk=256 << 10, direct=direct)
+    assert failure.value.errno == errno.ENOSPC

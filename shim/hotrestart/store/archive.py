@@ -83,7 +83,8 @@ class _Output:
     def write(self, data: bytes) -> None:
         self.size += len(data)
         if self._buffer is None:
-            _write_all(self.fd, memoryview(data))
+            with memoryview(data) as whole:
+                _write_all(self.fd, whole)
             return
         view = memoryview(data)
         while view:
@@ -96,8 +97,8 @@ class _Output:
 
     def _flush(self, length: int) -> None:
         assert self._buffer is not None
-        with memoryview(self._buffer) as staged:
-            _write_all(self.fd, staged[:length])
+        with memoryview(self._buffer) as staged, staged[:length] as chunk:
+            _write_all(self.fd, chunk)
         self._filled = 0
 
     def finish(self) -> None:
@@ -116,8 +117,12 @@ class _Output:
 
 
 def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view) :]
+    # Each slice is released even when the write fails (a full disk): a slice left alive in
+    # the traceback would keep the staging buffer's mapping from being closed.
+    done = 0
+    while done < len(view):
+        with view[done:] as rest:
+            done += os.write(fd, rest)
 
 
 class _Stored:
