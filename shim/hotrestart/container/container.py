@@ -92,6 +92,10 @@ class ProcessState:
     exited_at_ns: int
 
 
+class _DumpFailed(CheckpointError):
+    """A stop-time dump failed and the engine has already said why."""
+
+
 class Container:
     def __init__(
         self,
@@ -516,10 +520,12 @@ class Container:
                             self._subject(), self.policy, left, around=prep.freeze, gpu=prep.gpu
                         )
                         if not ok:
-                            raise CheckpointError("the dump failed")  # resumes GPU state on the way out
+                            raise _DumpFailed("the dump failed")  # resumes GPU state on the way out
         except asyncio.CancelledError:
             cgroups.thaw(self.init.pid)
             raise
+        except _DumpFailed:
+            pass  # the engine has logged why
         except Exception as exc:
             log.warning("%s: checkpoint on stop failed: %s", self.id, exc)
         finally:
