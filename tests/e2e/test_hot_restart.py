@@ -310,3 +310,18 @@ def test_a_dump_criu_refuses_delivers_the_signal(client: CRIClient, inst: Contai
     assert not stored(inst) and not stored(inst, "staging") and not stored(inst, "pending")
     assert not host.mounts_under("/run/hotrestart/work")
     pod.remove()
+
+
+def test_a_terminal_container_continues_on_its_new_terminal(
+    client: CRIClient, inst: ContainerdInstance, tmp_path: Path
+) -> None:
+    counter, checksum = run_and_stop(client, inst, tmp_path, "tty-0", tty=True)
+    wait_published(inst)
+    again = Incarnation(client, inst, tmp_path, "tty-0")
+    again.create(tty=True)
+    time.sleep(0.5)
+    # The restored process writes to the new pod's terminal, and so into its log.
+    assert again.first()[:2] == (counter + 1, checksum)
+    n, s, _ = again.state()
+    assert n > counter + 1 and s == checksum
+    again.remove()
