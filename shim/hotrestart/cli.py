@@ -285,6 +285,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check stored checkpoints against their manifests without restoring them (every chunk's
+    sha256 and every size), e.g. after trouble with a shared store."""
+    from hotrestart.store.archive import IntegrityError, verify_file
+
+    store = _store(args)
+    code = 0
+    for cid in args.ids:
+        entry = store.find(cid)
+        if entry is None or entry.manifest is None:
+            print(f"{cid}: {'no single checkpoint matches' if entry is None else 'manifest missing or unreadable'}")
+            code = 1
+            continue
+        bad = 0
+        for fe in entry.manifest.files:
+            try:
+                verify_file(os.path.join(entry.path, fe.path), fe)
+            except (IntegrityError, OSError) as exc:
+                print(f"{entry.id}: {exc}")
+                bad += 1
+        files = len(entry.manifest.files)
+        print(f"{entry.id}: {'ok' if not bad else 'DAMAGED'} ({files - bad} of {files} files intact)")
+        code = code or (1 if bad else 0)
+    return code
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
     store = _store(args)
     code = 0
@@ -335,6 +361,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("id")
     p.add_argument("--files", action="store_true", help="list its files and hashes")
     p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("verify", help="check checkpoints against their manifests without restoring them")
+    p.add_argument("ids", nargs="+")
+    p.set_defaults(fn=cmd_verify)
     p = sub.add_parser("rm", help="remove checkpoints")
     p.add_argument("ids", nargs="+")
     p.set_defaults(fn=cmd_rm)

@@ -267,3 +267,23 @@ def test_a_full_disk_fails_the_file_with_its_own_error(
     with pytest.raises(OSError) as failure:
         archive.compress_file(str(src), str(tmp_path / "z"), "z", chunk=256 << 10, direct=direct)
     assert failure.value.errno == errno.ENOSPC
+
+
+def test_verify_command_finds_a_damaged_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hotrestart.cli import main
+
+    store = Store(str(tmp_path / "s"))
+    cid = make_checkpoint(store, tmp_path, os.urandom(50_000))
+    with pytest.raises(SystemExit) as done:
+        main(["--store", store.root, "verify", cid[:12]])
+    assert done.value.code == 0 and f"{cid}: ok (1 of 1 files intact)" in capsys.readouterr().out
+    entry = store.latest(IDENT)
+    assert entry is not None and entry.manifest is not None
+    stored = Path(entry.path) / entry.manifest.files[0].path
+    data = bytearray(stored.read_bytes())
+    data[100] ^= 1
+    stored.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as done:
+        main(["--store", store.root, "verify", cid])
+    out = capsys.readouterr().out
+    assert done.value.code == 1 and "DAMAGED (0 of 1 files intact)" in out and "do not match" in out
