@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TESTBED_STAMP := /opt/hotrestart-testbed/.installed
 
-.PHONY: setup testbed venv demo test test-unit test-integration test-e2e lint typecheck bench proto clean
+.PHONY: setup testbed venv bytecode demo test test-unit test-integration test-e2e lint typecheck bench proto clean
 
 setup: testbed venv
 
@@ -19,9 +19,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# An editable install leaves no bytecode (pip compiles a normal install), and with
+# PYTHONDONTWRITEBYTECODE set none is ever written: every `start` verb would compile its
+# modules again. Compile the sources as a node install would have them.
+bytecode: venv
+	$(PY) -m compileall -q shim
+
 venv: $(VENV)/.installed
 
-demo: setup
+demo: setup bytecode
 	$(PY) hack/demo.py
 
 lint: venv
@@ -41,10 +47,10 @@ test-e2e: setup
 	$(PY) -m pytest -q tests/e2e
 
 # The whole suite, as CI runs it.
-test: setup lint typecheck
+test: setup bytecode lint typecheck
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-bench: setup
+bench: setup bytecode
 	$(PY) hack/bench.py
 
 proto: venv
