@@ -75,12 +75,11 @@ def _start(listener: socket.socket, conn: socket.socket, fields: dict[str, str],
     if sock is not None:
         _adopt_environment(env)
         try:
-            pid = os.fork()
-            if pid == 0:
+            # The caller is answered without waiting for the intermediate child (its own
+            # fork takes a few ms): the socket already listens, and the kernel reaps it.
+            if os.fork() == 0:
                 conn.close()  # the caller waits for end of file on it
                 _become_shim(listener, sock, fields, env)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
         finally:
             sock.close()
     lifecycle.write_address(cwd, address)
@@ -104,6 +103,7 @@ def _become_shim(listener: socket.socket, sock: socket.socket, fields: dict[str,
     """In the forked child: detach, adopt the pod's context and serve. Never returns."""
     code = 1
     try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the shim reaps its own children
         listener.close()
         os.setsid()
         if os.fork():
@@ -251,6 +251,8 @@ def serve(path: str) -> None:
     gc.collect()
     gc.freeze()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Children exit at once (they fork the shim and leave); nobody waits for them.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     try:
         while True:
             conn, _ = listener.accept()
