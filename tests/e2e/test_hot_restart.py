@@ -276,40 +276,40 @@ def test_a_full_store_loses_nothing_and_the_pod_starts_cold(
         subprocess.run(["umount", "-l", str(v1)], check=False)
 
 
-def test_a_stop_without_time_for_a_checkpoint_delivers_the_signal(
-    client: CRIClient, inst: ContainerdInstance, tmp_path: Path
-) -> None:
-    # A budget shorter than any dump (under half a second, none is tried): the stop falls
-    # back to the ordinary signal, which the application handles itself (its own exit code,
-    # its own last words).
-    handles_term = ["sh", "-c", "trap 'echo got TERM; exit 7' TERM; while true; do echo 1 1 1; sleep 0.1; done"]
-    pod = Incarnation(client, inst, tmp_path, "slow-0", annotations={"hotrestart.io/checkpoint-timeout": "1ms"})
-    pod.create(handles_term)
+HANDLES_TERM = "trap 'echo got TERM; exit 7' TERM; "
+
+
+def stops_the_ordinary_way(pod: Incarnation, inst: ContainerdInstance, logged: str) -> None:
+    """The stop delivered the signal, which the application handled itself (its own exit
+    code, its own last words), and no checkpoint or work folder was left behind."""
     pod.state()
     assert pod.stop().exit_code == 7
     assert "got TERM" in pod.lines()
-    assert host.wait_until(lambda: "delivering signal 15 the ordinary way" in inst.read_log(), 10), inst.log_tail()
+    assert host.wait_until(lambda: logged in inst.read_log(), 10), inst.log_tail()
     assert not stored(inst) and not stored(inst, "staging") and not stored(inst, "pending")
     assert not host.mounts_under("/run/hotrestart/work")
     pod.remove()
+
+
+def test_a_stop_without_time_for_a_checkpoint_delivers_the_signal(
+    client: CRIClient, inst: ContainerdInstance, tmp_path: Path
+) -> None:
+    # A budget shorter than any dump (under half a second, none is tried).
+    pod = Incarnation(client, inst, tmp_path, "slow-0", annotations={"hotrestart.io/checkpoint-timeout": "1ms"})
+    pod.create(["sh", "-c", HANDLES_TERM + "while true; do echo 1 1 1; sleep 0.1; done"])
+    stops_the_ordinary_way(pod, inst, "delivering signal 15 the ordinary way")
 
 
 def test_a_dump_criu_refuses_delivers_the_signal(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:
     # A deleted file held open is saved by CRIU as a "ghost" only up to 1 MiB: this one makes
     # the dump itself fail, part-way, while the page images are being followed.
     ghost = (
-        "trap 'echo got TERM; exit 7' TERM; head -c 3000000 /dev/zero > /tmp/ghost; exec 3</tmp/ghost; "
-        "rm /tmp/ghost; while true; do echo 1 1 1; sleep 0.1; done"
+        "head -c 3000000 /dev/zero > /tmp/ghost; exec 3</tmp/ghost; rm /tmp/ghost; "
+        "while true; do echo 1 1 1; sleep 0.1; done"
     )
     pod = Incarnation(client, inst, tmp_path, "ghost-0")
-    pod.create(["sh", "-c", ghost])
-    pod.state()
-    assert pod.stop().exit_code == 7
-    assert "got TERM" in pod.lines()
-    assert host.wait_until(lambda: "checkpoint on stop failed" in inst.read_log(), 10), inst.log_tail()
-    assert not stored(inst) and not stored(inst, "staging") and not stored(inst, "pending")
-    assert not host.mounts_under("/run/hotrestart/work")
-    pod.remove()
+    pod.create(["sh", "-c", HANDLES_TERM + ghost])
+    stops_the_ordinary_way(pod, inst, "checkpoint on stop failed")
 
 
 def test_a_terminal_container_continues_on_its_new_terminal(

@@ -69,10 +69,12 @@ class _Output:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         self._buffer: mmap.mmap | None = None
         if direct:
+            buffer = mmap.mmap(-1, _STAGE)  # first: a failure here must not leave a descriptor open
             try:
                 self.fd = os.open(path, flags | os.O_DIRECT, 0o600)
-                self._buffer = mmap.mmap(-1, _STAGE)
+                self._buffer = buffer
             except OSError as exc:
+                buffer.close()
                 if exc.errno != errno.EINVAL:
                     raise
         if self._buffer is None:
