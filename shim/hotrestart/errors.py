@@ -84,6 +84,12 @@ class CheckpointError(ShimError):
     code = Code.UNKNOWN
 
 
+class FilesError(ShimError):
+    """A container's saved files could not be captured or replayed (unsafe or malformed)."""
+
+    code = Code.FAILED_PRECONDITION
+
+
 class RuntimeCommandError(ShimError):
     """An external command (runc, CRIU) failed; `message` carries its own last words."""
 

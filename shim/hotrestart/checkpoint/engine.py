@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import platform
@@ -34,7 +33,7 @@ from hotrestart import telemetry
 from hotrestart.checkpoint import rootfs
 from hotrestart.checkpoint.compat import image_of, incompatibility, spec_digest
 from hotrestart.checkpoint.policy import Policy
-from hotrestart.errors import CheckpointError
+from hotrestart.errors import CheckpointError, FilesError
 from hotrestart.gpu import plan as gpu_plan
 from hotrestart.gpu.state import GpuState
 from hotrestart.runtime import mounts, netinfo
@@ -51,6 +50,7 @@ Around = Callable[[], AbstractAsyncContextManager[None]]
 RESTORE_WINDOW = 30.0  # a restored container that dies sooner counts as a failed restore
 MAX_SHORT_RESTORES = 3
 PENDING_WAIT = 30.0
+RAW = "raw"  # a staging folder's uncompressed captures, removed before publishing
 
 
 @dataclasses.dataclass
@@ -155,6 +155,15 @@ def _volume_sources(spec: Mapping[str, Any], names: tuple[str, ...]) -> dict[str
             if name in names and os.path.isdir(source):
                 found[name] = source
     return found
+
+
+def _replay(replays: list[tuple[str, str, str]]) -> None:
+    for target, tar, changes in replays:
+        rootfs.apply(target, tar, rootfs.load_changes(changes) if changes else None)
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_CLOEXEC | os.O_EXCL, 0o600)
 
 
 class Engine:
@@ -309,6 +318,14 @@ class Engine:
                 outcome = "failed"
                 try:
                     async with around() if around is not None else contextlib.nullcontext():
+                        # Files first, while the processes are frozen (consistent with their
+                        # memory) and before the dump ends them: a capture that fails leaves
+                        # the container running, to be signalled, instead of gone unsaved.
+                        t1 = time.monotonic()
+                        with telemetry.span("hotrestart.checkpoint.rootfs_diff", container=subject.id) as fsp:
+                            captured = await asyncio.to_thread(self._capture_files, subject, policy, staging)
+                            fsp.set("files", len(captured))
+                        timings["rootfs_diff"] = time.monotonic() - t1
                         left = None if budget is None else max(t0 + budget - time.monotonic(), 0.1)
                         await subject.runc.checkpoint(subject.id, opts, timeout=left)
                     outcome = "ok"
@@ -322,11 +339,7 @@ class Engine:
                     log.info("%s: dump %s (%s) ends: %s after %.2fs", subject.id, cid, req.reason, outcome, took)
             self._newest[policy.identity.canonical()] = time.time()
             files = [(os.path.join(images, name), f"images/{name}.zst") for name in sorted(os.listdir(images))]
-            t1 = time.monotonic()
-            with telemetry.span("hotrestart.checkpoint.rootfs_diff", container=subject.id) as sp:
-                files += await asyncio.to_thread(self._capture_files, subject, policy, work)
-                sp.set("files", len(files))
-            timings["rootfs_diff"] = time.monotonic() - t1
+            files += captured
         except BaseException:
             net.cancel()
             if early is not None:
@@ -380,19 +393,29 @@ class Engine:
             if entry.manifest is not None and entry.manifest.reason in reasons:
                 self.store.remove(entry)
 
-    def _capture_files(self, subject: Subject, policy: Policy, work: str) -> list[tuple[str, str]]:
+    def _capture_files(self, subject: Subject, policy: Policy, staging: str) -> list[tuple[str, str]]:
+        """Capture the container's files into the store's own disk (never a memory-sized
+        tmpfs: a small process may carry a large root filesystem)."""
+        raw = os.path.join(staging, RAW)
+        os.mkdir(raw, 0o700)
         files: list[tuple[str, str]] = []
         if subject.upperdir and os.path.isdir(subject.upperdir):
-            tar = os.path.join(work, "rootfs-diff.tar")
-            changes = rootfs.capture(subject.upperdir, tar, overlay=True)
-            changes_path = os.path.join(work, "rootfs-diff.json")
-            with open(changes_path, "w") as f:
-                json.dump(changes, f)
+            tar = os.path.join(raw, "rootfs-diff.tar")
+            with open(tar, "wb", opener=_private) as f:
+                changes = rootfs.capture(subject.upperdir, f, overlay=True)
+            changes_path = os.path.join(raw, "rootfs-diff.json")
+            with open(changes_path, "w", opener=_private) as f:
+                f.write(changes.to_json())
             files += [(tar, "rootfs-diff.tar.zst"), (changes_path, "rootfs-diff.json.zst")]
+            if changes.skipped:
+                log.info("%s: files not carried: %s", subject.id, "; ".join(changes.skipped[:20]))
         for name, source in sorted(_volume_sources(subject.spec, policy.carry_volumes).items()):
-            tar = os.path.join(work, f"volume-{name}.tar")
-            rootfs.capture(source, tar, overlay=False)
+            tar = os.path.join(raw, f"volume-{name}.tar")
+            with open(tar, "wb", opener=_private) as f:
+                skipped = rootfs.capture(source, f, overlay=False).skipped
             files.append((tar, f"volumes/{name}.tar.zst"))
+            if skipped:
+                log.info("%s: files of volume %s not carried: %s", subject.id, name, "; ".join(skipped[:20]))
         return files
 
     def _keep_dump_log(self, subject: Subject, work: str) -> None:
@@ -449,10 +472,12 @@ class Engine:
             os.makedirs(os.path.join(dumped.staging, sub), mode=0o700, exist_ok=True)
             os.chmod(os.path.join(dumped.staging, sub), 0o700)
         done = dumped.early.finish() if dumped.early is not None else {}
-        return [
+        entries = [
             done.get(src) or archive.compress_file(src, os.path.join(dumped.staging, rel), rel)
             for src, rel in dumped.files
         ]
+        shutil.rmtree(os.path.join(dumped.staging, RAW), ignore_errors=True)
+        return entries
 
     # -- create / start -------------------------------------------------------------------------
 
@@ -543,24 +568,20 @@ class Engine:
 
     async def _apply_files(self, subject: Subject, policy: Policy, manifest: Manifest, work: str) -> None:
         names = {f.path for f in manifest.files}
+        replays: list[tuple[str, str, str]] = []
         if "rootfs-diff.tar.zst" in names:
-            await self._run_apply(
-                os.path.join(subject.bundle, "rootfs"),
-                os.path.join(work, "rootfs-diff.tar"),
-                os.path.join(work, "rootfs-diff.json"),
-            )
+            changes = os.path.join(work, "rootfs-diff.json") if "rootfs-diff.json.zst" in names else ""
+            replays.append((os.path.join(subject.bundle, "rootfs"), os.path.join(work, "rootfs-diff.tar"), changes))
         carried = tuple(p.removeprefix("volumes/").removesuffix(".tar.zst") for p in names if p.startswith("volumes/"))
         targets = _volume_sources(subject.spec, carried)
-        for name in carried:
+        for name in sorted(carried):
             if name not in targets:
                 raise RestoreFailed(f"volume {name} travelled with the checkpoint but the new pod does not mount it")
-            await self._run_apply(targets[name], os.path.join(work, "volumes", f"{name}.tar"), "")
-
-    async def _run_apply(self, target: str, tar: str, changes: str) -> None:
-        result = await self._runner.run(rootfs.apply_argv(target, tar, changes))
-        if result.returncode != 0:
-            detail = result.stderr.decode(errors="replace").strip().splitlines()
-            raise RestoreFailed(f"could not apply saved files to {target}: {detail[-1] if detail else 'failed'}")
+            replays.append((targets[name], os.path.join(work, "volumes", f"{name}.tar"), ""))
+        try:
+            await asyncio.to_thread(_replay, replays)
+        except FilesError as exc:
+            raise RestoreFailed(str(exc)) from exc
 
     # -- after a restore --------------------------------------------------------------------------
 
