@@ -1,0 +1,200 @@
+"""A hostile tenant's files through hot restart, end to end through containerd.
+
+The container controls its root filesystem's upper layer and the emptyDirs it carries, and
+keeps changing them while periodic and API checkpoints capture them. None of it may make
+the shim (root on the node) load its code, read host files into a checkpoint, or write
+outside the container's own tree.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tarfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from cri import CRIClient
+from hotpods import Incarnation, stored, wait_published
+from testbed import ContainerdInstance, host
+
+from hotrestart.store import archive
+from hotrestart.store.manifest import Manifest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("empty_store")]
+
+COUNTING = 'i=0; while :; do i=$((i+1)); echo "$i 1 1"; sleep 0.1; done'
+
+# Loaded by glibc's NSS into whoever does a name lookup under this root: it records that it
+# ran, inside the root it was loaded in and, after leaving any chroot, on the node itself.
+NSS_MODULE = r"""
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+__attribute__((constructor)) static void loaded(void) {
+    close(open("/tmp/MARKER-inside", O_CREAT | O_WRONLY, 0644));
+    mkdir("/.out", 0700);
+    if (chroot("/.out") == 0) {
+        for (int i = 0; i < 64; i++) chdir("..");
+        chroot(".");
+    }
+    close(open("/tmp/MARKER", O_CREAT | O_WRONLY, 0644));
+}
+"""
+
+
+@pytest.fixture
+def nss_payload(tmp_path: Path) -> tuple[Path, str]:
+    """A folder holding libnss_evil.so.2 built for this node, and the marker's name."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the NSS module")
+    marker = f"hotrestart-nss-{uuid.uuid4().hex}"
+    payload = tmp_path / "payload"
+    payload.mkdir()
+    (payload / "evil.c").write_text(NSS_MODULE.replace("MARKER", marker))
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-o", str(payload / "libnss_evil.so.2"), str(payload / "evil.c")], check=True
+    )
+    return payload, marker
+
+
+def _plant(root: str) -> str:
+    """Shell that installs the module and an nsswitch.conf naming it under `root`."""
+    return (
+        f"for d in {root}/lib {root}/lib64 {root}/usr/lib {root}/lib/x86_64-linux-gnu "
+        f"{root}/usr/lib/x86_64-linux-gnu; do mkdir -p $d && cp /payload/libnss_evil.so.2 $d/; done; "
+        f"mkdir -p {root}/etc; printf 'passwd: evil\\ngroup: evil\\nshadow: evil\\n' > {root}/etc/nsswitch.conf; "
+        f"chown 4242:4242 {root}/etc/nsswitch.conf {root}/lib/libnss_evil.so.2; "
+    )
+
+
+def _no_marker(marker: str) -> None:
+    assert not Path("/tmp", marker).exists(), "the container's NSS module ran on the node"
+    assert not Path("/tmp", f"{marker}-inside").exists(), "the container's NSS module ran"
+
+
+@pytest.mark.parametrize("where", ["rootfs", "emptydir"])
+def test_an_nss_module_in_the_container_is_never_loaded(
+    client: CRIClient, inst: ContainerdInstance, tmp_path: Path, nss_payload: tuple[Path, str], where: str
+) -> None:
+    payload, marker = nss_payload
+    annotations = {"hotrestart.io/carry-volumes": "data"} if where == "emptydir" else {}
+    root = "" if where == "rootfs" else "/data"
+    script = _plant(root) + COUNTING
+    first = Incarnation(client, inst, tmp_path, f"nss-{where}", annotations=annotations)
+    mounts = [(str(payload), "/payload"), (str(first.empty_dir("data")), "/data")]
+    first.create(["sh", "-c", script], mounts=mounts)
+    assert host.wait_until(lambda: first.state()[0] >= 3, 10), first.lines()
+    assert first.stop().exit_code == 143
+    counter = first.state()[0]
+    first.remove()
+    wait_published(inst)
+    again = Incarnation(client, inst, tmp_path, f"nss-{where}", annotations=annotations)
+    mounts = [(str(payload), "/payload"), (str(again.empty_dir("data")), "/data")]
+    again.create(["sh", "-c", script], mounts=mounts)
+    assert again.first()[0] == counter + 1, again.lines()  # restored, files replayed
+    conf = client.exec_sync(again.cid, ["stat", "-c", "%u:%g", f"{root}/etc/nsswitch.conf"]).stdout
+    assert conf == b"4242:4242\n", conf  # numeric owners carried as they were
+    _no_marker(marker)
+    again.remove()
+    _no_marker(marker)
+
+
+def _captured_trees(inst: ContainerdInstance, seen: set[str], work: Path) -> list[Path]:
+    """Decompress the saved-file archives of every checkpoint not seen yet."""
+    out: list[Path] = []
+    for ckpt in stored(inst):
+        if ckpt.name in seen:
+            continue
+        try:
+            manifest = Manifest.from_json((ckpt / "manifest.json").read_bytes())
+            for entry in manifest.files:
+                if entry.path.endswith(".tar.zst"):
+                    dst = work / f"{ckpt.name}-{entry.path.replace('/', '_')}".removesuffix(".zst")
+                    archive.decompress_file(str(ckpt / entry.path), str(dst), entry)
+                    out.append(dst)
+        except (OSError, ValueError, archive.IntegrityError):
+            continue  # superseded and removed while read
+        seen.add(ckpt.name)
+    return out
+
+
+def _host_bytes_in(tars: list[Path], secret: bytes) -> list[str]:
+    found = []
+    for path in tars:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                f = tar.extractfile(m) if m.isreg() else None
+                if f is not None and secret in f.read():
+                    found.append(f"{path.name}:{m.name}")
+    return found
+
+
+def test_swapping_directories_for_links_never_captures_host_files(
+    client: CRIClient, inst: ContainerdInstance, tmp_path: Path
+) -> None:
+    """Periodic and API checkpoints of a container that swaps directories for symlinks to a
+    host folder (its path as the node sees it) all through the capture."""
+    secret_dir = Path("/tmp", f"hotrestart-host-{uuid.uuid4().hex}")
+    secret_dir.mkdir(mode=0o700)
+    secret = f"HOST-ONLY-{uuid.uuid4().hex}".encode()
+    (secret_dir / "shadow").write_bytes(secret)
+    try:
+        swap = (
+            "cd /; while :; do mkdir -p d/sub; echo container > d/shadow; echo c > d/sub/shadow; "
+            f"mv d d.old; ln -s {secret_dir} d; ln -s {secret_dir} d.old/sub2; "
+            "rm d; mv d.old d; rm -rf d; done"
+        )
+        script = f"({swap}) & {COUNTING}"
+        pod = Incarnation(client, inst, tmp_path, "swapper-0", annotations={"hotrestart.io/checkpoint-interval": "1s"})
+        pod.create(["sh", "-c", script])
+        work = tmp_path / "read-back"
+        work.mkdir()
+        seen: set[str] = set()
+        tars: list[Path] = []
+        deadline = time.monotonic() + 25
+        api = 0
+        while time.monotonic() < deadline and len(seen) < 12:
+            if not inst.is_1_7 and api < 4:
+                client.checkpoint_container(pod.cid, str(tmp_path / f"api-{api}.tar"))
+                api += 1
+            tars += _captured_trees(inst, seen, work)
+            time.sleep(0.2)
+        assert len(seen) >= 4, f"only {len(seen)} checkpoints were published"
+        assert tars, "no saved files were read back"
+        assert not _host_bytes_in(tars, secret)
+        links = []
+        for path in tars:
+            with tarfile.open(path) as tar:
+                links += [m.linkname for m in tar if m.issym()]
+        # Whatever was caught mid-swap was stored as the link it was, not as its target.
+        assert all(link == str(secret_dir) for link in links), links
+        pod.remove()
+    finally:
+        shutil.rmtree(secret_dir, ignore_errors=True)
+
+
+def test_a_large_root_filesystem_is_kept_with_its_checkpoint(
+    client: CRIClient, inst: ContainerdInstance, tmp_path: Path
+) -> None:
+    """Far more in the root filesystem than in memory: the capture goes to the store's disk,
+    not a work area sized from memory, and the checkpoint is kept."""
+    script = "dd if=/dev/urandom of=/big bs=1M count=192 2>/dev/null; md5sum /big > /big.md5; " + COUNTING
+    first = Incarnation(client, inst, tmp_path, "bigroot-0")
+    first.create(["sh", "-c", script])
+    assert host.wait_until(lambda: first.state()[0] >= 3, 30), first.lines()
+    assert first.stop().exit_code == 143
+    counter = first.state()[0]
+    first.remove()
+    [ckpt] = wait_published(inst, timeout=60)
+    raw = json.loads((ckpt / "manifest.json").read_text())
+    rootfs_raw = sum(f["raw_bytes"] for f in raw["files"] if f["path"].startswith("rootfs-diff"))
+    assert rootfs_raw >= 192 << 20
+    again = Incarnation(client, inst, tmp_path, "bigroot-0")
+    again.create(["sh", "-c", script])
+    assert again.first()[0] == counter + 1, again.lines()
+    assert client.exec_sync(again.cid, ["md5sum", "-c", "/big.md5"], timeout=30).exit_code == 0
+    again.remove()
