@@ -207,6 +207,16 @@ def _warm_up() -> None:
         pass
 
 
+def _sweep_work() -> None:
+    """Work folders (tmpfs holding process memory) of shims killed before they cleaned up."""
+    from hotrestart.checkpoint import workarea
+
+    try:
+        workarea.sweep(workarea.ROOT)
+    except OSError as exc:
+        logging.getLogger(__name__).warning("could not sweep %s: %s", workarea.ROOT, exc)
+
+
 def serve(path: str) -> None:
     # Preload everything a shim runs (shim_main too: importing one module in a child costs
     # it about 0.5 MiB of copied pages), then keep the collector from touching (and so
@@ -219,6 +229,7 @@ def serve(path: str) -> None:
     logging.getLogger().setLevel(logging.INFO)
     _warm_up()
     _one_malloc_arena()
+    _sweep_work()
 
     stamp = code_stamp()
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)

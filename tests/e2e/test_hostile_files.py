@@ -9,7 +9,9 @@ outside the container's own tree.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tarfile
 import time
@@ -198,3 +200,25 @@ def test_a_large_root_filesystem_is_kept_with_its_checkpoint(
     assert again.first()[0] == counter + 1, again.lines()
     assert client.exec_sync(again.cid, ["md5sum", "-c", "/big.md5"], timeout=30).exit_code == 0
     again.remove()
+
+
+def test_a_work_area_left_by_a_killed_shim_is_swept(
+    client: CRIClient, inst: ContainerdInstance, tmp_path: Path
+) -> None:
+    """A shim SIGKILLed while its dump's tmpfs is mounted: the next shim to start removes it."""
+    big = ["sh", "-c", "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo 1 1 1; exec sleep inf"]
+    pod = Incarnation(client, inst, tmp_path, "killed-shim-0")
+    pod.create(big)
+    pod.state(timeout=30)
+    inst.ctr("tasks", "kill", "-s", "TERM", pod.cid)
+    work = Path("/run/hotrestart/work")
+    assert host.wait_until(lambda: any(m.startswith(f"{work}/") for m in host.mounts_under(work)), 10)
+    [folder] = [Path(m) for m in host.mounts_under(work) if m.startswith(f"{work}/")]
+    shim_pid = int(folder.name.split("-", 1)[0])
+    os.kill(shim_pid, signal.SIGKILL)
+    assert host.wait_until(lambda: not host.alive(shim_pid), 10)
+    assert str(folder) in host.mounts_under(work), "the killed shim left its work area mounted"
+    other = Incarnation(client, inst, tmp_path, "next-0")
+    other.create()
+    assert host.wait_until(lambda: str(folder) not in host.mounts_under(work) and not folder.exists(), 10)
+    other.remove()

@@ -30,13 +30,13 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from hotrestart import telemetry
-from hotrestart.checkpoint import rootfs
+from hotrestart.checkpoint import rootfs, workarea
 from hotrestart.checkpoint.compat import image_of, incompatibility, spec_digest
 from hotrestart.checkpoint.policy import Policy
 from hotrestart.errors import CheckpointError, FilesError
 from hotrestart.gpu import plan as gpu_plan
 from hotrestart.gpu.state import GpuState
-from hotrestart.runtime import mounts, netinfo
+from hotrestart.runtime import netinfo
 from hotrestart.runtime.command import CommandRunner
 from hotrestart.runtime.runc import CheckpointOpts, Runc
 from hotrestart.store import archive
@@ -45,7 +45,7 @@ from hotrestart.store.store import Entry, Store
 
 log = logging.getLogger(__name__)
 
-WORK_ROOT = "/run/hotrestart/work"
+WORK_ROOT = workarea.ROOT
 Around = Callable[[], AbstractAsyncContextManager[None]]
 RESTORE_WINDOW = 30.0  # a restored container that dies sooner counts as a failed restore
 MAX_SHORT_RESTORES = 3
@@ -126,24 +126,6 @@ def _memory_usage(pid: int) -> int:
     return 0
 
 
-def _prefault(path: str, size: int) -> None:
-    """Have memory for the images allocated before the process is frozen: fill a file of
-    `size` bytes and free it, so CRIU's writes reuse pages that are already backed (a VM's
-    host backs fresh guest memory on first touch, which would otherwise happen frozen)."""
-    filler = os.path.join(path, ".prefault")
-    try:
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            chunk = bytes(8 << 20)  # written, not fallocated: tmpfs fallocate touches nothing
-            for _ in range(0, size, len(chunk)):
-                os.write(fd, chunk)
-        finally:
-            os.close(fd)
-            os.unlink(filler)
-    except OSError as exc:
-        log.info("could not prefault %s: %s", path, exc)
-
-
 def _volume_sources(spec: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, str]:
     """emptyDir volume name -> host directory, for the named volumes mounted in `spec`."""
     found: dict[str, str] = {}
@@ -186,6 +168,8 @@ class Engine:
         self._newest: dict[str, float] = {}  # identity -> wall time of its newest successful dump here
         self._in_flight: dict[str, tuple[str, str]] = {}  # checkpoint id -> (identity, reason), while published
         self._publish_lock = asyncio.Lock()
+        # Work folders of shims that were killed hold process memory, often on tmpfs.
+        workarea.sweep(work_root)
 
     # -- shared ---------------------------------------------------------------------------------
 
@@ -209,31 +193,10 @@ class Engine:
         return self._runtime
 
     def _work_dir(self, name: str, size: int, prefault: bool = False) -> tuple[str, bool]:
-        """A private work folder, on tmpfs when `size` bytes fit comfortably in memory.
-
-        `prefault` is for dumps that leave the process running: what counts there is how long
-        it is frozen, not how long the whole checkpoint takes (a stop wants the latter)."""
-        os.makedirs(self.work_root, mode=0o700, exist_ok=True)
-        path = os.path.join(self.work_root, name)
-        os.mkdir(path, 0o700)
-        if size and size * 1.25 + (256 << 20) < gpu_plan.host_available():
-            limit = int(size * 1.25) + (64 << 20)
-            # Huge pages halve CRIU's time writing pages, which is time the process is frozen.
-            for extra in (("huge=always",), ()):
-                try:
-                    mounts.mount(mounts.Mount("tmpfs", "tmpfs", ("mode=0700", f"size={limit}", *extra)), path)
-                    if prefault:
-                        _prefault(path, size)
-                    return path, True
-                except OSError as exc:
-                    log.info("no tmpfs %s for %s (%s)", " ".join(extra), path, exc)
-        return path, False
+        return workarea.make(self.work_root, name, size, prefault=prefault)
 
     def _drop_work(self, path: str, tmpfs: bool) -> None:
-        if tmpfs:
-            with contextlib.suppress(OSError):
-                mounts.unmount_all(path)
-        shutil.rmtree(path, ignore_errors=True)
+        workarea.drop(path, tmpfs)
 
     def _track(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
@@ -515,11 +478,13 @@ class Engine:
         if claimed is None or claimed.manifest is None:
             raise RestoreFailed(f"checkpoint {entry.id} was claimed by another restore")
         manifest = claimed.manifest
-        work, tmpfs = self._work_dir(f"restore-{entry.id}", manifest.raw_bytes)
-        criu_work = os.path.join(work, "criu")
-        restore_log = os.path.join(criu_work, "restore.log")
+        work, tmpfs = "", False
+        restore_log = ""
         net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(subject.spec)))
         try:
+            work, tmpfs = self._work_dir(f"restore-{entry.id}", manifest.raw_bytes)
+            criu_work = os.path.join(work, "criu")
+            restore_log = os.path.join(criu_work, "restore.log")
             t0 = time.monotonic()
             with telemetry.span("hotrestart.restore.verify", checkpoint=entry.id) as sp:
                 await asyncio.to_thread(self._decompress_all, claimed, work)
@@ -556,8 +521,17 @@ class Engine:
             with contextlib.suppress(OSError):
                 self.store.quarantine(claimed, reason, restore_log)
             raise RestoreFailed(reason, restore_log) from exc
+        except BaseException:
+            # Cancelled (a ttrpc deadline, containerd gone): not the checkpoint's fault, so it
+            # goes back for the next attempt instead of lingering claimed.
+            net.cancel()
+            with contextlib.suppress(OSError):
+                self.store.release(claimed, manifest)
+            log.info("%s: restore from %s cancelled; checkpoint released", subject.id, entry.id)
+            raise
         finally:
-            self._drop_work(work, tmpfs)
+            if work:
+                self._drop_work(work, tmpfs)
 
     def _decompress_all(self, claimed: Entry, work: str) -> None:
         assert claimed.manifest is not None

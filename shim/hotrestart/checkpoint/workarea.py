@@ -1,0 +1,107 @@
+"""Private work folders for dumps and restores, and the sweep of those a dead shim left.
+
+A work folder holds raw process memory (CRIU's images), usually on a tmpfs of its own. It
+is named after the shim that made it (`<pid>-<name>`), so that a shim or the zygote
+starting later can tell a folder in use from one whose shim was SIGKILLed, and unmount and
+remove the latter instead of leaving memory-sized tmpfs mounts behind for ever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+
+from hotrestart.gpu import plan as gpu_plan
+from hotrestart.runtime import mounts
+
+log = logging.getLogger(__name__)
+
+ROOT = "/run/hotrestart/work"
+
+
+def make(root: str, name: str, size: int, *, prefault: bool = False) -> tuple[str, bool]:
+    """A private work folder, on tmpfs when `size` bytes fit comfortably in memory.
+
+    `prefault` is for dumps that leave the process running: what counts there is how long
+    it is frozen, not how long the whole checkpoint takes (a stop wants the latter). A
+    folder of the same name left by this very process (a cancelled restore) is replaced."""
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    path = os.path.join(root, f"{os.getpid()}-{name}")
+    if os.path.lexists(path):
+        drop(path, True)
+    os.mkdir(path, 0o700)
+    if size and size * 1.25 + (256 << 20) < gpu_plan.host_available():
+        limit = int(size * 1.25) + (64 << 20)
+        # Huge pages halve CRIU's time writing pages, which is time the process is frozen.
+        for extra in (("huge=always",), ()):
+            try:
+                mounts.mount(mounts.Mount("tmpfs", "tmpfs", ("mode=0700", f"size={limit}", *extra)), path)
+                if prefault:
+                    _prefault(path, size)
+                return path, True
+            except OSError as exc:
+                log.info("no tmpfs %s for %s (%s)", " ".join(extra), path, exc)
+    return path, False
+
+
+def drop(path: str, tmpfs: bool) -> None:
+    if tmpfs:
+        with contextlib.suppress(OSError):
+            mounts.unmount_all(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _owner_alive(pid: int) -> bool:
+    """Whether `pid` is still a hotrestart process (a reused pid of anything else is not)."""
+    if pid == os.getpid():
+        return True
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return b"hotrestart" in cmdline
+
+
+def sweep(root: str) -> list[str]:
+    """Unmount and remove the work folders of shims that are gone; returns what was removed."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        pid, sep, _ = name.partition("-")
+        if sep and pid.isdigit() and _owner_alive(int(pid)):
+            continue
+        path = os.path.join(root, name)
+        # Only what is mounted on the folder itself is ours to unmount; the folder is never
+        # followed if something replaced it with a link.
+        if os.path.islink(path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        else:
+            drop(path, True)
+        removed.append(name)
+        log.info("swept the work folder %s of a shim that is gone", path)
+    return removed
+
+
+def _prefault(path: str, size: int) -> None:
+    """Have memory for the images allocated before the process is frozen: fill a file of
+    `size` bytes and free it, so CRIU's writes reuse pages that are already backed (a VM's
+    host backs fresh guest memory on first touch, which would otherwise happen frozen)."""
+    filler = os.path.join(path, ".prefault")
+    try:
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            chunk = bytes(8 << 20)  # written, not fallocated: tmpfs fallocate touches nothing
+            for _ in range(0, size, len(chunk)):
+                os.write(fd, chunk)
+        finally:
+            os.close(fd)
+            os.unlink(filler)
+    except OSError as exc:
+        log.info("could not prefault %s: %s", path, exc)

@@ -1,0 +1,99 @@
+"""Work folders: named after their shim, swept when that shim is gone; cancelled restores
+give their checkpoint back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hotrestart.checkpoint import workarea
+from hotrestart.checkpoint.engine import Engine, Subject
+from hotrestart.checkpoint.policy import Policy
+from hotrestart.store import archive
+from hotrestart.store.manifest import Identity, Manifest
+from hotrestart.store.store import Store
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@needs_root
+def test_sweep_unmounts_and_removes_only_the_dead_shims_folders(tmp_path: Path) -> None:
+    root = tmp_path / "work"
+    root.mkdir()
+    dead = root / f"{_dead_pid()}-20261130T000000Z-abc"
+    mine = root / f"{os.getpid()}-restore-x"
+    legacy = root / "restore-20261130T000000Z-def"  # made before folders carried their pid
+    for path in (dead, mine, legacy):
+        path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "hotrestart-test", str(dead)], check=True)
+    (dead / "pages-1.img").write_bytes(b"memory")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    link = root / "1-link"
+    link.symlink_to(outside)
+    try:
+        removed = workarea.sweep(str(root))
+    finally:
+        subprocess.run(["umount", "-l", str(dead)], check=False, capture_output=True)
+    assert sorted(removed) == sorted([dead.name, legacy.name, link.name])
+    assert sorted(os.listdir(root)) == [mine.name]
+    assert (outside / "keep").read_text() == "x"
+    assert str(dead) not in Path("/proc/self/mounts").read_text()
+
+
+def _checkpoint(store: Store, tmp: Path, ident: Identity) -> None:
+    cid, staging = store.new_staging()
+    src = tmp / "pages.img"
+    src.write_bytes(b"memory" * 1000)
+    os.makedirs(os.path.join(staging, "images"))
+    entry = archive.compress_file(str(src), os.path.join(staging, "images", "pages.img.zst"), "images/pages.img.zst")
+    manifest = Manifest(
+        id=cid,
+        identity=ident,
+        created_at=time.time(),
+        node="n1",
+        reason="stop",
+        image="img",
+        spec_digest="d",
+        runtime={"criu": "4.2"},
+        network={},
+        files=[entry],
+        timings={},
+    )
+    store.publish(staging, manifest)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_a_cancelled_restore_releases_its_claim(tmp_path: Path, fails: bool) -> None:
+    ident = Identity("ns", "web-0", "app")
+    store = Store(str(tmp_path / "store"))
+    _checkpoint(store, tmp_path, ident)
+    engine = Engine(None, store, work_root=str(tmp_path / "work"))  # type: ignore[arg-type]
+    entry = store.latest(ident)
+    assert entry is not None
+    subject = Subject("c1", str(tmp_path), {}, None, "", False, 0)  # type: ignore[arg-type]
+
+    async def launch(*_: Any) -> None:
+        if fails:
+            raise RuntimeError("criu said no")
+        raise asyncio.CancelledError
+
+    with pytest.raises(BaseException) as err:
+        await engine.restore(subject, entry, Policy(True, ident), launch)
+    assert isinstance(err.value, asyncio.CancelledError) != fails
+    states = {e.state for e in store.entries()}
+    assert states == ({"quarantine"} if fails else {"checkpoints"})
+    assert os.listdir(tmp_path / "work") == []
