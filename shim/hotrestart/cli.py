@@ -14,7 +14,7 @@ import time
 
 from hotrestart import __version__
 from hotrestart.store.store import DEFAULT_ROOT as DEFAULT_STORE
-from hotrestart.store.store import Store
+from hotrestart.store.store import Entry, Store
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -220,43 +220,61 @@ def _store(args: argparse.Namespace) -> Store:
     return Store(args.store)
 
 
+def _state(e: Entry) -> str:
+    return e.state.rstrip("s") if e.state == "checkpoints" else e.state
+
+
+def _report_problems(store: Store) -> None:
+    for problem in store.problems():
+        print(f"store: {problem}", file=sys.stderr)
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     now = time.time()
+    store = _store(args)
     rows = [("ID", "STATE", "IDENTITY", "NODE", "AGE", "SIZE", "REASON")]
-    for e in _store(args).entries():
+    bad: list[Entry] = []
+    for e in store.entries():
         if e.state == "staging" and not args.all:
             continue
         m = e.manifest
+        if e.fault is not None:
+            bad.append(e)
         rows.append(
             (
                 e.id,
-                e.state.rstrip("s") if e.state == "checkpoints" else e.state,
+                _state(e),
                 m.identity.canonical() if m else "?",
                 m.node if m else "?",
                 _age(now - m.created_at) if m else "?",
                 _size(e.size),
-                m.reason if m else "unreadable",
+                m.reason if m else (e.fault.value if e.fault else "no manifest"),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    # The reasons go after the table: one bad entry is reported, never a failed listing.
+    for e in bad:
+        print(f"{e.id} ({_state(e)}, {e.fault.value if e.fault else ''}): {e.problem}")
+    _report_problems(store)
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    entry = _store(args).find(args.id)
+    store = _store(args)
+    entry = store.find(args.id)
     if entry is None:
         print(f"no single checkpoint matches {args.id!r}", file=sys.stderr)
         return 1
     print(f"id:        {entry.id}\nstate:     {entry.state}\npath:      {entry.path}")
-    reason = os.path.join(entry.path, "reason.txt")
-    if os.path.exists(reason):
-        with open(reason) as f:
-            print(f"quarantined: {f.read().strip()}")
+    if entry.state == "quarantine":
+        reason = store.reason(entry)
+        if reason:
+            print(f"quarantined: {reason}")
     m = entry.manifest
     if m is None:
-        print("manifest:  missing or unreadable")
+        print(f"manifest:  {entry.problem or 'missing or unreadable'}")
         return 1
     print(f"identity:  {m.identity.canonical()}\nnode:      {m.node}\nreason:    {m.reason}")
     print(
@@ -286,27 +304,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Check stored checkpoints against their manifests without restoring them (every chunk's
-    sha256 and every size), e.g. after trouble with a shared store."""
-    from hotrestart.store.archive import IntegrityError, verify_file
-
+    """Check stored checkpoints as a restore would, without restoring them (every chunk's
+    sha256 and size, every frame decompressed, file types), e.g. after trouble with a
+    shared store."""
     store = _store(args)
     code = 0
     for cid in args.ids:
         entry = store.find(cid)
         if entry is None or entry.manifest is None:
-            print(f"{cid}: {'no single checkpoint matches' if entry is None else 'manifest missing or unreadable'}")
+            why = "no single checkpoint matches" if entry is None else entry.problem or "manifest missing or unreadable"
+            print(f"{cid}: {why}")
             code = 1
             continue
-        bad = 0
-        for fe in entry.manifest.files:
-            try:
-                verify_file(os.path.join(entry.path, fe.path), fe)
-            except (IntegrityError, OSError) as exc:
-                print(f"{entry.id}: {exc}")
-                bad += 1
+        problems = store.verify(entry)
+        for problem in problems:
+            print(f"{entry.id}: {problem}")
         files = len(entry.manifest.files)
-        print(f"{entry.id}: {'ok' if not bad else 'DAMAGED'} ({files - bad} of {files} files intact)")
+        bad = len(problems)
+        print(f"{entry.id}: {'ok' if not bad else 'DAMAGED'} ({max(files - bad, 0)} of {files} files intact)")
         code = code or (1 if bad else 0)
     return code
 
@@ -320,7 +335,12 @@ def cmd_rm(args: argparse.Namespace) -> int:
             print(f"no single checkpoint matches {cid!r}", file=sys.stderr)
             code = 1
             continue
-        store.remove(entry)
+        try:
+            store.remove(entry)
+        except OSError as exc:
+            print(f"could not remove {entry.id}: {exc}", file=sys.stderr)
+            code = 1
+            continue
         print(f"removed {entry.id}")
     return code
 
@@ -329,10 +349,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from hotrestart.checkpoint.policy import parse_duration
 
     max_age = parse_duration(args.max_age) if args.max_age else None
-    removed = _store(args).prune(max_age=max_age, max_bytes=_parse_size(args.max_size) if args.max_size else None)
+    store = _store(args)
+    removed = store.prune(max_age=max_age, max_bytes=_parse_size(args.max_size) if args.max_size else None)
     for e in removed:
-        print(f"removed {e.state} {e.id}")
+        print(f"removed {e.state} {e.id}" + (f" ({e.fault.value}: {e.problem})" if e.fault else ""))
     print(f"{len(removed)} removed")
+    kept = [e for e in store.entries() if e.fault is not None]
+    for e in kept:
+        print(f"kept {e.state} {e.id} ({e.fault.value if e.fault else ''}: {e.problem})")
+    _report_problems(store)
     return 0
 
 

@@ -2,22 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import hashlib
+import json
 import os
+import shutil
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import zstandard
 
-from hotrestart.store import archive
-from hotrestart.store.manifest import Identity, Manifest, ManifestError, chunk_root
-from hotrestart.store.store import Store
+from hotrestart.store import archive, safefs
+from hotrestart.store.manifest import (
+    MAX_CHUNK_RAW,
+    MAX_MANIFEST,
+    SCHEMA,
+    Chunk,
+    FileEntry,
+    Identity,
+    Manifest,
+    ManifestError,
+    UnsupportedManifestError,
+    chunk_root,
+)
+from hotrestart.store.safefs import UnsafeEntryError
+from hotrestart.store.store import PENDING_TTL, Entry, Fault, Store, identity_key
 
 IDENT = Identity("ns", "web-0", "app")
 
 
-def make_checkpoint(store: Store, tmp: Path, payload: bytes = b"memory" * 1000, created: float | None = None) -> str:
+def make_checkpoint(
+    store: Store,
+    tmp: Path,
+    payload: bytes = b"memory" * 1000,
+    created: float | None = None,
+    ident: Identity = IDENT,
+) -> str:
     cid, staging = store.new_staging()
     src = tmp / f"pages-{cid}.img"
     src.write_bytes(payload)
@@ -25,7 +51,7 @@ def make_checkpoint(store: Store, tmp: Path, payload: bytes = b"memory" * 1000, 
     entry = archive.compress_file(str(src), os.path.join(staging, "images", "pages.img.zst"), "images/pages.img.zst")
     manifest = Manifest(
         id=cid,
-        identity=IDENT,
+        identity=ident,
         created_at=created or time.time(),
         node="n1",
         reason="stop",
@@ -287,3 +313,374 @@ def test_verify_command_finds_a_damaged_checkpoint(tmp_path: Path, capsys: pytes
         main(["--store", store.root, "verify", cid])
     out = capsys.readouterr().out
     assert done.value.code == 1 and "DAMAGED (0 of 1 files intact)" in out and "do not match" in out
+
+
+# -- the store as hostile input ---------------------------------------------------------------
+
+
+def sentinel(tmp: Path) -> tuple[Path, dict[str, tuple[bytes, int, float]]]:
+    """A folder outside the store, and what it must still be after anything the store does."""
+    out = tmp / "outside"
+    out.mkdir(exist_ok=True)
+    os.chmod(out, 0o755)
+    (out / "precious").write_bytes(b"keep me")
+    os.chmod(out / "precious", 0o644)
+    return out, snapshot(out)
+
+
+def snapshot(out: Path) -> dict[str, tuple[bytes, int, float]]:
+    found = {".": (b"", os.lstat(out).st_mode, os.lstat(out).st_mtime)}
+    for p in out.rglob("*"):
+        st = os.lstat(p)
+        found[str(p.relative_to(out))] = (p.read_bytes() if p.is_file() else b"", st.st_mode, st.st_mtime)
+    return found
+
+
+def published_entry(store: Store) -> Entry:
+    entry = store.latest(IDENT)
+    assert entry is not None and entry.manifest is not None
+    return entry
+
+
+def rewrite_manifest(entry: Entry, change: Callable[[dict[str, Any]], None]) -> None:
+    path = Path(entry.path) / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def exercise(store: Store, tmp: Path) -> None:
+    """Everything that reads or changes the store; errors are allowed, escapes are not."""
+    from hotrestart.cli import main
+
+    for step in (
+        lambda: store.ensure(),
+        lambda: store.mark_pending(IDENT, "c1"),
+        lambda: store.is_pending(IDENT),
+        lambda: store.clear_pending(IDENT, "c1"),
+        lambda: make_checkpoint(store, tmp),
+        lambda: [e.size for e in store.entries()],
+        lambda: store.latest(IDENT) and store.claim(store.latest(IDENT)),  # type: ignore[arg-type]
+        lambda: store.prune(grace=0, max_age=1, now=time.time() + 86400 * 2),
+        lambda: list(map(store.remove, store.entries())),
+        lambda: main(["--store", store.root, "ls", "-a"]),
+    ):
+        with contextlib.suppress(OSError, SystemExit):
+            step()
+
+
+LINK_POSITIONS = [
+    "v1",
+    "v1/pending",
+    "v1/staging",
+    "v1/checkpoints",
+    "v1/claimed",
+    "v1/quarantine",
+    "v1/checkpoints/{key}",
+    "v1/checkpoints/{key}/{cid}",
+    "v1/checkpoints/{key}/{cid}/images",
+    "v1/claimed/{cid}",
+    "v1/quarantine/{cid}",
+]
+
+
+@pytest.mark.parametrize("position", LINK_POSITIONS)
+def test_a_link_anywhere_in_the_store_is_never_followed(tmp_path: Path, position: str) -> None:
+    store = Store(str(tmp_path / "s"))
+    cid = make_checkpoint(store, tmp_path)
+    out, before = sentinel(tmp_path)
+    (out / "sub").mkdir()
+    (out / "sub" / "file").write_bytes(b"x")
+    before = snapshot(out)
+    where = tmp_path / "s" / position.format(key=identity_key(IDENT), cid=cid)
+    if where.is_dir():
+        shutil.rmtree(where)
+    where.parent.mkdir(parents=True, exist_ok=True)
+    where.symlink_to(out)
+    exercise(store, tmp_path)
+    assert snapshot(out) == before, "nothing outside the store was written, chmodded or removed"
+
+
+def test_prune_removes_a_planted_link_itself_not_what_it_points_at(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    store.ensure()
+    out, before = sentinel(tmp_path)
+    (tmp_path / "s" / "v1" / "claimed" / "c-1").symlink_to(out)
+    os.utime(tmp_path / "s" / "v1" / "claimed" / "c-1", (1, 1), follow_symlinks=False)
+    [bad] = list(store.entries())
+    assert bad.fault is Fault.UNSAFE and "symbolic link" in bad.problem
+    assert [e.id for e in store.prune()] == ["c-1"]
+    assert not os.path.lexists(tmp_path / "s" / "v1" / "claimed" / "c-1") and snapshot(out) == before
+
+
+def test_a_hard_link_in_a_checkpoint_being_published_is_refused(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    out, before = sentinel(tmp_path)
+    cid, staging = store.new_staging()
+    os.link(out / "precious", Path(staging) / "planted")
+    manifest = Manifest(cid, IDENT, time.time(), "n1", "stop", "img", "d", {}, {}, [], {})
+    with pytest.raises(UnsafeEntryError, match="hard links"):
+        store.publish(staging, manifest)
+    assert snapshot(out) == before and os.stat(out / "precious").st_mode & 0o777 == 0o644
+
+
+def test_a_fifo_in_a_checkpoint_never_blocks(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    make_checkpoint(store, tmp_path)
+    entry = published_entry(store)
+    assert entry.manifest is not None
+    fe = entry.manifest.files[0]
+    os.unlink(Path(entry.path) / fe.path)
+    os.mkfifo(Path(entry.path) / fe.path)
+    signal.setitimer(signal.ITIMER_REAL, 5)
+    try:
+        assert any("FIFO" in p for p in store.verify(entry))
+        with pytest.raises(archive.IntegrityError):
+            store.restore_file(entry, fe.path, str(tmp_path / "out"))
+        with pytest.raises(archive.IntegrityError, match="not a regular file"):
+            archive.decompress_file(os.path.join(entry.path, fe.path), str(tmp_path / "out"), fe)
+        os.unlink(Path(entry.path) / "manifest.json")
+        os.mkfifo(Path(entry.path) / "manifest.json")
+        [bad] = list(store.entries())
+        assert bad.fault is Fault.CORRUPT and "FIFO" in bad.problem
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def bomb_entry(tmp: Path, raw: int, declared: int) -> FileEntry:
+    frame = zstandard.ZstdCompressor(level=3).compress(b"\0" * raw)
+    (tmp / "bomb.zst").write_bytes(frame)
+    chunk = Chunk(stored=len(frame), raw=declared, sha256=hashlib.sha256(frame).hexdigest())
+    return FileEntry("bomb.zst", chunk_root([chunk]), len(frame), declared, [chunk])
+
+
+def test_a_decompression_bomb_never_writes_more_than_declared(tmp_path: Path) -> None:
+    fe = bomb_entry(tmp_path, 32 << 20, 4096)  # 32 MiB of zeros in a few KiB, declared as 4 KiB
+    assert fe.stored_bytes < 8192
+    with pytest.raises(archive.IntegrityError, match="more than 4096"):
+        archive.decompress_file(str(tmp_path / "bomb.zst"), str(tmp_path / "out"), fe)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(archive.IntegrityError, match="more than"):
+        archive.verify_file(str(tmp_path / "bomb.zst"), fe)
+
+
+def test_raw_sizes_are_capped_before_anything_is_written(tmp_path: Path) -> None:
+    fe = bomb_entry(tmp_path, 1 << 20, 1 << 20)
+    with pytest.raises(archive.IntegrityError, match="allowed"):
+        archive.decompress_file(str(tmp_path / "bomb.zst"), str(tmp_path / "out"), fe, cap=(1 << 20) - 1)
+    assert not (tmp_path / "out").exists()
+    archive.decompress_file(str(tmp_path / "bomb.zst"), str(tmp_path / "out"), fe, cap=1 << 20)
+    big = dataclasses.replace(fe, chunks=[dataclasses.replace(fe.chunks[0], raw=MAX_CHUNK_RAW + 1)])
+    big.raw_bytes = MAX_CHUNK_RAW + 1
+    with pytest.raises(archive.IntegrityError, match="larger than"):
+        archive.decompress_file(str(tmp_path / "bomb.zst"), str(tmp_path / "out2"), big)
+    text = json.dumps(
+        {"schema": SCHEMA, **{k: v for k, v in json.loads(base_manifest()).items() if k != "schema"}}
+    ).replace('"raw": 6000', f'"raw": {MAX_CHUNK_RAW + 1}')
+    with pytest.raises(ManifestError):
+        Manifest.from_json(text)
+
+
+def base_manifest() -> str:
+    chunk = Chunk(100, 6000, "ab" * 32)
+    files = [FileEntry("images/pages-1.img.zst", chunk_root([chunk]), 100, 6000, [chunk])]
+    return Manifest("c-1", IDENT, 1000.0, "n1", "stop", "img", "d", {"criu": "4.2"}, {}, files, {"dump": 1.0}).to_json()
+
+
+MALFORMED: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+    ("files not objects", lambda m: m.update(files=[1])),
+    ("string chunk size", lambda m: m["files"][0]["chunks"][0].update(stored="100")),
+    ("bool count", lambda m: m.update(restore_attempts=True)),
+    ("negative size", lambda m: m["files"][0].update(raw_bytes=-1)),
+    ("huge size", lambda m: m["files"][0].update(raw_bytes=10**40)),
+    ("bad sha256", lambda m: m["files"][0]["chunks"][0].update(sha256="zz" * 32)),
+    ("upper-case sha256", lambda m: m["files"][0].update(sha256="AB" * 32)),
+    ("absolute path", lambda m: m["files"][0].update(path="/etc/shadow")),
+    ("dot-dot path", lambda m: m["files"][0].update(path="images/../../x")),
+    ("empty path part", lambda m: m["files"][0].update(path="images//x")),
+    ("duplicate file", lambda m: m["files"].append(m["files"][0])),
+    ("missing field", lambda m: m.pop("node")),
+    ("identity not an object", lambda m: m.update(identity="ns/web-0/app")),
+    ("id not safe", lambda m: m.update(id="../c-1")),
+    ("string too long", lambda m: m.update(image="x" * 5000)),
+    ("control characters", lambda m: m.update(node="n1\x1b[2J")),
+    ("runtime not strings", lambda m: m.update(runtime={"criu": 4})),
+    ("timing negative", lambda m: m.update(timings={"dump": -1})),
+    ("tcp unknown", lambda m: m.update(tcp="maybe")),
+    ("created_at a string", lambda m: m.update(created_at="yesterday")),
+    ("created_at far ahead", lambda m: m.update(created_at=time.time() + 3 * 86400)),
+    ("addresses not a list", lambda m: m.update(network={"addresses": "10.0.0.1"})),
+    ("gpu process not an object", lambda m: m.update(gpu={"processes": [1]})),
+    ("gpu memory a string", lambda m: m.update(gpu={"processes": [{"memory_used": "1"}]})),
+    ("sizes do not add up", lambda m: m["files"][0].update(stored_bytes=99)),
+    ("garbage schema", lambda m: m.update(schema="something/else")),
+]
+
+
+@pytest.mark.parametrize("name", [name for name, _ in MALFORMED])
+def test_malformed_manifests_are_refused_with_a_reason(name: str) -> None:
+    data = json.loads(base_manifest())
+    dict(MALFORMED)[name](data)
+    with pytest.raises(ManifestError) as refused:
+        Manifest.from_json(json.dumps(data))
+    assert not isinstance(refused.value, UnsupportedManifestError) and str(refused.value)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_numbers_are_refused(literal: str) -> None:
+    with pytest.raises(ManifestError):
+        Manifest.from_json(base_manifest().replace('"created_at": 1000.0', f'"created_at": {literal}'))
+
+
+def test_oversized_and_deeply_nested_manifests_are_refused() -> None:
+    with pytest.raises(ManifestError, match="larger"):
+        Manifest.from_json(" " * (MAX_MANIFEST + 1))
+    with pytest.raises(ManifestError):
+        Manifest.from_json("[" * 100_000 + "]" * 100_000)
+    deep = base_manifest().replace('"network": {}', '"network": ' + '{"a": ' * 20 + "1" + "}" * 20)
+    with pytest.raises(ManifestError, match="deeply"):
+        Manifest.from_json(deep)
+
+
+def test_newer_schemas_and_fields_are_unsupported_not_corrupt() -> None:
+    with pytest.raises(UnsupportedManifestError):
+        Manifest.from_json(base_manifest().replace(SCHEMA, "hotrestart.io/checkpoint/v2"))
+    data = json.loads(base_manifest())
+    data["seal"] = {"alg": "x"}
+    with pytest.raises(UnsupportedManifestError, match="seal"):
+        Manifest.from_json(json.dumps(data))
+    assert Manifest.from_json(base_manifest()).files[0].chunks[0].raw == 6000
+
+
+def test_one_bad_entry_breaks_nothing_else(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hotrestart.cli import main
+
+    store = Store(str(tmp_path / "s"))
+    other = Identity("ns", "db-0", "db")
+    good = make_checkpoint(store, tmp_path)
+    bad = make_checkpoint(store, tmp_path, ident=other)
+    bad_entry = store.latest(other)
+    assert bad_entry is not None
+    rewrite_manifest(bad_entry, lambda m: m.update(files=[1]))
+    states = {e.id: e.fault for e in store.entries()}
+    assert states == {good: None, bad: Fault.CORRUPT}
+    for argv in (["ls"], ["inspect", good], ["verify", good], ["prune"]):
+        with pytest.raises(SystemExit) as done:
+            main(["--store", store.root, *argv])
+        assert done.value.code == 0, argv
+    out = capsys.readouterr().out
+    assert f"{bad} (checkpoint, corrupt): files[0] is not an object" in out
+    assert store.latest(other) is None
+    with pytest.raises(SystemExit) as done:
+        main(["--store", store.root, "verify", bad])
+    assert done.value.code == 1
+    with pytest.raises(SystemExit) as done:
+        main(["--store", store.root, "rm", bad])
+    assert done.value.code == 0 and [e.id for e in store.entries()] == [good]
+    assert store.latest(IDENT) is not None
+
+
+def test_infinity_or_a_far_future_time_cannot_pin_an_identity(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    make_checkpoint(store, tmp_path)
+    entry = published_entry(store)
+    path = Path(entry.path) / "manifest.json"
+    path.write_text(path.read_text().replace(f'"created_at": {entry.manifest.created_at!r}', '"created_at": Infinity'))  # type: ignore[union-attr]
+    assert store.latest(IDENT) is None
+    newer = make_checkpoint(store, tmp_path)
+    assert published_entry(store).id == newer, "the new checkpoint was published, not discarded"
+    rewrite_manifest(published_entry(store), lambda m: m.update(created_at=time.time() + 2 * 86400))
+    newest = make_checkpoint(store, tmp_path)
+    assert published_entry(store).id == newest
+
+
+def test_prune_removes_only_proven_corruption_after_a_grace_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(str(tmp_path / "s"))
+    corrupt = make_checkpoint(store, tmp_path, ident=Identity("ns", "a", "c"))
+    newer = make_checkpoint(store, tmp_path, ident=Identity("ns", "b", "c"))
+    flaky = make_checkpoint(store, tmp_path, ident=Identity("ns", "d", "c"))
+    found = {e.id: e for e in store.entries()}
+    rewrite_manifest(found[corrupt], lambda m: m.update(files="x"))
+    rewrite_manifest(found[newer], lambda m: m.update(schema="hotrestart.io/checkpoint/v7"))
+    assert store.prune() == [], "nothing is removed inside the grace period"
+    real_read = safefs.read_file
+
+    def read(fd: int, name: str, limit: int) -> bytes:
+        if name == "manifest.json" and flaky in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return real_read(fd, name, limit)
+
+    monkeypatch.setattr(safefs, "read_file", read)
+    faults = {e.id: e.fault for e in store.entries()}
+    assert faults == {corrupt: Fault.CORRUPT, newer: Fault.UNSUPPORTED, flaky: Fault.UNREADABLE}
+    later = time.time() + 2 * 3600
+    assert [e.id for e in store.prune(now=later, max_age=60, max_bytes=0)] == [corrupt]
+    monkeypatch.undo()
+    assert {e.id for e in store.entries()} == {newer, flaky}
+
+
+def test_pending_markers_expire(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    store.mark_pending(IDENT, "c1")
+    now = time.time()
+    assert store.is_pending(IDENT, now=now)
+    assert not store.is_pending(IDENT, now=now + PENDING_TTL + 1), "a crashed node's marker expires"
+    assert not list((tmp_path / "s" / "v1" / "pending").iterdir()), "and is cleared"
+    store.mark_pending(IDENT, "c2")
+    marker = next((tmp_path / "s" / "v1" / "pending").iterdir())
+    marker.write_text(f"othernode 1 {now + 3600}\n")
+    assert not store.is_pending(IDENT, now=now), "a marker dated in the future is not believed"
+    for text in ("othernode 1 nan\n", "othernode 1 inf\n", "garbage\n"):
+        store.mark_pending(IDENT, "c3")
+        (tmp_path / "s" / "v1" / "pending" / f"{identity_key(IDENT)}.c3").write_text(text)
+        assert not store.is_pending(IDENT, now=now)
+    store.mark_pending(IDENT, "c4")
+    (tmp_path / "s" / "v1" / "pending" / f"{identity_key(IDENT)}.c4").write_text(f"othernode 1 {now - 5}\n")
+    assert store.is_pending(IDENT, now=now), "another node's fresh marker is waited for"
+
+
+def test_identity_is_scoped_to_its_namespace(tmp_path: Path) -> None:
+    a, b = Identity("tenant-a", "web-0", "app", key="shared"), Identity("tenant-b", "web-0", "app", key="shared")
+    assert a.canonical() == "tenant-a//shared" and identity_key(a) != identity_key(b)
+    assert Identity("ns", "web-0", "app").canonical() == "ns/web-0/app"
+    forms = [
+        Identity("ns", "p", "c"),
+        Identity("ns", "", "p/c"),
+        Identity("ns", "p/c", ""),
+        Identity("ns", "p", "c", key="k"),
+        Identity("ns", "", "k"),
+        Identity("ns/p", "c", "", key=""),
+        Identity("", "ns", "p", key="c"),
+        Identity("ns", "x", "y", key="p/c"),
+        Identity("ns", "", "", key="/k"),
+    ]
+    assert len({f.canonical() for f in forms}) == len(forms), "canonical() is injective"
+    store = Store(str(tmp_path / "s"))
+    make_checkpoint(store, tmp_path, ident=a)
+    assert store.latest(a) is not None and store.latest(b) is None
+    renamed = Identity("tenant-a", "web-7f9c", "app", key="shared")
+    assert store.latest(renamed) is not None, "a key survives a new pod name within its namespace"
+    # A manifest of A's identity copied into B's folder is not B's checkpoint either.
+    entry = store.latest(a)
+    assert entry is not None
+    forged = Path(store.root) / "v1" / "checkpoints" / identity_key(b) / entry.id
+    shutil.copytree(entry.path, forged)
+    assert store.latest(b) is None
+    assert {e.fault for e in store.entries()} == {None, Fault.CORRUPT}
+
+
+def test_verify_refuses_a_file_with_no_chunks(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    make_checkpoint(store, tmp_path)
+    entry = published_entry(store)
+    empty = hashlib.sha256(b"").hexdigest()
+
+    def no_chunks(m: dict[str, Any]) -> None:
+        m["files"][0].update(chunks=[], stored_bytes=0, raw_bytes=0, sha256=empty)
+
+    rewrite_manifest(entry, no_chunks)
+    open(Path(entry.path) / "images" / "pages.img.zst", "w").close()
+    entry = published_entry(store)
+    assert store.verify(entry) == ["images/pages.img.zst: the manifest lists no chunks"]

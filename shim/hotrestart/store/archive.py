@@ -19,12 +19,13 @@ import errno
 import hashlib
 import mmap
 import os
+import stat
 import threading
 from collections import deque
 
 import zstandard
 
-from hotrestart.store.manifest import Chunk, FileEntry, chunk_root
+from hotrestart.store.manifest import MAX_CHUNK_RAW, MAX_CHUNK_STORED, Chunk, FileEntry, chunk_root
 
 # Small enough that glibc reuses the frame buffers instead of mapping fresh memory for
 # each (its mmap threshold tops out at 32 MiB), large enough for zstd's window.
@@ -310,52 +311,91 @@ class Follower:
                 stored.close()
 
 
-def _restore_chunk(src_fd: int, target: mmap.mmap, c: Chunk, stored_at: int, raw_at: int, rel: str) -> None:
-    """Verify one frame and decompress it straight into its place in the mapped output.
-
-    The stored file is read, not mapped: on a shared store another node could truncate it,
-    and a mapping would turn that into SIGBUS. The output is our own work file.
-    """
+def _stored_bytes(src_fd: int, c: Chunk, stored_at: int, rel: str) -> bytes:
+    """One frame, read (not mapped: on a shared store another node could truncate the file,
+    and a mapping would turn that into SIGBUS) and checked against its sha256."""
     frame = os.pread(src_fd, c.stored, stored_at)
     if len(frame) != c.stored or hashlib.sha256(frame).hexdigest() != c.sha256:
         raise IntegrityError(f"{rel}: stored bytes do not match the manifest (sha256 of a chunk)")
+    return frame
+
+
+def _decompress_into(frame: bytes, out: memoryview, rel: str) -> None:
+    """Decompress a verified frame into `out`, which must come out exactly full.
+
+    `out` is the chunk's declared raw size: readinto cannot write past it, and one byte
+    more is asked for only to tell an overlong frame, never stored. zstd's window is capped
+    too, so a frame cannot make the decompressor itself allocate more than a chunk."""
     done = 0
     try:
-        with (
-            zstandard.ZstdDecompressor().stream_reader(frame) as reader,
-            memoryview(target) as whole,
-            whole[raw_at : raw_at + c.raw] as out,
-        ):
-            while done < c.raw:
+        with zstandard.ZstdDecompressor(max_window_size=MAX_CHUNK_RAW).stream_reader(frame) as reader:
+            while done < len(out):
                 with out[done:] as rest:
                     n = reader.readinto(rest)
                 if not n:
                     break
                 done += n
-            if done == c.raw and reader.read(1):
-                done += 1
+            if done == len(out) and reader.read(1):
+                raise IntegrityError(f"{rel}: a chunk decompressed to more than {len(out)} bytes")
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"{rel}: not valid zstd data: {exc}") from exc
-    if done > c.raw:
-        raise IntegrityError(f"{rel}: a chunk decompressed to more than {c.raw} bytes")
-    if done != c.raw:
-        raise IntegrityError(f"{rel}: a chunk decompressed to {done} bytes, not {c.raw}")
+    if done != len(out):
+        raise IntegrityError(f"{rel}: a chunk decompressed to {done} bytes, not {len(out)}")
 
 
-def decompress_file(src: str, dst: str, entry: FileEntry) -> None:
-    """Decompress `src` into `dst`, verifying `entry`'s hashes and sizes; removes `dst` on failure."""
-    try:
-        size = os.stat(src).st_size
-        if size != entry.stored_bytes:
-            raise IntegrityError(f"{entry.path}: {size} bytes stored, the manifest says {entry.stored_bytes}")
-        if not entry.chunks:
-            raise IntegrityError(f"{entry.path}: the manifest lists no chunks")
-        if chunk_root(entry.chunks) != entry.sha256 or sum(c.stored for c in entry.chunks) != size:
-            raise IntegrityError(f"{entry.path}: the manifest's chunk list does not match the file's digest")
-        if entry.raw_bytes != sum(c.raw for c in entry.chunks) or entry.raw_bytes <= 0:
-            raise IntegrityError(f"{entry.path}: the manifest's sizes do not add up")
-        src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+def _restore_chunk(src_fd: int, target: mmap.mmap, c: Chunk, stored_at: int, raw_at: int, rel: str) -> None:
+    """Verify one frame and decompress it straight into its place in the mapped output."""
+    frame = _stored_bytes(src_fd, c, stored_at, rel)
+    with memoryview(target) as whole, whole[raw_at : raw_at + c.raw] as out:
+        _decompress_into(frame, out, rel)
+
+
+def check_entry(entry: FileEntry, stored_size: int, cap: int | None = None) -> None:
+    """What a restore and `hotrestart verify` demand of a file before reading a byte of it:
+    chunks listed, sizes that add up, a chunk list that matches the file's digest, no chunk
+    larger than the store writes, and no more raw bytes than `cap` allows."""
+    if stored_size != entry.stored_bytes:
+        raise IntegrityError(f"{entry.path}: {stored_size} bytes stored, the manifest says {entry.stored_bytes}")
+    if not entry.chunks:
+        raise IntegrityError(f"{entry.path}: the manifest lists no chunks")
+    if chunk_root(entry.chunks) != entry.sha256 or sum(c.stored for c in entry.chunks) != stored_size:
+        raise IntegrityError(f"{entry.path}: the manifest's chunk list does not match the file's digest")
+    if entry.raw_bytes != sum(c.raw for c in entry.chunks) or entry.raw_bytes <= 0:
+        raise IntegrityError(f"{entry.path}: the manifest's sizes do not add up")
+    if any(not 0 < c.raw <= MAX_CHUNK_RAW or not 0 < c.stored <= MAX_CHUNK_STORED for c in entry.chunks):
+        raise IntegrityError(f"{entry.path}: a chunk is larger than {MAX_CHUNK_RAW} bytes")
+    if cap is not None and entry.raw_bytes > cap:
+        raise IntegrityError(f"{entry.path}: {entry.raw_bytes} raw bytes, more than the {cap} allowed here")
+
+
+def open_stored(src: str | int) -> int:
+    """A read descriptor of a stored file given by path (not followed if a link) or by a
+    descriptor the caller opened safely (duplicated); refused unless a regular file."""
+    if isinstance(src, int):
+        fd = os.dup(src)
+    else:
         try:
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENXIO):
+                raise IntegrityError(f"{src}: not a regular file") from None
+            raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IntegrityError(f"{src if isinstance(src, str) else 'stored file'}: not a regular file")
+    return fd
+
+
+def decompress_file(src: str | int, dst: str, entry: FileEntry, *, cap: int | None = None) -> None:
+    """Decompress `src` into `dst`, verifying `entry`'s hashes and sizes; removes `dst` on failure.
+
+    `src` is a path or a descriptor opened by the caller (`Store.open_member`); `cap` is the
+    most raw bytes the caller allows (the container's memory, the work area's free space):
+    a file declaring more is refused before anything is written."""
+    try:
+        src_fd = open_stored(src)
+        try:
+            check_entry(entry, os.fstat(src_fd).st_size, cap)
             fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 os.ftruncate(fd, entry.raw_bytes)
@@ -381,14 +421,22 @@ def decompress_file(src: str, dst: str, entry: FileEntry) -> None:
         raise
 
 
-def verify_file(src: str, entry: FileEntry) -> None:
-    """Check a stored file against its entry without decompressing it."""
-    if os.stat(src).st_size != entry.stored_bytes or chunk_root(entry.chunks) != entry.sha256:
-        raise IntegrityError(f"{entry.path}: stored bytes do not match the manifest")
-    with open(src, "rb") as f:
-        for c in entry.chunks:
-            if hashlib.sha256(f.read(c.stored)).hexdigest() != c.sha256:
-                raise IntegrityError(f"{entry.path}: stored bytes do not match the manifest")
+def verify_file(src: str | int, entry: FileEntry, *, cap: int | None = None) -> None:
+    """Check a stored file as a restore would (the same checks, every chunk's sha256, every
+    frame decompressed to its declared size) without writing it anywhere."""
+    src_fd = open_stored(src)
+    try:
+        check_entry(entry, os.fstat(src_fd).st_size, cap)
+        scratch = bytearray(max(c.raw for c in entry.chunks))
+        stored_at = 0
+        with memoryview(scratch) as whole:
+            for c in entry.chunks:
+                frame = _stored_bytes(src_fd, c, stored_at, entry.path)
+                with whole[: c.raw] as out:
+                    _decompress_into(frame, out, entry.path)
+                stored_at += c.stored
+    finally:
+        os.close(src_fd)
 
 
 def _remove(path: str) -> None:

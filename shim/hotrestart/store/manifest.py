@@ -5,6 +5,12 @@ file it lists carries a sha256 of each of its stored (compressed) chunks, checke
 is decompressed, so a flipped byte anywhere means a cold start, never a restore. A file's
 own sha256 is the digest of its chunks' digests: one serial hash over gigabytes would
 cost more than compressing them on a many-core node.
+
+A manifest is read from a store that other nodes write, by a root process, so `from_json`
+takes nothing on faith: every field is checked against a table of validators (type, range,
+length, pattern) and anything else is a `ManifestError` naming the field. A manifest of a
+schema or with fields this version does not know is an `UnsupportedManifestError`: written
+by a newer node, not restorable here, and not corrupt either (retention leaves it alone).
 """
 
 from __future__ import annotations
@@ -12,13 +18,41 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 SCHEMA = "hotrestart.io/checkpoint/v1"
+KNOWN_SCHEMAS = frozenset({SCHEMA})
+_SCHEMA_FAMILY = re.compile(r"hotrestart\.io/checkpoint/v[0-9]{1,6}")
+
+MAX_MANIFEST = 16 << 20  # bytes; about 100,000 chunks, so some 800 GiB of memory
+MAX_CHUNK_RAW = 64 << 20  # chunks are written at 8 MiB; a larger one is refused
+# zstd's compress bound of the largest chunk: no honest frame of it is larger.
+MAX_CHUNK_STORED = MAX_CHUNK_RAW + (MAX_CHUNK_RAW >> 8) + 4096
+MAX_FILE_BYTES = 1 << 50
+MAX_FILES = 65536
+MAX_FUTURE = 86400.0  # a checkpoint taken more than a day "from now" is not believed
+_MAX_TEXT = 4096
+_MAX_KEYS = 256
+_MAX_DEPTH = 8
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+CHECKPOINT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A stored file's path: relative, plain names only (no "..", no empty or hidden parts).
+_PATH_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=,@:-]{0,254}")
+_MAX_PATH_DEPTH = 8
+_K8S_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 
 
 class ManifestError(ValueError):
     """The manifest is missing, malformed, or of a schema this version cannot read."""
+
+
+class UnsupportedManifestError(ManifestError):
+    """A well-formed manifest of a newer schema (or with fields this version does not know)."""
 
 
 @dataclasses.dataclass
@@ -52,10 +86,28 @@ class Identity:
     namespace: str
     pod: str
     container: str
-    key: str = ""  # set by the hotrestart.io/identity annotation; overrides the three above
+    key: str = ""  # set by the hotrestart.io/identity annotation; replaces pod and container
 
     def canonical(self) -> str:
-        return self.key or f"{self.namespace}/{self.pod}/{self.container}"
+        """The identity as one string, always within its namespace, and injective.
+
+        `ns/pod/container` (names as Kubernetes allows them) or `ns//key`; anything else
+        (an empty or odd name) is the JSON of all four fields, which starts with `[`, a
+        character neither readable form can start with. A key never reaches another
+        namespace's checkpoints: the namespace is part of every form."""
+        if _K8S_NAME.fullmatch(self.namespace):
+            if self.key:
+                return f"{self.namespace}//{self.key}"
+            if _K8S_NAME.fullmatch(self.pod) and _K8S_NAME.fullmatch(self.container):
+                return f"{self.namespace}/{self.pod}/{self.container}"
+        return json.dumps([self.namespace, self.pod, self.container, self.key])
+
+    def same(self, other: Identity) -> bool:
+        """Both name the same checkpoints: equal namespaces and keys, and with no key equal
+        pods and containers (a key replaces them, so a renamed pod keeps its checkpoint)."""
+        if (self.namespace, self.key) != (other.namespace, other.key):
+            return False
+        return bool(self.key) or (self.pod, self.container) == (other.pod, other.container)
 
 
 @dataclasses.dataclass
@@ -88,29 +140,254 @@ class Manifest:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> Manifest:
+    def from_json(cls, text: str | bytes, *, now: float | None = None) -> Manifest:
+        if len(text) > MAX_MANIFEST:
+            raise ManifestError(f"manifest is larger than {MAX_MANIFEST} bytes")
         try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise ManifestError(f"manifest is not JSON: {exc}") from exc
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            raise ManifestError(f"unknown manifest schema {data.get('schema') if isinstance(data, dict) else None!r}")
-        try:
-            data["identity"] = Identity(**data["identity"])
-            files = []
-            for f in data["files"]:
-                f["chunks"] = [Chunk(**c) for c in f.get("chunks") or []]
-                files.append(FileEntry(**f))
-            data["files"] = files
-            manifest = cls(**data)
-        except (KeyError, TypeError) as exc:
-            raise ManifestError(f"manifest is incomplete: {exc}") from exc
-        for entry in manifest.files:
-            if entry.path.startswith("/") or ".." in entry.path.split("/"):
-                raise ManifestError(f"manifest names a file outside the checkpoint: {entry.path!r}")
-            if entry.chunks and (
-                sum(c.stored for c in entry.chunks) != entry.stored_bytes
-                or sum(c.raw for c in entry.chunks) != entry.raw_bytes
-            ):
-                raise ManifestError(f"{entry.path}: chunk sizes do not add up")
+            data = json.loads(text, parse_constant=_no_constant)
+        except ManifestError:
+            raise
+        except (ValueError, RecursionError) as exc:
+            raise ManifestError(f"manifest is not JSON: {str(exc)[:200]}") from exc
+        if not isinstance(data, dict):
+            raise ManifestError("manifest is not a JSON object")
+        schema = data.get("schema")
+        if not isinstance(schema, str) or len(schema) > 128:
+            raise ManifestError("manifest has no schema")
+        if schema not in KNOWN_SCHEMAS:
+            if _SCHEMA_FAMILY.fullmatch(schema):
+                raise UnsupportedManifestError(f"manifest schema {schema!r} is newer than this version reads")
+            raise ManifestError(f"unknown manifest schema {schema[:64]!r}")
+        _known_fields("manifest", data, _FIELDS)
+        values: dict[str, Any] = {}
+        for name, (required, check) in _FIELDS.items():
+            if name not in data:
+                if required:
+                    raise ManifestError(f"manifest is incomplete: no {name!r}")
+                continue
+            values[name] = check(name, data[name])
+        manifest = cls(**values)
+        when = now if now is not None else time.time()
+        if manifest.created_at > when + MAX_FUTURE:
+            raise ManifestError("created_at lies more than a day in the future")
         return manifest
+
+
+# -- validators: each takes (where, value) and returns the checked, converted value ---------------
+
+Check = Callable[[str, Any], Any]
+
+
+def _no_constant(name: str) -> Any:
+    raise ManifestError(f"manifest holds {name}, which is not JSON")
+
+
+def _known_fields(where: str, data: Mapping[str, Any], table: Mapping[str, Any]) -> None:
+    extra = sorted(k for k in data if k not in table)
+    if extra:
+        shown = ", ".join(repr(k[:32]) for k in extra[:4])
+        raise UnsupportedManifestError(f"{where} has fields this version does not know: {shown}")
+
+
+def _text(limit: int = _MAX_TEXT, pattern: re.Pattern[str] | None = None) -> Check:
+    def check(where: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ManifestError(f"{where} is not a string")
+        if len(value) > limit:
+            raise ManifestError(f"{where} is longer than {limit} characters")
+        # Printed by `hotrestart ls`/`inspect` on an admin's terminal: no control characters.
+        if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in value):
+            raise ManifestError(f"{where} holds control characters")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise ManifestError(f"{where} is not of the expected form")
+        return value
+
+    return check
+
+
+def _choice(*allowed: str) -> Check:
+    def check(where: str, value: Any) -> str:
+        if value not in allowed:
+            raise ManifestError(f"{where} must be one of {', '.join(allowed)}")
+        return str(value)
+
+    return check
+
+
+def _int(low: int, high: int) -> Check:
+    def check(where: str, value: Any) -> int:
+        # bool is an int in Python; true is not a count.
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ManifestError(f"{where} is not an integer")
+        if not low <= value <= high:
+            raise ManifestError(f"{where} is out of range ({low}..{high})")
+        return value
+
+    return check
+
+
+def _float(low: float, high: float) -> Check:
+    def check(where: str, value: Any) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ManifestError(f"{where} is not a number")
+        result = float(value)
+        if not math.isfinite(result) or not low <= result <= high:
+            raise ManifestError(f"{where} is out of range")
+        return result
+
+    return check
+
+
+def _dict_of(value_check: Check, key_limit: int = 128, entries: int = _MAX_KEYS) -> Check:
+    key_check = _text(key_limit)
+
+    def check(where: str, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ManifestError(f"{where} is not an object")
+        if len(value) > entries:
+            raise ManifestError(f"{where} has more than {entries} entries")
+        return {key_check(f"{where} key", k): value_check(f"{where}.{k[:32]}", v) for k, v in value.items()}
+
+    return check
+
+
+def _list_of(item_check: Check, limit: int) -> Check:
+    def check(where: str, value: Any) -> list[Any]:
+        if not isinstance(value, list):
+            raise ManifestError(f"{where} is not a list")
+        if len(value) > limit:
+            raise ManifestError(f"{where} has more than {limit} items")
+        return [item_check(f"{where}[{i}]", v) for i, v in enumerate(value)]
+
+    return check
+
+
+def _json(where: str, value: Any, depth: int = 0) -> Any:
+    """Free-form data (recorded, shown, never acted on): plain JSON, bounded."""
+    if depth > _MAX_DEPTH:
+        raise ManifestError(f"{where} is nested too deeply")
+    if isinstance(value, dict):
+        return _dict_of(lambda w, v: _json(w, v, depth + 1))(where, value)
+    if isinstance(value, list):
+        return _list_of(lambda w, v: _json(w, v, depth + 1), 4096)(where, value)
+    if isinstance(value, str):
+        return _text()(where, value)
+    if isinstance(value, float):
+        return _float(-1e18, 1e18)(where, value)
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    raise ManifestError(f"{where} is not plain JSON")
+
+
+def _record(table: Mapping[str, tuple[bool, Check]], build: Callable[..., Any], *, strict: bool = True) -> Check:
+    """An object of known fields; with `strict`, an unknown field means a newer writer."""
+
+    def check(where: str, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ManifestError(f"{where} is not an object")
+        if strict:
+            _known_fields(where, value, table)
+        fields: dict[str, Any] = {}
+        for name, (required, field_check) in table.items():
+            if name in value:
+                fields[name] = field_check(f"{where}.{name}", value[name])
+            elif required:
+                raise ManifestError(f"{where} has no {name!r}")
+        return build(**fields)
+
+    return check
+
+
+def _relative_path(where: str, value: Any) -> str:
+    path: str = _text(1024)(where, value)
+    parts = path.split("/")
+    if len(parts) > _MAX_PATH_DEPTH or not all(_PATH_PART.fullmatch(p) for p in parts):
+        raise ManifestError(f"manifest names a file outside the checkpoint or of an odd name: {path[:128]!r}")
+    return path
+
+
+def _file_entry(where: str, value: Any) -> FileEntry:
+    entry: FileEntry = _record(_FILE_FIELDS, FileEntry)(where, value)
+    if sum(c.stored for c in entry.chunks) != entry.stored_bytes or sum(c.raw for c in entry.chunks) != entry.raw_bytes:
+        raise ManifestError(f"{entry.path}: chunk sizes do not add up")
+    return entry
+
+
+def _files(where: str, value: Any) -> list[FileEntry]:
+    files: list[FileEntry] = _list_of(_file_entry, MAX_FILES)(where, value)
+    # A restore writes each file to its path less ".zst": two entries must not meet there.
+    targets = [f.path.removesuffix(".zst") for f in files]
+    if len(set(targets)) != len(targets):
+        raise ManifestError("manifest lists a file twice")
+    return files
+
+
+def _network(where: str, value: Any) -> dict[str, Any]:
+    network: dict[str, Any] = _json(where, value)
+    if not isinstance(network, dict):
+        raise ManifestError(f"{where} is not an object")
+    _list_of(_text(64), 1024)(f"{where}.addresses", network.get("addresses") or [])
+    return network
+
+
+def _gpu(where: str, value: Any) -> dict[str, Any]:
+    gpu: dict[str, Any] = _json(where, value)
+    if not isinstance(gpu, dict):
+        raise ManifestError(f"{where} is not an object")
+    _list_of(_record(_GPU_DEVICE, dict, strict=False), 1024)(f"{where}.devices", gpu.get("devices") or [])
+    _list_of(_record(_GPU_PROCESS, dict, strict=False), 65536)(f"{where}.processes", gpu.get("processes") or [])
+    for name in ("driver", "owner"):
+        if name in gpu:
+            _text(256)(f"{where}.{name}", gpu[name])
+    return gpu
+
+
+_CHUNK_FIELDS: dict[str, tuple[bool, Check]] = {
+    "stored": (True, _int(1, MAX_CHUNK_STORED)),
+    "raw": (True, _int(1, MAX_CHUNK_RAW)),
+    "sha256": (True, _text(64, _SHA256)),
+}
+_FILE_FIELDS: dict[str, tuple[bool, Check]] = {
+    "path": (True, _relative_path),
+    "sha256": (True, _text(64, _SHA256)),
+    "stored_bytes": (True, _int(0, MAX_FILE_BYTES)),
+    "raw_bytes": (True, _int(0, MAX_FILE_BYTES)),
+    "chunks": (False, _list_of(_record(_CHUNK_FIELDS, Chunk), MAX_FILE_BYTES // MAX_CHUNK_RAW)),
+}
+_IDENTITY_FIELDS: dict[str, tuple[bool, Check]] = {
+    "namespace": (True, _text(253)),
+    "pod": (True, _text(253)),
+    "container": (True, _text(253)),
+    "key": (False, _text(1024)),
+}
+# GPU records are read by gpu/plan.py: the fields it reads must have the types it expects.
+_GPU_DEVICE: dict[str, tuple[bool, Check]] = {
+    "name": (True, _text(256)),
+    "uuid": (True, _text(256)),
+    "memory_used": (False, _int(0, 1 << 50)),
+    "memory_total": (False, _int(0, 1 << 50)),
+}
+_GPU_PROCESS: dict[str, tuple[bool, Check]] = {
+    "pid": (False, _int(0, 1 << 22)),
+    "memory_used": (False, _int(0, 1 << 50)),
+    "uuids": (False, _list_of(_text(256), 1024)),
+}
+
+# Every top-level field and its check: a new optional field is one more line here.
+_FIELDS: dict[str, tuple[bool, Check]] = {
+    "schema": (True, _text(128)),
+    "id": (True, _text(128, CHECKPOINT_ID)),
+    "identity": (True, _record(_IDENTITY_FIELDS, Identity)),
+    "created_at": (True, _float(0.0, 1e11)),
+    "node": (True, _text(253)),
+    "reason": (True, _text(64)),
+    "image": (True, _text()),
+    "spec_digest": (True, _text(256)),
+    "runtime": (True, _dict_of(_text(1024), entries=64)),
+    "network": (True, _network),
+    "files": (True, _files),
+    "timings": (True, _dict_of(_float(0.0, 1e9), entries=64)),
+    "restore_attempts": (False, _int(0, 1 << 20)),
+    "tcp": (False, _choice("close", "keep")),
+    "gpu": (False, _gpu),
+}

@@ -9,30 +9,61 @@ mount such as NFS or CephFS so that a pod moved to another node restores there):
     v1/quarantine/<id>/         failed to restore; reason.txt and restore.log beside it
     v1/pending/<key>.<id>       a checkpoint of this identity is being taken right now
 
-`<key>` is a hash of the identity (namespace/pod/container or the annotation's key), and
-`<id>` is unique per checkpoint. Every state change is one rename(2) within the store, so a
-reader sees a checkpoint whole or not at all, and a process killed at any point leaves at
-worst a staging or claimed folder that `prune` clears. Folders are 0700 and files 0600:
-checkpoints hold process memory, secrets included.
+`<key>` is a hash of the identity (always within its namespace), and `<id>` is unique per
+checkpoint. Every state change is one rename(2) within the store, so a reader sees a
+checkpoint whole or not at all, and a process killed at any point leaves at worst a staging
+or claimed folder that `prune` clears. Folders are 0700 and files 0600: checkpoints hold
+process memory, secrets included.
+
+The root is the administrator's; everything below `v1/` is input, possibly written by
+another node, read and changed here by root. So the tree is only ever walked by descriptor
+without following links (`safefs`), manifests are validated field by field, and a bad entry
+is reported and skipped, never fatal to a listing, a retention pass or another restore.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
+import errno
 import hashlib
+import math
 import os
 import secrets
-import shutil
 import socket
 import time
 from collections.abc import Iterator
 
-from hotrestart.store.manifest import Identity, Manifest, ManifestError
+from hotrestart.store import safefs
+from hotrestart.store.manifest import (
+    MAX_MANIFEST,
+    Identity,
+    Manifest,
+    ManifestError,
+    UnsupportedManifestError,
+)
+from hotrestart.store.safefs import UnsafeEntryError
 
 DEFAULT_ROOT = "/var/lib/hotrestart"
 MANIFEST = "manifest.json"
 OWNER = "owner"
+REASON = "reason.txt"
+STATES = ("checkpoints", "claimed", "quarantine", "staging")
+PENDING_TTL = 600.0  # a marker older than this is a crashed writer's; a create stops waiting
+CLOCK_SKEW = 60.0  # a marker dated further ahead than this is not believed
+GRACE = 3600.0  # prune removes a corrupt entry only once it is this old: it may be mid-write
+ABANDONED = 3600.0  # a staging or claimed folder of no live owner, untouched this long
+_SMALL = 64 << 10  # owner, marker and reason files
+
+
+class Fault(enum.Enum):
+    """Why an entry has no usable manifest; what retention may do about it."""
+
+    CORRUPT = "corrupt"  # proven bad: pruned after the grace period
+    UNSAFE = "unsafe"  # a link or special file where a folder belongs: the name is pruned after grace
+    UNSUPPORTED = "unsupported"  # a newer writer's: never pruned here
+    UNREADABLE = "unreadable"  # a read failed (ESTALE, EIO): maybe transient, never pruned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,34 +72,31 @@ class Entry:
     id: str
     path: str
     manifest: Manifest | None
+    fault: Fault | None = None  # set when the manifest is missing or refused
+    problem: str = ""  # the reason, for `hotrestart ls` and the logs
+    key: str = ""  # the identity folder of a published entry
+    mtime: float = 0.0  # of the entry itself (not followed)
+    root: str = dataclasses.field(default="", repr=False, compare=False)
 
     @property
     def size(self) -> int:
-        return _tree_size(self.path)
+        """Bytes stored (regular files only; nothing below the entry is followed)."""
+        if not self.root:
+            return 0
+        try:
+            with _root(self.root) as rfd, safefs.walk(rfd, _parts(self)) as fd:
+                return safefs.tree_size(fd)
+        except OSError:
+            return 0
 
 
 def identity_key(identity: Identity) -> str:
     return hashlib.sha256(identity.canonical().encode()).hexdigest()[:32]
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tree_size(path: str) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
-
-
 def _pid_alive(pid: int) -> bool:
+    if not 0 < pid < 1 << 22:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -76,6 +104,22 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextlib.contextmanager
+def _root(root: str) -> Iterator[int]:
+    # The root is the administrator's choice (a link to a shared mount is fine): followed.
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _parts(entry: Entry) -> list[str]:
+    if entry.state == "checkpoints":
+        return ["v1", "checkpoints", entry.key, entry.id]
+    return ["v1", entry.state, entry.id]
 
 
 class Store:
@@ -86,11 +130,19 @@ class Store:
     def _dir(self, state: str) -> str:
         return os.path.join(self.base, state)
 
+    @contextlib.contextmanager
+    def _at(self, *parts: str, create: bool = False) -> Iterator[int]:
+        """The folder v1/<parts...>, verified step by step (made with `create`)."""
+        with _root(self.root) as rfd, safefs.walk(rfd, ["v1", *parts], create=create) as fd:
+            yield fd
+
     def ensure(self) -> None:
-        for path in (self.root, self.base):
-            _private_dir(path)
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        if os.stat(self.root).st_mode & 0o777 != 0o700:
+            os.chmod(self.root, 0o700)
         for state in ("staging", "checkpoints", "claimed", "quarantine", "pending"):
-            _private_dir(self._dir(state))
+            with self._at(state, create=True):
+                pass
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -98,232 +150,413 @@ class Store:
         """A fresh private staging folder: (checkpoint id, path)."""
         self.ensure()
         cid = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(6)
-        path = os.path.join(self._dir("staging"), cid)
-        os.mkdir(path, 0o700)
-        os.chmod(path, 0o700)
-        with open(os.path.join(path, OWNER), "w", opener=_private) as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        return cid, path
+        with self._at("staging") as sfd:
+            os.mkdir(cid, 0o700, dir_fd=sfd)
+            with safefs.opened_dir(sfd, cid, create=True) as fd:
+                safefs.write_file(fd, OWNER, _owner_line().encode())
+        return cid, os.path.join(self._dir("staging"), cid)
 
     def publish(self, staging: str, manifest: Manifest) -> Entry | None:
         """Write the manifest and move the staging folder into place in one rename.
 
         A checkpoint older than one already published for the identity is discarded (None):
         the newest state is the only one worth restoring."""
-        published = self.published(manifest.identity)
-        if any(e.manifest and e.manifest.created_at > manifest.created_at for e in published):
+        if any(e.manifest.created_at > manifest.created_at for e in self._matching(manifest.identity)):
             self.discard(staging)
             return None
-        with open(os.path.join(staging, MANIFEST), "w", opener=_private) as f:
-            f.write(manifest.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(staging, OWNER))
-        for dirpath, _dirs, files in os.walk(staging):
-            os.chmod(dirpath, 0o700)
-            for name in files:
-                os.chmod(os.path.join(dirpath, name), 0o600)
-        _fsync_dir(staging)
-        parent = os.path.join(self._dir("checkpoints"), identity_key(manifest.identity))
-        _private_dir(parent)
-        target = os.path.join(parent, manifest.id)
-        os.rename(staging, target)
-        _fsync_dir(parent)
-        entry = Entry("checkpoints", manifest.id, target, manifest)
+        cid = self._staging_name(staging)
+        key = identity_key(manifest.identity)
+        with self._at("staging") as sfd:
+            with safefs.opened_dir(sfd, cid) as fd:
+                safefs.write_file(fd, MANIFEST, manifest.to_json().encode(), durable=True)
+                safefs.unlink(fd, OWNER)
+                safefs.make_private(fd)
+                safefs.fsync(fd)
+            with self._at("checkpoints", key, create=True) as kfd:
+                safefs.check_name(manifest.id)
+                os.rename(cid, manifest.id, src_dir_fd=sfd, dst_dir_fd=kfd)
+                safefs.fsync(kfd)
+                mtime = safefs.mtime(kfd, manifest.id)
+        target = os.path.join(self._dir("checkpoints"), key, manifest.id)
+        entry = Entry("checkpoints", manifest.id, target, manifest, key=key, mtime=mtime, root=self.root)
         # Only the newest checkpoint of an identity is worth keeping.
-        for older in self.published(manifest.identity):
-            if older.id != manifest.id and older.manifest and older.manifest.created_at <= manifest.created_at:
-                self.remove(older)
+        for older in self._matching(manifest.identity):
+            if older.id != manifest.id and older.manifest.created_at <= manifest.created_at:
+                with contextlib.suppress(OSError):
+                    self.remove(older.entry)
         return entry
 
     def discard(self, staging: str) -> None:
-        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError, ValueError), self._at("staging") as sfd:
+            safefs.remove_tree(sfd, self._staging_name(staging))
+
+    def _staging_name(self, path: str) -> str:
+        parent, name = os.path.split(os.path.normpath(path))
+        if os.path.normpath(parent) != os.path.normpath(self._dir("staging")):
+            raise ValueError(f"{path} is not a staging folder of this store")
+        return safefs.check_name(name)
 
     # -- pending markers ------------------------------------------------------------------------
 
     def mark_pending(self, identity: Identity, cid: str) -> None:
         self.ensure()
-        path = os.path.join(self._dir("pending"), f"{identity_key(identity)}.{cid}")
-        with open(path, "w", opener=_private) as f:
-            f.write(f"{socket.gethostname()} {os.getpid()} {time.time()}\n")
+        with self._at("pending") as fd:
+            safefs.write_file(fd, f"{identity_key(identity)}.{cid}", _owner_line(time.time()).encode())
 
     def clear_pending(self, identity: Identity, cid: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self._dir("pending"), f"{identity_key(identity)}.{cid}"))
+        with contextlib.suppress(FileNotFoundError, UnsafeEntryError), self._at("pending") as fd:
+            safefs.unlink(fd, f"{identity_key(identity)}.{cid}")
 
-    def is_pending(self, identity: Identity) -> bool:
-        """A checkpoint of `identity` is being written by a live process (on any node)."""
+    def is_pending(self, identity: Identity, *, now: float | None = None) -> bool:
+        """A checkpoint of `identity` is being written by a live process (on any node).
+
+        A marker expires after PENDING_TTL (a node that crashed mid-dump never clears its
+        own), at once when its local process is gone, and is not believed when dated in the
+        future or unreadable: a create waits only for a writer that can still finish."""
+        now = time.time() if now is None else now
         prefix = identity_key(identity) + "."
         try:
-            names = [n for n in os.listdir(self._dir("pending")) if n.startswith(prefix)]
-        except FileNotFoundError:
-            return False
-        for name in names:
-            path = os.path.join(self._dir("pending"), name)
-            try:
-                with open(path) as f:
-                    host, pid, _since = f.read().split()
-            except (OSError, ValueError):
-                continue
-            if host == socket.gethostname() and not _pid_alive(int(pid)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                continue
-            return True
+            with self._at("pending") as fd:
+                names = [n for n in os.listdir(fd) if n.startswith(prefix)]
+                for name in names:
+                    live = self._marker_live(fd, name, now)
+                    if live:
+                        return True
+                    if live is not None:
+                        with contextlib.suppress(OSError):
+                            safefs.unlink(fd, name)
+        except OSError:
+            return False  # no folder, or not a real one: nothing to wait for
         return False
+
+    def _marker_live(self, fd: int, name: str, now: float) -> bool | None:
+        """Whether a marker's writer may still finish; None when it could not be read now."""
+        try:
+            host, pid, since = safefs.read_file(fd, name, _SMALL).decode().split()
+            started, owner = float(since), int(pid)
+        except (UnsafeEntryError, ValueError):
+            return False
+        except OSError:
+            return None
+        if not math.isfinite(started) or started > now + CLOCK_SKEW or now - started > PENDING_TTL:
+            return False
+        return host != socket.gethostname() or _pid_alive(owner)
 
     # -- reading and claiming -------------------------------------------------------------------
 
     def published(self, identity: Identity) -> list[Entry]:
-        parent = os.path.join(self._dir("checkpoints"), identity_key(identity))
+        """Every entry in the identity's folder, bad ones included (with their fault)."""
+        key = identity_key(identity)
         try:
-            names = os.listdir(parent)
-        except FileNotFoundError:
+            with self._at("checkpoints", key) as kfd:
+                names = sorted(os.listdir(kfd))
+                return [self._entry(kfd, "checkpoints", name, key) for name in names if not name.startswith(".")]
+        except OSError:
             return []
-        entries = []
-        for name in names:
-            path = os.path.join(parent, name)
-            entries.append(Entry("checkpoints", name, path, self._load(path)))
-        return entries
+
+    def _matching(self, identity: Identity) -> list[_Good]:
+        return [
+            _Good(e)
+            for e in self.published(identity)
+            if e.manifest is not None and e.manifest.identity.same(identity) and e.fault is None
+        ]
 
     def latest(self, identity: Identity) -> Entry | None:
-        """The newest readable published checkpoint of `identity`."""
-        good = [e for e in self.published(identity) if e.manifest is not None]
-        good = [e for e in good if e.manifest and e.manifest.identity.canonical() == identity.canonical()]
-        return max(good, key=lambda e: e.manifest.created_at if e.manifest else 0.0, default=None)
+        """The newest readable published checkpoint of `identity` (its namespace included)."""
+        good = self._matching(identity)
+        best = max(good, key=lambda e: e.manifest.created_at, default=None)
+        return best.entry if best is not None else None
 
     def claim(self, entry: Entry) -> Entry | None:
         """Take `entry` for a restore; None when another restore got it first."""
         self.ensure()
-        target = os.path.join(self._dir("claimed"), entry.id)
         try:
-            os.rename(entry.path, target)
-        except (FileNotFoundError, OSError):
+            with self._parent(entry) as pfd, self._at("claimed") as cfd:
+                if not safefs.describe(pfd, entry.id) == "a folder":
+                    return None
+                os.rename(entry.id, entry.id, src_dir_fd=pfd, dst_dir_fd=cfd)
+                with safefs.opened_dir(cfd, entry.id) as fd:
+                    safefs.write_file(fd, OWNER, _owner_line().encode())
+                mtime = safefs.mtime(cfd, entry.id)
+        except OSError:
             return None
-        with open(os.path.join(target, OWNER), "w", opener=_private) as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        return Entry("claimed", entry.id, target, entry.manifest)
+        target = os.path.join(self._dir("claimed"), entry.id)
+        return Entry("claimed", entry.id, target, entry.manifest, mtime=mtime, root=self.root)
 
     def release(self, entry: Entry, manifest: Manifest) -> Entry:
         """Give a claimed checkpoint back (with its attempt count updated)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(entry.path, OWNER))
-        with open(os.path.join(entry.path, MANIFEST), "w", opener=_private) as f:
-            f.write(manifest.to_json())
-        parent = os.path.join(self._dir("checkpoints"), identity_key(manifest.identity))
-        _private_dir(parent)
-        target = os.path.join(parent, entry.id)
-        os.rename(entry.path, target)
-        return Entry("checkpoints", entry.id, target, manifest)
+        key = identity_key(manifest.identity)
+        with self._parent(entry) as pfd:
+            with safefs.opened_dir(pfd, entry.id) as fd:
+                safefs.unlink(fd, OWNER)
+                safefs.write_file(fd, MANIFEST, manifest.to_json().encode(), durable=True)
+            with self._at("checkpoints", key, create=True) as kfd:
+                os.rename(entry.id, entry.id, src_dir_fd=pfd, dst_dir_fd=kfd)
+        target = os.path.join(self._dir("checkpoints"), key, entry.id)
+        return Entry("checkpoints", entry.id, target, manifest, key=key, mtime=time.time(), root=self.root)
 
     def quarantine(self, entry: Entry, reason: str, log_file: str = "") -> Entry:
         self.ensure()
+        with self._parent(entry) as pfd, self._at("quarantine") as qfd:
+            if safefs.describe(pfd, entry.id) != "a folder":
+                raise UnsafeEntryError(entry.id, f"is {safefs.describe(pfd, entry.id)}, not a folder")
+            os.rename(entry.id, entry.id, src_dir_fd=pfd, dst_dir_fd=qfd)
+            with safefs.opened_dir(qfd, entry.id) as fd:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                safefs.write_file(fd, REASON, f"{stamp} {_one_line(reason)}\n".encode())
+                if log_file and os.path.exists(log_file):
+                    with contextlib.suppress(OSError), open(log_file, "rb") as f:
+                        # The log is the shim's own (its work folder); only its copy goes in the store.
+                        safefs.write_file(fd, "restore.log", f.read(16 << 20))
         target = os.path.join(self._dir("quarantine"), entry.id)
-        os.rename(entry.path, target)
-        with open(os.path.join(target, "reason.txt"), "w", opener=_private) as f:
-            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {reason}\n")
-        if log_file and os.path.exists(log_file):
-            with contextlib.suppress(OSError):
-                shutil.copyfile(log_file, os.path.join(target, "restore.log"))
-                os.chmod(os.path.join(target, "restore.log"), 0o600)
-        return Entry("quarantine", entry.id, target, entry.manifest)
+        return Entry("quarantine", entry.id, target, entry.manifest, mtime=time.time(), root=self.root)
 
     def remove(self, entry: Entry) -> None:
-        # Rename out of the way first, so a half-removed checkpoint is never read.
-        doomed = os.path.join(self._dir("staging"), f".rm-{entry.id}-{secrets.token_hex(4)}")
-        try:
-            os.rename(entry.path, doomed)
-        except OSError:
-            doomed = entry.path
-        shutil.rmtree(doomed, ignore_errors=True)
+        """Remove an entry (a folder by descriptor; a link or file in its place is unlinked
+        itself, never followed). Renamed out of the way first, so a half-removed checkpoint
+        is never read."""
+        doomed = f".rm-{entry.id}-{secrets.token_hex(4)}"
+        with self._parent(entry) as pfd:
+            try:
+                with self._at("staging") as sfd:
+                    os.rename(entry.id, doomed, src_dir_fd=pfd, dst_dir_fd=sfd)
+                    safefs.remove_tree(sfd, doomed)
+                    return
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.EXDEV and not isinstance(exc, UnsafeEntryError):
+                    raise
+            safefs.remove_tree(pfd, entry.id)
 
-    def _load(self, path: str) -> Manifest | None:
+    @contextlib.contextmanager
+    def _parent(self, entry: Entry) -> Iterator[int]:
+        safefs.check_name(entry.id)
+        if entry.state not in STATES:
+            raise UnsafeEntryError(entry.id, "is not an entry of this store")
+        # An identity folder that is itself bad is listed with no key: its parent is the state's.
+        parts = [entry.state] + ([entry.key] if entry.key else [])
+        with self._at(*parts) as fd:
+            yield fd
+
+    def open_member(self, entry: Entry, rel: str) -> int:
+        """A read descriptor of the file `rel` (a manifest path) of `entry`, every folder on
+        the way verified and nothing followed; the caller closes it."""
+        parts = rel.split("/")
+        with _root(self.root) as rfd, safefs.walk(rfd, _parts(entry) + parts[:-1]) as fd:
+            return safefs.open_file(fd, parts[-1])
+
+    def restore_file(self, entry: Entry, rel: str, dst: str, *, cap: int | None = None) -> None:
+        """Decompress one file of `entry` into `dst` as a restore does (see archive)."""
+        from hotrestart.store import archive
+
+        files = [f for f in (entry.manifest.files if entry.manifest else []) if f.path == rel]
+        if not files:
+            raise archive.IntegrityError(f"{rel}: not in the checkpoint's manifest")
+        file = files[0]
         try:
-            with open(os.path.join(path, MANIFEST), "rb") as f:
-                return Manifest.from_json(f.read())
-        except (OSError, ManifestError):
-            return None
+            fd = self.open_member(entry, rel)
+        except UnsafeEntryError as exc:
+            raise archive.IntegrityError(f"{rel}: {exc.why}") from None
+        try:
+            archive.decompress_file(fd, dst, file, cap=cap)
+        finally:
+            os.close(fd)
+
+    def verify(self, entry: Entry) -> list[str]:
+        """`hotrestart verify`: the restore's checks on every file; the problems found."""
+        from hotrestart.store import archive
+
+        if entry.manifest is None:
+            return [entry.problem or "manifest missing or unreadable"]
+        problems = []
+        for fe in entry.manifest.files:
+            try:
+                fd = self.open_member(entry, fe.path)
+                try:
+                    archive.verify_file(fd, fe)
+                finally:
+                    os.close(fd)
+            except UnsafeEntryError as exc:
+                problems.append(f"{fe.path}: {exc.why}")
+            except (archive.IntegrityError, OSError) as exc:
+                problems.append(str(exc))
+        return problems
+
+    def reason(self, entry: Entry) -> str:
+        """A quarantined entry's reason.txt (one line, bounded), or ""."""
+        try:
+            with _root(self.root) as rfd, safefs.walk(rfd, _parts(entry)) as fd:
+                return _one_line(safefs.read_file(fd, REASON, _SMALL).decode(errors="replace"))
+        except OSError:
+            return ""
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def _entry(self, parent: int, state: str, name: str, key: str = "") -> Entry:
+        path = os.path.join(*([self._dir(state)] + ([key] if key else []) + [name]))
+        mtime = safefs.mtime(parent, name)
+        manifest: Manifest | None = None
+        fault: Fault | None = None
+        problem = ""
+        try:
+            safefs.check_name(name)
+            with safefs.opened_dir(parent, name) as fd:
+                try:
+                    text = safefs.read_file(fd, MANIFEST, MAX_MANIFEST)
+                except FileNotFoundError:
+                    if state == "checkpoints":  # published means a manifest was written first
+                        raise ManifestError("no manifest") from None
+                    return Entry(state, name, path, None, None, "no manifest", key, mtime, self.root)
+                manifest = Manifest.from_json(text)
+                if manifest.id != name:
+                    raise ManifestError(f"the manifest is of checkpoint {manifest.id!r}, not {name!r}")
+                if key and identity_key(manifest.identity) != key:
+                    raise ManifestError("the manifest's identity does not belong in this folder")
+        except UnsupportedManifestError as exc:
+            manifest, fault, problem = None, Fault.UNSUPPORTED, str(exc)
+        except ManifestError as exc:
+            manifest, fault, problem = None, Fault.CORRUPT, str(exc)
+        except UnsafeEntryError as exc:
+            # The entry itself not a folder is unsafe; a link or FIFO as its manifest, corrupt.
+            manifest, fault = None, (Fault.UNSAFE if exc.what == name else Fault.CORRUPT)
+            problem = f"{exc.what} {exc.why}" if exc.what != name else f"{exc.why}; not followed"
+        except OSError as exc:
+            manifest, fault, problem = None, Fault.UNREADABLE, f"could not be read: {exc.strerror or exc}"
+        return Entry(state, name, path, manifest, fault, problem, key, mtime, self.root)
 
     # -- listing and retention ------------------------------------------------------------------
 
     def entries(self) -> Iterator[Entry]:
-        for state in ("checkpoints", "claimed", "quarantine", "staging"):
-            base = self._dir(state)
+        """Every entry, bad ones included with their fault; nothing in the tree stops it."""
+        for state in STATES:
             try:
-                names = sorted(os.listdir(base))
+                with self._at(state) as sfd:
+                    names = sorted(n for n in os.listdir(sfd) if not n.startswith("."))
+                    if state != "checkpoints":
+                        for name in names:
+                            yield self._entry(sfd, state, name)
+                        continue
+                    for key in names:
+                        try:
+                            with safefs.opened_dir(sfd, key) as kfd:
+                                cids = sorted(n for n in os.listdir(kfd) if not n.startswith("."))
+                                for cid in cids:
+                                    yield self._entry(kfd, state, cid, key)
+                        except UnsafeEntryError as exc:
+                            path = os.path.join(self._dir(state), key)
+                            mtime = safefs.mtime(sfd, key)
+                            yield Entry(state, key, path, None, Fault.UNSAFE, f"{exc.why}; not followed", "", mtime)
+                        except OSError as exc:
+                            problem = f"could not be read: {exc.strerror or exc}"
+                            yield Entry(
+                                state, key, os.path.join(self._dir(state), key), None, Fault.UNREADABLE, problem
+                            )
             except FileNotFoundError:
                 continue
-            for name in names:
-                path = os.path.join(base, name)
-                if state == "checkpoints":
-                    for cid in sorted(os.listdir(path)) if os.path.isdir(path) else []:
-                        sub = os.path.join(path, cid)
-                        yield Entry(state, cid, sub, self._load(sub))
-                else:
-                    yield Entry(state, name, path, self._load(path))
+            except OSError:
+                continue  # reported by problems()
+
+    def problems(self) -> list[str]:
+        """What is wrong with the layout itself (a state folder that is a link, say)."""
+        found = []
+        for state in ("", *STATES, "pending"):
+            try:
+                with self._at(*([state] if state else [])):
+                    pass
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                found.append(f"v1/{state}: {exc.strerror if not isinstance(exc, UnsafeEntryError) else exc.why}")
+        return found
 
     def find(self, prefix: str) -> Entry | None:
         matches = [e for e in self.entries() if e.id.startswith(prefix)]
         return matches[0] if len(matches) == 1 else None
 
     def prune(
-        self, *, max_age: float | None = None, max_bytes: int | None = None, now: float | None = None
+        self,
+        *,
+        max_age: float | None = None,
+        max_bytes: int | None = None,
+        now: float | None = None,
+        grace: float = GRACE,
     ) -> list[Entry]:
-        """Remove expired, abandoned and over-budget checkpoints; returns what was removed."""
-        now = now or time.time()
+        """Remove abandoned, corrupt, expired and over-budget checkpoints; returns what was removed.
+
+        Corrupt means proven so (a manifest of a known schema that fails validation, a link
+        where a folder belongs), and only once older than `grace`: a manifest being written
+        by another node must not be taken for a broken one. Entries of a newer schema and
+        entries that could not be read just now (ESTALE, EIO) are never removed."""
+        now = time.time() if now is None else now
         removed: list[Entry] = []
-        entries = list(self.entries())
-        for e in entries:
-            owner_dead = e.state in ("staging", "claimed") and not self._owner_alive(e.path)
-            expired = (
-                e.state in ("checkpoints", "quarantine")
-                and max_age is not None
-                and (e.manifest.created_at if e.manifest else _mtime(e.path)) < now - max_age
-            )
-            unreadable = e.state == "checkpoints" and e.manifest is None
-            if owner_dead or expired or unreadable:
-                self.remove(e)
+        for e in list(self.entries()):
+            if e.fault in (Fault.UNSUPPORTED, Fault.UNREADABLE):
+                continue
+            if e.fault in (Fault.CORRUPT, Fault.UNSAFE):
+                doomed = now - e.mtime > grace
+            elif e.state in ("staging", "claimed"):
+                doomed = not self._owner_alive(e, now)
+            else:
+                created = e.manifest.created_at if e.manifest else e.mtime
+                doomed = max_age is not None and created < now - max_age
+            if doomed and self._try_remove(e):
                 removed.append(e)
         if max_bytes is not None:
-            live = [e for e in self.entries() if e.state in ("checkpoints", "quarantine")]
+            live = [e for e in self.entries() if e.state in ("checkpoints", "quarantine") and e.fault is None]
             sizes = {e.path: e.size for e in live}
             total = sum(sizes.values())
             # Quarantined first, then the oldest checkpoints.
-            live.sort(key=lambda e: (e.state == "checkpoints", e.manifest.created_at if e.manifest else 0.0))
+            live.sort(key=lambda e: (e.state == "checkpoints", e.manifest.created_at if e.manifest else e.mtime))
             for e in live:
                 if total <= max_bytes:
                     break
-                self.remove(e)
-                removed.append(e)
-                total -= sizes[e.path]
+                if self._try_remove(e):
+                    removed.append(e)
+                    total -= sizes[e.path]
         return removed
 
-    def _owner_alive(self, path: str) -> bool:
+    def _try_remove(self, entry: Entry) -> bool:
         try:
-            with open(os.path.join(path, OWNER)) as f:
-                host, pid = f.read().split()
+            self.remove(entry)
+        except OSError:
+            return False
+        return True
+
+    def _owner_alive(self, entry: Entry, now: float) -> bool:
+        try:
+            with _root(self.root) as rfd, safefs.walk(rfd, _parts(entry)) as fd:
+                host, pid = safefs.read_file(fd, OWNER, _SMALL).decode().split()
+                owner = int(pid)
         except (OSError, ValueError):
             # No owner file: a crash between steps. Old enough means abandoned.
-            return time.time() - _mtime(path) < 3600
+            return now - entry.mtime < ABANDONED
         if host != socket.gethostname():
-            return time.time() - _mtime(path) < 3600
-        return _pid_alive(int(pid))
+            return now - entry.mtime < ABANDONED
+        return _pid_alive(owner)
 
 
-def _private_dir(path: str) -> None:
-    """A 0700 folder whatever the umask (makedirs' mode is filtered by it)."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    if os.stat(path).st_mode & 0o777 != 0o700:
-        os.chmod(path, 0o700)
+@dataclasses.dataclass(frozen=True)
+class _Good:
+    """An entry known to have a valid manifest (for the type checker as much as for us)."""
+
+    entry: Entry
+
+    @property
+    def manifest(self) -> Manifest:
+        assert self.entry.manifest is not None
+        return self.entry.manifest
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
 
 
-def _mtime(path: str) -> float:
-    try:
-        return os.stat(path).st_mtime
-    except OSError:
-        return 0.0
+def _owner_line(since: float | None = None) -> str:
+    tail = f" {since!r}" if since is not None else ""
+    return f"{socket.gethostname()} {os.getpid()}{tail}\n"
 
 
-def _private(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_CLOEXEC, 0o600)
+def _one_line(text: str) -> str:
+    """Text from the store as one printable line: no terminal escapes reach an admin's screen."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text.strip().replace("\n", " "))[:1024]
