@@ -34,16 +34,17 @@ class Incarnation:
         name: str,
         *,
         annotations: dict[str, str] | None = None,
+        namespace: str = "hot",
     ) -> None:
         self.client = client
         self.inst = inst
         self.uid = str(uuid.uuid4())
         self.volumes = tmp / "kubelet" / self.uid / "volumes" / "kubernetes.io~empty-dir"
-        logs = tmp / "logs" / f"hot_{name}_{self.uid}"
+        logs = tmp / "logs" / f"{namespace}_{name}_{self.uid}"
         logs.mkdir(parents=True)
         self.config = client.pod_config(
             name,
-            "hot",
+            namespace,
             self.uid,
             annotations=annotations or {},
             log_directory=logs,
