@@ -45,7 +45,7 @@ def test_defaults_and_annotations() -> None:
             }
         )
     )
-    assert (p.timeout, p.tcp, p.carry_volumes, p.identity.canonical()) == (120, "keep", ("data", "cache"), "db-primary")
+    assert (p.timeout, p.tcp, p.carry_volumes, p.identity.canonical()) == (120, "keep", ("data", "cache"), "ns//db-primary")
     assert p.interval == 600 and policy_for(spec()).interval == 0
     assert p.gpu_lock_timeout == 120 and policy_for(spec()).gpu_lock_timeout == 10
 
