@@ -403,7 +403,10 @@ def decompress_file(src: str | int, dst: str, entry: FileEntry, *, cap: int | No
             finally:
                 os.close(fd)
             try:
-                with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+                if len(entry.chunks) == 1:  # most of CRIU's images: no pool to start and stop
+                    _restore_chunk(src_fd, target, entry.chunks[0], 0, 0, entry.path)
+                    return
+                with concurrent.futures.ThreadPoolExecutor(min(_workers(), len(entry.chunks))) as pool:
                     futures = []
                     stored_at = raw_at = 0
                     for c in entry.chunks:

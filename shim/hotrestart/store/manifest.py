@@ -45,6 +45,7 @@ CHECKPOINT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _PATH_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=,@:-]{0,254}")
 _MAX_PATH_DEPTH = 8
 _K8S_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class ManifestError(ValueError):
@@ -196,7 +197,7 @@ def _text(limit: int = _MAX_TEXT, pattern: re.Pattern[str] | None = None) -> Che
         if len(value) > limit:
             raise ManifestError(f"{where} is longer than {limit} characters")
         # Printed by `hotrestart ls`/`inspect` on an admin's terminal: no control characters.
-        if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in value):
+        if _CONTROL.search(value):
             raise ManifestError(f"{where} holds control characters")
         if pattern is not None and not pattern.fullmatch(value):
             raise ManifestError(f"{where} is not of the expected form")
@@ -315,10 +316,14 @@ def _file_entry(where: str, value: Any) -> FileEntry:
 
 def _files(where: str, value: Any) -> list[FileEntry]:
     files: list[FileEntry] = _list_of(_file_entry, MAX_FILES)(where, value)
-    # A restore writes each file to its path less ".zst": two entries must not meet there.
-    targets = [f.path.removesuffix(".zst") for f in files]
-    if len(set(targets)) != len(targets):
-        raise ManifestError("manifest lists a file twice")
+    # A restore writes each file to its path less ".zst": two entries must not meet there,
+    # and no file may stand where another's folder is (in the store or in the work folder).
+    for names in ([f.path for f in files], [f.path.removesuffix(".zst") for f in files]):
+        if len(set(names)) != len(names):
+            raise ManifestError("manifest lists a file twice")
+        folders = {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 1)}
+        if folders.intersection(names):
+            raise ManifestError("manifest names a file where another's folder is")
     return files
 
 

@@ -358,6 +358,8 @@ class Store:
             fd = self.open_member(entry, rel)
         except UnsafeEntryError as exc:
             raise archive.IntegrityError(f"{rel}: {exc.why}") from None
+        except OSError as exc:  # missing, or a folder on the way is not one
+            raise archive.IntegrityError(f"{rel}: cannot be opened: {exc.strerror or exc}") from None
         try:
             archive.decompress_file(fd, dst, file, cap=cap)
         finally:
