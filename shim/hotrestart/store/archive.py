@@ -67,7 +67,8 @@ class _Output:
     """
 
     def __init__(self, path: str, *, direct: bool = True) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        # O_NOFOLLOW: a link planted in a staging folder of a shared store is not written through.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         self._buffer: mmap.mmap | None = None
         if direct:
             buffer = mmap.mmap(-1, _STAGE)  # first: a failure here must not leave a descriptor open
