@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import any_pb2, empty_pb2
+from google.protobuf.message import DecodeError
 
 from hotrestart import __version__
 from hotrestart.api.containerd.runc.v1 import oci_pb2
@@ -280,7 +281,10 @@ def _checkpoint_config(path: str, options: any_pb2.Any) -> CheckpointConfig:
     name = options.type_url.rsplit("/", 1)[-1]
     if name != CHECKPOINT_OPTIONS:
         raise InvalidArgumentError(f"unsupported checkpoint options type {name}")
-    o = oci_pb2.CheckpointOptions.FromString(options.value)
+    try:
+        o = oci_pb2.CheckpointOptions.FromString(options.value)
+    except DecodeError as exc:
+        raise InvalidArgumentError(f"malformed checkpoint options: {exc}") from exc
     kwargs: dict[str, Any] = dict(
         path=path,
         exit=o.exit,

@@ -2,8 +2,26 @@
 
 containerd multiplexes every Task call over one connection and keeps a `Wait` pending while
 it sends others, so each request runs as its own task and replies go out as they finish.
-A frame that cannot be parsed at all closes that connection only; the shim and its other
-connections carry on.
+
+The socket is containerd's alone (0600, same user), but the shim is root on every node, so
+no peer can stall the event loop or grow memory without bound. The caps live in `limits`:
+
+- A frame over `MAX_PAYLOAD` is read past and answered ResourceExhausted. A frame that
+  cannot be parsed at all (torn, or not completed within `FRAME_TIMEOUT` of its first byte)
+  closes that connection only; the shim and its other connections carry on.
+- A request that does not decode, or whose metadata is over `MAX_METADATA_ENTRIES` or
+  `MAX_METADATA_BYTES`, is InvalidArgument; so is any protobuf decode error from a handler.
+- At `MAX_INFLIGHT` requests or `MAX_INFLIGHT_BYTES` unanswered on a connection, the server
+  stops reading it. Replies wait for the peer to read (drain above `WRITE_HIGH_WATER`), so a
+  peer that never reads stalls its own connection and holds bounded memory.
+- Connections over `MAX_CONNECTIONS` are closed at once, with a (rate-limited) log line.
+
+There is deliberately no idle timeout between frames. containerd reads the loss of its
+connection as the shim dying: it logs "shim disconnected", runs the shim's `delete` (which
+kills the container) and forgets the task. Its connection is legitimately quiet for hours,
+with a `Wait` pending or with nothing in flight (an exited container the kubelet keeps for
+its logs), so no inactivity rule can tell it from an idle hostile peer. An idle connection
+costs one descriptor and a few KiB, and `MAX_CONNECTIONS` bounds how many there are.
 """
 
 from __future__ import annotations
@@ -11,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -23,10 +42,18 @@ from google.protobuf.message import DecodeError, Message
 from hotrestart.api.ttrpc import request_pb2
 from hotrestart.errors import Code, InvalidArgumentError, status_for
 from hotrestart.ttrpc import framing
+from hotrestart.ttrpc.limits import Limits
 
 log = logging.getLogger(__name__)
 
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
+
+# How often a connection stalled at its in-flight cap looks for its peer having gone.
+_EOF_POLL = 1.0
+# Seconds between two log lines about refused connections.
+_REFUSAL_LOG_INTERVAL = 10.0
+# Peer-chosen names are cut to this length in replies and logs.
+_NAME_ECHO = 256
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,10 +89,13 @@ def unary(request_type: type[Req], fn: Callable[[Req, CallContext], Awaitable[Me
 
 
 class Server:
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self._limits = limits or Limits()
         self._services: dict[str, dict[str, Handler]] = {}
-        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._connections: dict[asyncio.Task[None], _Connection] = {}
         self._server: asyncio.base_events.Server | None = None
+        self._refused = 0
+        self._refusal_logged_at: float | None = None
 
     def register(self, service: str, methods: Mapping[str, Handler]) -> None:
         self._services.setdefault(service, {}).update(methods)
@@ -77,38 +107,63 @@ class Server:
         if self._server is not None:
             self._server.close()
         # Closing the transports ends each connection's read loop; cancelling the handler
-        # tasks instead would make asyncio log every one of them as an error.
-        for writer in list(self._connections.values()):
-            writer.close()
-        if self._connections:
-            await asyncio.wait(list(self._connections), timeout=2.0)
+        # tasks instead would make asyncio log every one of them as an error. A peer that
+        # does not read keeps a transport with unsent replies open, so those are cut.
+        connections = dict(self._connections)
+        for conn in connections.values():
+            conn.writer.close()
+        if not connections:
+            return
+        linger = self._limits.close_linger
+        _done, pending = await asyncio.wait(list(connections), timeout=linger)
+        for task in pending:
+            connections[task].writer.transport.abort()
+        if pending:
+            await asyncio.wait(pending, timeout=linger)
 
     @property
     def connection_count(self) -> int:
         return len(self._connections)
 
+    @property
+    def requests_in_flight(self) -> int:
+        return sum(conn.in_flight for conn in self._connections.values())
+
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections[task] = writer
         try:
+            if len(self._connections) >= self._limits.max_connections:
+                self._log_refusal()
+                return
             if not _peer_is_same_user(writer):
                 log.warning("refusing ttrpc connection from another user")
                 return
-            await _Connection(self, reader, writer).run()
+            conn = _Connection(self, reader, writer)
+            self._connections[task] = conn
+            await conn.run()
         finally:
             self._connections.pop(task, None)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            await _close(writer, self._limits.close_linger)
+
+    def _log_refusal(self) -> None:
+        self._refused += 1
+        now = asyncio.get_running_loop().time()
+        if self._refusal_logged_at is None or now - self._refusal_logged_at >= _REFUSAL_LOG_INTERVAL:
+            log.warning(
+                "closing new ttrpc connection: %d already open (the limit); %d refused so far",
+                len(self._connections),
+                self._refused,
+            )
+            self._refusal_logged_at = now
 
     def _lookup(self, service: str, method: str) -> Handler:
         methods = self._services.get(service)
         if methods is None:
-            raise _Status(Code.UNIMPLEMENTED, f"service {service}")
+            raise _Status(Code.UNIMPLEMENTED, f"service {service[:_NAME_ECHO]}")
         handler = methods.get(method)
         if handler is None:
-            raise _Status(Code.UNIMPLEMENTED, f"method {method}")
+            raise _Status(Code.UNIMPLEMENTED, f"method {method[:_NAME_ECHO]}")
         return handler
 
 
@@ -122,17 +177,28 @@ class _Status(Exception):
 class _Connection:
     def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._server = server
+        self._limits = server._limits
         self._reader = reader
-        self._writer = writer
+        self.writer = writer
         self._write_lock = asyncio.Lock()
         self._last_stream = 0
         self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight_bytes = 0
+        self._room = asyncio.Event()
+        # drain() then waits whenever this much is queued for a peer that is slow to read.
+        writer.transport.set_write_buffer_limits(high=self._limits.write_high_water)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
 
     async def run(self) -> None:
         try:
             while True:
+                if not await self._wait_for_room():
+                    return
                 try:
-                    frame = await framing.read_frame(self._reader)
+                    frame = await framing.read_frame(self._reader, self._limits.frame_timeout)
                 except framing.FrameError as exc:
                     log.warning("closing ttrpc connection: %s", exc)
                     return
@@ -145,68 +211,84 @@ class _Connection:
             for task in list(self._inflight):
                 task.cancel()
 
+    def _full(self) -> bool:
+        return len(self._inflight) >= self._limits.max_inflight or (
+            self._inflight_bytes >= self._limits.max_inflight_bytes
+        )
+
+    async def _wait_for_room(self) -> bool:
+        """Back-pressure: read nothing more until a request finishes. False if the peer left."""
+        while self._full():
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_EOF_POLL):
+                    await self._room.wait()
+            # Not reading means not seeing the peer hang up; a pending Wait could otherwise
+            # hold this connection long after it is gone.
+            if self._reader.at_eof():
+                return False
+        return True
+
     def _accept(self, frame: framing.Frame) -> None:
         if frame.type != framing.MessageType.REQUEST:
             # Streaming data frames (ttrpc 1.2) have no use in the Task API; ignore them
             # as ttrpc does for types it does not handle.
             return
         if frame.oversize:
-            self._spawn(
-                self._reply_status(
-                    frame.stream_id,
-                    Code.RESOURCE_EXHAUSTED,
-                    f"message length {frame.oversize} exceeds maximum message size of {framing.MAX_PAYLOAD}",
-                )
-            )
+            message = f"message length {frame.oversize} exceeds maximum message size of {framing.MAX_PAYLOAD}"
+            self._spawn(self._reply_status(frame.stream_id, Code.RESOURCE_EXHAUSTED, message), 0)
             return
         if frame.stream_id % 2 == 0 or frame.stream_id <= self._last_stream:
-            self._spawn(
-                self._reply_status(frame.stream_id, Code.INVALID_ARGUMENT, f"invalid stream id {frame.stream_id}")
-            )
+            message = f"invalid stream id {frame.stream_id}"
+            self._spawn(self._reply_status(frame.stream_id, Code.INVALID_ARGUMENT, message), 0)
             return
         self._last_stream = frame.stream_id
-        self._spawn(self._handle(frame))
+        self._spawn(self._handle(frame.stream_id, frame.payload), len(frame.payload))
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[None], size: int) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        self._inflight_bytes += size
+        task.add_done_callback(functools.partial(self._finished, size))
 
-    async def _handle(self, frame: framing.Frame) -> None:
-        request = request_pb2.Request()
-        try:
-            request.ParseFromString(frame.payload)
-        except DecodeError as exc:
-            await self._reply_status(frame.stream_id, Code.INVALID_ARGUMENT, f"malformed ttrpc request: {exc}")
-            return
-        metadata: dict[str, tuple[str, ...]] = {}
-        for kv in request.metadata:
-            metadata[kv.key.lower()] = (*metadata.get(kv.key.lower(), ()), kv.value)
-        ctx = CallContext(request.service, request.method, metadata)
+    def _finished(self, size: int, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._inflight_bytes -= size
+        self._room.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("ttrpc request task failed", exc_info=exc)
+
+    async def _handle(self, stream_id: int, payload: bytes) -> None:
         response = request_pb2.Response()
+        service = method = ""
         try:
+            request = _parse_request(payload)
+            del payload  # the request holds what is still needed
+            service, method = request.service[:_NAME_ECHO], request.method[:_NAME_ECHO]
+            ctx = CallContext(request.service, request.method, _metadata(request, self._limits))
             handler = self._server._lookup(request.service, request.method)
-            if request.timeout_nano > 0:
-                async with asyncio.timeout(request.timeout_nano / 1e9):
-                    payload = await handler(request.payload, ctx)
-            else:
-                payload = await handler(request.payload, ctx)
+            deadline = request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
+            async with asyncio.timeout(deadline):
+                reply = await handler(request.payload, ctx)
             response.status.code = Code.OK
-            response.payload = payload
+            response.payload = reply
         except _Status as exc:
             response.status.code = exc.code
             response.status.message = exc.message
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every failure becomes a status, never a dead shim
+            if isinstance(exc, DecodeError):
+                # A handler decoding a nested message (an Any's value) met the peer's garbage.
+                exc = InvalidArgumentError(f"{method}: malformed message: {exc}")
             code, message = status_for(exc)
             if code == Code.UNKNOWN:
-                log.exception("%s/%s failed", request.service, request.method)
+                log.exception("%s/%s failed", service, method)
             else:
-                log.info("%s/%s: %s", request.service, request.method, message)
+                log.info("%s/%s: %s", service, method, message)
             response.status.code = code
             response.status.message = message
-        await self._send(frame.stream_id, response.SerializeToString())
+        await self._send(stream_id, response.SerializeToString())
 
     async def _reply_status(self, stream_id: int, code: Code, message: str) -> None:
         response = request_pb2.Response()
@@ -224,10 +306,46 @@ class _Connection:
             data = framing.encode(stream_id, framing.MessageType.RESPONSE, response.SerializeToString())
         async with self._write_lock:
             try:
-                self._writer.write(data)
-                await self._writer.drain()
+                self.writer.write(data)
+                await self.writer.drain()
             except (ConnectionError, OSError):
                 pass
+
+
+def _parse_request(payload: bytes) -> request_pb2.Request:
+    request = request_pb2.Request()
+    try:
+        request.ParseFromString(payload)
+    except DecodeError as exc:
+        raise InvalidArgumentError(f"malformed ttrpc request: {exc}") from exc
+    return request
+
+
+def _metadata(request: request_pb2.Request, limits: Limits) -> dict[str, tuple[str, ...]]:
+    """Group metadata by lower-cased key, in one pass and within the caps."""
+    count = len(request.metadata)
+    if count > limits.max_metadata_entries:
+        raise InvalidArgumentError(f"ttrpc metadata has {count} entries, more than {limits.max_metadata_entries}")
+    grouped: dict[str, list[str]] = {}
+    size = 0
+    for kv in request.metadata:
+        size += kv.ByteSize()
+        if size > limits.max_metadata_bytes:
+            raise InvalidArgumentError(f"ttrpc metadata is over {limits.max_metadata_bytes} bytes")
+        grouped.setdefault(kv.key.lower(), []).append(kv.value)
+    return {key: tuple(values) for key, values in grouped.items()}
+
+
+async def _close(writer: asyncio.StreamWriter, linger: float) -> None:
+    """Close, letting queued replies out; a peer that does not read them is cut off."""
+    writer.close()
+    try:
+        async with asyncio.timeout(linger):
+            await writer.wait_closed()
+    except TimeoutError:
+        writer.transport.abort()
+    except Exception:  # the peer reset it; nothing left to do
+        return
 
 
 def _peer_is_same_user(writer: asyncio.StreamWriter) -> bool:
