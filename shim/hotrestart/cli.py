@@ -13,6 +13,8 @@ import sys
 import time
 
 from hotrestart import __version__
+from hotrestart.store.config import KEY_ENV
+from hotrestart.store.seal import KeyRing, SealError
 from hotrestart.store.store import DEFAULT_ROOT as DEFAULT_STORE
 from hotrestart.store.store import Entry, Store
 
@@ -217,7 +219,12 @@ def _age(seconds: float) -> str:
 
 
 def _store(args: argparse.Namespace) -> Store:
-    return Store(args.store)
+    try:
+        key_file = getattr(args, "store_key", "")
+        keys = KeyRing.load(key_file) if key_file else None
+    except SealError as exc:
+        raise SystemExit(f"hotrestart: {exc}") from None
+    return Store(args.store, keys=keys)
 
 
 def _state(e: Entry) -> str:
@@ -375,6 +382,11 @@ def main(argv: list[str] | None = None) -> None:
         "--store",
         default=os.environ.get("HOTRESTART_STORE", DEFAULT_STORE),
         help="checkpoint store root (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--store-key",
+        default=os.environ.get(KEY_ENV, ""),
+        help="the store key file, to authenticate and open sealed checkpoints (default: $HOTRESTART_STORE_KEY)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("version", help="print the version").set_defaults(fn=cmd_version)

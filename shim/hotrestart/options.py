@@ -37,6 +37,10 @@ class RuntimeOptions:
     criu_path: str = ""
     # Hot restart: where checkpoints live (node-local by default, or a shared mount).
     checkpoint_store: str = ""
+    # The store key (see SECURITY.md): authenticates and encrypts checkpoints. A store that is
+    # not node-local is refused without one unless unauthenticated checkpoints are allowed.
+    store_key_file: str = ""
+    allow_unauthenticated_checkpoints: bool = False
 
 
 _TOML_KEYS = {
@@ -47,6 +51,8 @@ _TOML_KEYS = {
     "NoNewKeyring": "no_new_keyring",
     "CriuPath": "criu_path",
     "CheckpointStore": "checkpoint_store",
+    "StoreKeyFile": "store_key_file",
+    "AllowUnauthenticatedCheckpoints": "allow_unauthenticated_checkpoints",
 }
 
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +42,12 @@ def test_defaults_and_annotations() -> None:
             }
         )
     )
-    assert (p.timeout, p.tcp, p.carry_volumes, p.identity.canonical()) == (120, "keep", ("data", "cache"), "ns//db-primary")
+    assert (p.timeout, p.tcp, p.carry_volumes, p.identity.canonical()) == (
+        120,
+        "keep",
+        ("data", "cache"),
+        "ns//db-primary",
+    )
     assert p.interval == 600 and policy_for(spec()).interval == 0
     assert p.gpu_lock_timeout == 120 and policy_for(spec()).gpu_lock_timeout == 10
 
@@ -131,13 +133,13 @@ def test_rootfs_diff_replays_files_deletions_and_opaque_dirs(tmp_path: Path) -> 
     (target / "var").unlink()
     (target / "var").symlink_to("/etc")
     tar = tmp_path / "diff.tar"
-    changes = rootfs.capture(str(upper), str(tar), overlay=True)
-    assert changes == {"whiteouts": ["etc/gone"], "opaque": ["cache"]}
-    (tmp_path / "changes.json").write_text(json.dumps(changes))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    subprocess.run(rootfs.apply_argv(str(target), str(tar), str(tmp_path / "changes.json")), check=True, env=env)
+    with open(tar, "wb") as f:
+        changes = rootfs.capture(str(upper), f, overlay=True)
+    assert (changes.whiteouts, changes.opaque) == (["etc/gone"], ["cache"])
+    rootfs.apply(str(target), str(tar), rootfs.Changes.from_json(changes.to_json()))
     assert (target / "etc" / "new.conf").read_text() == "v2\n"
     assert not (target / "etc" / "gone").exists()
     assert sorted(os.listdir(target / "cache")) == ["fresh"]
     assert os.readlink(target / "link") == "/etc/new.conf"
     assert not Path("/etc/file").exists(), "extraction followed a symlink out of the root"
+    assert (target / "var" / "file").read_text() == "inside"

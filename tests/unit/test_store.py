@@ -546,8 +546,8 @@ def test_newer_schemas_and_fields_are_unsupported_not_corrupt() -> None:
     with pytest.raises(UnsupportedManifestError):
         Manifest.from_json(base_manifest().replace(SCHEMA, "hotrestart.io/checkpoint/v2"))
     data = json.loads(base_manifest())
-    data["seal"] = {"alg": "x"}
-    with pytest.raises(UnsupportedManifestError, match="seal"):
+    data["parent"] = {"id": "x"}
+    with pytest.raises(UnsupportedManifestError, match="parent"):
         Manifest.from_json(json.dumps(data))
     assert Manifest.from_json(base_manifest()).files[0].chunks[0].raw == 6000
 

@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import platform
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -41,6 +43,7 @@ from hotrestart.runtime.command import CommandRunner
 from hotrestart.runtime.runc import CheckpointOpts, Runc
 from hotrestart.store import archive
 from hotrestart.store.manifest import FileEntry, Identity, Manifest
+from hotrestart.store.seal import Sealer
 from hotrestart.store.store import Entry, Store
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,30 @@ class Dumped:
     started: float
     images: str  # the raw CRIU images, until published
     early: archive.Follower | None = None  # compressing the page images since the dump began
+    seals: _Seals | None = None  # with a store key
+
+
+class _Seals:
+    """Seals the chunks of one checkpoint being written. A file's position in the manifest
+    is part of each of its chunks' nonces, so positions are handed out as files are first
+    seen (the page images while CRIU still writes them) and the manifest lists files in
+    that order."""
+
+    def __init__(self, sealer: Sealer) -> None:
+        self.sealer = sealer
+        self._index: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def file(self, rel: str) -> archive.ChunkSeal:
+        with self._lock:
+            index = self._index.setdefault(rel, len(self._index))
+        return functools.partial(self.sealer.seal_chunk, index)
+
+    def ordered(self, entries: list[FileEntry]) -> list[FileEntry]:
+        ordered = sorted(entries, key=lambda e: self._index.get(e.path, -1))
+        if [self._index.get(e.path) for e in ordered] != list(range(len(ordered))):
+            raise CheckpointError("sealed files do not match the checkpoint's file list")
+        return ordered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +278,8 @@ class Engine:
         if not runtime.get("criu"):
             raise CheckpointError("no CRIU on this node")
         cid, staging = self.store.new_staging()
+        sealer = self.store.sealer(cid)
+        seals = _Seals(sealer) if sealer is not None else None
         self.store.mark_pending(policy.identity, cid)
         work, tmpfs = self._work_dir(cid, _memory_usage(subject.pid), prefault=req.leave_running)
         net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(subject.spec)))
@@ -263,7 +292,9 @@ class Engine:
                 # CRIU still writes it; a dump that leaves it running keeps every core for
                 # CRIU instead, to keep the freeze short.
                 os.makedirs(os.path.join(staging, "images"), mode=0o700, exist_ok=True)
-                early = archive.Follower(images, os.path.join(staging, "images"), "images/")
+                early = archive.Follower(
+                    images, os.path.join(staging, "images"), "images/", seal_for=seals.file if seals else None
+                )
                 early.start()
             opts = CheckpointOpts(
                 image_path=images,
@@ -332,7 +363,7 @@ class Engine:
             tcp=policy.tcp,
             gpu=gpu or {},
         )
-        return Dumped(cid, staging, work, tmpfs, files, manifest, t0, os.path.join(work, "images"), early)
+        return Dumped(cid, staging, work, tmpfs, files, manifest, t0, os.path.join(work, "images"), early, seals)
 
     def discard(self, dumped: Dumped) -> None:
         if dumped.early is not None:
@@ -407,7 +438,8 @@ class Engine:
                     return
                 with telemetry.span("hotrestart.checkpoint.publish", checkpoint=dumped.id):
                     manifest.timings["durable"] = time.monotonic() - dumped.started
-                    published = await asyncio.to_thread(self.store.publish, dumped.staging, manifest)
+                    sealer = dumped.seals.sealer if dumped.seals is not None else None
+                    published = await asyncio.to_thread(self.store.publish, dumped.staging, manifest, sealer)
             if published is None:
                 log.info("checkpoint %s of %s is older than the published one; dropped", dumped.id, identity)
                 return
@@ -435,12 +467,16 @@ class Engine:
             os.makedirs(os.path.join(dumped.staging, sub), mode=0o700, exist_ok=True)
             os.chmod(os.path.join(dumped.staging, sub), 0o700)
         done = dumped.early.finish() if dumped.early is not None else {}
+        seals = dumped.seals
         entries = [
-            done.get(src) or archive.compress_file(src, os.path.join(dumped.staging, rel), rel)
+            done.get(src)
+            or archive.compress_file(
+                src, os.path.join(dumped.staging, rel), rel, seal=seals.file(rel) if seals is not None else None
+            )
             for src, rel in dumped.files
         ]
         shutil.rmtree(os.path.join(dumped.staging, RAW), ignore_errors=True)
-        return entries
+        return seals.ordered(entries) if seals is not None else entries
 
     # -- create / start -------------------------------------------------------------------------
 
@@ -538,7 +574,9 @@ class Engine:
         for entry in claimed.manifest.files:
             dst = os.path.join(work, entry.path.removesuffix(".zst"))
             os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
-            archive.decompress_file(os.path.join(claimed.path, entry.path), dst, entry)
+            # Never more than the work area holds: a checkpoint's sizes are its writer's word.
+            st = os.statvfs(work)
+            self.store.restore_file(claimed, entry.path, dst, cap=st.f_bavail * st.f_frsize)
 
     async def _apply_files(self, subject: Subject, policy: Policy, manifest: Manifest, work: str) -> None:
         names = {f.path for f in manifest.files}

@@ -37,8 +37,9 @@ from hotrestart.runtime import mounts
 from hotrestart.runtime.command import CommandRunner
 from hotrestart.runtime.runc import Runc
 from hotrestart.runtime.stats import metrics_v1
+from hotrestart.store.config import open_store
+from hotrestart.store.seal import SealError
 from hotrestart.store.store import DEFAULT_ROOT as DEFAULT_STORE
-from hotrestart.store.store import Store
 from hotrestart.ttrpc.server import CallContext, Handler, unary
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,18 @@ class TaskService:
             "Shutdown": unary(task.ShutdownRequest, self.Shutdown),
         }
 
-    def _engine(self, opts: RuntimeOptions) -> Engine:
+    def _engine(self, opts: RuntimeOptions) -> Engine | None:
+        """The hot-restart engine of the configured store; None (hot restart off: pods start
+        cold and stops deliver their signal) when the store cannot be used safely."""
         root = opts.checkpoint_store or os.environ.get(STORE_ENV) or DEFAULT_STORE
         engine = self._engines.get(root)
         if engine is None:
-            engine = self._engines[root] = Engine(self._runner, Store(root), gpu=self._gpu_state(opts))
+            try:
+                store = open_store(root, opts.store_key_file, opts.allow_unauthenticated_checkpoints)
+            except (SealError, OSError) as exc:
+                log.error("hot restart is off for store %s: %s", root, exc)
+                return None
+            engine = self._engines[root] = Engine(self._runner, store, gpu=self._gpu_state(opts))
         return engine
 
     def _gpu_state(self, opts: RuntimeOptions) -> GpuState:

@@ -22,10 +22,12 @@ import os
 import stat
 import threading
 from collections import deque
+from collections.abc import Callable
 
 import zstandard
 
 from hotrestart.store.manifest import MAX_CHUNK_RAW, MAX_CHUNK_STORED, Chunk, FileEntry, chunk_root
+from hotrestart.store.seal import SealError
 
 # Small enough that glibc reuses the frame buffers instead of mapping fresh memory for
 # each (its mmap threshold tops out at 32 MiB), large enough for zstd's window.
@@ -46,13 +48,22 @@ def _workers() -> int:
 _local = threading.local()
 
 
-def _compress(source: mmap.mmap, start: int, length: int, level: int) -> tuple[bytes, str]:
+# With a store key, each compressed frame is sealed (seal.py) before it is stored and
+# hashed: (chunk index, frame) -> stored bytes, and back on restore.
+ChunkSeal = Callable[[int, bytes], bytes]
+
+
+def _compress(
+    source: mmap.mmap, start: int, length: int, level: int, seal: ChunkSeal | None = None, index: int = 0
+) -> tuple[bytes, str]:
     cctx = getattr(_local, "cctx", None)
     if cctx is None or getattr(_local, "level", None) != level:
         cctx = _local.cctx = zstandard.ZstdCompressor(level=level)
         _local.level = level
     with memoryview(source) as whole, whole[start : start + length] as data:
         frame = cctx.compress(data)
+    if seal is not None:
+        frame = seal(index, frame)
     return frame, hashlib.sha256(frame).hexdigest()
 
 
@@ -132,8 +143,11 @@ def _write_all(fd: int, view: memoryview) -> None:
 class _Stored:
     """One file being compressed: its raw source, its stored output and the chunks so far."""
 
-    def __init__(self, src: str, dst: str, rel: str, *, chunk: int, level: int, direct: bool) -> None:
+    def __init__(
+        self, src: str, dst: str, rel: str, *, chunk: int, level: int, direct: bool, seal: ChunkSeal | None = None
+    ) -> None:
         self.rel = rel
+        self.seal = seal
         self.chunk = chunk
         self.level = level
         self.offset = 0  # raw bytes compressed so far; always a whole number of chunks until the end
@@ -159,7 +173,7 @@ class _Stored:
             spans = [(at - base, min(self.chunk, end - at)) for at in range(base, end, self.chunk)]
             if pool is None:
                 for start, length in spans:
-                    self._append(length, _compress(source, start, length, self.level))
+                    self._append(length, _compress(source, start, length, self.level, self.seal, len(self.chunks)))
             else:
                 self._in_parallel(pool, source, spans)
         finally:
@@ -169,9 +183,11 @@ class _Stored:
     def _in_parallel(self, pool: concurrent.futures.Executor, source: mmap.mmap, spans: list[tuple[int, int]]) -> None:
         window = 2 * _workers()  # bounds the frames held in memory
         pending: deque[tuple[int, concurrent.futures.Future[tuple[bytes, str]]]] = deque()
+        first = len(self.chunks)  # every earlier chunk is appended before this call
         try:
-            for start, length in spans:
-                pending.append((length, pool.submit(_compress, source, start, length, self.level)))
+            for i, (start, length) in enumerate(spans):
+                work = pool.submit(_compress, source, start, length, self.level, self.seal, first + i)
+                pending.append((length, work))
                 if len(pending) > window:
                     length, future = pending.popleft()
                     self._append(length, future.result())
@@ -203,10 +219,17 @@ class _Stored:
 
 
 def compress_file(
-    src: str, dst: str, rel: str, *, level: int = LEVEL, chunk: int = CHUNK, direct: bool = True
+    src: str,
+    dst: str,
+    rel: str,
+    *,
+    level: int = LEVEL,
+    chunk: int = CHUNK,
+    direct: bool = True,
+    seal: ChunkSeal | None = None,
 ) -> FileEntry:
     """Compress `src` into `dst` (durable on return); `rel` is the entry's path in the manifest."""
-    stored = _Stored(src, dst, rel, chunk=chunk, level=level, direct=direct)
+    stored = _Stored(src, dst, rel, chunk=chunk, level=level, direct=direct, seal=seal)
     try:
         with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
             stored.advance(pool, final=True)
@@ -239,12 +262,14 @@ class Follower:
         chunk: int = CHUNK,
         level: int = LEVEL,
         direct: bool = True,
+        seal_for: Callable[[str], ChunkSeal] | None = None,
     ) -> None:
         self._dir = directory
         self._dest = dest
         self._rel_prefix = rel_prefix
         self._match = (prefix, suffix)
         self._chunk, self._level, self._direct = chunk, level, direct
+        self._seal_for = seal_for  # a file's chunk sealer, asked for when the file is first seen
         self._files: dict[str, _Stored] = {}
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -283,6 +308,7 @@ class Follower:
                     chunk=self._chunk,
                     level=self._level,
                     direct=self._direct,
+                    seal=self._seal_for(self._rel_prefix + name + ".zst") if self._seal_for else None,
                 )
             stored.advance(pool, final=final)
 
@@ -344,9 +370,27 @@ def _decompress_into(frame: bytes, out: memoryview, rel: str) -> None:
         raise IntegrityError(f"{rel}: a chunk decompressed to {done} bytes, not {len(out)}")
 
 
-def _restore_chunk(src_fd: int, target: mmap.mmap, c: Chunk, stored_at: int, raw_at: int, rel: str) -> None:
+def _opened(frame: bytes, unseal: ChunkSeal | None, index: int, rel: str) -> bytes:
+    if unseal is None:
+        return frame
+    try:
+        return unseal(index, frame)
+    except SealError as exc:
+        raise IntegrityError(f"{rel}: {exc}") from None
+
+
+def _restore_chunk(
+    src_fd: int,
+    target: mmap.mmap,
+    c: Chunk,
+    stored_at: int,
+    raw_at: int,
+    rel: str,
+    unseal: ChunkSeal | None = None,
+    index: int = 0,
+) -> None:
     """Verify one frame and decompress it straight into its place in the mapped output."""
-    frame = _stored_bytes(src_fd, c, stored_at, rel)
+    frame = _opened(_stored_bytes(src_fd, c, stored_at, rel), unseal, index, rel)
     with memoryview(target) as whole, whole[raw_at : raw_at + c.raw] as out:
         _decompress_into(frame, out, rel)
 
@@ -387,7 +431,9 @@ def open_stored(src: str | int) -> int:
     return fd
 
 
-def decompress_file(src: str | int, dst: str, entry: FileEntry, *, cap: int | None = None) -> None:
+def decompress_file(
+    src: str | int, dst: str, entry: FileEntry, *, cap: int | None = None, unseal: ChunkSeal | None = None
+) -> None:
     """Decompress `src` into `dst`, verifying `entry`'s hashes and sizes; removes `dst` on failure.
 
     `src` is a path or a descriptor opened by the caller (`Store.open_member`); `cap` is the
@@ -405,13 +451,15 @@ def decompress_file(src: str | int, dst: str, entry: FileEntry, *, cap: int | No
                 os.close(fd)
             try:
                 if len(entry.chunks) == 1:  # most of CRIU's images: no pool to start and stop
-                    _restore_chunk(src_fd, target, entry.chunks[0], 0, 0, entry.path)
+                    _restore_chunk(src_fd, target, entry.chunks[0], 0, 0, entry.path, unseal, 0)
                     return
                 with concurrent.futures.ThreadPoolExecutor(min(_workers(), len(entry.chunks))) as pool:
                     futures = []
                     stored_at = raw_at = 0
-                    for c in entry.chunks:
-                        futures.append(pool.submit(_restore_chunk, src_fd, target, c, stored_at, raw_at, entry.path))
+                    for i, c in enumerate(entry.chunks):
+                        futures.append(
+                            pool.submit(_restore_chunk, src_fd, target, c, stored_at, raw_at, entry.path, unseal, i)
+                        )
                         stored_at += c.stored
                         raw_at += c.raw
                     for future in futures:
@@ -425,7 +473,7 @@ def decompress_file(src: str | int, dst: str, entry: FileEntry, *, cap: int | No
         raise
 
 
-def verify_file(src: str | int, entry: FileEntry, *, cap: int | None = None) -> None:
+def verify_file(src: str | int, entry: FileEntry, *, cap: int | None = None, unseal: ChunkSeal | None = None) -> None:
     """Check a stored file as a restore would (the same checks, every chunk's sha256, every
     frame decompressed to its declared size) without writing it anywhere."""
     src_fd = open_stored(src)
@@ -434,8 +482,8 @@ def verify_file(src: str | int, entry: FileEntry, *, cap: int | None = None) -> 
         scratch = bytearray(max(c.raw for c in entry.chunks))
         stored_at = 0
         with memoryview(scratch) as whole:
-            for c in entry.chunks:
-                frame = _stored_bytes(src_fd, c, stored_at, entry.path)
+            for i, c in enumerate(entry.chunks):
+                frame = _opened(_stored_bytes(src_fd, c, stored_at, entry.path), unseal, i, entry.path)
                 with whole[: c.raw] as out:
                     _decompress_into(frame, out, entry.path)
                 stored_at += c.stored

@@ -128,6 +128,8 @@ class Manifest:
     tcp: str = "close"
     gpu: dict[str, Any] = dataclasses.field(default_factory=dict)  # devices and processes; see gpu/plan.py
     schema: str = SCHEMA
+    # With a store key: key name, salt, algorithm and the MAC over the rest (see seal.py).
+    seal: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def stored_bytes(self) -> int:
@@ -395,4 +397,5 @@ _FIELDS: dict[str, tuple[bool, Check]] = {
     "restore_attempts": (False, _int(0, 1 << 20)),
     "tcp": (False, _choice("close", "keep")),
     "gpu": (False, _gpu),
+    "seal": (False, _dict_of(_text(256), key_limit=16, entries=8)),
 }

@@ -436,6 +436,11 @@ class Opener:
                 f"checkpoint {self._keys.checkpoint_id}: the manifest does not authenticate with key {self.key_name!r}"
             )
 
+    def sign(self, manifest_body: bytes) -> str:
+        """A new MAC under this checkpoint's key, for a manifest rewritten after it was
+        authenticated (a restore attempt counted); `manifest_body` from `canonical`."""
+        return self._keys.mac(manifest_body).hex()
+
     def open_chunk(self, file_index: int, chunk_index: int, ciphertext: Readable) -> bytes:
         """The chunk's plaintext; raises if it was altered, truncated or moved."""
         try:

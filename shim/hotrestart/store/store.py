@@ -27,7 +27,9 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import functools
 import hashlib
+import json
 import math
 import os
 import secrets
@@ -35,7 +37,7 @@ import socket
 import time
 from collections.abc import Iterator
 
-from hotrestart.store import safefs
+from hotrestart.store import archive, safefs, seal
 from hotrestart.store.manifest import (
     MAX_MANIFEST,
     Identity,
@@ -44,6 +46,7 @@ from hotrestart.store.manifest import (
     UnsupportedManifestError,
 )
 from hotrestart.store.safefs import UnsafeEntryError
+from hotrestart.store.seal import KeyRing, Opener, Sealer, SealError
 
 DEFAULT_ROOT = "/var/lib/hotrestart"
 MANIFEST = "manifest.json"
@@ -123,9 +126,60 @@ def _parts(entry: Entry) -> list[str]:
 
 
 class Store:
-    def __init__(self, root: str = DEFAULT_ROOT) -> None:
+    def __init__(self, root: str = DEFAULT_ROOT, *, keys: KeyRing | None = None) -> None:
         self.root = root
         self.base = os.path.join(root, "v1")
+        # With a store key, only checkpoints whose manifest authenticates are usable, and
+        # every chunk is sealed (seal.py); without one, sealed checkpoints cannot be read.
+        self.keys = keys
+
+    def sealer(self, cid: str) -> Sealer | None:
+        """What seals checkpoint `cid` being written, when the store has a key."""
+        return self.keys.sealer(cid) if self.keys is not None else None
+
+    def _opener(self, entry: Entry) -> Opener | None:
+        if entry.manifest is None or not entry.manifest.seal:
+            return None
+        if self.keys is None:
+            raise SealError(f"checkpoint {entry.id} is sealed and this node has no store key")
+        return self.keys.opener(entry.manifest.seal, entry.id)
+
+    def _unseal(self, entry: Entry, rel: str) -> archive.ChunkSeal | None:
+        opener = self._opener(entry)
+        if opener is None:
+            return None
+        assert entry.manifest is not None
+        index = next(i for i, f in enumerate(entry.manifest.files) if f.path == rel)
+        return functools.partial(opener.open_chunk, index)
+
+    def _authenticate(self, manifest: Manifest, text: bytes, cid: str) -> None:
+        """Raise unless the manifest is usable here: sealed and authentic with a key, or
+        unsealed without one. A key this node lacks is not proof of corruption."""
+        if self.keys is None:
+            if manifest.seal:
+                raise UnsupportedManifestError("sealed with a store key this node does not have")
+            return
+        if not manifest.seal:
+            raise ManifestError("not sealed with the store key; never restored")
+        try:
+            opener = self.keys.opener(manifest.seal, cid)
+        except SealError as exc:
+            raise UnsupportedManifestError(str(exc)) from None
+        try:
+            opener.verify(seal.canonical(json.loads(text)), manifest.seal.get("mac", ""))
+        except SealError as exc:
+            raise ManifestError(str(exc)) from None
+
+    def _sign(self, manifest: Manifest, signer: Sealer | Opener | None) -> bytes:
+        """The manifest's bytes, with its MAC when there is a key."""
+        if signer is None:
+            manifest.seal = {}
+            return manifest.to_json().encode()
+        if isinstance(signer, Sealer):
+            manifest.seal = signer.seal_info()
+        manifest.seal["mac"] = ""
+        manifest.seal["mac"] = signer.sign(seal.canonical(json.loads(manifest.to_json())))
+        return manifest.to_json().encode()
 
     def _dir(self, state: str) -> str:
         return os.path.join(self.base, state)
@@ -156,7 +210,7 @@ class Store:
                 safefs.write_file(fd, OWNER, _owner_line().encode())
         return cid, os.path.join(self._dir("staging"), cid)
 
-    def publish(self, staging: str, manifest: Manifest) -> Entry | None:
+    def publish(self, staging: str, manifest: Manifest, sealer: Sealer | None = None) -> Entry | None:
         """Write the manifest and move the staging folder into place in one rename.
 
         A checkpoint older than one already published for the identity is discarded (None):
@@ -168,7 +222,7 @@ class Store:
         key = identity_key(manifest.identity)
         with self._at("staging") as sfd:
             with safefs.opened_dir(sfd, cid) as fd:
-                safefs.write_file(fd, MANIFEST, manifest.to_json().encode(), durable=True)
+                safefs.write_file(fd, MANIFEST, self._sign(manifest, sealer), durable=True)
                 safefs.unlink(fd, OWNER)
                 safefs.make_private(fd)
                 safefs.fsync(fd)
@@ -286,10 +340,11 @@ class Store:
     def release(self, entry: Entry, manifest: Manifest) -> Entry:
         """Give a claimed checkpoint back (with its attempt count updated)."""
         key = identity_key(manifest.identity)
+        body = self._sign(manifest, self._opener(dataclasses.replace(entry, manifest=manifest)))
         with self._parent(entry) as pfd:
             with safefs.opened_dir(pfd, entry.id) as fd:
                 safefs.unlink(fd, OWNER)
-                safefs.write_file(fd, MANIFEST, manifest.to_json().encode(), durable=True)
+                safefs.write_file(fd, MANIFEST, body, durable=True)
             with self._at("checkpoints", key, create=True) as kfd:
                 os.rename(entry.id, entry.id, src_dir_fd=pfd, dst_dir_fd=kfd)
         target = os.path.join(self._dir("checkpoints"), key, entry.id)
@@ -348,7 +403,6 @@ class Store:
 
     def restore_file(self, entry: Entry, rel: str, dst: str, *, cap: int | None = None) -> None:
         """Decompress one file of `entry` into `dst` as a restore does (see archive)."""
-        from hotrestart.store import archive
 
         files = [f for f in (entry.manifest.files if entry.manifest else []) if f.path == rel]
         if not files:
@@ -361,27 +415,31 @@ class Store:
         except OSError as exc:  # missing, or a folder on the way is not one
             raise archive.IntegrityError(f"{rel}: cannot be opened: {exc.strerror or exc}") from None
         try:
-            archive.decompress_file(fd, dst, file, cap=cap)
+            try:
+                unseal = self._unseal(entry, rel)
+            except SealError as exc:
+                raise archive.IntegrityError(str(exc)) from None
+            archive.decompress_file(fd, dst, file, cap=cap, unseal=unseal)
         finally:
             os.close(fd)
 
     def verify(self, entry: Entry) -> list[str]:
         """`hotrestart verify`: the restore's checks on every file; the problems found."""
-        from hotrestart.store import archive
 
         if entry.manifest is None:
             return [entry.problem or "manifest missing or unreadable"]
         problems = []
         for fe in entry.manifest.files:
             try:
+                unseal = self._unseal(entry, fe.path)
                 fd = self.open_member(entry, fe.path)
                 try:
-                    archive.verify_file(fd, fe)
+                    archive.verify_file(fd, fe, unseal=unseal)
                 finally:
                     os.close(fd)
             except UnsafeEntryError as exc:
                 problems.append(f"{fe.path}: {exc.why}")
-            except (archive.IntegrityError, OSError) as exc:
+            except (archive.IntegrityError, SealError, OSError) as exc:
                 problems.append(str(exc))
         return problems
 
@@ -413,6 +471,7 @@ class Store:
                 manifest = Manifest.from_json(text)
                 if manifest.id != name:
                     raise ManifestError(f"the manifest is of checkpoint {manifest.id!r}, not {name!r}")
+                self._authenticate(manifest, text, name)
                 if key and identity_key(manifest.identity) != key:
                     raise ManifestError("the manifest's identity does not belong in this folder")
         except UnsupportedManifestError as exc:

@@ -1,0 +1,30 @@
+"""Opening the store as configured: its root, its key, and whether it may go without one.
+
+The shim (runtime options, containerd's environment) and the `hotrestart` command (flags,
+the same environment) open the store the same way, so both refuse the same stores.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hotrestart.store import seal
+from hotrestart.store.store import Store
+
+KEY_ENV = "HOTRESTART_STORE_KEY"
+ALLOW_UNAUTHENTICATED_ENV = "HOTRESTART_ALLOW_UNAUTHENTICATED"
+
+
+def _truthy(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes")
+
+
+def open_store(root: str, key_file: str = "", allow_unauthenticated: bool = False) -> Store:
+    """The store at `root`, with its key ring when a key file is given (or named by
+    HOTRESTART_STORE_KEY). Raises SealError for a key that cannot be loaded, and for a store
+    that is not node-local with no key, unless unauthenticated checkpoints are allowed."""
+    key_file = key_file or os.environ.get(KEY_ENV, "")
+    allow = allow_unauthenticated or _truthy(os.environ.get(ALLOW_UNAUTHENTICATED_ENV, ""))
+    ring = seal.KeyRing.load(key_file) if key_file else None
+    seal.require_key(root, ring, allow)
+    return Store(root, keys=ring)
