@@ -23,6 +23,7 @@ Absolute times on shared machines are noisy; the ratios are the result.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
@@ -433,13 +434,64 @@ def bench_start_and_memory(inst: ContainerdInstance, cri, runs: int, pods_n: int
         print(f"{h} start times (ms): " + " ".join(f"{t * 1000:.0f}" for t in times[h]))
 
 
+def hot_cycle(inst: ContainerdInstance, cri, memhog: Path, mib: int, name: str) -> tuple[float, float]:
+    """One stop (to a durable checkpoint) and restore through the shim: (durable, restore) in s."""
+    pod, cid = memhog_pod(cri, inst, "hotrestart", name, memhog, [str(mib)])
+    cri.start_container(cid)
+    wait_for_line(cri, cid, lambda x: x.startswith("ready"))
+    before = wait_for_line(cri, cid, lambda x: x.split()[0] == "3")
+    store = inst.store / "v1" / "checkpoints"
+    t0 = time.monotonic()
+    cri.stop_container(cid, timeout=60)
+    while not (store.exists() and any(store.rglob("manifest.json"))):
+        time.sleep(0.01)
+    durable = time.monotonic() - t0
+    remove_pod(cri, pod)
+    pod, cid = memhog_pod(cri, inst, "hotrestart", name, memhog, [str(mib)])
+    t0 = time.monotonic()
+    cri.start_container(cid)
+    restore = time.monotonic() - t0
+    resumed = wait_for_line(cri, cid, lambda x: x[:1].isdigit())
+    if resumed.split()[1] != before.split()[1]:
+        raise SystemExit(f"restore lost the memory: {before} then {resumed}")
+    remove_pod(cri, pod)  # a stopped restored container consumes its checkpoint
+    while any(store.rglob("manifest.json")):
+        time.sleep(0.05)
+    return durable, restore
+
+
+def bench_store_key(inst: ContainerdInstance, cri, mib: int, rounds: int) -> None:
+    """Durable and restore times with a store key (sealed checkpoints) against without, in
+    alternating rounds on two containerds of the same build."""
+    key = inst.dir / "store-key"
+    key.write_text(f"bench:{base64.b64encode(os.urandom(32)).decode()}\n")
+    key.chmod(0o600)
+    memhog = build_memhog(inst.dir)
+    plain: list[tuple[float, float]] = []
+    sealed: list[tuple[float, float]] = []
+    with ContainerdInstance(shim_bin_dir=Path(sys.executable).parent, env={"HOTRESTART_STORE_KEY": str(key)}) as keyed:
+        kcri = keyed.cri()
+        for i in range(rounds):
+            progress(f"store key: round {i + 1} of {rounds}")
+            plain.append(hot_cycle(inst, cri, memhog, mib, f"plain-{i}"))
+            sealed.append(hot_cycle(keyed, kcri, memhog, mib, f"sealed-{i}"))
+        kcri.close()
+    print(f"\n### Store key ({mib} MiB, median of {rounds} alternating rounds)\n")
+    print("| | without a key | with a key | ratio |\n|---|---|---|---|")
+    for label, at in (("checkpoint durable after the stop (s)", 0), ("StartContainer to running again (s)", 1)):
+        a = statistics.median(r[at] for r in plain)
+        b = statistics.median(r[at] for r in sealed)
+        print(f"| {label} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10, help="timed pod starts per handler")
     parser.add_argument("--pods", type=int, default=10, help="idle pods per handler for the memory figure")
     parser.add_argument("--mib", type=int, default=1024, help="memory of the hot-restart workload")
     parser.add_argument("--warmup", type=float, default=10.0, help="warm-up of the cold-start comparison (s)")
-    parser.add_argument("--only", choices=("start", "checkpoint"), help="run one part only")
+    parser.add_argument("--only", choices=("start", "checkpoint", "key"), help="run one part only")
+    parser.add_argument("--key-rounds", type=int, default=3, help="rounds of the store key comparison")
     args = parser.parse_args()
     with ContainerdInstance(shim_bin_dir=Path(sys.executable).parent) as inst:
         cri = inst.cri()
@@ -450,6 +502,8 @@ def main() -> int:
             bench_running(inst, cri, args.mib, r)
             print_hot_restart(r, args.mib, args.warmup)
             print_running(r, args.mib)
+        if args.only in (None, "key"):
+            bench_store_key(inst, cri, args.mib, args.key_rounds)
         cri.close()
     return 0
 
