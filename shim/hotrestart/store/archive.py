@@ -338,11 +338,14 @@ class Follower:
                 stored.close()
 
 
-def _stored_bytes(src_fd: int, c: Chunk, stored_at: int, rel: str) -> bytes:
+def _stored_bytes(src_fd: int, c: Chunk, stored_at: int, rel: str, *, hashed: bool = True) -> bytes:
     """One frame, read (not mapped: on a shared store another node could truncate the file,
-    and a mapping would turn that into SIGBUS) and checked against its sha256."""
+    and a mapping would turn that into SIGBUS) and checked against its sha256.
+
+    A sealed frame skips the hash (`hashed` false): its AEAD tag, bound to the checkpoint's
+    key and the chunk's position, is checked instead and proves more."""
     frame = os.pread(src_fd, c.stored, stored_at)
-    if len(frame) != c.stored or hashlib.sha256(frame).hexdigest() != c.sha256:
+    if len(frame) != c.stored or (hashed and hashlib.sha256(frame).hexdigest() != c.sha256):
         raise IntegrityError(f"{rel}: stored bytes do not match the manifest (sha256 of a chunk)")
     return frame
 
@@ -390,7 +393,7 @@ def _restore_chunk(
     index: int = 0,
 ) -> None:
     """Verify one frame and decompress it straight into its place in the mapped output."""
-    frame = _opened(_stored_bytes(src_fd, c, stored_at, rel), unseal, index, rel)
+    frame = _opened(_stored_bytes(src_fd, c, stored_at, rel, hashed=unseal is None), unseal, index, rel)
     with memoryview(target) as whole, whole[raw_at : raw_at + c.raw] as out:
         _decompress_into(frame, out, rel)
 
