@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 import uuid
@@ -222,3 +223,57 @@ def test_a_work_area_left_by_a_killed_shim_is_swept(
     other.create()
     assert host.wait_until(lambda: str(folder) not in host.mounts_under(work) and not folder.exists(), 10)
     other.remove()
+
+
+def test_links_fifos_and_malformed_entries_in_the_store_are_refused(
+    client: CRIClient, inst: ContainerdInstance, tmp_path: Path
+) -> None:
+    """Another writer of the store plants links, FIFOs and malformed manifests where a pod's
+    checkpoints live: that pod starts cold without blocking, nothing outside the store is
+    touched, the CLI still lists the store, and another pod still restores."""
+    from hotrestart.store.manifest import Identity
+    from hotrestart.store.store import identity_key
+
+    counter, _ = run_and_stop_plain(client, inst, tmp_path, "good-0")
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o755)
+    (outside / "keep").write_text("host")
+    folder = inst.store / "v1" / "checkpoints" / identity_key(Identity("hot", "bad-0", "app"))
+    folder.mkdir(parents=True, mode=0o700)
+    os.mkfifo(folder / "20261130T000000Z-aaaaaaaaaaaa")
+    (folder / "20261130T000000Z-bbbbbbbbbbbb").symlink_to(outside)
+    fifo_manifest = folder / "20261130T000000Z-cccccccccccc"
+    fifo_manifest.mkdir(mode=0o700)
+    os.mkfifo(fifo_manifest / "manifest.json")
+    bad = folder / "20261130T000000Z-dddddddddddd"
+    bad.mkdir(mode=0o700)
+    (bad / "manifest.json").write_text(json.dumps({"schema": "hotrestart.io/checkpoint/v1", "files": [1]}))
+    pod = Incarnation(client, inst, tmp_path, "bad-0")
+    t0 = time.monotonic()
+    pod.create()
+    assert time.monotonic() - t0 < 10, "Start blocked on the store"
+    assert pod.first()[0] == 1, pod.lines()
+    pod.remove()
+    assert (outside / "keep").read_text() == "host" and oct(outside.stat().st_mode & 0o777) == "0o755"
+    ls = subprocess.run(
+        [sys.executable, "-m", "hotrestart.cli", "--store", str(inst.store), "ls", "-a"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert ls.returncode == 0, ls.stderr
+    again = Incarnation(client, inst, tmp_path, "good-0")
+    again.create()
+    assert again.first()[0] == counter + 1, again.lines()
+    again.remove()
+
+
+def run_and_stop_plain(client: CRIClient, inst: ContainerdInstance, tmp: Path, name: str) -> tuple[int, int]:
+    pod = Incarnation(client, inst, tmp, name)
+    pod.create()
+    pod.state()
+    assert pod.stop().exit_code == 143
+    counter, checksum, _ = pod.state()
+    pod.remove()
+    wait_published(inst)
+    return counter, checksum
