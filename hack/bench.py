@@ -162,29 +162,8 @@ def bench_hot_restart(inst: ContainerdInstance, cri, mib: int, warmup: float) ->
 
     # Hot restart through the shim.
     progress("hot restart: run, stop, create again")
-    pod, cid = memhog_pod(cri, inst, "hotrestart", "svc-0", memhog, [str(mib)])
-    cri.start_container(cid)
-    wait_for_line(cri, cid, lambda x: x.startswith("ready"))
-    before = wait_for_line(cri, cid, lambda x: x.split()[0] == "3")
-    store = inst.store / "v1" / "checkpoints"
-    t0 = time.monotonic()
-    cri.stop_container(cid, timeout=60)
-    r["hot_stop"] = time.monotonic() - t0
-    while not (store.exists() and any(store.rglob("manifest.json"))):
-        time.sleep(0.01)
-    r["hot_durable"] = time.monotonic() - t0
-    manifest = json.loads(next(store.rglob("manifest.json")).read_text())
-    r["hot_size"] = sum(f["stored_bytes"] for f in manifest["files"])
-    r["hot_raw"] = sum(f["raw_bytes"] for f in manifest["files"])
-    remove_pod(cri, pod)
-    pod, cid = memhog_pod(cri, inst, "hotrestart", "svc-0", memhog, [str(mib)])
-    t0 = time.monotonic()
-    cri.start_container(cid)
-    r["hot_restore"] = time.monotonic() - t0
-    resumed = wait_for_line(cri, cid, lambda x: x[:1].isdigit())
-    if resumed.split()[1] != before.split()[1]:
-        raise SystemExit(f"restore lost the memory: {before} then {resumed}")
-    remove_pod(cri, pod)
+    cycle = hot_cycle(inst, cri, memhog, mib, "svc-0")
+    r.update({f"hot_{k}": v for k, v in cycle.items()})
 
     # The same service started cold, with a slow start.
     progress("cold start with a slow start")
@@ -434,30 +413,35 @@ def bench_start_and_memory(inst: ContainerdInstance, cri, runs: int, pods_n: int
         print(f"{h} start times (ms): " + " ".join(f"{t * 1000:.0f}" for t in times[h]))
 
 
-def hot_cycle(inst: ContainerdInstance, cri, memhog: Path, mib: int, name: str) -> tuple[float, float]:
-    """One stop (to a durable checkpoint) and restore through the shim: (durable, restore) in s."""
+def hot_cycle(inst: ContainerdInstance, cri, memhog: Path, mib: int, name: str) -> dict[str, float]:
+    """One stop (to a durable checkpoint) and restore through the shim: times in s, sizes in bytes."""
     pod, cid = memhog_pod(cri, inst, "hotrestart", name, memhog, [str(mib)])
     cri.start_container(cid)
     wait_for_line(cri, cid, lambda x: x.startswith("ready"))
     before = wait_for_line(cri, cid, lambda x: x.split()[0] == "3")
     store = inst.store / "v1" / "checkpoints"
+    r: dict[str, float] = {}
     t0 = time.monotonic()
     cri.stop_container(cid, timeout=60)
+    r["stop"] = time.monotonic() - t0
     while not (store.exists() and any(store.rglob("manifest.json"))):
         time.sleep(0.01)
-    durable = time.monotonic() - t0
+    r["durable"] = time.monotonic() - t0
+    manifest = json.loads(next(store.rglob("manifest.json")).read_text())
+    r["size"] = sum(f["stored_bytes"] for f in manifest["files"])
+    r["raw"] = sum(f["raw_bytes"] for f in manifest["files"])
     remove_pod(cri, pod)
     pod, cid = memhog_pod(cri, inst, "hotrestart", name, memhog, [str(mib)])
     t0 = time.monotonic()
     cri.start_container(cid)
-    restore = time.monotonic() - t0
+    r["restore"] = time.monotonic() - t0
     resumed = wait_for_line(cri, cid, lambda x: x[:1].isdigit())
     if resumed.split()[1] != before.split()[1]:
         raise SystemExit(f"restore lost the memory: {before} then {resumed}")
     remove_pod(cri, pod)  # a stopped restored container consumes its checkpoint
     while any(store.rglob("manifest.json")):
         time.sleep(0.05)
-    return durable, restore
+    return r
 
 
 def bench_store_key(inst: ContainerdInstance, cri, mib: int, rounds: int) -> None:
@@ -467,8 +451,8 @@ def bench_store_key(inst: ContainerdInstance, cri, mib: int, rounds: int) -> Non
     key.write_text(f"bench:{base64.b64encode(os.urandom(32)).decode()}\n")
     key.chmod(0o600)
     memhog = build_memhog(inst.dir)
-    plain: list[tuple[float, float]] = []
-    sealed: list[tuple[float, float]] = []
+    plain: list[dict[str, float]] = []
+    sealed: list[dict[str, float]] = []
     with ContainerdInstance(shim_bin_dir=Path(sys.executable).parent, env={"HOTRESTART_STORE_KEY": str(key)}) as keyed:
         kcri = keyed.cri()
         for i in range(rounds):
@@ -478,7 +462,10 @@ def bench_store_key(inst: ContainerdInstance, cri, mib: int, rounds: int) -> Non
         kcri.close()
     print(f"\n### Store key ({mib} MiB, median of {rounds} alternating rounds)\n")
     print("| | without a key | with a key | ratio |\n|---|---|---|---|")
-    for label, at in (("checkpoint durable after the stop (s)", 0), ("StartContainer to running again (s)", 1)):
+    for label, at in (
+        ("checkpoint durable after the stop (s)", "durable"),
+        ("StartContainer to running again (s)", "restore"),
+    ):
         a = statistics.median(r[at] for r in plain)
         b = statistics.median(r[at] for r in sealed)
         print(f"| {label} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")

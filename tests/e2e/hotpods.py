@@ -120,3 +120,16 @@ def stored(inst: ContainerdInstance, state: str = "checkpoints") -> list[Path]:
 def wait_published(inst: ContainerdInstance, count: int = 1, timeout: float = 30) -> list[Path]:
     assert host.wait_until(lambda: len(stored(inst)) >= count, timeout), "checkpoint never published"
     return stored(inst)
+
+
+def run_and_stop(client: CRIClient, inst: ContainerdInstance, tmp: Path, name: str, **kwargs: Any) -> tuple[int, int]:
+    """First incarnation: run the workload a moment, stop it like a kubelet, remove the pod."""
+    pod = Incarnation(client, inst, tmp, name, annotations=kwargs.pop("annotations", None))
+    pod.create(**kwargs)
+    time.sleep(1.0)
+    st = pod.stop()
+    assert st.exit_code == 143, (st.exit_code, st.reason)  # reported as SIGTERM would have
+    counter, checksum, now = pod.state()
+    assert checksum == now and counter >= 3
+    pod.remove()
+    return counter, checksum

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from cri import CRIClient
-from hotpods import Incarnation, stored, wait_published
+from hotpods import Incarnation, run_and_stop, stored, wait_published
 from testbed import ContainerdInstance, host
 
 from hotrestart.store import archive
@@ -234,7 +234,8 @@ def test_links_fifos_and_malformed_entries_in_the_store_are_refused(
     from hotrestart.store.manifest import Identity
     from hotrestart.store.store import identity_key
 
-    counter, _ = run_and_stop_plain(client, inst, tmp_path, "good-0")
+    counter, _ = run_and_stop(client, inst, tmp_path, "good-0")
+    wait_published(inst)
     outside = tmp_path / "outside"
     outside.mkdir(mode=0o755)
     (outside / "keep").write_text("host")
@@ -266,14 +267,3 @@ def test_links_fifos_and_malformed_entries_in_the_store_are_refused(
     again.create()
     assert again.first()[0] == counter + 1, again.lines()
     again.remove()
-
-
-def run_and_stop_plain(client: CRIClient, inst: ContainerdInstance, tmp: Path, name: str) -> tuple[int, int]:
-    pod = Incarnation(client, inst, tmp, name)
-    pod.create()
-    pod.state()
-    assert pod.stop().exit_code == 143
-    counter, checksum, _ = pod.state()
-    pod.remove()
-    wait_published(inst)
-    return counter, checksum

@@ -14,27 +14,13 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cri import CRIClient
-from hotpods import Incarnation, stored, wait_published
+from hotpods import Incarnation, run_and_stop, stored, wait_published
 from testbed import ContainerdInstance, host
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("empty_store")]
-
-
-def run_and_stop(client: CRIClient, inst: ContainerdInstance, tmp: Path, name: str, **kwargs: Any) -> tuple[int, int]:
-    """First incarnation: run the workload a moment, stop it like a kubelet, remove the pod."""
-    pod = Incarnation(client, inst, tmp, name, annotations=kwargs.pop("annotations", None))
-    pod.create(**kwargs)
-    time.sleep(1.0)
-    st = pod.stop()
-    assert st.exit_code == 143, (st.exit_code, st.reason)  # reported as SIGTERM would have
-    counter, checksum, now = pod.state()
-    assert checksum == now and counter >= 3
-    pod.remove()
-    return counter, checksum
 
 
 def test_stop_and_create_again_continues(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:

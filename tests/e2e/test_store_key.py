@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hotpods import Incarnation, stored
+from hotpods import Incarnation, run_and_stop, stored
 from testbed import ContainerdInstance, host
 
 pytestmark = [pytest.mark.e2e]
@@ -42,13 +42,7 @@ def nodes(
 
 
 def _stop_and_publish(inst: ContainerdInstance, tmp: Path, name: str) -> tuple[int, int, Path]:
-    client = inst.cri()
-    pod = Incarnation(client, inst, tmp, name)
-    pod.create()
-    pod.state()
-    assert pod.stop().exit_code == 143
-    counter, checksum, _ = pod.state()
-    pod.remove()
+    counter, checksum = run_and_stop(inst.cri(), inst, tmp, name)
     return counter, checksum, _published(inst, name)
 
 

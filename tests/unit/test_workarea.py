@@ -6,17 +6,15 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_store import IDENT, make_checkpoint
 
 from hotrestart.checkpoint import workarea
 from hotrestart.checkpoint.engine import Engine, Subject
 from hotrestart.checkpoint.policy import Policy
-from hotrestart.store import archive
-from hotrestart.store.manifest import Identity, Manifest
 from hotrestart.store.store import Store
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
@@ -54,33 +52,11 @@ def test_sweep_unmounts_and_removes_only_the_dead_shims_folders(tmp_path: Path) 
     assert str(dead) not in Path("/proc/self/mounts").read_text()
 
 
-def _checkpoint(store: Store, tmp: Path, ident: Identity) -> None:
-    cid, staging = store.new_staging()
-    src = tmp / "pages.img"
-    src.write_bytes(b"memory" * 1000)
-    os.makedirs(os.path.join(staging, "images"))
-    entry = archive.compress_file(str(src), os.path.join(staging, "images", "pages.img.zst"), "images/pages.img.zst")
-    manifest = Manifest(
-        id=cid,
-        identity=ident,
-        created_at=time.time(),
-        node="n1",
-        reason="stop",
-        image="img",
-        spec_digest="d",
-        runtime={"criu": "4.2"},
-        network={},
-        files=[entry],
-        timings={},
-    )
-    store.publish(staging, manifest)
-
-
 @pytest.mark.parametrize("fails", [False, True])
 async def test_a_cancelled_restore_releases_its_claim(tmp_path: Path, fails: bool) -> None:
-    ident = Identity("ns", "web-0", "app")
+    ident = IDENT
     store = Store(str(tmp_path / "store"))
-    _checkpoint(store, tmp_path, ident)
+    make_checkpoint(store, tmp_path)
     engine = Engine(None, store, work_root=str(tmp_path / "work"))  # type: ignore[arg-type]
     entry = store.latest(ident)
     assert entry is not None

@@ -394,18 +394,14 @@ def _apply(target: str, tar_path: str, changes: Changes | None) -> None:
     tree = _Tree(root)
     dirs: list[tuple[list[str], tarfile.TarInfo]] = []
     try:
-        for rel in changes.whiteouts if changes else []:
-            parts = _components(rel)
-            parent = tree.parent(parts, create=False)
-            if parent is not None:
-                tree.forget(parts)
-                _remove_at(parent, parts[-1])
-        for rel in changes.opaque if changes else []:
-            parts = _components(rel)
-            parent = tree.parent(parts, create=False)
-            if parent is not None:
-                tree.forget(parts)
-                _clear_dir(parent, parts[-1])
+        deletions = [(changes.whiteouts, _remove_at), (changes.opaque, _clear_dir)] if changes else []
+        for paths, delete in deletions:
+            for rel in paths:
+                parts = _components(rel)
+                parent = tree.parent(parts, create=False)
+                if parent is not None:
+                    tree.forget(parts)
+                    delete(parent, parts[-1])
         try:
             tar = tarfile.open(tar_path, mode="r:")
         except (tarfile.TarError, OSError) as exc:
