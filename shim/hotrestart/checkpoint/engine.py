@@ -166,6 +166,16 @@ def _volume_sources(spec: Mapping[str, Any], names: tuple[str, ...]) -> dict[str
     return found
 
 
+def _room_for(staging: str, memory: int) -> None:
+    """Refuse a dump the store cannot keep: once CRIU has dumped a stopping container its
+    processes are gone, and a publish that then fails would lose them unsignalled. Memory
+    is the images' size before compression, so this errs on the safe side."""
+    st = os.statvfs(staging)
+    free = st.f_bavail * st.f_frsize
+    if free < memory:
+        raise CheckpointError(f"the store has {free >> 20} MiB free and the checkpoint may need {memory >> 20} MiB")
+
+
 def _replay(replays: list[tuple[str, str, str]]) -> None:
     for target, tar, changes in replays:
         rootfs.apply(target, tar, rootfs.load_changes(changes) if changes else None)
@@ -281,7 +291,8 @@ class Engine:
         sealer = self.store.sealer(cid)
         seals = _Seals(sealer) if sealer is not None else None
         self.store.mark_pending(policy.identity, cid)
-        work, tmpfs = self._work_dir(cid, _memory_usage(subject.pid), prefault=req.leave_running)
+        usage = _memory_usage(subject.pid)
+        work, tmpfs = self._work_dir(cid, usage, prefault=req.leave_running)
         net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(subject.spec)))
         timings: dict[str, float] = {}
         early: archive.Follower | None = None
@@ -320,6 +331,7 @@ class Engine:
                             captured = await asyncio.to_thread(self._capture_files, subject, policy, staging)
                             fsp.set("files", len(captured))
                         timings["rootfs_diff"] = time.monotonic() - t1
+                        _room_for(staging, usage)
                         left = None if budget is None else max(t0 + budget - time.monotonic(), 0.1)
                         await subject.runc.checkpoint(subject.id, opts, timeout=left)
                     outcome = "ok"
