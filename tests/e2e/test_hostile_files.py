@@ -267,3 +267,42 @@ def test_links_fifos_and_malformed_entries_in_the_store_are_refused(
     again.create()
     assert again.first()[0] == counter + 1, again.lines()
     again.remove()
+
+
+@pytest.mark.parametrize("bomb", ["frame", "declared"])
+def test_a_decompression_bomb_is_refused_before_it_fills_anything(
+    client: CRIClient, inst: ContainerdInstance, tmp_path: Path, bomb: str
+) -> None:
+    """A stored page image rewritten by another writer of the store, with hashes that match:
+    a small frame that inflates to 256 MiB, or sizes claiming a TiB. Refused, quarantined
+    with the reason, and the pod starts cold."""
+    import hashlib
+
+    import zstandard
+
+    run_and_stop(client, inst, tmp_path, f"bomb-{bomb}")
+    [ckpt] = wait_published(inst)
+    data = json.loads((ckpt / "manifest.json").read_text())
+    entry = max((f for f in data["files"] if f["path"].startswith("images/pages-")), key=lambda f: f["raw_bytes"])
+    if bomb == "frame":
+        frame = zstandard.ZstdCompressor().compress(bytes(256 << 20))
+        chunks = [{"stored": len(frame), "raw": entry["chunks"][0]["raw"], "sha256": hashlib.sha256(frame).hexdigest()}]
+    else:
+        frame = zstandard.ZstdCompressor().compress(bytes(64 << 20))
+        digest = hashlib.sha256(frame).hexdigest()
+        chunks = [{"stored": len(frame), "raw": 64 << 20, "sha256": digest}] * (1 << 14)  # 1 TiB
+        frame = frame * (1 << 14)
+    (ckpt / entry["path"]).write_bytes(frame)
+    entry["chunks"] = chunks
+    entry["stored_bytes"] = sum(c["stored"] for c in chunks)
+    entry["raw_bytes"] = sum(c["raw"] for c in chunks)
+    entry["sha256"] = hashlib.sha256(b"".join(bytes.fromhex(c["sha256"]) for c in chunks)).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(data))
+    again = Incarnation(client, inst, tmp_path, f"bomb-{bomb}")
+    again.create()
+    assert again.first()[0] == 1, again.lines()
+    [quarantined] = stored(inst, "quarantine")
+    reason = (quarantined / "reason.txt").read_text()
+    assert ("more than" in reason) or ("allowed here" in reason), reason
+    assert not host.mounts_under("/run/hotrestart/work")
+    again.remove()
