@@ -457,8 +457,14 @@ def bench_store_key(inst: ContainerdInstance, cri, mib: int, rounds: int) -> Non
         kcri = keyed.cri()
         for i in range(rounds):
             progress(f"store key: round {i + 1} of {rounds}")
-            plain.append(hot_cycle(inst, cri, memhog, mib, f"plain-{i}"))
-            sealed.append(hot_cycle(keyed, kcri, memhog, mib, f"sealed-{i}"))
+            # Each side goes first in every other round: the second of a pair runs on a
+            # machine the first has just churned.
+            pair = [
+                (plain, lambda i=i: hot_cycle(inst, cri, memhog, mib, f"plain-{i}")),
+                (sealed, lambda i=i: hot_cycle(keyed, kcri, memhog, mib, f"sealed-{i}")),
+            ]
+            for results, run in pair if i % 2 == 0 else reversed(pair):
+                results.append(run())
         kcri.close()
     print(f"\n### Store key ({mib} MiB, median of {rounds} alternating rounds)\n")
     print("| | without a key | with a key | ratio |\n|---|---|---|---|")

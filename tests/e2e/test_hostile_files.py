@@ -8,6 +8,7 @@ outside the container's own tree.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,8 +16,10 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -306,3 +309,42 @@ def test_a_decompression_bomb_is_refused_before_it_fills_anything(
     assert ("more than" in reason) or ("allowed here" in reason), reason
     assert not host.mounts_under("/run/hotrestart/work")
     again.remove()
+
+
+def test_a_restore_cut_off_by_containerd_gives_its_checkpoint_back(
+    containerd_factory: Callable[..., ContainerdInstance], tmp_path: Path
+) -> None:
+    """containerd dies while StartContainer restores (a large root filesystem keeps the
+    restore busy for seconds): the cancelled restore releases its claim instead of leaving
+    the checkpoint claimed for retention to delete."""
+    node = containerd_factory("2", store=tmp_path / "store")
+    cri = node.cri()
+    script = "head -c 400000000 /dev/urandom > /big; " + COUNTING
+    try:
+        first = Incarnation(cri, node, tmp_path, "cut-0")
+        first.create(["sh", "-c", script])
+        assert host.wait_until(lambda: first.state()[0] >= 3, 60), first.lines()
+        assert first.stop().exit_code == 143
+        first.remove()
+        [ckpt] = wait_published(node, timeout=120)
+        again = Incarnation(cri, node, tmp_path, "cut-0")
+        again.create(["sh", "-c", script], start=False)
+
+        def start() -> None:
+            with contextlib.suppress(Exception):  # containerd dies under the call
+                cri.start_container(again.cid)
+
+        starting = threading.Thread(target=start)
+        starting.start()
+        assert host.wait_until(lambda: bool(stored(node, "claimed")), 30), "the restore never claimed"
+        node.kill_daemon()
+        assert host.wait_until(lambda: not stored(node, "claimed") and bool(stored(node)), 20), (
+            stored(node, "claimed"),
+            stored(node),
+        )
+        assert [c.name for c in stored(node)] == [ckpt.name]
+        starting.join(30)
+    finally:
+        cri.close()
+        problems = [p for p in node.stop() if not p.startswith("CRI teardown")]
+        assert not problems, problems

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from hotrestart.store.manifest import (
     chunk_root,
 )
 from hotrestart.store.safefs import UnsafeEntryError
+from hotrestart.store.seal import KeyRing
 from hotrestart.store.store import PENDING_TTL, Entry, Fault, Store, identity_key
 
 IDENT = Identity("ns", "web-0", "app")
@@ -684,3 +686,62 @@ def test_verify_refuses_a_file_with_no_chunks(tmp_path: Path) -> None:
     open(Path(entry.path) / "images" / "pages.img.zst", "w").close()
     entry = published_entry(store)
     assert store.verify(entry) == ["images/pages.img.zst: the manifest lists no chunks"]
+
+
+def _sealed_checkpoint(store: Store, tmp: Path, payload: bytes) -> str:
+    cid, staging = store.new_staging()
+    sealer = store.sealer(cid)
+    assert sealer is not None
+    src = tmp / f"pages-{cid}.img"
+    src.write_bytes(payload)
+    os.makedirs(os.path.join(staging, "images"))
+    seal = functools.partial(sealer.seal_chunk, 0)
+    entry = archive.compress_file(
+        str(src), os.path.join(staging, "images", "pages.img.zst"), "images/pages.img.zst", chunk=1 << 16, seal=seal
+    )
+    manifest = Manifest(
+        id=cid,
+        identity=IDENT,
+        created_at=time.time(),
+        node="n1",
+        reason="stop",
+        image="img",
+        spec_digest="d",
+        runtime={"criu": "4.2"},
+        network={},
+        files=[entry],
+        timings={},
+    )
+    store.publish(staging, manifest, sealer)
+    return cid
+
+
+def test_sealed_checkpoints_open_only_with_the_key_and_unaltered(tmp_path: Path) -> None:
+    ring = KeyRing([("k1", os.urandom(32))])
+    keyed = Store(str(tmp_path / "store"), keys=ring)
+    payload = os.urandom(200_000) + bytes(300_000)
+    _sealed_checkpoint(keyed, tmp_path, payload)
+    entry = keyed.latest(IDENT)
+    assert entry is not None and entry.manifest is not None and entry.manifest.seal["key"] == "k1"
+    keyed.restore_file(entry, "images/pages.img.zst", str(tmp_path / "out"))
+    assert (tmp_path / "out").read_bytes() == payload
+    assert keyed.verify(entry) == []
+    # Without the key: listed as unsupported, never restorable.
+    [seen] = [e for e in Store(str(tmp_path / "store")).entries() if e.state == "checkpoints"]
+    assert seen.manifest is None and seen.fault is not None and seen.fault.value == "unsupported"
+    # One flipped stored byte: the chunk does not authenticate.
+    stored = Path(entry.path) / "images" / "pages.img.zst"
+    data = bytearray(stored.read_bytes())
+    data[100] ^= 1
+    stored.write_bytes(bytes(data))
+    with pytest.raises(archive.IntegrityError, match="authenticate"):
+        keyed.restore_file(entry, "images/pages.img.zst", str(tmp_path / "out2"))
+    assert keyed.verify(entry)
+    # An unsealed checkpoint in a keyed store is never offered for a restore.
+    make_checkpoint(Store(str(tmp_path / "plain")), tmp_path)
+    assert Store(str(tmp_path / "plain"), keys=ring).latest(IDENT) is None
+    # An altered manifest fails its MAC.
+    manifest = Path(entry.path) / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"tcp": "close"', '"tcp": "keep"'))
+    [bad] = [e for e in keyed.entries() if e.state == "checkpoints"]
+    assert bad.manifest is None and "authenticate" in bad.problem

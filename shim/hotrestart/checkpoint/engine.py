@@ -166,6 +166,22 @@ def _volume_sources(spec: Mapping[str, Any], names: tuple[str, ...]) -> dict[str
     return found
 
 
+MEMORY_SLACK = 64 << 20  # CRIU's images carry some metadata beyond the pages themselves
+
+
+def _beyond_memory_limit(manifest: Manifest, spec: Mapping[str, Any]) -> str:
+    """Why a checkpoint's memory cannot fit the new container's limit ("" when it can): its
+    sizes are its writer's word, and nothing beyond the limit is ever decompressed."""
+    memory = ((spec.get("linux") or {}).get("resources") or {}).get("memory") or {}
+    limit = memory.get("limit") if isinstance(memory, Mapping) else None
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        return ""
+    images = sum(f.raw_bytes for f in manifest.files if f.path.startswith("images/"))
+    if images > limit + MEMORY_SLACK:
+        return f"its memory images ({images >> 20} MiB) exceed the container's memory limit ({limit >> 20} MiB)"
+    return ""
+
+
 def _room_for(staging: str, memory: int) -> None:
     """Refuse a dump the store cannot keep: once CRIU has dumped a stopping container its
     processes are gone, and a publish that then fails would lose them unsignalled. Memory
@@ -503,7 +519,9 @@ class Engine:
         entry = self.store.latest(policy.identity)
         if entry is None or entry.manifest is None:
             return None, "no checkpoint"
-        reason = incompatibility(entry.manifest, spec, await self.runtime_info(runc))
+        reason = incompatibility(entry.manifest, spec, await self.runtime_info(runc)) or _beyond_memory_limit(
+            entry.manifest, spec
+        )
         if not reason and entry.manifest.gpu.get("processes"):
             _, reason = await self._gpu_placement(entry.manifest)
         if reason:

@@ -144,13 +144,13 @@ class Store:
             raise SealError(f"checkpoint {entry.id} is sealed and this node has no store key")
         return self.keys.opener(entry.manifest.seal, entry.id)
 
-    def _unseal(self, entry: Entry, rel: str) -> archive.ChunkSeal | None:
+    def _unseal(self, entry: Entry, rel: str) -> archive.ChunkOpen | None:
         opener = self._opener(entry)
         if opener is None:
             return None
         assert entry.manifest is not None
         index = next(i for i, f in enumerate(entry.manifest.files) if f.path == rel)
-        return functools.partial(opener.open_chunk, index)
+        return functools.partial(opener.open_chunk_into, index)
 
     def _authenticate(self, manifest: Manifest, text: bytes, cid: str) -> None:
         """Raise unless the manifest is usable here: sealed and authentic with a key, or
