@@ -84,11 +84,6 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 ALG = "aes-256-gcm+hkdf-sha256"
 KEY_BYTES = 32
 SALT_BYTES = 16
@@ -302,7 +297,14 @@ def _load_dir(path: str, dir_fd: int, owner: int) -> list[tuple[str, bytes]]:
     return [(active, keys[active])] + [(n, k) for n, k in keys.items() if n != active]
 
 
+# `cryptography` (OpenSSL's bindings) is imported only where a key is used: every shim on
+# the node imports this module, and most nodes run without a key.
+
+
 def _derive(key: bytes, salt: bytes, info: bytes, checkpoint_id: str) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=salt, info=info + checkpoint_id.encode())
     return hkdf.derive(key)
 
@@ -315,6 +317,8 @@ class _Keys:
             raise SealError(f"checkpoint id {checkpoint_id!r} cannot be sealed")  # \0 ends it in the key info
         self.checkpoint_id = checkpoint_id
         self._aad = _AAD + checkpoint_id.encode() + b"\0"
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         # AESGCM copies its keyed context for each call, so the worker threads share one.
         self._aead = AESGCM(_derive(key, salt, _CHUNK_INFO, checkpoint_id))
         self._mac_key = _derive(key, salt, _MAC_INFO, checkpoint_id)
@@ -331,8 +335,13 @@ class _Keys:
         return self._aead.encrypt(nonce, data, aad)
 
     def decrypt(self, file_index: int, chunk_index: int, data: Readable) -> bytes:
+        from cryptography.exceptions import InvalidTag
+
         nonce, aad = self._position(file_index, chunk_index)
-        return self._aead.decrypt(nonce, data, aad)
+        try:
+            return self._aead.decrypt(nonce, data, aad)
+        except InvalidTag:
+            raise self.forged(file_index, chunk_index) from None
 
     def encrypt_into(self, file_index: int, chunk_index: int, data: Readable, out: Writable) -> int:
         nonce, aad = self._position(file_index, chunk_index)
@@ -343,14 +352,24 @@ class _Keys:
             return self._aead.encrypt_into(nonce, data, aad, target)
 
     def decrypt_into(self, file_index: int, chunk_index: int, data: Readable, out: Writable) -> int:
+        from cryptography.exceptions import InvalidTag
+
         nonce, aad = self._position(file_index, chunk_index)
         n = len(data) - TAG_BYTES
         if n < 0:
-            raise InvalidTag
+            raise self.forged(file_index, chunk_index)
         with memoryview(out) as whole, whole[:n] as target:
             if len(target) != n:
                 raise ValueError(f"output buffer holds {len(target)} bytes, the opened chunk {n}")
-            return self._aead.decrypt_into(nonce, data, aad, target)
+            try:
+                return self._aead.decrypt_into(nonce, data, aad, target)
+            except InvalidTag:
+                raise self.forged(file_index, chunk_index) from None
+
+    def forged(self, file_index: int, chunk_index: int) -> SealError:
+        return SealError(
+            f"checkpoint {self.checkpoint_id}: chunk {chunk_index} of file {file_index} does not authenticate"
+        )
 
     def mac(self, body: bytes) -> bytes:
         return hmac.digest(self._mac_key, body, "sha256")
@@ -443,24 +462,13 @@ class Opener:
 
     def open_chunk(self, file_index: int, chunk_index: int, ciphertext: Readable) -> bytes:
         """The chunk's plaintext; raises if it was altered, truncated or moved."""
-        try:
-            return self._keys.decrypt(file_index, chunk_index, ciphertext)
-        except InvalidTag:
-            raise self._failed(file_index, chunk_index) from None
+        return self._keys.decrypt(file_index, chunk_index, ciphertext)
 
     def open_chunk_into(self, file_index: int, chunk_index: int, ciphertext: Readable, out: Writable) -> int:
         """Like `open_chunk`, into the start of `out`; returns the length, len(ciphertext) - TAG_BYTES.
 
         When it raises, `out` may hold bytes that did not authenticate: never use them."""
-        try:
-            return self._keys.decrypt_into(file_index, chunk_index, ciphertext, out)
-        except InvalidTag:
-            raise self._failed(file_index, chunk_index) from None
-
-    def _failed(self, file_index: int, chunk_index: int) -> SealError:
-        return SealError(
-            f"checkpoint {self._keys.checkpoint_id}: chunk {chunk_index} of file {file_index} does not authenticate"
-        )
+        return self._keys.decrypt_into(file_index, chunk_index, ciphertext, out)
 
 
 def canonical(manifest: Mapping[str, Any]) -> bytes:
