@@ -413,6 +413,17 @@ def bench_start_and_memory(inst: ContainerdInstance, cri, runs: int, pods_n: int
         print(f"{h} start times (ms): " + " ".join(f"{t * 1000:.0f}" for t in times[h]))
 
 
+def checkpoint_of(store: Path, pod: str) -> Path | None:
+    """The published manifest of `pod` (a store holds other pods' checkpoints too)."""
+    for path in store.rglob("manifest.json") if store.exists() else ():
+        try:
+            if json.loads(path.read_text())["identity"]["pod"] == pod:
+                return path
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
 def hot_cycle(inst: ContainerdInstance, cri, memhog: Path, mib: int, name: str) -> dict[str, float]:
     """One stop (to a durable checkpoint) and restore through the shim: times in s, sizes in bytes."""
     pod, cid = memhog_pod(cri, inst, "hotrestart", name, memhog, [str(mib)])
@@ -424,10 +435,10 @@ def hot_cycle(inst: ContainerdInstance, cri, memhog: Path, mib: int, name: str) 
     t0 = time.monotonic()
     cri.stop_container(cid, timeout=60)
     r["stop"] = time.monotonic() - t0
-    while not (store.exists() and any(store.rglob("manifest.json"))):
+    while (found := checkpoint_of(store, name)) is None:
         time.sleep(0.01)
     r["durable"] = time.monotonic() - t0
-    manifest = json.loads(next(store.rglob("manifest.json")).read_text())
+    manifest = json.loads(found.read_text())
     r["size"] = sum(f["stored_bytes"] for f in manifest["files"])
     r["raw"] = sum(f["raw_bytes"] for f in manifest["files"])
     remove_pod(cri, pod)
@@ -439,7 +450,8 @@ def hot_cycle(inst: ContainerdInstance, cri, memhog: Path, mib: int, name: str) 
     if resumed.split()[1] != before.split()[1]:
         raise SystemExit(f"restore lost the memory: {before} then {resumed}")
     remove_pod(cri, pod)  # a stopped restored container consumes its checkpoint
-    while any(store.rglob("manifest.json")):
+    deadline = time.monotonic() + 60
+    while checkpoint_of(store, name) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     return r
 
