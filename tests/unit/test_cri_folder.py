@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hotrestart.container.container import _cri_container_dir
+from hotrestart.checkpoint.hot import cri_container_dir
 from hotrestart.runtime.mounts import Mount
 
 
@@ -18,6 +18,6 @@ def test_found_from_the_overlay_options(tmp_path: Path) -> None:
         "overlay",
         (f"workdir={snapshots}/9/work", f"upperdir={snapshots}/9/fs", f"lowerdir={snapshots}/2/fs:{snapshots}/1/fs"),
     )
-    assert _cri_container_dir((overlay,), "c1") == str(folder)
-    assert _cri_container_dir((overlay,), "other") == "", "not a CRI container: no folder"
-    assert _cri_container_dir((Mount("bind", "/srv/rootfs", ("rbind",)),), "c1") == ""
+    assert cri_container_dir((overlay,), "c1") == str(folder)
+    assert cri_container_dir((overlay,), "other") == "", "not a CRI container: no folder"
+    assert cri_container_dir((Mount("bind", "/srv/rootfs", ("rbind",)),), "c1") == ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from hotrestart.checkpoint.engine import MEMORY_SLACK, _beyond_memory_limit
+from hotrestart.checkpoint.restore import MEMORY_SLACK, beyond_memory_limit
 from hotrestart.store.manifest import FileEntry, Identity, Manifest
 
 
@@ -33,9 +33,9 @@ def _spec(limit: object) -> dict[str, object]:
 
 def test_memory_images_beyond_the_limit_are_refused() -> None:
     gib = 1 << 30
-    assert "exceed the container's memory limit" in _beyond_memory_limit(_manifest(2 * gib, 0), _spec(gib))
+    assert "exceed the container's memory limit" in beyond_memory_limit(_manifest(2 * gib, 0), _spec(gib))
     # Files restored to disk do not count; the limit leaves room for CRIU's own records.
-    assert _beyond_memory_limit(_manifest(gib + MEMORY_SLACK, 50 * gib), _spec(gib)) == ""
+    assert beyond_memory_limit(_manifest(gib + MEMORY_SLACK, 50 * gib), _spec(gib)) == ""
     # No limit, or a malformed one, caps nothing here (free space still does).
     for spec in ({}, _spec(None), _spec(0), _spec(True), _spec("1G"), {"linux": {"resources": {"memory": 5}}}):
-        assert _beyond_memory_limit(_manifest(100 * gib, 0), spec) == ""
+        assert beyond_memory_limit(_manifest(100 * gib, 0), spec) == ""

@@ -7,14 +7,14 @@ import asyncio
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 from test_store import IDENT, make_checkpoint
 
-from hotrestart.checkpoint import workarea
-from hotrestart.checkpoint.engine import Engine, Subject
+from hotrestart.checkpoint import restore, workarea
+from hotrestart.checkpoint.engine import Engine
 from hotrestart.checkpoint.policy import Policy
+from hotrestart.container.seam import View
 from hotrestart.store.store import Store
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
@@ -54,22 +54,18 @@ def test_sweep_unmounts_and_removes_only_the_dead_shims_folders(tmp_path: Path) 
 
 @pytest.mark.parametrize("fails", [False, True])
 async def test_a_cancelled_restore_releases_its_claim(tmp_path: Path, fails: bool) -> None:
-    ident = IDENT
+    """After `prepare`, the container runs `runc restore`; a failure there quarantines the
+    checkpoint, a cancellation gives it back; either way the work area goes."""
     store = Store(str(tmp_path / "store"))
     make_checkpoint(store, tmp_path)
     engine = Engine(None, store, work_root=str(tmp_path / "work"))  # type: ignore[arg-type]
-    entry = store.latest(ident)
+    entry = store.latest(IDENT)
     assert entry is not None
-    subject = Subject("c1", str(tmp_path), {}, None, "", False, 0)  # type: ignore[arg-type]
-
-    async def launch(*_: Any) -> None:
-        if fails:
-            raise RuntimeError("criu said no")
-        raise asyncio.CancelledError
-
-    with pytest.raises(BaseException) as err:
-        await engine.restore(subject, entry, Policy(True, ident), launch)
-    assert isinstance(err.value, asyncio.CancelledError) != fails
+    view = View("c1", str(tmp_path), {}, None, (), False)  # type: ignore[arg-type]
+    claim, images = await restore.prepare(engine, view, entry, Policy(True, IDENT))
+    assert os.path.isdir(images.image_path)
+    restore.abandon(engine, claim, RuntimeError("criu said no") if fails else asyncio.CancelledError())
     states = {e.state for e in store.entries()}
     assert states == ({"quarantine"} if fails else {"checkpoints"})
     assert os.listdir(tmp_path / "work") == []
+

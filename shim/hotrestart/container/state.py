@@ -2,8 +2,10 @@
 
 Every call that depends on state asks the table first; a call the current state does not
 allow fails with FailedPrecondition naming the state and the action, before any side effect.
-`CREATED_CHECKPOINT` is a created container whose Start restores from CRIU images instead
-of starting the process fresh.
+`CREATED_CHECKPOINT` is a created container whose Start restores from the CRIU images
+containerd gave; `CREATED_RESTORE` one whose Start restores the hot-restart checkpoint
+planned at create (and starts cold if that fails). What each call does in each state is in
+`init_states`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from hotrestart.errors import InvalidTransitionError, NotFoundError
 class State(enum.Enum):
     CREATED = "created"
     CREATED_CHECKPOINT = "created from checkpoint"
+    CREATED_RESTORE = "created to restore"
     RUNNING = "running"
     PAUSED = "paused"
     STOPPED = "stopped"
@@ -41,7 +44,7 @@ S, A = State, Action
 # state -> action -> next state. Absent pairs are illegal.
 TRANSITIONS: dict[State, dict[Action, State]] = {
     S.CREATED: {
-        A.PLAN_RESTORE: S.CREATED_CHECKPOINT,
+        A.PLAN_RESTORE: S.CREATED_RESTORE,
         A.START: S.RUNNING,
         A.KILL: S.CREATED,
         A.EXIT: S.STOPPED,
@@ -50,6 +53,7 @@ TRANSITIONS: dict[State, dict[Action, State]] = {
         A.STATS: S.CREATED,
     },
     S.CREATED_CHECKPOINT: {A.START: S.RUNNING, A.EXIT: S.STOPPED, A.DELETE: S.DELETED},
+    S.CREATED_RESTORE: {A.START: S.RUNNING, A.EXIT: S.STOPPED, A.DELETE: S.DELETED},
     S.RUNNING: {
         A.PAUSE: S.PAUSED,
         A.KILL: S.RUNNING,

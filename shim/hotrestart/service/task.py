@@ -24,8 +24,11 @@ from hotrestart.api.containerd.runc.v1 import oci_pb2
 from hotrestart.api.containerd.task.v2 import shim_pb2 as task
 from hotrestart.api.containerd.v1.types import task_pb2 as types
 from hotrestart.checkpoint.engine import Engine
-from hotrestart.container.container import CheckpointConfig, Container, CreateConfig, ExecConfig
+from hotrestart.checkpoint.hot import checkpointing_for
+from hotrestart.container.config import CreateConfig, ExecConfig
+from hotrestart.container.container import Container
 from hotrestart.container.process import StdioPaths
+from hotrestart.container.seam import CheckpointConfig
 from hotrestart.container.state import State
 from hotrestart.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from hotrestart.events import TaskEvents, pack
@@ -51,6 +54,7 @@ CHECKPOINT_OPTIONS = "containerd.runc.v1.CheckpointOptions"
 _STATUS = {
     State.CREATED: types.CREATED,
     State.CREATED_CHECKPOINT: types.CREATED,
+    State.CREATED_RESTORE: types.CREATED,
     State.RUNNING: types.RUNNING,
     State.PAUSED: types.PAUSED,
     State.STOPPED: types.STOPPED,
@@ -158,8 +162,13 @@ class TaskService:
             no_new_keyring=opts.no_new_keyring,
         )
         _save_options(bundle, opts)
+        gpu = self._gpu_state(opts)
         container = Container(
-            cfg, self._runc_for(opts, bundle), self._reaper, self._events, self._engine(opts), self._gpu_state(opts)
+            cfg,
+            self._runc_for(opts, bundle),
+            self._reaper,
+            self._events,
+            lambda view: checkpointing_for(view, gpu, lambda: self._engine(opts)),
         )
         self.containers[r.id] = container
         try:

@@ -1,0 +1,174 @@
+"""Dump a container with CRIU (through `runc checkpoint`) and capture its files.
+
+The images go to a private work area (tmpfs when the node has the memory, see
+`workarea`); the files are captured inside the freeze, before the dump ends a stopping
+container, so a capture that fails leaves it running to be signalled. Nothing is
+published here (`publish.py`); a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from hotrestart import telemetry
+from hotrestart.checkpoint import files, workarea
+from hotrestart.checkpoint.compat import image_of, spec_digest
+from hotrestart.checkpoint.dumped import Dumped, DumpRequest, Seals
+from hotrestart.checkpoint.engine import Engine
+from hotrestart.checkpoint.policy import Policy
+from hotrestart.container.seam import View
+from hotrestart.errors import CheckpointError
+from hotrestart.runtime import netinfo
+from hotrestart.runtime.runc import CheckpointOpts
+from hotrestart.store import archive
+from hotrestart.store.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+Around = Callable[[], AbstractAsyncContextManager[None]]
+
+
+async def dump(
+    engine: Engine,
+    view: View,
+    policy: Policy,
+    req: DumpRequest,
+    budget: float | None,
+    *,
+    around: Around | None = None,
+    gpu: dict[str, Any] | None = None,
+) -> Dumped:
+    """CRIU-dump `view`'s container and capture its files within `budget` seconds. The
+    process tree is frozen only for the dump itself (`around` wraps exactly the capture and
+    `runc checkpoint`: the caller's freeze). Raises on failure, leaving nothing behind."""
+    t0 = time.monotonic()
+    runtime = await engine.runtime_info(view.runc)
+    if not runtime.get("criu"):
+        raise CheckpointError("no CRIU on this node")
+    store = engine.store
+    cid, staging = store.new_staging()
+    sealer = store.sealer(cid)
+    seals = Seals(sealer) if sealer is not None else None
+    store.mark_pending(policy.identity, cid)
+    usage = memory_usage(view.pid)
+    work, tmpfs = workarea.make(engine.work_root, cid, usage, prefault=req.leave_running)
+    net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(view.spec)))
+    timings: dict[str, float] = {}
+    early: archive.Follower | None = None
+    try:
+        images = os.path.join(work, "images")
+        if not req.leave_running:
+            # The application is going away anyway, so its memory is compressed while CRIU
+            # still writes it; a dump that leaves it running keeps every core for CRIU
+            # instead, to keep the freeze short.
+            os.makedirs(os.path.join(staging, "images"), mode=0o700, exist_ok=True)
+            early = archive.Follower(
+                images, os.path.join(staging, "images"), "images/", seal_for=seals.file if seals else None
+            )
+            early.start()
+        opts = CheckpointOpts(
+            image_path=images,
+            work_path=os.path.join(work, "criu"),
+            leave_running=req.leave_running,
+            tcp_established=req.tcp_established,
+            ext_unix_sk=req.ext_unix_sk,
+            shell_job=view.terminal,
+            file_locks=req.file_locks,
+            empty_ns=req.empty_ns,
+            manage_cgroups_mode=req.cgroups_mode,
+        )
+        log.info("%s: dump %s (%s) begins", view.id, cid, req.reason)
+        with telemetry.span("hotrestart.checkpoint.dump", container=view.id, reason=req.reason) as sp:
+            outcome = "failed"
+            try:
+                async with around() if around is not None else contextlib.nullcontext():
+                    # Files first, while the processes are frozen (consistent with their
+                    # memory) and before the dump ends them.
+                    t1 = time.monotonic()
+                    with telemetry.span("hotrestart.checkpoint.rootfs_diff", container=view.id) as fsp:
+                        captured = await asyncio.to_thread(files.capture, view, policy.carry_volumes, staging)
+                        fsp.set("files", len(captured))
+                    timings["rootfs_diff"] = time.monotonic() - t1
+                    room_for(staging, usage)
+                    left = None if budget is None else max(t0 + budget - time.monotonic(), 0.1)
+                    await view.runc.checkpoint(view.id, opts, timeout=left)
+                outcome = "ok"
+            except TimeoutError:
+                outcome = "timeout"
+                raise CheckpointError(f"the dump did not finish within {budget or 0:.1f}s") from None
+            finally:
+                sp.set("outcome", outcome)
+                timings["dump"] = time.monotonic() - t0
+                log.info("%s: dump %s (%s) ends: %s after %.2fs", view.id, cid, req.reason, outcome, timings["dump"])
+        engine.publisher.dumped(policy.identity)
+        dumped_files = [(os.path.join(images, name), f"images/{name}.zst") for name in sorted(os.listdir(images))]
+        dumped_files += captured
+    except BaseException:
+        net.cancel()
+        if early is not None:
+            early.close()
+        _keep_dump_log(view, work)
+        workarea.drop(work, tmpfs)
+        store.discard(staging)
+        store.clear_pending(policy.identity, cid)
+        raise
+    try:
+        addresses = await asyncio.wait_for(net, 5)
+    except Exception as exc:
+        log.info("%s: could not read pod addresses: %s", view.id, exc)
+        addresses = []
+    manifest = Manifest(
+        id=cid,
+        identity=policy.identity,
+        created_at=time.time(),
+        node=engine.node,
+        reason=req.reason,
+        image=image_of(view.spec),
+        spec_digest=spec_digest(view.spec),
+        runtime=runtime,
+        network={"addresses": addresses},
+        files=[],
+        timings=timings,
+        tcp=policy.tcp,
+        gpu=gpu or {},
+    )
+    return Dumped(cid, staging, work, tmpfs, dumped_files, manifest, t0, images, early, seals)
+
+
+def memory_usage(pid: int) -> int:
+    """Resident memory of the container's cgroup (falls back to the init's RSS)."""
+    from hotrestart.runtime.oom import memory_cgroup_dir
+
+    cgroup = memory_cgroup_dir(pid)
+    for name in ("memory.usage_in_bytes", "memory.current"):
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            with open(os.path.join(cgroup or "", name)) as f:
+                return int(f.read())
+    with contextlib.suppress(OSError, ValueError):
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return 0
+
+
+def room_for(staging: str, memory: int) -> None:
+    """Refuse a dump the store cannot keep: once CRIU has dumped a stopping container its
+    processes are gone, and a publish that then fails would lose them unsignalled. Memory
+    is the images' size before compression, so this errs on the safe side."""
+    st = os.statvfs(staging)
+    free = st.f_bavail * st.f_frsize
+    if free < memory:
+        raise CheckpointError(f"the store has {free >> 20} MiB free and the checkpoint may need {memory >> 20} MiB")
+
+
+def _keep_dump_log(view: View, work: str) -> None:
+    """Keep CRIU's log of a failed dump as <bundle>/criu-dump.log, where runc-v2 puts it."""
+    with contextlib.suppress(OSError):
+        shutil.copyfile(os.path.join(work, "criu", "dump.log"), os.path.join(view.bundle, "criu-dump.log"))

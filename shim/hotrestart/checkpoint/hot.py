@@ -1,0 +1,268 @@
+"""Hot restart of one container: the `Checkpointing` its container asks.
+
+Stop: a stop signal becomes a CRIU dump within the policy's budget; when it succeeds the
+processes are gone and the checkpoint is published in the background, when it fails the
+container delivers the signal. Create: the newest compatible checkpoint is planned,
+prepared at Start and restored by the container's own `runc restore`; a restored container
+that dies within `RESTORE_WINDOW` gives its checkpoint back (quarantined after
+`MAX_SHORT_RESTORES`), one that outlives it uses it up. API checkpoints and periodic ones
+become the identity's newest restore point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Callable
+
+from hotrestart.checkpoint import dump, restore
+from hotrestart.checkpoint.clock import Clock, LoopClock, Timer
+from hotrestart.checkpoint.dumped import DumpRequest
+from hotrestart.checkpoint.engine import Engine
+from hotrestart.checkpoint.plain import PlainCheckpoints
+from hotrestart.checkpoint.policy import Policy, policy_for
+from hotrestart.container.seam import CheckpointConfig, Checkpointing, RestoreImages, RestorePlan, View
+from hotrestart.errors import FailedPreconditionError, InvalidArgumentError
+from hotrestart.gpu.state import GpuState
+from hotrestart.runtime import cgroups, mounts
+from hotrestart.store.store import Entry
+
+log = logging.getLogger(__name__)
+
+
+class HotRestart(PlainCheckpoints):
+    def __init__(
+        self, view: View, engine: Engine, policy: Policy, gpu: GpuState | None = None, *, clock: Clock | None = None
+    ) -> None:
+        super().__init__(view, gpu, gpu_lock_timeout=policy.gpu_lock_timeout)
+        self.engine = engine
+        self.policy = policy
+        self.clock: Clock = clock or LoopClock()
+        self._planned: Entry | None = None
+        self._claim: restore.Claim | None = None
+        self._restored_at = 0.0
+        self._window: Timer | None = None
+        self._stopping = False
+        self._periodic: asyncio.Task[None] | None = None
+
+    @property
+    def hot(self) -> bool:
+        return self.policy.enabled
+
+    # -- create / start -------------------------------------------------------------------------
+
+    async def plan_restore(self) -> RestorePlan:
+        try:
+            entry, why = await restore.find(self.engine, self.view, self.policy)
+        except Exception as exc:
+            entry, why = None, f"checkpoint lookup failed: {exc}"
+        if entry is None:
+            if why == "no checkpoint":
+                return RestorePlan(False)
+            log.warning("%s: starting cold: %s", self.view.id, why)
+            return RestorePlan(False, f"hotrestart: starting cold: {why}")
+        self._planned = entry
+        log.info("%s: will restore from checkpoint %s", self.view.id, entry.id)
+        return RestorePlan(True)
+
+    async def prepare_restore(self) -> RestoreImages:
+        entry, self._planned = self._planned, None
+        if entry is None:
+            raise FailedPreconditionError(f"container {self.view.id}: no restore was planned")
+        self._claim, images = await restore.prepare(self.engine, self.view, entry, self.policy)
+        return images
+
+    async def finish_restore(self) -> None:
+        if self._claim is None:  # restored from containerd's images, not a checkpoint of ours
+            await super().finish_restore()
+            return
+        await restore.finish(self.engine, self.view, self._claim)
+        self._restored_at = self.clock.monotonic()
+        self._window = self.clock.call_later(restore.RESTORE_WINDOW, self._restore_proved)
+
+    def abandon_restore(self, exc: BaseException) -> str:
+        claim, self._claim = self._claim, None
+        if claim is None:
+            return str(exc) or type(exc).__name__
+        entry_id = claim.entry.id
+        reason = restore.abandon(self.engine, claim, exc)
+        log.warning("%s: restore from %s failed, starting cold: %s", self.view.id, entry_id, reason)
+        return f"hotrestart: restore from checkpoint {entry_id} failed ({reason}); started cold"
+
+    def _restore_proved(self) -> None:
+        """The restored container outlived the window: its checkpoint is used up."""
+        self._window = None
+        if self._claim is not None:
+            restore.settle(self.engine, self._claim, died_early=False)
+            self._claim = None
+
+    def started(self) -> None:
+        if self.policy.interval > 0 and self._periodic is None:
+            self._periodic = asyncio.ensure_future(self._periodic_checkpoints(self.policy.interval))
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    async def checkpoint_for_stop(self, sig: int) -> bool:
+        self._stopping = True
+        started = self.clock.monotonic()
+        async with self.dump_lock:  # a periodic or API checkpoint in progress finishes first
+            left = self.policy.timeout - (self.clock.monotonic() - started)
+            if left <= 0.5 or not self.view.running:
+                return False
+            try:
+                async with self.prepared(True) as prep:
+                    dumped = await dump.dump(
+                        self.engine,
+                        self.view,
+                        self.policy,
+                        DumpRequest("stop", leave_running=False),
+                        left,
+                        around=prep.freeze,
+                        gpu=prep.gpu,
+                    )
+            except Exception as exc:
+                log.warning("%s: checkpoint on stop failed: %s", self.view.id, exc)
+                cgroups.thaw(self.view.pid)  # the signal must reach a running container
+                return False
+        self.engine.publisher.publish_later(dumped)
+        return True
+
+    async def checkpoint(self, cfg: CheckpointConfig) -> None:
+        """An API checkpoint: dump once into fast private storage, hand containerd its copy
+        of the images, and keep the dump as the identity's newest restore point. During a
+        stop it is a plain `runc checkpoint` (the stop's dump owns the store's turn)."""
+        if self._stopping:
+            await super().checkpoint(cfg)
+            return
+        req = DumpRequest("api", leave_running=not cfg.exit)
+        if cfg.options_given:
+            req = DumpRequest(
+                "api",
+                leave_running=not cfg.exit,
+                tcp_established=cfg.open_tcp,
+                file_locks=cfg.file_locks,
+                ext_unix_sk=cfg.external_unix_sockets,
+                empty_ns=cfg.empty_namespaces,
+                cgroups_mode=cfg.cgroups_mode,
+            )
+        async with self.dump_lock, self.prepared(cfg.exit) as prep:
+            dumped = await dump.dump(self.engine, self.view, self.policy, req, None, around=prep.freeze, gpu=prep.gpu)
+        try:
+            await asyncio.to_thread(_copy_images, dumped.images, cfg.path)
+            if not cfg.options_given:
+                await asyncio.to_thread(_leave_criu_logs_for_cri, self.view, os.path.join(dumped.work, "criu"))
+        except BaseException:
+            self.engine.publisher.discard(dumped)
+            raise
+        self.engine.publisher.publish_later(dumped)
+
+    async def _periodic_checkpoints(self, interval: float) -> None:
+        """Leave-running checkpoints on a schedule. A failure is logged and retried at the next
+        tick; a tick is skipped while the previous checkpoint is still being published."""
+        while True:
+            await self.clock.sleep(interval)
+            if self._stopping:
+                return
+            if self.engine.publisher.publishing(self.policy.identity, "periodic"):
+                log.info("%s: previous checkpoint still being published; skipping this interval", self.view.id)
+                continue
+            try:
+                async with self.dump_lock:
+                    # A paused container is dumped as it is (containerd pauses around its own checkpoints).
+                    if self._stopping or not (self.view.running or self.view.paused):
+                        continue
+                    req = DumpRequest("periodic", leave_running=True)
+                    async with self.prepared(False) as prep:
+                        dumped = await dump.dump(
+                            self.engine,
+                            self.view,
+                            self.policy,
+                            req,
+                            self.policy.timeout,
+                            around=prep.freeze,
+                            gpu=prep.gpu,
+                        )
+                self.engine.publisher.publish_later(dumped)
+            except Exception as exc:
+                log.warning("%s: periodic checkpoint failed (next in %.0fs): %s", self.view.id, interval, exc)
+
+    # -- endings --------------------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        self._stop_periodic()  # a periodic dump in progress must not hold a SIGKILL up
+
+    def exited(self, status: int, *, stop_requested: bool) -> None:
+        self._stop_periodic()
+        if status == 0 and not stop_requested:
+            # A clean exit on its own: the work is done, there is nothing to recover.
+            with contextlib.suppress(OSError):
+                self.engine.publisher.retire(self.policy.identity, ("periodic", "api"))
+        if self._claim is not None:
+            died_early = not stop_requested and self.clock.monotonic() - self._restored_at < restore.RESTORE_WINDOW
+            restore.settle(self.engine, self._claim, died_early=died_early)
+            self._claim = None
+        if self._window is not None:
+            self._window.cancel()
+            self._window = None
+
+    def closed(self) -> None:
+        self._stop_periodic()
+
+    def _stop_periodic(self) -> None:
+        if self._periodic is not None:
+            self._periodic.cancel()
+            self._periodic = None
+
+
+def _copy_images(src: str, dst: str) -> None:
+    """CRIU's images, copied where containerd asked for them (in-kernel copies)."""
+    os.makedirs(dst, mode=0o700, exist_ok=True)
+    for name in os.listdir(src):
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name), follow_symlinks=False)
+
+
+def _leave_criu_logs_for_cri(view: View, criu_work: str) -> None:
+    """Put CRIU's stats-dump and dump.log where containerd's CRI looks for them.
+
+    For runc-v2 the CRI passes its container folder as CRIU's work path; other runtimes get
+    no options, yet containerd 2.0-2.1.8 refuse the checkpoint without a stats-dump there
+    (2.1.9 reads them from <folder>/ctrd-checkpoint into the archive). The folder is found
+    from the snapshot mounts, which live under containerd's root."""
+    folder = cri_container_dir(view.rootfs, view.id)
+    if not folder:
+        return
+    for target in (folder, os.path.join(folder, "ctrd-checkpoint")):
+        if not os.path.isdir(target):
+            continue
+        for name in ("stats-dump", "dump.log"):
+            with contextlib.suppress(OSError):
+                shutil.copyfile(os.path.join(criu_work, name), os.path.join(target, name))
+                os.chmod(os.path.join(target, name), 0o600)
+
+
+def cri_container_dir(rootfs: tuple[mounts.Mount, ...], cid: str) -> str:
+    """containerd's CRI folder of container `cid`, found from its snapshot mounts ("" if none)."""
+    marker = "/io.containerd.snapshotter.v1."
+    for m in rootfs:
+        for path in (m.source, *(o.split("=", 1)[1] for o in m.options if "=" in o)):
+            if marker in path:
+                folder = os.path.join(path.split(marker, 1)[0], "io.containerd.grpc.v1.cri", "containers", cid)
+                return folder if os.path.isdir(folder) else ""
+    return ""
+
+
+def checkpointing_for(view: View, gpu: GpuState | None, engine: Callable[[], Engine | None]) -> Checkpointing:
+    """Hot restart when the container's spec asks for it and the store can be used safely
+    (`engine` gives None otherwise); plain runc-v2 checkpointing else."""
+    try:
+        policy = policy_for(view.spec)
+    except InvalidArgumentError as exc:
+        log.warning("%s: hot restart disabled: %s", view.id, exc)
+        return PlainCheckpoints(view, gpu)
+    hot_engine = engine() if policy.enabled else None
+    if hot_engine is None:
+        return PlainCheckpoints(view, gpu, gpu_lock_timeout=policy.gpu_lock_timeout)
+    return HotRestart(view, hot_engine, policy, gpu)

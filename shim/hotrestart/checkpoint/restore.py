@@ -1,0 +1,196 @@
+"""Find, claim, unpack and settle the checkpoint a new container restores from.
+
+The newest compatible checkpoint of the identity is claimed (a rename: exactly one restore
+wins), verified while it is decompressed into a private work area, and its files are
+replayed onto the new root filesystem and volumes; the container then runs `runc restore`
+itself. Every failure quarantines the checkpoint with the reason and CRIU's log; a restore
+cancelled part-way gives its claim back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from hotrestart import telemetry
+from hotrestart.checkpoint import files, workarea
+from hotrestart.checkpoint.compat import incompatibility
+from hotrestart.checkpoint.engine import Engine
+from hotrestart.checkpoint.policy import Policy
+from hotrestart.container.seam import RestoreImages, View
+from hotrestart.errors import ShimError
+from hotrestart.gpu import plan as gpu_plan
+from hotrestart.runtime import netinfo
+from hotrestart.store.manifest import Manifest
+from hotrestart.store.store import Entry
+
+log = logging.getLogger(__name__)
+
+RESTORE_WINDOW = 30.0  # a restored container that dies sooner counts as a failed restore
+MAX_SHORT_RESTORES = 3
+PENDING_WAIT = 30.0
+MEMORY_SLACK = 64 << 20  # CRIU's images carry some metadata beyond the pages themselves
+
+
+class RestoreFailed(ShimError):
+    """A restore could not complete; the message is the reason shown to the user."""
+
+
+@dataclasses.dataclass
+class Claim:
+    """A checkpoint claimed for one restore, and its work area until the restore is done."""
+
+    entry: Entry
+    manifest: Manifest
+    work: str = ""
+    tmpfs: bool = False
+    log_file: str = ""
+
+    def drop_work(self) -> None:
+        if self.work:
+            workarea.drop(self.work, self.tmpfs)
+            self.work = ""
+
+
+async def find(engine: Engine, view: View, policy: Policy) -> tuple[Entry | None, str]:
+    """The checkpoint to restore `view`'s container from, or (None, why not)."""
+    store = engine.store
+    waited = 0.0
+    # A checkpoint being written (the stop of the previous incarnation) is waited for.
+    while store.is_pending(policy.identity) and waited < PENDING_WAIT:
+        await asyncio.sleep(0.1)
+        waited += 0.1
+    # A small directory listing: done inline, since a worker thread would stay in every shim.
+    entry = store.latest(policy.identity)
+    if entry is None or entry.manifest is None:
+        return None, "no checkpoint"
+    reason = incompatibility(entry.manifest, view.spec, await engine.runtime_info(view.runc))
+    reason = reason or beyond_memory_limit(entry.manifest, view.spec)
+    if not reason and entry.manifest.gpu.get("processes"):
+        _, reason = await _gpu_placement(engine, entry.manifest)
+    if reason:
+        return None, f"checkpoint {entry.id} not compatible: {reason}"
+    return entry, ""
+
+
+def beyond_memory_limit(manifest: Manifest, spec: Mapping[str, Any]) -> str:
+    """Why a checkpoint's memory cannot fit the new container's limit ("" when it can): its
+    sizes are its writer's word, and nothing beyond the limit is ever decompressed."""
+    memory = ((spec.get("linux") or {}).get("resources") or {}).get("memory") or {}
+    limit = memory.get("limit") if isinstance(memory, Mapping) else None
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        return ""
+    images = sum(f.raw_bytes for f in manifest.files if f.path.startswith("images/"))
+    if images > limit + MEMORY_SLACK:
+        return f"its memory images ({images >> 20} MiB) exceed the container's memory limit ({limit >> 20} MiB)"
+    return ""
+
+
+async def prepare(engine: Engine, view: View, entry: Entry, policy: Policy) -> tuple[Claim, RestoreImages]:
+    """Claim `entry`, verify and unpack it and replay its files, for `runc restore`."""
+    claimed = engine.store.claim(entry)
+    if claimed is None or claimed.manifest is None:
+        raise RestoreFailed(f"checkpoint {entry.id} was claimed by another restore")
+    claim = Claim(claimed, claimed.manifest)
+    manifest = claim.manifest
+    net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(view.spec)))
+    try:
+        claim.work, claim.tmpfs = workarea.make(engine.work_root, f"restore-{entry.id}", manifest.raw_bytes)
+        criu_work = os.path.join(claim.work, "criu")
+        claim.log_file = os.path.join(criu_work, "restore.log")
+        t0 = time.monotonic()
+        with telemetry.span("hotrestart.restore.verify", checkpoint=entry.id) as sp:
+            await asyncio.to_thread(_decompress_all, engine, claimed, claim.work)
+            sp.set("stored_bytes", manifest.stored_bytes)
+        t1 = time.monotonic()
+        with telemetry.span("hotrestart.restore.rootfs_apply", checkpoint=entry.id):
+            await files.replay(view, manifest, claim.work)
+        try:
+            addresses = await asyncio.wait_for(net, 5)
+        except Exception:
+            addresses = []
+        keep_tcp = policy.tcp == "keep" and addresses == manifest.network.get("addresses")
+        log.info(
+            "%s: checkpoint %s ready (verify %.2fs, apply %.2fs)", view.id, entry.id, t1 - t0, time.monotonic() - t1
+        )
+    except BaseException as exc:
+        net.cancel()
+        abandon(engine, claim, exc)
+        if isinstance(exc, Exception):
+            raise RestoreFailed(str(exc) or type(exc).__name__) from exc
+        raise
+    taken = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(manifest.created_at))
+    note = f"hotrestart: restoring from checkpoint {entry.id} taken on {manifest.node} at {taken}"
+    return claim, RestoreImages(os.path.join(claim.work, "images"), criu_work, keep_tcp, note)
+
+
+async def finish(engine: Engine, view: View, claim: Claim) -> None:
+    """After `runc restore`: give GPU processes their device state back, then free the work
+    area. On failure the caller abandons the claim (which frees it too)."""
+    if claim.manifest.gpu.get("processes") and engine.gpu is not None:
+        with telemetry.span("hotrestart.restore.gpu", checkpoint=claim.entry.id):
+            device_map, why = await _gpu_placement(engine, claim.manifest)
+            if why:
+                raise RestoreFailed(why)
+            await engine.gpu.after_restore(await view.runc.ps(view.id), device_map)
+    claim.drop_work()
+    log.info("%s restored from %s", view.id, claim.entry.id)
+
+
+def abandon(engine: Engine, claim: Claim, exc: BaseException) -> str:
+    """A restore that failed quarantines its checkpoint with the reason and CRIU's log; one
+    cancelled (a ttrpc deadline, containerd gone) is not the checkpoint's fault, so it goes
+    back for the next attempt instead of lingering claimed. Returns the reason."""
+    reason = str(exc) or type(exc).__name__
+    with contextlib.suppress(OSError):
+        if isinstance(exc, Exception):
+            engine.store.quarantine(claim.entry, reason, claim.log_file)
+        else:
+            engine.store.release(claim.entry, claim.manifest)
+            log.info("restore from %s cancelled; checkpoint released", claim.entry.id)
+    claim.drop_work()
+    return reason
+
+
+def settle(engine: Engine, claim: Claim, *, died_early: bool) -> None:
+    """A restored container ended or proved itself: consume, retry or quarantine its checkpoint."""
+    store = engine.store
+    if died_early:
+        claim.manifest.restore_attempts += 1
+        if claim.manifest.restore_attempts >= MAX_SHORT_RESTORES:
+            reason = f"restored container died within {RESTORE_WINDOW:.0f}s {claim.manifest.restore_attempts} times"
+            with contextlib.suppress(OSError):
+                store.quarantine(claim.entry, reason)
+            log.warning("checkpoint %s quarantined: %s", claim.entry.id, reason)
+            return
+        with contextlib.suppress(OSError):
+            store.release(claim.entry, claim.manifest)
+        return
+    with contextlib.suppress(OSError):
+        store.remove(claim.entry)
+
+
+async def _gpu_placement(engine: Engine, manifest: Manifest) -> tuple[dict[str, str], str]:
+    """(device map, "") when this node can take the checkpoint's GPU state, else ({}, why)."""
+    gpu = engine.gpu
+    if gpu is None or not gpu.owner():
+        return {}, "it holds GPU state and this node has no cuda-checkpoint"
+    if manifest.gpu.get("owner") != gpu.owner():
+        return {}, f"its GPU state was saved by {manifest.gpu.get('owner')}, this node uses {gpu.owner()}"
+    return gpu_plan.placement(manifest.gpu, await gpu.inventory())
+
+
+def _decompress_all(engine: Engine, claimed: Entry, work: str) -> None:
+    assert claimed.manifest is not None
+    for entry in claimed.manifest.files:
+        dst = os.path.join(work, entry.path.removesuffix(".zst"))
+        os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+        # Never more than the work area holds: a checkpoint's sizes are its writer's word.
+        st = os.statvfs(work)
+        engine.store.restore_file(claimed, entry.path, dst, cap=st.f_bavail * st.f_frsize)
