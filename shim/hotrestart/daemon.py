@@ -11,6 +11,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
+from hotrestart import telemetry
 from hotrestart.events import Publisher, TaskEvents
 from hotrestart.lifecycle import LISTEN_FD_ENV
 from hotrestart.reaper import Reaper, become_subreaper
@@ -80,6 +81,8 @@ def serve_socket(flags: Flags, sock: socket.socket) -> None:
         if isinstance(path, str) and path:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        # After the socket is gone, so a waiting exporter never delays the pod's next shim.
+        telemetry.shutdown()
 
 
 async def _serve(flags: Flags, sock: socket.socket) -> None:

@@ -3,17 +3,27 @@
 Tracing is on only when the shim's environment configures an OTLP exporter (any
 `OTEL_EXPORTER_OTLP_*` variable) and `OTEL_SDK_DISABLED` is not true; otherwise spans cost
 a no-op context manager and the SDK is never imported (it is not light).
+
+Spans are exported in batches from a background thread, so whatever is still queued is
+lost unless `shutdown` runs before the process ends. A normal interpreter exit runs it
+(atexit); a shim forked from the zygote leaves by `os._exit` and must call it itself.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 _tracer: Any = None
+_provider: Any = None
 _configured = False
+
+# The longest an exiting shim waits for its last spans to reach the collector.
+SHUTDOWN_TIMEOUT = 5.0
 
 
 def enabled() -> bool:
@@ -23,7 +33,7 @@ def enabled() -> bool:
 
 
 def _get_tracer() -> Any:
-    global _tracer, _configured
+    global _tracer, _provider, _configured
     if _configured:
         return _tracer
     _configured = True
@@ -37,8 +47,11 @@ def _get_tracer() -> Any:
     except ImportError:
         return None
     service = os.environ.get("OTEL_SERVICE_NAME", "containerd-shim-hotrestart-v2")
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    # The SDK's own exit hook waits up to 30 s per processor; ours is bounded.
+    provider = TracerProvider(resource=Resource.create({"service.name": service}), shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    atexit.register(shutdown)
+    _provider = provider
     _tracer = provider.get_tracer("hotrestart")
     return _tracer
 
@@ -77,11 +90,20 @@ def span(name: str, **attributes: Any) -> Iterator[_Span]:
             raise
 
 
-def shutdown() -> None:
-    """Flush spans before the shim exits."""
-    if _tracer is not None:
-        from opentelemetry import trace
+def shutdown(timeout: float = SHUTDOWN_TIMEOUT) -> None:
+    """Export the spans still queued and stop the exporter, waiting at most `timeout` s.
 
-        provider = trace.get_tracer_provider()
+    Costs nothing when tracing never started. Safe to call more than once."""
+    global _provider
+    provider, _provider = _provider, None
+    if provider is None:
+        return
+
+    def stop() -> None:
         with contextlib.suppress(Exception):
-            provider.shutdown()  # type: ignore[attr-defined]
+            provider.shutdown()
+
+    # On a thread so a collector that does not answer cannot hold the exit beyond `timeout`.
+    worker = threading.Thread(target=stop, name="telemetry-shutdown", daemon=True)
+    worker.start()
+    worker.join(timeout)

@@ -123,6 +123,10 @@ def _become_shim(listener: socket.socket, sock: socket.socket, fields: dict[str,
         serve_socket(flags, sock)
         code = 0
     finally:
+        # os._exit skips atexit, where spans still queued would otherwise be exported.
+        from hotrestart import telemetry
+
+        telemetry.shutdown()
         os._exit(code)
 
 
