@@ -14,6 +14,7 @@ import os
 SOCKET_ENV = "HOTRESTART_ZYGOTE_SOCKET"
 ENABLE_ENV = "HOTRESTART_ZYGOTE"  # "0" turns the zygote off
 DEFAULT_SOCKET = "/run/hotrestart/zygote.sock"
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def enabled() -> bool:
@@ -24,11 +25,27 @@ def socket_path() -> str:
     return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
 
 
-def code_stamp() -> str:
-    """Identifies the installed code, so an upgraded package never runs in a stale zygote."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    newest = max(e.stat().st_mtime_ns for e in os.scandir(here) if e.name.endswith(".py"))
-    return str(newest)
+def code_stamp(package: str = PACKAGE_DIR) -> str:
+    """Identifies the installed code, so an upgraded package never runs in a stale zygote.
+
+    Every module of the package counts, in every subpackage: the number of modules and the
+    newest change time (ctime: writing, replacing or renaming a file sets it, and unlike
+    mtime no installer carries it over from an older archive). Runs on every `start`; the
+    walk costs about 0.5 ms for the package's hundred modules."""
+    count = newest = 0
+    pending = [package]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.name.endswith(".py"):
+                    count += 1
+                    try:
+                        newest = max(newest, entry.stat().st_ctime_ns)
+                    except OSError:  # a dangling link must not fail `start`; the count still tells
+                        pass
+                elif entry.name != "__pycache__" and entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+    return f"{count}:{newest}"
 
 
 def encode(fields: dict[str, str], env: dict[str, str]) -> bytes:
