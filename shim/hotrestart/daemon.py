@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from hotrestart import telemetry
 from hotrestart.events import Publisher, TaskEvents
-from hotrestart.lifecycle import LISTEN_FD_ENV
+from hotrestart.handoff import LISTEN_FD_ENV
 from hotrestart.reaper import Reaper, become_subreaper
 from hotrestart.service.task import SERVICES, TaskService
 from hotrestart.ttrpc.server import Server

@@ -20,13 +20,14 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from hotrestart.handoff import INIT_PID_FILE, LISTEN_FD_ENV
+from hotrestart.handoff import OPTIONS_FILE as OPTIONS_FILE  # service/task.py still imports it from here
+
 if TYPE_CHECKING:
     from hotrestart.shim_main import Flags
 
 SOCKET_DIR = "/run/containerd/s"
 GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
-LISTEN_FD_ENV = "HOTRESTART_LISTEN_FD"
-OPTIONS_FILE = "options.json"
 
 
 def group_id(bundle: str, cid: str) -> str:
@@ -137,28 +138,30 @@ def delete(flags: Flags) -> None:
     """Clean up after a shim that is gone: force-delete the container, unmount, report 137."""
     from hotrestart.api.containerd.task.v2 import shim_pb2
     from hotrestart.runtime import mounts
+    from hotrestart.runtime.runc import DEFAULT_ROOT, RuncArgv
 
     bundle = flags.bundle or os.getcwd()
-    binary, root = "runc", "/run/containerd/runc"
-    with contextlib.suppress(OSError, ValueError):
+    binary, root = "runc", DEFAULT_ROOT
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         with open(os.path.join(bundle, OPTIONS_FILE)) as f:
             saved = json.load(f)
-        binary = saved.get("binary_name") or binary
-        root = saved.get("root") or root
-    result = subprocess.run(
-        [binary, "--root", os.path.join(root, flags.namespace), "delete", "--force", flags.id],
-        capture_output=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        sys.stderr.write(result.stderr.decode(errors="replace"))
+        binary = str(saved.get("binary_name") or binary)
+        root = str(saved.get("root") or root)
+    runc = RuncArgv(binary=binary, root=os.path.join(root, flags.namespace))
+    # No event loop here: run synchronously, and report runc's complaint on our stderr.
+    try:
+        result = subprocess.run(runc.delete_argv(flags.id, force=True), capture_output=True, check=False)
+        if result.returncode != 0:
+            sys.stderr.write(result.stderr.decode(errors="replace"))
+    except OSError as exc:  # no runc to run: the rest of the clean-up still applies
+        sys.stderr.write(f"runc delete: {exc}\n")
     try:
         mounts.unmount_all(os.path.join(bundle, "rootfs"))
     except OSError as exc:
         sys.stderr.write(f"unmount rootfs: {exc}\n")
     pid = 0
     with contextlib.suppress(OSError, ValueError):
-        with open(os.path.join(bundle, "init.pid")) as f:
+        with open(os.path.join(bundle, INIT_PID_FILE)) as f:
             pid = int(f.read().strip())
     reply = shim_pb2.DeleteResponse(pid=pid, exit_status=128 + 9)
     reply.exited_at.FromNanoseconds(time.time_ns())

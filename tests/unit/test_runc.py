@@ -13,7 +13,7 @@ import pytest
 from hotrestart.errors import NotFoundError, RuntimeCommandError
 from hotrestart.reaper import Reaper
 from hotrestart.runtime.command import CommandRunner
-from hotrestart.runtime.runc import CheckpointOpts, RestoreOpts, Runc
+from hotrestart.runtime.runc import CheckpointOpts, RestoreOpts, Runc, RuncArgv
 
 FAKE = """#!/bin/sh
 printf '%s\\n' "$@" > "{record}"
@@ -108,6 +108,12 @@ def test_create_exec_kill_argv() -> None:
     ]
     assert r.kill_argv("c", 9, True) == ["runc", "--root", "/x", "kill", "--all", "c", "9"]
     assert r.delete_argv("c", force=True) == ["runc", "--root", "/x", "delete", "--force", "c"]
+
+
+def test_command_lines_need_no_runner() -> None:
+    # What the `delete` verb uses, with no event loop to run commands on.
+    argv = RuncArgv(binary="/opt/runc", root="/r/k8s.io")
+    assert argv.delete_argv("c", force=True) == ["/opt/runc", "--root", "/r/k8s.io", "delete", "--force", "c"]
 
 
 def test_checkpoint_and_restore_argv() -> None:

@@ -49,10 +49,13 @@ class RestoreOpts:
     manage_cgroups_mode: str = ""
 
 
-class Runc:
+class RuncArgv:
+    """runc command lines for one binary and state root; builds them, runs nothing.
+
+    Used alone where there is no event loop to run them on (the `delete` verb)."""
+
     def __init__(
         self,
-        runner: CommandRunner,
         *,
         binary: str = "runc",
         root: str = DEFAULT_ROOT,
@@ -60,14 +63,11 @@ class Runc:
         systemd_cgroup: bool = False,
         criu: str = "",
     ) -> None:
-        self._runner = runner
         self.binary = binary
         self.root = root
         self.log_path = log_path
         self.systemd_cgroup = systemd_cgroup
         self.criu = criu
-
-    # -- argv -------------------------------------------------------------------------------
 
     def base_argv(self) -> list[str]:
         argv = [self.binary, "--root", self.root]
@@ -143,7 +143,22 @@ class Runc:
         )
         return [*argv, cid]
 
-    # -- verbs ------------------------------------------------------------------------------
+
+class Runc(RuncArgv):
+    """runc's verbs, run through the shim's command runner."""
+
+    def __init__(
+        self,
+        runner: CommandRunner,
+        *,
+        binary: str = "runc",
+        root: str = DEFAULT_ROOT,
+        log_path: str = "",
+        systemd_cgroup: bool = False,
+        criu: str = "",
+    ) -> None:
+        super().__init__(binary=binary, root=root, log_path=log_path, systemd_cgroup=systemd_cgroup, criu=criu)
+        self._runner = runner
 
     async def create(
         self,
