@@ -3,45 +3,96 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
+
+# Where cgroup hierarchies are mounted: v2 at the root; each v1 controller at root/<name>.
+ROOT = "/sys/fs/cgroup"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Membership:
+    """One line of /proc/<pid>/cgroup: `hierarchy-ID:controller-list:cgroup-path`."""
+
+    hierarchy: int
+    controllers: tuple[str, ...]  # empty for the v2 (unified) hierarchy
+    path: str  # absolute, relative to the hierarchy's root
+
+    @property
+    def unified(self) -> bool:
+        return self.hierarchy == 0 and not self.controllers
+
+
+def parse(text: str) -> list[Membership]:
+    """The memberships in a /proc/<pid>/cgroup text, v1 and v2 lines alike.
+
+    Lines that do not have that shape are skipped, not fatal: the text comes from the
+    kernel, but through a file any process may be handed."""
+    found: list[Membership] = []
+    for line in text.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, colon, path = rest.partition(":")  # the path itself may hold colons
+        if not colon or not hierarchy.isdecimal() or not path.startswith("/") or "\0" in path:
+            continue
+        names = tuple(name for name in controllers.split(",") if name)
+        found.append(Membership(int(hierarchy), names, path))
+    return found
+
+
+def of_pid(pid: int) -> list[Membership]:
+    """The cgroups `pid` belongs to; none when it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/cgroup", errors="replace") as f:
+            return parse(f.read())
+    except OSError:
+        return []
+
+
+def controller_dir(memberships: list[Membership], controller: str, root: str = ROOT) -> str | None:
+    """The v1 directory of the hierarchy that holds `controller` (e.g. "memory")."""
+    for m in memberships:
+        if controller in m.controllers:
+            return _beneath(os.path.join(root, controller), m.path)
+    return None
+
+
+def unified_dir(memberships: list[Membership], root: str = ROOT) -> str | None:
+    """The v2 (unified) directory, where there is one."""
+    for m in memberships:
+        if m.unified:
+            return _beneath(root, m.path)
+    return None
+
+
+def _beneath(mount: str, path: str) -> str | None:
+    """`path` below `mount`, or None when it leads out of it (a pid seen from another
+    cgroup namespace has paths like /../../x)."""
+    full = os.path.normpath(os.path.join(mount, path.lstrip("/")))
+    return full if full == mount or full.startswith(mount + "/") else None
 
 
 def thaw(pid: int) -> None:
     """Thaw the freezer cgroup of `pid` (v1 freezer.state, v2 cgroup.freeze); best effort."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return
-    for line in lines:
-        _hid, controllers, path = line.split(":", 2)
-        if "freezer" in controllers.split(","):
-            with contextlib.suppress(OSError):
-                with open(os.path.join("/sys/fs/cgroup/freezer", path.lstrip("/"), "freezer.state"), "w") as f:
-                    f.write("THAWED")
-        elif controllers == "":
-            with contextlib.suppress(OSError):
-                with open(os.path.join("/sys/fs/cgroup", path.lstrip("/"), "cgroup.freeze"), "w") as f:
-                    f.write("0")
+    memberships = of_pid(pid)
+    v1 = controller_dir(memberships, "freezer")
+    if v1 is not None:
+        with contextlib.suppress(OSError):
+            _write(os.path.join(v1, "freezer.state"), "THAWED")
+    v2 = unified_dir(memberships)
+    if v2 is not None:
+        with contextlib.suppress(OSError):
+            _write(os.path.join(v2, "cgroup.freeze"), "0")
 
 
 def _freezer(pid: int) -> tuple[str, str] | None:
     """("v1", freezer dir) or ("v2", cgroup dir) of `pid`."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _hid, controllers, path = line.split(":", 2)
-        if "freezer" in controllers.split(","):
-            return "v1", os.path.join("/sys/fs/cgroup/freezer", path.lstrip("/"))
-    for line in lines:
-        _hid, controllers, path = line.split(":", 2)
-        if controllers == "":
-            return "v2", os.path.join("/sys/fs/cgroup", path.lstrip("/"))
-    return None
+    memberships = of_pid(pid)
+    v1 = controller_dir(memberships, "freezer")
+    if v1 is not None:
+        return "v1", v1
+    v2 = unified_dir(memberships)
+    return ("v2", v2) if v2 is not None else None
 
 
 def procs(pid: int) -> list[int]:

@@ -8,24 +8,19 @@ import logging
 import os
 from collections.abc import Callable
 
+from hotrestart.runtime import cgroups
+
 log = logging.getLogger(__name__)
 
 
 def memory_cgroup_dir(pid: int) -> str | None:
     """The memory cgroup directory of `pid` on this host, v1 or v2."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    unified = None
-    for line in lines:
-        _hid, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"))
-        if controllers == "":
-            unified = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
-    if unified and os.path.exists(os.path.join(unified, "memory.events")):
+    memberships = cgroups.of_pid(pid)
+    v1 = cgroups.controller_dir(memberships, "memory")
+    if v1 is not None:
+        return v1
+    unified = cgroups.unified_dir(memberships)
+    if unified is not None and os.path.exists(os.path.join(unified, "memory.events")):
         return unified
     return None
 
