@@ -66,18 +66,6 @@ class InvalidTransitionError(FailedPreconditionError):
         self.action = action
 
 
-class NotImplementedShimError(ShimError):
-    code = Code.UNIMPLEMENTED
-
-
-class UnavailableError(ShimError):
-    code = Code.UNAVAILABLE
-
-
-class ResourceExhaustedError(ShimError):
-    code = Code.RESOURCE_EXHAUSTED
-
-
 class CheckpointError(ShimError):
     """A checkpoint could not be taken; nothing was published and the container is as it was."""
 

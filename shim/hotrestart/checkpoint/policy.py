@@ -58,7 +58,6 @@ class Policy:
     carry_volumes: tuple[str, ...] = ()
     interval: float = 0.0  # seconds between periodic checkpoints; 0 = none
     gpu_lock_timeout: float = 10.0
-    why_disabled: str = ""
 
 
 def policy_for(spec: Mapping[str, Any]) -> Policy:
@@ -69,12 +68,12 @@ def policy_for(spec: Mapping[str, Any]) -> Policy:
         container=annotations.get(CONTAINER_NAME, ""),
         key=annotations.get(PREFIX + "identity", ""),
     )
-    if annotations.get(CONTAINER_TYPE) != "container":
-        return Policy(False, identity, why_disabled="not a Kubernetes app container")
+    if annotations.get(CONTAINER_TYPE) != "container":  # a sandbox, or not made by Kubernetes
+        return Policy(False, identity)
     if annotations.get(PREFIX + "checkpoint", "").lower() in ("off", "false", "disabled", "0"):
-        return Policy(False, identity, why_disabled="hotrestart.io/checkpoint is off")
+        return Policy(False, identity)
     if not identity.key and not (identity.namespace and identity.pod and identity.container):
-        return Policy(False, identity, why_disabled="no pod identity in the spec annotations")
+        return Policy(False, identity)  # nothing to find its checkpoints by after a restart
     timeout = DEFAULT_TIMEOUT
     if PREFIX + "checkpoint-timeout" in annotations:
         timeout = parse_duration(annotations[PREFIX + "checkpoint-timeout"])

@@ -39,9 +39,6 @@ class Inventory:
     devices: tuple[Device, ...] = ()
     processes: tuple[GpuProcess, ...] = ()
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Inventory:
         return cls(

@@ -68,11 +68,6 @@ class CudaCheckpoint:
     async def toggle(self, pid: int) -> None:
         await self._check(self.toggle_argv(pid))
 
-    async def supports_actions(self) -> bool:
-        """r555+ has --action (older tools only toggle)."""
-        result = await self._runner.run([self.binary, "--help"])
-        return b"--action" in result.stdout + result.stderr
-
     async def _check(self, argv: list[str]) -> str:
         result = await self._runner.run(argv)
         if result.returncode != 0:
