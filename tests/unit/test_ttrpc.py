@@ -14,7 +14,7 @@ import pytest
 
 from hotrestart.api.containerd.task.v2 import shim_pb2 as task
 from hotrestart.api.ttrpc import request_pb2
-from hotrestart.errors import Code, InvalidArgumentError, InvalidTransitionError, NotFoundError
+from hotrestart.errors import Code, InvalidArgumentError, InvalidTransitionError, NotFoundError, ShimError, status_for
 from hotrestart.ttrpc import framing, limits
 from hotrestart.ttrpc.client import Client, StatusError
 from hotrestart.ttrpc.limits import Limits
@@ -414,3 +414,15 @@ async def test_slow_peer_within_the_frame_timeout_is_served(serve: Serve) -> Non
         await asyncio.sleep(0.001)
     assert (await _replies(reader, 1))[1].status.code == Code.OK
     writer.close()
+
+
+def test_ttrpc_errors_are_shim_errors() -> None:
+    # A peer's status relays as itself; a broken stream reads as an unavailable peer.
+    relayed = StatusError(Code.NOT_FOUND, "container missing")
+    assert isinstance(relayed, ShimError)
+    assert status_for(relayed) == (Code.NOT_FOUND, "NOT_FOUND: container missing")
+    odd = StatusError(99, "from a newer peer")
+    assert (odd.code, str(odd)) == (Code.UNKNOWN, "99: from a newer peer")
+    torn = framing.FrameError("truncated ttrpc header")
+    assert isinstance(torn, ShimError)
+    assert status_for(torn) == (Code.UNAVAILABLE, "truncated ttrpc header")

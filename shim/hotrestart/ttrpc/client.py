@@ -9,16 +9,19 @@ from collections.abc import Mapping
 from google.protobuf.message import Message
 
 from hotrestart.api.ttrpc import request_pb2
-from hotrestart.errors import Code
+from hotrestart.errors import Code, ShimError
 from hotrestart.ttrpc import framing
 
 
-class StatusError(Exception):
-    """The server answered a call with a non-OK status."""
+class StatusError(ShimError):
+    """The server answered a call with a non-OK status; `code` is the server's.
+
+    A code outside the known set reads as UNKNOWN (as in gRPC); the message keeps the number."""
 
     def __init__(self, code: int, message: str) -> None:
-        super().__init__(f"{Code(code).name if code in Code._value2member_map_ else code}: {message}")
-        self.code = code
+        known = code in Code._value2member_map_
+        super().__init__(f"{Code(code).name if known else code}: {message}")
+        self.code = Code(code) if known else Code.UNKNOWN
         self.message = message
 
 

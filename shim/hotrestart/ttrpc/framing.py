@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import struct
 
+from hotrestart.errors import Code, ShimError
 from hotrestart.ttrpc import limits
 
 HEADER = struct.Struct(">IIBB")
@@ -26,8 +27,10 @@ class MessageType(enum.IntEnum):
     DATA = 3
 
 
-class FrameError(Exception):
+class FrameError(ShimError):
     """The byte stream is broken; the connection cannot continue."""
+
+    code = Code.UNAVAILABLE
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
