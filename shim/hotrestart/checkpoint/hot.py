@@ -42,6 +42,7 @@ class HotRestart(PlainCheckpoints):
         self.policy = policy
         self.clock: Clock = clock or LoopClock()
         self._planned: Entry | None = None
+        self._restoring = ""  # the checkpoint being restored, for messages
         self._claim: restore.Claim | None = None
         self._restored_at = 0.0
         self._window: Timer | None = None
@@ -72,6 +73,7 @@ class HotRestart(PlainCheckpoints):
         entry, self._planned = self._planned, None
         if entry is None:
             raise FailedPreconditionError(f"container {self.view.id}: no restore was planned")
+        self._restoring = entry.id
         self._claim, images = await restore.prepare(self.engine, self.view, entry, self.policy)
         return images
 
@@ -85,12 +87,11 @@ class HotRestart(PlainCheckpoints):
 
     def abandon_restore(self, exc: BaseException) -> str:
         claim, self._claim = self._claim, None
-        if claim is None:
-            return str(exc) or type(exc).__name__
-        entry_id = claim.entry.id
-        reason = restore.abandon(self.engine, claim, exc)
-        log.warning("%s: restore from %s failed, starting cold: %s", self.view.id, entry_id, reason)
-        return f"hotrestart: restore from checkpoint {entry_id} failed ({reason}); started cold"
+        # `prepare` gives its claim up itself when it fails; after it, this does.
+        reason = restore.abandon(self.engine, claim, exc) if claim is not None else str(exc) or type(exc).__name__
+        if isinstance(exc, Exception):
+            log.warning("%s: restore from %s failed, starting cold: %s", self.view.id, self._restoring, reason)
+        return f"hotrestart: restore from checkpoint {self._restoring} failed ({reason}); started cold"
 
     def _restore_proved(self) -> None:
         """The restored container outlived the window: its checkpoint is used up."""
