@@ -186,10 +186,15 @@ def test_doctor_reports_the_gpu_situation(monkeypatch: pytest.MonkeyPatch, tmp_p
     (tmp_path / "inv.json").write_text(json.dumps(inv))
     monkeypatch.setenv("HOTRESTART_GPU_INVENTORY", str(tmp_path / "inv.json"))
     monkeypatch.setenv("HOTRESTART_CUDA_CHECKPOINT", str(standin))
+    monkeypatch.setattr(plan, "find_cuda_plugin", lambda criu: "")  # whatever this host has installed
     checks = {c.name: c for c in gpu_checks()}
     assert checks["nvidia driver"].ok and "1 GPU(s): NVIDIA H200" in checks["nvidia driver"].detail
-    assert checks["cuda-checkpoint"].ok and checks["GPU state owner"].detail == "the shim, through cuda-checkpoint"
+    assert checks["cuda-checkpoint"].ok and checks["cuda-checkpoint"].fix == ""
+    assert checks["GPU state owner"].ok and checks["GPU state owner"].detail == "the shim, through cuda-checkpoint"
     monkeypatch.setenv("HOTRESTART_CUDA_CHECKPOINT", str(tmp_path / "absent"))
     checks = {c.name: c for c in gpu_checks()}
-    assert not checks["cuda-checkpoint"].ok and "fix" not in checks["cuda-checkpoint"].fix
-    assert checks["cuda-checkpoint"].fix and not checks["GPU state owner"].ok
+    missing = checks["cuda-checkpoint"]
+    assert not missing.ok and missing.detail.startswith("not found")
+    assert missing.fix == "install NVIDIA's cuda-checkpoint on PATH"
+    owner = checks["GPU state owner"]
+    assert not owner.ok and owner.detail.startswith("nobody"), "a GPU node with no way to save GPU state"
