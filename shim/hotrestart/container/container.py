@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from hotrestart import telemetry
 from hotrestart.container.config import CreateConfig, ExecConfig, ProcessState, load_spec
 from hotrestart.container.init_states import BEHAVIOUR
 from hotrestart.container.launch import exec_pid_path, exec_spec_path, launch, write_exec_spec
@@ -167,7 +168,8 @@ class Container:
             self._note = images.note
             # Hot-restart images hold established connections: restored, or closed by CRIU.
             opts = self._restore_opts(images.image_path, images.work_path, hot=True, keep_tcp=images.keep_tcp)
-            await self._run_init(lambda console: self._runc_restore(opts, console, close_tcp=not images.keep_tcp))
+            with telemetry.span("hotrestart.restore.restore", container=self.id, keep_tcp=images.keep_tcp):
+                await self._run_init(lambda console: self._runc_restore(opts, console, close_tcp=not images.keep_tcp))
             await self.checkpointing.finish_restore()
         except Exception as exc:
             self._note = self.checkpointing.abandon_restore(exc)
