@@ -57,4 +57,4 @@ proto: venv
 	PYTHON=$(PY) bash hack/gen-proto.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info tests/e2e/cri/gen
+	rm -rf $(VENV) build *.egg-info hack/cri/gen

@@ -36,12 +36,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+from cri import parse_cri_log
+from testbed import BIN_DIR, BUSYBOX_IMAGE, ContainerdInstance, host
+from testbed.pods import make_pod_config
 
-from cri import parse_cri_log  # noqa: E402
-from testbed import BIN_DIR, BUSYBOX_IMAGE, ContainerdInstance, host  # noqa: E402
-from testbed.pods import make_pod_config  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 HANDLERS = ("runc", "hotrestart")
 

@@ -17,11 +17,11 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+from cri import parse_cri_log
+from testbed import BUSYBOX_IMAGE, ContainerdInstance
 
-from cri import parse_cri_log  # noqa: E402
-from testbed import BUSYBOX_IMAGE, ContainerdInstance  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 MIB = 256
 WARMUP = 5.0

@@ -23,17 +23,17 @@ from typing import Any
 
 import pytest
 
-E2E_DIR = Path(__file__).resolve().parent
-if str(E2E_DIR) not in sys.path:
-    sys.path.insert(0, str(E2E_DIR))
-
-from testbed import (  # noqa: E402
+# The test bed lives in hack/ (shared with hack/bench.py and demo.py); pyproject's pytest
+# settings put hack/ on sys.path.
+from testbed import (
     BIN_DIR,
     CONTAINERD_17_BIN_DIR,
     TESTBED,
     ContainerdInstance,
 )
-from testbed.pods import make_pod_config  # noqa: E402
+from testbed.pods import make_pod_config
+
+E2E_DIR = Path(__file__).resolve().parent
 
 SHIM_NAME = "containerd-shim-hotrestart-v2"
 

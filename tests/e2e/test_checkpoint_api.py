@@ -16,8 +16,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cri import CONTAINER_RUNNING, CRIClient
 from hotpods import Incarnation, stored, wait_published
+
+from cri import CONTAINER_RUNNING, CRIClient
 from testbed import BIN_DIR, BUSYBOX_IMAGE, ContainerdInstance, host
 from testbed.registry import LocalRegistry
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from cri import CONTAINER_EXITED, CONTAINER_RUNNING, CRIClient, parse_cri_log
 from testbed import BUSYBOX_IMAGE, ContainerdInstance, host
 from testbed.pods import make_pod_config

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cri import CONTAINER_RUNNING, CRIClient
 from hotpods import Incarnation, stored, wait_published
+
+from cri import CONTAINER_RUNNING, CRIClient
 from testbed import ContainerdInstance, host
 
 pytestmark = pytest.mark.e2e

@@ -23,12 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cri import CRIClient
 from hotpods import Incarnation, run_and_stop, stored, wait_published
-from testbed import ContainerdInstance, host
 
+from cri import CRIClient
 from hotrestart.store import archive
 from hotrestart.store.manifest import Manifest
+from testbed import ContainerdInstance, host
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("empty_store")]
 

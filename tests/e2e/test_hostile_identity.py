@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cri import CRIClient
 from hotpods import STATEFUL, Incarnation, stored, wait_published
+
+from cri import CRIClient
 from testbed import BUSYBOX_IMAGE, ContainerdInstance, host
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("empty_store")]

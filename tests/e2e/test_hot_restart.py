@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cri import CRIClient
 from hotpods import Incarnation, run_and_stop, stored, wait_published
+
+from cri import CRIClient
 from testbed import ContainerdInstance, host
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("empty_store")]

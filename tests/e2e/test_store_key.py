@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from hotpods import Incarnation, run_and_stop, stored
+
 from testbed import ContainerdInstance, host
 
 pytestmark = [pytest.mark.e2e]

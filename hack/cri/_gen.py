@@ -2,7 +2,7 @@
 
 The proto comes from Debian's golang-github-kubernetes-cri-api-dev and is kept
 by hack/install-testbed.sh at $HOTRESTART_TESTBED/cri/api.proto.  The modules
-are written to tests/e2e/cri/gen/ (not tracked by git) and rebuilt whenever
+are written to hack/cri/gen/ (not tracked by git) and rebuilt whenever
 the proto, grpcio-tools or protobuf change.  Several processes (pytest-xdist
 workers) may call ensure_generated() at once: an exclusive flock serialises
 them and files are moved into place atomically.
@@ -73,7 +73,7 @@ def _current(stamp: Path, want: dict[str, str]) -> bool:
 
 
 def ensure_generated(proto: Path = DEFAULT_PROTO) -> Path:
-    """Make sure tests/e2e/cri/gen/ is up to date with ``proto``; return GEN_DIR."""
+    """Make sure hack/cri/gen/ is up to date with ``proto``; return GEN_DIR."""
     if not proto.is_file():
         raise FileNotFoundError(f"{proto} is missing: run `sudo bash hack/install-testbed.sh` first")
     text = proto.read_bytes()
@@ -120,7 +120,7 @@ def ensure_generated(proto: Path = DEFAULT_PROTO) -> Path:
                     flags=re.M,
                 )
             )
-            (tmp / "__init__.py").write_text(f"# Generated from {proto} by tests/e2e/cri/_gen.py; do not edit.\n")
+            (tmp / "__init__.py").write_text(f"# Generated from {proto} by hack/cri/_gen.py; do not edit.\n")
             for name in _OUTPUTS:
                 os.replace(tmp / name, GEN_DIR / name)
             stamp_tmp = tmp / "stamp"

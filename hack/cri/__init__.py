@@ -1,7 +1,7 @@
 """CRI (Kubernetes runtime.v1) client for the end-to-end tests.
 
 The gRPC bindings are generated on first use from the test bed's api.proto
-into tests/e2e/cri/gen/ (see _gen.py); importing this package alone does not
+into hack/cri/gen/ (see _gen.py); importing this package alone does not
 need the test bed.
 """
 

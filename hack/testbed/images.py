@@ -8,7 +8,7 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILDER = REPO_ROOT / "hack" / "build-test-image.py"
 
 BUSYBOX_IMAGE = "hotrestart.test/busybox:latest"
