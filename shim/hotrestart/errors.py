@@ -78,6 +78,19 @@ class FilesError(ShimError):
     code = Code.FAILED_PRECONDITION
 
 
+class StoreError(ShimError):
+    """The checkpoint store, or something in it, cannot be used as asked: a stored file or
+    manifest that does not check out, a key that cannot be loaded or does not authenticate,
+    an entry that is not what the store writes. Each kind is defined beside the code that
+    raises it (store/archive.py, manifest.py, seal.py, safefs.py)."""
+
+    # The store's content or configuration (a damaged checkpoint, a missing key, a planted
+    # link) must change before the call can succeed; retrying as is would not help.
+    # DATA_LOSS would describe damage too, but containerd's errdefs know FailedPrecondition
+    # and would report DATA_LOSS as "unknown".
+    code = Code.FAILED_PRECONDITION
+
+
 class RuntimeCommandError(ShimError):
     """An external command (runc, CRIU) failed; `message` carries its own last words."""
 

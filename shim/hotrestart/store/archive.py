@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 
 import zstandard
 
+from hotrestart.errors import StoreError
 from hotrestart.store.manifest import MAX_CHUNK_RAW, MAX_CHUNK_STORED, Chunk, FileEntry, chunk_root
 from hotrestart.store.seal import SealError
 
@@ -37,7 +38,7 @@ _STAGE = 8 << 20
 LEVEL = -1  # zstd's fast mode: memory pages compress about as well as at level 3, twice as fast
 
 
-class IntegrityError(Exception):
+class IntegrityError(StoreError):
     """A stored file does not match its manifest entry."""
 
 

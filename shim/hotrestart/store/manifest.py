@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from hotrestart.errors import StoreError
+
 SCHEMA = "hotrestart.io/checkpoint/v1"
 KNOWN_SCHEMAS = frozenset({SCHEMA})
 _SCHEMA_FAMILY = re.compile(r"hotrestart\.io/checkpoint/v[0-9]{1,6}")
@@ -48,8 +50,11 @@ _K8S_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-class ManifestError(ValueError):
-    """The manifest is missing, malformed, or of a schema this version cannot read."""
+class ManifestError(StoreError, ValueError):
+    """The manifest is missing, malformed, or of a schema this version cannot read.
+
+    Also a ValueError, as it was before the store's errors had a common root: callers
+    outside the store still catch it as one."""
 
 
 class UnsupportedManifestError(ManifestError):

@@ -19,6 +19,8 @@ import secrets
 import stat
 from collections.abc import Iterator
 
+from hotrestart.errors import StoreError
+
 # A name the store itself would write; anything else in the tree is not ours to follow.
 NAME = re.compile(r"[A-Za-z0-9._+=,@:-]{1,255}")
 MAX_DEPTH = 32  # deeper than any checkpoint we write; a deeper tree is refused, not walked
@@ -27,9 +29,12 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
-class UnsafeEntryError(OSError):
+class UnsafeEntryError(StoreError, OSError):
     """Something in the store is not what the store puts there: a link, a special file, a
-    hard-linked file, a name it would not write, a tree too deep. Never followed or used."""
+    hard-linked file, a name it would not write, a tree too deep. Never followed or used.
+
+    Also an OSError (EPERM): it stands for a file operation refused, and callers that
+    suppress OSError around store changes must keep suppressing it."""
 
     def __init__(self, what: str, why: str) -> None:
         super().__init__(errno.EPERM, f"{what}: {why}")

@@ -84,6 +84,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from hotrestart.errors import StoreError
+
 ALG = "aes-256-gcm+hkdf-sha256"
 KEY_BYTES = 32
 SALT_BYTES = 16
@@ -126,7 +128,7 @@ Readable = bytes | bytearray | memoryview
 Writable = bytearray | memoryview  # what the `_into` methods (cryptography 47 and later) write to
 
 
-class SealError(Exception):
+class SealError(StoreError):
     """A key ring cannot be used, or a checkpoint does not authenticate."""
 
 
