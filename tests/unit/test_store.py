@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import zstandard
 
-from hotrestart.store import archive, safefs
+from hotrestart.store import archive, compress, safefs
 from hotrestart.store.manifest import (
     MAX_CHUNK_RAW,
     MAX_MANIFEST,
@@ -240,7 +240,7 @@ def test_a_chunk_list_that_does_not_match_the_file_digest_is_refused(tmp_path: P
 def test_follower_compresses_a_file_while_it_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cores: int
 ) -> None:
-    monkeypatch.setattr(archive, "_workers", lambda: cores)  # 2: inline; 4: a pool of 3
+    monkeypatch.setattr(compress, "workers", lambda: cores)  # 2: inline; 4: a pool of 3
     images, dest = tmp_path / "images", tmp_path / "staging"
     dest.mkdir()
     follower = archive.Follower(str(images), str(dest), "images/", chunk=64 << 10)
