@@ -13,8 +13,9 @@ import sys
 import time
 
 from hotrestart import __version__
+from hotrestart.store import keyfile
 from hotrestart.store.config import KEY_ENV
-from hotrestart.store.seal import KeyRing, SealError
+from hotrestart.store.seal import SealError
 from hotrestart.store.store import DEFAULT_ROOT as DEFAULT_STORE
 from hotrestart.store.store import Entry, Store
 
@@ -221,7 +222,7 @@ def _age(seconds: float) -> str:
 def _store(args: argparse.Namespace) -> Store:
     try:
         key_file = getattr(args, "store_key", "")
-        keys = KeyRing.load(key_file) if key_file else None
+        keys = keyfile.load(key_file) if key_file else None
     except SealError as exc:
         raise SystemExit(f"hotrestart: {exc}") from None
     return Store(args.store, keys=keys)

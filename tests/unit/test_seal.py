@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from hotrestart.store import seal
-from hotrestart.store.seal import KeyRing, Opener, Sealer, SealError, canonical, filesystem_type, require_key
+from hotrestart.store import keyfile, locality, seal
+from hotrestart.store.locality import filesystem_type, require_key
+from hotrestart.store.seal import KeyRing, Opener, Sealer, SealError, canonical
 
 ME = os.geteuid()
 
@@ -272,7 +273,7 @@ def test_repr_hides_keys() -> None:
 def test_key_file(tmp_path: Path) -> None:
     k1, k2 = os.urandom(32), os.urandom(32)
     text = "# rotated 2025-01\n\n" + key_line("k2025-06", k2) + "  " + key_line("k2025-01", k1)
-    ring = KeyRing.load(str(write_key(tmp_path / "key", text, 0o400)), owner=ME)
+    ring = keyfile.load(str(write_key(tmp_path / "key", text, 0o400)), owner=ME)
     assert ring.active == "k2025-06" and ring.names == ("k2025-06", "k2025-01")
     assert ring.key("k2025-01") == k1 and ring.key("k2025-06") == k2
 
@@ -281,17 +282,17 @@ def test_key_file(tmp_path: Path) -> None:
 def test_key_file_open_to_others_is_refused(tmp_path: Path, mode: int) -> None:
     path = write_key(tmp_path / "key", key_line("k1"), mode)
     with pytest.raises(SealError, match=f"mode 0{mode:o} gives group or others access"):
-        KeyRing.load(str(path), owner=ME)
+        keyfile.load(str(path), owner=ME)
 
 
 def test_key_file_of_another_owner_is_refused(tmp_path: Path) -> None:
     path = write_key(tmp_path / "key", key_line("k1"))
     with pytest.raises(SealError, match=f"owned by uid {ME}, must be owned by uid {ME + 1}"):
-        KeyRing.load(str(path), owner=ME + 1)
+        keyfile.load(str(path), owner=ME + 1)
     if ME == 0:
         os.chown(path, 1000, 1000)
         with pytest.raises(SealError, match="owned by uid 1000, must be owned by uid 0"):
-            KeyRing.load(str(path))
+            keyfile.load(str(path))
 
 
 @pytest.mark.parametrize(
@@ -313,37 +314,37 @@ def test_key_file_of_another_owner_is_refused(tmp_path: Path) -> None:
 )
 def test_bad_key_file_is_refused(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(SealError, match=message):
-        KeyRing.load(str(write_key(tmp_path / "key", text)), owner=ME)
+        keyfile.load(str(write_key(tmp_path / "key", text)), owner=ME)
 
 
 def test_key_file_errors_do_not_echo_keys(tmp_path: Path) -> None:
     secret = base64.b64encode(os.urandom(31)).decode()
     with pytest.raises(SealError) as caught:
-        KeyRing.load(str(write_key(tmp_path / "key", f"k1:{secret}\n")), owner=ME)
+        keyfile.load(str(write_key(tmp_path / "key", f"k1:{secret}\n")), owner=ME)
     assert secret not in str(caught.value)
 
 
 def test_key_file_size_is_capped(tmp_path: Path) -> None:
-    text = key_line("k1") + "#" * seal.MAX_KEY_FILE
+    text = key_line("k1") + "#" * keyfile.MAX_KEY_FILE
     with pytest.raises(SealError, match="larger than 65536 bytes"):
-        KeyRing.load(str(write_key(tmp_path / "key", text)), owner=ME)
-    padded = (key_line("k1") + "#" * seal.MAX_KEY_FILE)[: seal.MAX_KEY_FILE]
-    assert KeyRing.load(str(write_key(tmp_path / "key", padded)), owner=ME).active == "k1"
+        keyfile.load(str(write_key(tmp_path / "key", text)), owner=ME)
+    padded = (key_line("k1") + "#" * keyfile.MAX_KEY_FILE)[: keyfile.MAX_KEY_FILE]
+    assert keyfile.load(str(write_key(tmp_path / "key", padded)), owner=ME).active == "k1"
 
 
 def test_key_file_symlink_is_refused(tmp_path: Path) -> None:
     real = write_key(tmp_path / "real", key_line("k1"))
     (tmp_path / "link").symlink_to(real)
     with pytest.raises(SealError, match="is a symbolic link"):
-        KeyRing.load(str(tmp_path / "link"), owner=ME)
+        keyfile.load(str(tmp_path / "link"), owner=ME)
 
 
 def test_key_file_missing_or_special(tmp_path: Path) -> None:
     with pytest.raises(SealError, match="No such file"):
-        KeyRing.load(str(tmp_path / "absent"), owner=ME)
+        keyfile.load(str(tmp_path / "absent"), owner=ME)
     os.mkfifo(tmp_path / "fifo", 0o600)
     with pytest.raises(SealError, match="not a regular file"):  # and does not hang
-        KeyRing.load(str(tmp_path / "fifo"), owner=ME)
+        keyfile.load(str(tmp_path / "fifo"), owner=ME)
 
 
 def test_ring_checks() -> None:
@@ -378,14 +379,14 @@ def b64key(key: bytes) -> str:
 
 def test_key_directory_single_key(tmp_path: Path) -> None:
     key = os.urandom(32)
-    ring = KeyRing.load(str(secret_volume(tmp_path / "vol", {"k1": b64key(key)})), owner=ME)
+    ring = keyfile.load(str(secret_volume(tmp_path / "vol", {"k1": b64key(key)})), owner=ME)
     assert ring.active == "k1" and ring.key("k1") == key
 
 
 def test_key_directory_active(tmp_path: Path) -> None:
     old, new = os.urandom(32), os.urandom(32)
     vol = secret_volume(tmp_path / "vol", {"a-new": b64key(new), "z-old": b64key(old), "active": "a-new\n"})
-    ring = KeyRing.load(str(vol), owner=ME)
+    ring = keyfile.load(str(vol), owner=ME)
     assert ring.active == "a-new" and ring.names == ("a-new", "z-old") and ring.key("z-old") == old
 
 
@@ -394,7 +395,7 @@ def test_key_directory_plain_files(tmp_path: Path) -> None:
     write_key(tmp_path / "k1", b64key(os.urandom(32)))
     write_key(tmp_path / "k2", b64key(os.urandom(32)))
     write_key(tmp_path / "active", "k1")
-    assert KeyRing.load(str(tmp_path), owner=ME).names == ("k1", "k2")
+    assert keyfile.load(str(tmp_path), owner=ME).names == ("k1", "k2")
 
 
 @pytest.mark.parametrize(
@@ -411,15 +412,15 @@ def test_key_directory_plain_files(tmp_path: Path) -> None:
 def test_bad_key_directory_is_refused(tmp_path: Path, files: dict[str, str], message: str) -> None:
     files = {n: b64key(os.urandom(32)) if t == "k" else t for n, t in files.items()}
     with pytest.raises(SealError, match=message):
-        KeyRing.load(str(secret_volume(tmp_path / "vol", files)), owner=ME)
+        keyfile.load(str(secret_volume(tmp_path / "vol", files)), owner=ME)
 
 
 def test_key_directory_file_checks(tmp_path: Path) -> None:
     vol = secret_volume(tmp_path / "vol", {"k1": b64key(os.urandom(32))}, mode=0o644)  # defaultMode left alone
     with pytest.raises(SealError, match="k1: mode 0644"):
-        KeyRing.load(str(vol), owner=ME)
+        keyfile.load(str(vol), owner=ME)
     with pytest.raises(SealError, match="must be owned by uid"):
-        KeyRing.load(str(vol), owner=ME + 1)
+        keyfile.load(str(vol), owner=ME + 1)
 
 
 def test_key_directory_links_stay_inside(tmp_path: Path) -> None:
@@ -427,14 +428,14 @@ def test_key_directory_links_stay_inside(tmp_path: Path) -> None:
     vol = secret_volume(tmp_path / "vol", {"k1": b64key(os.urandom(32)), "active": "k1"})
     (vol / "k2").symlink_to(outside)
     with pytest.raises(SealError, match="k2: leads outside the key directory"):
-        KeyRing.load(str(vol), owner=ME)
+        keyfile.load(str(vol), owner=ME)
 
 
 def test_key_directory_itself_not_a_symlink(tmp_path: Path) -> None:
     vol = secret_volume(tmp_path / "vol", {"k1": b64key(os.urandom(32))})
     (tmp_path / "link").symlink_to(vol)
     with pytest.raises(SealError, match="symbolic link"):
-        KeyRing.load(str(tmp_path / "link"), owner=ME)
+        keyfile.load(str(tmp_path / "link"), owner=ME)
 
 
 # --- node-local stores ---
@@ -501,11 +502,11 @@ def test_require_key(mountinfo: str, path: str, local: bool) -> None:
     require_key(path, None, True, mountinfo=mountinfo)
     if local:
         require_key(path, None, False, mountinfo=mountinfo)
-        assert seal.node_local(path, mountinfo=mountinfo)
+        assert locality.node_local(path, mountinfo=mountinfo)
     else:
         with pytest.raises(SealError, match="needs a store key, or unauthenticated checkpoints allowed"):
             require_key(path, None, False, mountinfo=mountinfo)
-        assert not seal.node_local(path, mountinfo=mountinfo)
+        assert not locality.node_local(path, mountinfo=mountinfo)
 
 
 def test_unreadable_mountinfo_is_not_node_local(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from hotrestart.store import seal
+from hotrestart.store import keyfile, locality
 from hotrestart.store.store import Store
 
 KEY_ENV = "HOTRESTART_STORE_KEY"
@@ -25,6 +25,6 @@ def open_store(root: str, key_file: str = "", allow_unauthenticated: bool = Fals
     that is not node-local with no key, unless unauthenticated checkpoints are allowed."""
     key_file = key_file or os.environ.get(KEY_ENV, "")
     allow = allow_unauthenticated or _truthy(os.environ.get(ALLOW_UNAUTHENTICATED_ENV, ""))
-    ring = seal.KeyRing.load(key_file) if key_file else None
-    seal.require_key(root, ring, allow)
+    ring = keyfile.load(key_file) if key_file else None
+    locality.require_key(root, ring, allow)
     return Store(root, keys=ring)
