@@ -13,11 +13,12 @@ import sys
 import time
 
 from hotrestart import __version__
-from hotrestart.store import keyfile
+from hotrestart.store import config, keyfile
+from hotrestart.store.backend import Backend
 from hotrestart.store.config import KEY_ENV
+from hotrestart.store.entry import Entry
 from hotrestart.store.seal import SealError
 from hotrestart.store.store import DEFAULT_ROOT as DEFAULT_STORE
-from hotrestart.store.store import Entry, Store
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -219,20 +220,22 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def _store(args: argparse.Namespace) -> Store:
+def _store(args: argparse.Namespace) -> Backend:
+    # No key required, unlike the shim: an administrator may list and prune a shared store
+    # without one (sealed checkpoints are then listed as unsupported).
     try:
         key_file = getattr(args, "store_key", "")
         keys = keyfile.load(key_file) if key_file else None
     except SealError as exc:
         raise SystemExit(f"hotrestart: {exc}") from None
-    return Store(args.store, keys=keys)
+    return config.backend(args.store, keys)
 
 
 def _state(e: Entry) -> str:
     return e.state.rstrip("s") if e.state == "checkpoints" else e.state
 
 
-def _report_problems(store: Store) -> None:
+def _report_problems(store: Backend) -> None:
     for problem in store.problems():
         print(f"store: {problem}", file=sys.stderr)
 
@@ -255,7 +258,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 m.identity.canonical() if m else "?",
                 m.node if m else "?",
                 _age(now - m.created_at) if m else "?",
-                _size(e.size),
+                _size(store.size(e)),
                 m.reason if m else (e.fault.value if e.fault else "no manifest"),
             )
         )

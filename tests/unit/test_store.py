@@ -20,6 +20,7 @@ import pytest
 import zstandard
 
 from hotrestart.store import archive, compress, safefs
+from hotrestart.store.entry import Entry, Fault, identity_key
 from hotrestart.store.manifest import (
     MAX_CHUNK_RAW,
     MAX_MANIFEST,
@@ -32,9 +33,10 @@ from hotrestart.store.manifest import (
     UnsupportedManifestError,
     chunk_root,
 )
+from hotrestart.store.pending import PENDING_TTL
 from hotrestart.store.safefs import UnsafeEntryError
 from hotrestart.store.seal import KeyRing
-from hotrestart.store.store import PENDING_TTL, Entry, Fault, Store, identity_key
+from hotrestart.store.store import Store
 
 IDENT = Identity("ns", "web-0", "app")
 
@@ -361,7 +363,7 @@ def exercise(store: Store, tmp: Path) -> None:
         lambda: store.is_pending(IDENT),
         lambda: store.clear_pending(IDENT, "c1"),
         lambda: make_checkpoint(store, tmp),
-        lambda: [e.size for e in store.entries()],
+        lambda: [store.size(e) for e in store.entries()],
         lambda: store.latest(IDENT) and store.claim(store.latest(IDENT)),  # type: ignore[arg-type]
         lambda: store.prune(grace=0, max_age=1, now=time.time() + 86400 * 2),
         lambda: list(map(store.remove, store.entries())),

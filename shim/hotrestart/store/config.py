@@ -1,7 +1,8 @@
 """Opening the store as configured: its root, its key, and whether it may go without one.
 
 The shim (runtime options, containerd's environment) and the `hotrestart` command (flags,
-the same environment) open the store the same way, so both refuse the same stores.
+the same environment) open the store the same way, so both refuse the same stores, and
+`backend` is the one place that decides what kind of store a root names.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import os
 
 from hotrestart.store import keyfile, locality
+from hotrestart.store.backend import Backend
+from hotrestart.store.seal import KeyRing
 from hotrestart.store.store import Store
 
 KEY_ENV = "HOTRESTART_STORE_KEY"
@@ -19,7 +22,12 @@ def _truthy(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes")
 
 
-def open_store(root: str, key_file: str = "", allow_unauthenticated: bool = False) -> Store:
+def backend(root: str, keys: KeyRing | None) -> Backend:
+    """The store at `root`: today always a directory tree (a local path or a shared mount)."""
+    return Store(root, keys=keys)
+
+
+def open_store(root: str, key_file: str = "", allow_unauthenticated: bool = False) -> Backend:
     """The store at `root`, with its key ring when a key file is given (or named by
     HOTRESTART_STORE_KEY). Raises SealError for a key that cannot be loaded, and for a store
     that is not node-local with no key, unless unauthenticated checkpoints are allowed."""
@@ -27,4 +35,4 @@ def open_store(root: str, key_file: str = "", allow_unauthenticated: bool = Fals
     allow = allow_unauthenticated or _truthy(os.environ.get(ALLOW_UNAUTHENTICATED_ENV, ""))
     ring = keyfile.load(key_file) if key_file else None
     locality.require_key(root, ring, allow)
-    return Store(root, keys=ring)
+    return backend(root, ring)
