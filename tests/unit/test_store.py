@@ -71,9 +71,14 @@ def make_checkpoint(
 
 
 def test_layout_is_private(tmp_path: Path) -> None:
-    store = Store(str(tmp_path / "s"))
-    make_checkpoint(store, tmp_path)
-    os.umask(0o022)
+    # The most permissive umask, set before anything is made: every mode the store does not
+    # enforce itself (the test's own makedirs of images/ included) comes out open to all.
+    previous = os.umask(0)
+    try:
+        store = Store(str(tmp_path / "s"))
+        make_checkpoint(store, tmp_path)
+    finally:
+        os.umask(previous)
     for dirpath, _dirnames, filenames in os.walk(store.root):
         assert os.stat(dirpath).st_mode & 0o777 == 0o700, dirpath
         for name in filenames:
