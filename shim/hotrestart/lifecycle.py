@@ -20,8 +20,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from hotrestart.handoff import INIT_PID_FILE, LISTEN_FD_ENV
-from hotrestart.handoff import OPTIONS_FILE as OPTIONS_FILE  # service/task.py still imports it from here
+from hotrestart.handoff import INIT_PID_FILE, LISTEN_FD_ENV, OPTIONS_FILE
 
 if TYPE_CHECKING:
     from hotrestart.shim_main import Flags

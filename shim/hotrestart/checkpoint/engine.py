@@ -17,7 +17,7 @@ from hotrestart.gpu.state import GpuState
 from hotrestart.runtime import criu
 from hotrestart.runtime.command import CommandRunner
 from hotrestart.runtime.runc import Runc
-from hotrestart.store.store import Store
+from hotrestart.store.backend import Backend
 
 WORK_ROOT = workarea.ROOT
 
@@ -26,7 +26,7 @@ class Engine:
     def __init__(
         self,
         runner: CommandRunner,
-        store: Store,
+        store: Backend,
         *,
         work_root: str = WORK_ROOT,
         node: str = "",

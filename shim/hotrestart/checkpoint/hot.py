@@ -28,7 +28,7 @@ from hotrestart.container.seam import CheckpointConfig, Checkpointing, RestoreIm
 from hotrestart.errors import FailedPreconditionError, InvalidArgumentError
 from hotrestart.gpu.state import GpuState
 from hotrestart.runtime import cgroups, mounts
-from hotrestart.store.store import Entry
+from hotrestart.store.entry import Entry
 
 log = logging.getLogger(__name__)
 

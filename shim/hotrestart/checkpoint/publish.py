@@ -20,14 +20,14 @@ from hotrestart.checkpoint import workarea
 from hotrestart.checkpoint.dumped import Dumped
 from hotrestart.checkpoint.files import RAW
 from hotrestart.store import archive
+from hotrestart.store.backend import Backend
 from hotrestart.store.manifest import FileEntry, Identity
-from hotrestart.store.store import Store
 
 log = logging.getLogger(__name__)
 
 
 class Publisher:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Backend) -> None:
         self._store = store
         self._background: set[asyncio.Task[None]] = set()
         self._newest: dict[str, float] = {}  # identity -> wall time of its newest successful dump here

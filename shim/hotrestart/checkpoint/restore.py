@@ -27,8 +27,8 @@ from hotrestart.container.seam import RestoreImages, View
 from hotrestart.errors import ShimError
 from hotrestart.gpu import plan as gpu_plan
 from hotrestart.runtime import netinfo
+from hotrestart.store.entry import Entry
 from hotrestart.store.manifest import Manifest
-from hotrestart.store.store import Entry
 
 log = logging.getLogger(__name__)
 

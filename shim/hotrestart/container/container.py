@@ -32,6 +32,7 @@ from hotrestart.container.state import Action, State
 from hotrestart.container.stdio import open_io
 from hotrestart.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, RuntimeCommandError
 from hotrestart.events import TaskEvents
+from hotrestart.handoff import INIT_PID_FILE
 from hotrestart.reaper import Reaper
 from hotrestart.runtime import criu, mounts
 from hotrestart.runtime.oom import OOMWatcher, memory_cgroup_dir
@@ -85,7 +86,7 @@ class Container:
 
     @property
     def pid_file(self) -> str:
-        return os.path.join(self.bundle, "init.pid")
+        return os.path.join(self.bundle, INIT_PID_FILE)
 
     @property
     def own_pid_namespace(self) -> bool:

@@ -33,7 +33,7 @@ from hotrestart.container.state import State
 from hotrestart.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from hotrestart.events import TaskEvents, pack
 from hotrestart.gpu.state import GpuState
-from hotrestart.lifecycle import OPTIONS_FILE
+from hotrestart.handoff import OPTIONS_FILE
 from hotrestart.options import RuntimeOptions, decode
 from hotrestart.reaper import Reaper
 from hotrestart.runtime import mounts

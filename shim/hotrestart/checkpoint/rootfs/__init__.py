@@ -23,8 +23,8 @@ container of the pod sharing a volume) may change the tree while it is walked. S
 
 from __future__ import annotations
 
-from hotrestart.checkpoint.rootfs.capture import capture, upperdir_of
+from hotrestart.checkpoint.rootfs.capture import capture
 from hotrestart.checkpoint.rootfs.changes import Changes, load_changes
 from hotrestart.checkpoint.rootfs.replay import apply
 
-__all__ = ["Changes", "apply", "capture", "load_changes", "upperdir_of"]
+__all__ = ["Changes", "apply", "capture", "load_changes"]

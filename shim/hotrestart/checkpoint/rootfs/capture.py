@@ -16,14 +16,6 @@ from hotrestart.errors import FilesError
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 
 
-def upperdir_of(options: tuple[str, ...]) -> str:
-    """The upper directory named in an overlay mount's options ("" when there is none)."""
-    for opt in options:
-        if opt.startswith("upperdir="):
-            return opt[len("upperdir=") :]
-    return ""
-
-
 def _is_opaque(fd: int) -> bool:
     for name in OPAQUE_XATTRS:
         with contextlib.suppress(OSError):
