@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,13 @@ V1_HYBRID = """\
 """
 
 
-def test_v1_and_hybrid_lines() -> None:
+def _v2_mount(at: Path) -> str:
+    at.mkdir(parents=True, exist_ok=True)
+    (at / "cgroup.controllers").write_text("cpu memory\n")
+    return str(at)
+
+
+def test_v1_and_hybrid_lines(tmp_path: Path) -> None:
     found = cgroups.parse(V1_HYBRID)
     assert found[0] == Membership(12, ("freezer",), "/kubepods/pod1/c1")
     assert found[2].controllers == ("cpu", "cpuacct")
@@ -28,14 +35,18 @@ def test_v1_and_hybrid_lines() -> None:
     assert cgroups.controller_dir(found, "freezer") == "/sys/fs/cgroup/freezer/kubepods/pod1/c1"
     assert cgroups.controller_dir(found, "cpuacct") == "/sys/fs/cgroup/cpuacct/kubepods/pod1/c1"
     assert cgroups.controller_dir(found, "pids") is None
-    assert cgroups.unified_dir(found) == "/sys/fs/cgroup/kubepods/pod1/c1"
+    # Hybrid: the unified hierarchy is mounted at <root>/unified, the root is a tmpfs.
+    assert cgroups.unified_dir(found, str(tmp_path)) is None, "no v2 mount: nothing to write to"
+    _v2_mount(tmp_path / "unified")
+    assert cgroups.unified_dir(found, str(tmp_path)) == f"{tmp_path}/unified/kubepods/pod1/c1"
 
 
-def test_v2_only() -> None:
+def test_v2_only(tmp_path: Path) -> None:
+    root = _v2_mount(tmp_path)
     found = cgroups.parse("0::/system.slice/x.scope\n")
-    assert cgroups.controller_dir(found, "memory") is None
-    assert cgroups.unified_dir(found) == "/sys/fs/cgroup/system.slice/x.scope"
-    assert cgroups.unified_dir(cgroups.parse("0::/\n")) == "/sys/fs/cgroup"
+    assert cgroups.controller_dir(found, "memory", root) is None
+    assert cgroups.unified_dir(found, root) == f"{root}/system.slice/x.scope"
+    assert cgroups.unified_dir(cgroups.parse("0::/\n"), root) == root
 
 
 def test_a_path_may_hold_colons() -> None:
@@ -62,15 +73,27 @@ def test_malformed_lines_are_skipped(text: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["/../../etc", "/..", "/a/../../b"])
-def test_paths_leading_out_of_the_hierarchy_give_no_directory(path: str) -> None:
+def test_paths_leading_out_of_the_hierarchy_give_no_directory(path: str, tmp_path: Path) -> None:
+    root = _v2_mount(tmp_path)
     found = cgroups.parse(f"3:memory:{path}\n0::{path}\n")
-    assert cgroups.controller_dir(found, "memory") is None
-    assert cgroups.unified_dir(found) is None
+    assert cgroups.controller_dir(found, "memory", root) is None
+    assert cgroups.unified_dir(found, root) is None
 
 
-def test_dot_dot_inside_the_hierarchy_is_resolved() -> None:
+def test_dot_dot_inside_the_hierarchy_is_resolved(tmp_path: Path) -> None:
+    root = _v2_mount(tmp_path)
     found = cgroups.parse("0::/a/../b\n")
-    assert cgroups.unified_dir(found) == "/sys/fs/cgroup/b"
+    assert cgroups.unified_dir(found, root) == f"{root}/b"
+
+
+def test_control_files_are_never_created(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        cgroups._write(str(tmp_path / "cgroup.freeze"), "0")
+    assert not (tmp_path / "cgroup.freeze").exists()
+
+
+def test_a_pid_in_the_shims_own_cgroup_is_never_frozen() -> None:
+    assert cgroups.freeze_quiescent(os.getpid()) is False
 
 
 def test_of_pid() -> None:

@@ -58,11 +58,19 @@ def controller_dir(memberships: list[Membership], controller: str, root: str = R
 
 
 def unified_dir(memberships: list[Membership], root: str = ROOT) -> str | None:
-    """The v2 (unified) directory, where there is one."""
+    """The v2 (unified) directory, where there is one: at the root on a v2 node, at
+    root/unified on a hybrid one (there the root is a tmpfs, and nothing may be written)."""
+    mount = next((m for m in (root, os.path.join(root, "unified")) if _is_v2_mount(m)), None)
+    if mount is None:
+        return None
     for m in memberships:
         if m.unified:
-            return _beneath(root, m.path)
+            return _beneath(mount, m.path)
     return None
+
+
+def _is_v2_mount(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "cgroup.controllers"))
 
 
 def _beneath(mount: str, path: str) -> str | None:
@@ -112,8 +120,13 @@ def _read(path: str) -> str:
 
 
 def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
+    # Never O_CREAT: a control file that is not there means a wrong guess at the hierarchy,
+    # and a file made on a tmpfs would pass for one next time.
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 # Where a vfork() parent waits for its child to exec or exit (the kernel's wchan names).
@@ -138,8 +151,8 @@ def freeze_quiescent(pid: int, attempts: int = 50, delay: float = 0.02) -> bool:
     was frozen before it started frozen after a leave-running dump.
     """
     found = _freezer(pid)
-    if found is None:
-        return False
+    if found is None or found == _freezer(os.getpid()):
+        return False  # no cgroup of its own: freezing it would freeze the shim too
     version, path = found
     state_file = os.path.join(path, "freezer.state" if version == "v1" else "cgroup.freeze")
     frozen, thawed = ("FROZEN", "THAWED") if version == "v1" else ("1", "0")
