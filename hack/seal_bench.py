@@ -29,9 +29,9 @@ from collections.abc import Callable
 
 import zstandard
 
-from hotrestart.store import archive, seal
+from hotrestart.store import compress, seal
 
-CHUNK = archive.CHUNK
+CHUNK = compress.CHUNK
 PAGE = 4096
 
 
@@ -47,7 +47,7 @@ _local = threading.local()
 
 def _zstd() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
     if not hasattr(_local, "c"):
-        _local.c = zstandard.ZstdCompressor(level=archive.LEVEL)
+        _local.c = zstandard.ZstdCompressor(level=compress.LEVEL)
         _local.d = zstandard.ZstdDecompressor()
     return _local.c, _local.d
 

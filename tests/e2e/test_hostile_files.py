@@ -234,8 +234,8 @@ def test_links_fifos_and_malformed_entries_in_the_store_are_refused(
     """Another writer of the store plants links, FIFOs and malformed manifests where a pod's
     checkpoints live: that pod starts cold without blocking, nothing outside the store is
     touched, the CLI still lists the store, and another pod still restores."""
+    from hotrestart.store.entry import identity_key
     from hotrestart.store.manifest import Identity
-    from hotrestart.store.store import identity_key
 
     counter, _ = run_and_stop(client, inst, tmp_path, "good-0")
     wait_published(inst)

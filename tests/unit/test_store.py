@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import zstandard
 
-from hotrestart.store import archive, compress, safefs
+from hotrestart.store import archive, compress, follow, safefs
 from hotrestart.store.entry import Entry, Fault, identity_key
 from hotrestart.store.manifest import (
     MAX_CHUNK_RAW,
@@ -250,14 +250,14 @@ def test_follower_compresses_a_file_while_it_is_written(
     monkeypatch.setattr(compress, "workers", lambda: cores)  # 2: inline; 4: a pool of 3
     images, dest = tmp_path / "images", tmp_path / "staging"
     dest.mkdir()
-    follower = archive.Follower(str(images), str(dest), "images/", chunk=64 << 10)
+    follower = follow.Follower(str(images), str(dest), "images/", chunk=64 << 10)
     follower.start()
     images.mkdir()
     payload = b"".join(os.urandom(1000) + b"\0" * 3096 for _ in range(100)) + b"tail"
     with open(images / "pages-1.img", "wb", buffering=0) as f:
         for at in range(0, len(payload), 50_000):
             f.write(payload[at : at + 50_000])
-            time.sleep(archive.Follower.POLL * 2)
+            time.sleep(follow.Follower.POLL * 2)
         deadline = time.monotonic() + 5
         while follower._files["pages-1.img"].offset < len(payload) // (64 << 10) * (64 << 10):
             assert time.monotonic() < deadline, "whole chunks are compressed while the file grows"
@@ -274,9 +274,9 @@ def test_follower_compresses_a_file_while_it_is_written(
 def test_follower_close_stops_it_without_a_result(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "pages-1.img").write_bytes(os.urandom(10_000))
-    follower = archive.Follower(str(tmp_path / "images"), str(tmp_path), "images/", chunk=4096)
+    follower = follow.Follower(str(tmp_path / "images"), str(tmp_path), "images/", chunk=4096)
     follower.start()
-    time.sleep(archive.Follower.POLL * 3)
+    time.sleep(follow.Follower.POLL * 3)
     follower.close()
     follower.close()
     assert not follower._thread.is_alive()

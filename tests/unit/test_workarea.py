@@ -68,4 +68,3 @@ async def test_a_cancelled_restore_releases_its_claim(tmp_path: Path, fails: boo
     states = {e.state for e in store.entries()}
     assert states == ({"quarantine"} if fails else {"checkpoints"})
     assert os.listdir(tmp_path / "work") == []
-

@@ -28,7 +28,7 @@ from hotrestart.container.seam import View
 from hotrestart.errors import CheckpointError
 from hotrestart.runtime import netinfo
 from hotrestart.runtime.runc import CheckpointOpts
-from hotrestart.store import archive
+from hotrestart.store import follow
 from hotrestart.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ async def dump(
     work, tmpfs = workarea.make(engine.work_root, cid, usage, prefault=req.leave_running)
     net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(view.spec)))
     timings: dict[str, float] = {}
-    early: archive.Follower | None = None
+    early: follow.Follower | None = None
     try:
         images = os.path.join(work, "images")
         if not req.leave_running:
@@ -70,7 +70,7 @@ async def dump(
             # still writes it; a dump that leaves it running keeps every core for CRIU
             # instead, to keep the freeze short.
             os.makedirs(os.path.join(staging, "images"), mode=0o700, exist_ok=True)
-            early = archive.Follower(
+            early = follow.Follower(
                 images, os.path.join(staging, "images"), "images/", seal_for=seals.file if seals else None
             )
             early.start()

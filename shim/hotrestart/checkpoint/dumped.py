@@ -7,7 +7,7 @@ import functools
 import threading
 
 from hotrestart.errors import CheckpointError
-from hotrestart.store import archive
+from hotrestart.store import compress, follow
 from hotrestart.store.manifest import FileEntry, Manifest
 from hotrestart.store.seal import Sealer
 
@@ -38,7 +38,7 @@ class Seals:
         self._index: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def file(self, rel: str) -> archive.ChunkSeal:
+    def file(self, rel: str) -> compress.ChunkSeal:
         with self._lock:
             index = self._index.setdefault(rel, len(self._index))
         return functools.partial(self.sealer.seal_chunk, index)
@@ -62,5 +62,5 @@ class Dumped:
     manifest: Manifest
     started: float
     images: str  # the raw CRIU images, until published
-    early: archive.Follower | None = None  # compressing the page images since the dump began
+    early: follow.Follower | None = None  # compressing the page images since the dump began
     seals: Seals | None = None  # with a store key

@@ -24,11 +24,7 @@ import zstandard
 
 from hotrestart.errors import StoreError
 from hotrestart.store import compress
-from hotrestart.store.compress import CHUNK, LEVEL, FileCompressor
-
-# The writing side, reached through this module by the checkpoint engine.
-from hotrestart.store.compress import ChunkSeal as ChunkSeal
-from hotrestart.store.follow import Follower as Follower
+from hotrestart.store.compress import CHUNK, LEVEL, ChunkSeal, FileCompressor
 from hotrestart.store.manifest import MAX_CHUNK_RAW, MAX_CHUNK_STORED, Chunk, FileEntry, chunk_root
 from hotrestart.store.seal import SealError
 

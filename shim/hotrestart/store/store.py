@@ -20,8 +20,7 @@ import time
 from collections.abc import Iterator
 
 from hotrestart.store import archive, retention, safefs
-from hotrestart.store.entry import Entry as Entry  # the engine imports it from here
-from hotrestart.store.entry import identity_key
+from hotrestart.store.entry import Entry, identity_key
 from hotrestart.store.listing import Listing
 from hotrestart.store.manifest import Identity, Manifest
 from hotrestart.store.pending import PendingMarkers
