@@ -53,6 +53,12 @@ class InvalidArgumentError(ShimError):
     code = Code.INVALID_ARGUMENT
 
 
+class UnimplementedError(ShimError):
+    """A service or method this shim does not serve."""
+
+    code = Code.UNIMPLEMENTED
+
+
 class FailedPreconditionError(ShimError):
     code = Code.FAILED_PRECONDITION
 

@@ -67,7 +67,11 @@ def decode(body: bytes) -> tuple[dict[str, str], dict[str, str]]:
 
 
 class Declined(Exception):
-    """The zygote answered but would not start this shim (its message says why)."""
+    """The zygote answered but would not start this shim (its message says why).
+
+    Outside the ShimError hierarchy on purpose: it never reaches the wire (the verb falls
+    back to a fresh interpreter), and importing `errors` would load asyncio into the
+    `start` verb, whose speed is the point of this module."""
 
 
 def _connect(wait: float) -> _socket.socket | None:

@@ -40,7 +40,7 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from hotrestart.api.ttrpc import request_pb2
-from hotrestart.errors import Code, InvalidArgumentError, status_for
+from hotrestart.errors import Code, InvalidArgumentError, UnimplementedError, status_for
 from hotrestart.ttrpc import framing
 from hotrestart.ttrpc.limits import Limits
 
@@ -160,18 +160,11 @@ class Server:
     def _lookup(self, service: str, method: str) -> Handler:
         methods = self._services.get(service)
         if methods is None:
-            raise _Status(Code.UNIMPLEMENTED, f"service {service[:_NAME_ECHO]}")
+            raise UnimplementedError(f"service {service[:_NAME_ECHO]}")
         handler = methods.get(method)
         if handler is None:
-            raise _Status(Code.UNIMPLEMENTED, f"method {method[:_NAME_ECHO]}")
+            raise UnimplementedError(f"method {method[:_NAME_ECHO]}")
         return handler
-
-
-class _Status(Exception):
-    def __init__(self, code: Code, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class _Connection:
@@ -272,9 +265,6 @@ class _Connection:
                 reply = await handler(request.payload, ctx)
             response.status.code = Code.OK
             response.payload = reply
-        except _Status as exc:
-            response.status.code = exc.code
-            response.status.message = exc.message
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every failure becomes a status, never a dead shim
