@@ -13,8 +13,7 @@ import logging
 import os
 import shutil
 
-from hotrestart.gpu import plan as gpu_plan
-from hotrestart.runtime import mounts
+from hotrestart.runtime import meminfo, mounts
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ def make(root: str, name: str, size: int, *, prefault: bool = False) -> tuple[st
     if os.path.lexists(path):
         drop(path, True)
     os.mkdir(path, 0o700)
-    if size and size * 1.25 + (256 << 20) < gpu_plan.host_available():
+    if size and size * 1.25 + (256 << 20) < meminfo.available():
         limit = int(size * 1.25) + (64 << 20)
         # Huge pages halve CRIU's time writing pages, which is time the process is frozen.
         for extra in (("huge=always",), ()):

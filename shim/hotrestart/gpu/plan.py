@@ -125,18 +125,6 @@ def placement(recorded: Mapping[str, Any], here: Inventory | None) -> tuple[dict
     return mapping, ""
 
 
-def host_available() -> int:
-    """MemAvailable of this host, in bytes (0 when unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
 def criu_cuda_plugin(criu_binary: str) -> str:
     """The CUDA plugin the installed CRIU would load, or "" (then the shim drives cuda-checkpoint).
 

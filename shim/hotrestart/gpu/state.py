@@ -23,6 +23,7 @@ from typing import Any
 from hotrestart.errors import CheckpointError
 from hotrestart.gpu import plan
 from hotrestart.gpu.inventory import Inventory, node_inventory
+from hotrestart.runtime import meminfo
 from hotrestart.runtime.command import CommandRunner
 from hotrestart.runtime.cuda_checkpoint import CudaCheckpoint, find_binary
 
@@ -83,7 +84,7 @@ class GpuState:
         owner = self.owner()
         if not owner:
             raise CheckpointError(f"processes {pids} use the GPU but this node has no cuda-checkpoint")
-        problem = plan.host_memory_problem(plan.device_memory_in_use(pids, inventory), plan.host_available())
+        problem = plan.host_memory_problem(plan.device_memory_in_use(pids, inventory), meminfo.available())
         if problem:
             raise CheckpointError(problem)
         return Suspension(pids, owner, plan.record(pids, inventory, owner))
