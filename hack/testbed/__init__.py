@@ -4,16 +4,10 @@ Installed by ``hack/install-testbed.sh`` into /opt/hotrestart-testbed (or
 $HOTRESTART_TESTBED); see containerd.py for what an instance owns.
 """
 
-from .containerd import (
-    BIN_DIR,
-    CONTAINERD_17_BIN_DIR,
-    HOTRESTART_RUNTIME_TYPE,
-    NAMESPACE,
-    TESTBED,
-    ContainerdInstance,
-    TestbedError,
-)
+from .containerd import ContainerdInstance
+from .errors import TestbedError
 from .images import BUSYBOX_IMAGE, PAUSE_IMAGE, build_images
+from .layout import BIN_DIR, CONTAINERD_17_BIN_DIR, HOTRESTART_RUNTIME_TYPE, NAMESPACE, TESTBED
 from .pods import POD_NAMESPACE, make_pod_config, unique_pod_name
 
 __all__ = [

@@ -1,0 +1,5 @@
+"""The test bed's error."""
+
+
+class TestbedError(RuntimeError):
+    pass
