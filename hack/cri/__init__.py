@@ -5,7 +5,9 @@ into hack/cri/gen/ (see _gen.py); importing this package alone does not
 need the test bed.
 """
 
-from .client import (
+from .client import CRIClient, ExecResult
+from .logs import LogLine, parse_cri_log
+from .proto import (
     CONTAINER_CREATED,
     CONTAINER_EXITED,
     CONTAINER_RUNNING,
@@ -15,11 +17,7 @@ from .client import (
     NS_POD,
     SANDBOX_NOTREADY,
     SANDBOX_READY,
-    CRIClient,
-    ExecResult,
-    LogLine,
     api,
-    parse_cri_log,
     state_name,
 )
 

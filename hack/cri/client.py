@@ -6,7 +6,7 @@ are shared), containers log to ``<pod log dir>/<name>/<attempt>.log`` in the
 CRI log format, and the pod's cgroup parent is passed explicitly.
 
 The protobuf messages are the real ones (package runtime.v1), generated on
-first use from the test bed's api.proto; ``api()`` returns that module for
+first use from the test bed's api.proto (proto.py); ``api()`` returns that module for
 building requests by hand, and ``CRIClient.runtime`` / ``CRIClient.images``
 are the raw gRPC stubs.
 """
@@ -14,52 +14,18 @@ are the raw gRPC stubs.
 from __future__ import annotations
 
 import json
-import re
 import time
-import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any, NamedTuple
+
+from . import messages
+from .proto import CONTAINER_EXITED, load, state_name
 
 try:
     import grpc
 except ImportError:  # let `import cri` work without grpcio; using it needs grpcio
     grpc = None
-
-_API: ModuleType | None = None
-_GRPC: ModuleType | None = None
-
-
-def _load() -> tuple[ModuleType, ModuleType]:
-    global _API, _GRPC
-    if _API is None or _GRPC is None:
-        from ._gen import ensure_generated
-
-        ensure_generated()
-        from .gen import cri_runtime_v1_pb2 as api_mod
-        from .gen import cri_runtime_v1_pb2_grpc as grpc_mod
-
-        _API, _GRPC = api_mod, grpc_mod
-    return _API, _GRPC
-
-
-def api() -> ModuleType:
-    """The generated runtime.v1 message module (``cri_runtime_v1_pb2``)."""
-    return _load()[0]
-
-
-# ContainerState / PodSandboxState / NamespaceMode values (stable in the proto).
-CONTAINER_CREATED = 0
-CONTAINER_RUNNING = 1
-CONTAINER_EXITED = 2
-CONTAINER_UNKNOWN = 3
-SANDBOX_READY = 0
-SANDBOX_NOTREADY = 1
-NS_POD = 0
-NS_CONTAINER = 1
-NS_NODE = 2
 
 
 class ExecResult(NamedTuple):
@@ -68,39 +34,13 @@ class ExecResult(NamedTuple):
     exit_code: int
 
 
-@dataclass(frozen=True)
-class LogLine:
-    timestamp: str
-    stream: str  # "stdout" or "stderr"
-    tag: str  # "F" (full line) or "P" (partial)
-    message: str
-
-
-_LOG_RE = re.compile(r"^(\S+) (stdout|stderr) ([FP])(?: (.*))?$")
-
-
-def parse_cri_log(text: str) -> list[LogLine]:
-    """Parse a CRI container log (``<RFC3339Nano> <stream> <F|P> <message>`` lines)."""
-    out = []
-    for line in text.splitlines():
-        m = _LOG_RE.match(line)
-        if not m:
-            raise ValueError(f"not a CRI log line: {line!r}")
-        out.append(LogLine(m[1], m[2], m[3], m[4] or ""))
-    return out
-
-
-def state_name(state: int) -> str:
-    return str(api().ContainerState.Name(state))
-
-
 class CRIClient:
     """Blocking CRI client on a containerd socket (``unix://`` is implied)."""
 
     def __init__(self, socket_path: str | Path, timeout: float = 60.0) -> None:
         if grpc is None:
             raise ImportError("the CRI client needs grpcio (pip install grpcio grpcio-tools)")
-        api_mod, grpc_mod = _load()
+        api_mod, grpc_mod = load()
         self.api = api_mod
         self.socket_path = str(socket_path)
         self.timeout = timeout
@@ -162,41 +102,9 @@ class CRIClient:
 
     # -- pods ---------------------------------------------------------------------
 
-    def pod_config(
-        self,
-        name: str,
-        namespace: str = "default",
-        uid: str | None = None,
-        attempt: int = 0,
-        *,
-        annotations: Mapping[str, str] | None = None,
-        labels: Mapping[str, str] | None = None,
-        log_directory: str | Path | None = None,
-        hostname: str | None = None,
-        cgroup_parent: str | None = None,
-        share_pid: bool = False,
-        host_network: bool = False,
-    ) -> Any:
-        """A PodSandboxConfig as a kubelet would send it."""
-        a = self.api
-        uid = uid or str(uuid.uuid4())
-        ns = a.NamespaceOption(
-            network=NS_NODE if host_network else NS_POD,
-            pid=NS_POD if share_pid else NS_CONTAINER,
-            ipc=NS_POD,
-        )
-        linux = a.LinuxPodSandboxConfig(
-            cgroup_parent=cgroup_parent or "",
-            security_context=a.LinuxSandboxSecurityContext(namespace_options=ns),
-        )
-        return a.PodSandboxConfig(
-            metadata=a.PodSandboxMetadata(name=name, uid=uid, namespace=namespace, attempt=attempt),
-            hostname=hostname if hostname is not None else ("" if host_network else name[:63]),
-            log_directory=str(log_directory) if log_directory else "",
-            labels=dict(labels or {}),
-            annotations=dict(annotations or {}),
-            linux=linux,
-        )
+    def pod_config(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """A PodSandboxConfig as a kubelet would send it (see messages.pod_config)."""
+        return messages.pod_config(self.api, name, *args, **kwargs)
 
     def run_pod_sandbox(
         self,
@@ -274,67 +182,9 @@ class CRIClient:
 
     # -- containers ---------------------------------------------------------------
 
-    def container_config(
-        self,
-        name: str,
-        image: str,
-        command: Sequence[str] | None = None,
-        args: Sequence[str] | None = None,
-        *,
-        env: Mapping[str, str] | None = None,
-        working_dir: str = "",
-        tty: bool = False,
-        stdin: bool = False,
-        stdin_once: bool = False,
-        log_path: str | None = None,
-        annotations: Mapping[str, str] | None = None,
-        labels: Mapping[str, str] | None = None,
-        attempt: int = 0,
-        memory_limit: int | None = None,
-        cpu_quota: int | None = None,
-        cpu_period: int | None = None,
-        cpu_shares: int | None = None,
-        cpuset_cpus: str | None = None,
-        resources: Any = None,
-        mounts: Iterable[tuple[str, str] | tuple[str, str, bool]] = (),
-        share_pid: bool = False,
-        privileged: bool = False,
-    ) -> Any:
-        """A ContainerConfig.  ``mounts`` are (host_path, container_path[, readonly])."""
-        a = self.api
-        if resources is None:
-            resources = linux_resources(
-                a,
-                memory_limit=memory_limit,
-                cpu_quota=cpu_quota,
-                cpu_period=cpu_period,
-                cpu_shares=cpu_shares,
-                cpuset_cpus=cpuset_cpus,
-            )
-        sec = a.LinuxContainerSecurityContext(
-            namespace_options=a.NamespaceOption(network=NS_POD, pid=NS_POD if share_pid else NS_CONTAINER, ipc=NS_POD),
-            privileged=privileged,
-        )
-        mount_msgs = []
-        for m in mounts:
-            host, ctr_path, ro = (*m, False)[:3]
-            mount_msgs.append(a.Mount(host_path=str(host), container_path=ctr_path, readonly=bool(ro)))
-        return a.ContainerConfig(
-            metadata=a.ContainerMetadata(name=name, attempt=attempt),
-            image=a.ImageSpec(image=image),
-            command=list(command or []),
-            args=list(args or []),
-            working_dir=working_dir,
-            envs=[a.KeyValue(key=k, value=v) for k, v in (env or {}).items()],
-            mounts=mount_msgs,
-            labels=dict(labels or {}),
-            annotations=dict(annotations or {}),
-            log_path=log_path if log_path is not None else f"{name}/{attempt}.log",
-            stdin=stdin,
-            stdin_once=stdin_once,
-            tty=tty,
-            linux=a.LinuxContainerConfig(resources=resources, security_context=sec),
-        )
+    def container_config(self, name: str, image: str, *args: Any, **kwargs: Any) -> Any:
+        """A ContainerConfig (see messages.container_config)."""
+        return messages.container_config(self.api, name, image, *args, **kwargs)
 
     def create_container(
         self,
@@ -477,7 +327,7 @@ class CRIClient:
     ) -> None:
         a = self.api
         if linux is None:
-            linux = linux_resources(
+            linux = messages.linux_resources(
                 a,
                 memory_limit=memory_limit,
                 cpu_quota=cpu_quota,
@@ -559,30 +409,6 @@ class CRIClient:
             except grpc.RpcError as e:
                 errors.append(f"pod {p.id}: {e.code()} {e.details()}")
         return errors
-
-
-def linux_resources(
-    a: ModuleType,
-    *,
-    memory_limit: int | None = None,
-    cpu_quota: int | None = None,
-    cpu_period: int | None = None,
-    cpu_shares: int | None = None,
-    cpuset_cpus: str | None = None,
-) -> Any:
-    r = a.LinuxContainerResources()
-    if memory_limit is not None:
-        r.memory_limit_in_bytes = memory_limit
-    if cpu_quota is not None:
-        r.cpu_quota = cpu_quota
-        r.cpu_period = cpu_period or 100_000
-    elif cpu_period is not None:
-        r.cpu_period = cpu_period
-    if cpu_shares is not None:
-        r.cpu_shares = cpu_shares
-    if cpuset_cpus is not None:
-        r.cpuset_cpus = cpuset_cpus
-    return r
 
 
 def _json_or_str(v: str) -> Any:
