@@ -32,7 +32,9 @@ class FakeRunc:
         self.root = root
         self.binary = home / "runc"
         # This interpreter, with -S: no site packages to import, so each call starts in a few ms.
-        self.binary.write_text(f"#!{sys.executable} -S\n{PROGRAM.read_text()}")
+        # The copy finds its modules (fakerunc/) beside the program, not beside itself.
+        path = f"import sys\nsys.path.insert(0, {str(PROGRAM.parent)!r})\n"
+        self.binary.write_text(f"#!{sys.executable} -S\n{path}{PROGRAM.read_text()}")
         self.binary.chmod(0o755)
 
     # -- steering ---------------------------------------------------------------------------
