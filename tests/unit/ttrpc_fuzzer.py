@@ -1,44 +1,26 @@
-"""A ttrpc fuzzer against the real server over a real Unix socket.
-
-Peers of every kind run side by side in rounds until at least HOTRESTART_FUZZ_FRAMES frames
-(100,000 by default) have gone in: well-behaved pipelines, byte-flipped frames, truncated and
-abruptly closed streams, oversize frames, huge metadata, byte-at-a-time and stalled writers,
-peers that never read their replies, and a burst of connections over the cap. Throughout, a
-fresh client must get an answer within two seconds; at the end the server must still serve, have
-logged no failure, and hold no more descriptors or memory than the bounds below. The run is
-reproducible: HOTRESTART_FUZZ_SEED picks the random choices.
-"""
+"""The ttrpc fuzzer shared by the fuzz tests: peers of every kind, and what they met."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import gc
-import logging
 import os
 import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-import pytest
+from ttrpc_fuzz_server import FRAME_TIMEOUT, SERVICE, fds, rss, until
 
 from hotrestart.api.containerd.task.v2 import shim_pb2 as task
 from hotrestart.api.ttrpc import request_pb2
 from hotrestart.errors import Code
 from hotrestart.ttrpc import framing, limits
 from hotrestart.ttrpc.client import Client
-from hotrestart.ttrpc.limits import Limits
-from hotrestart.ttrpc.server import CallContext, Server, unary
+from hotrestart.ttrpc.server import Server
 
 SEED = int(os.environ.get("HOTRESTART_FUZZ_SEED", "20261129"))
 FRAMES = int(os.environ.get("HOTRESTART_FUZZ_FRAMES", "100000"))
-SERVICE = "fuzz.v1.Fuzz"
-# Short, so that stalled writers are cut within a round; long enough for a byte-at-a-time
-# writer of a small frame while the event loop is busy with everyone else.
-FRAME_TIMEOUT = 2.0
 # Peers running at once, well under MAX_CONNECTIONS so that the prober is never refused.
 CONCURRENCY = 24
 PEER_DEADLINE = 20.0
@@ -58,41 +40,7 @@ RSS_PEAK_BOUND = 256 << 20
 FD_BOUND = 2 * limits.MAX_CONNECTIONS + 2 * (CONCURRENCY + 16) + 16
 
 
-async def _state(r: task.StateRequest, ctx: CallContext) -> task.StateResponse:
-    return task.StateResponse(id=r.id, pid=len(ctx.metadata))
-
-
-async def _echo(payload: bytes, ctx: CallContext) -> bytes:
-    return payload
-
-
-async def _decode(payload: bytes, ctx: CallContext) -> bytes:
-    return task.StateRequest.FromString(payload).SerializeToString()
-
-
-async def _yield(payload: bytes, ctx: CallContext) -> bytes:
-    await asyncio.sleep(0)
-    return payload[:16]
-
-
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def _settled_rss() -> int:
-    """RSS with garbage collected and free heap handed back, so that what is left is in use."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return _rss()
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _Stats:
+class Stats:
     def __init__(self) -> None:
         self.frames = 0
         self.connections = 0
@@ -108,27 +56,12 @@ class _Stats:
         self.replies[name] = self.replies.get(name, 0) + 1
 
 
-class _Failures(logging.Handler):
-    """Keeps the server's log out of pytest's capture (memory) while counting what matters."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.errors: list[str] = []
-        self.warnings = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.ERROR:
-            self.errors.append(self.format(record))
-        elif record.levelno >= logging.WARNING:
-            self.warnings += 1
-
-
 class Fuzzer:
     def __init__(self, path: str, server: Server, rng: random.Random) -> None:
         self.path = path
         self.server = server
         self.rng = rng
-        self.stats = _Stats()
+        self.stats = Stats()
         self._huge_metadata: dict[int, bytes] = {}
 
     # Frames.
@@ -362,7 +295,7 @@ class Fuzzer:
                 break
         for _, writer in opened:
             writer.close()
-        await _until(lambda: self.server.connection_count == 0)
+        await until(lambda: self.server.connection_count == 0)
         return 1
 
     # Orchestration.
@@ -413,99 +346,7 @@ class Fuzzer:
 
     async def watch_fds(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            self.stats.max_fds = max(self.stats.max_fds, _fds())
-            self.stats.max_rss = max(self.stats.max_rss, _rss())
+            self.stats.max_fds = max(self.stats.max_fds, fds())
+            self.stats.max_rss = max(self.stats.max_rss, rss())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.02)
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-def quiet_server_log() -> Any:
-    logger = logging.getLogger("hotrestart.ttrpc.server")
-    handler = _Failures()
-    saved = logger.propagate, logger.level
-    logger.addHandler(handler)
-    logger.propagate = False
-    logger.setLevel(logging.WARNING)
-    yield handler
-    logger.removeHandler(handler)
-    logger.propagate, logger.level = saved
-
-
-async def test_fuzz_server(tmp_path: os.PathLike[str], quiet_server_log: _Failures) -> None:
-    loop = asyncio.get_running_loop()
-    loop_errors: list[str] = []
-    loop.set_exception_handler(lambda _loop, context: loop_errors.append(str(context.get("message"))))
-
-    path = os.path.join(str(tmp_path), "fuzz.sock")
-    sock = socket.socket(socket.AF_UNIX)
-    sock.bind(path)
-    sock.listen(256)
-    server = Server(Limits(frame_timeout=FRAME_TIMEOUT))
-    server.register(
-        SERVICE,
-        {"State": unary(task.StateRequest, _state), "Echo": _echo, "Decode": _decode, "Yield": _yield},
-    )
-    await server.serve_socket(sock)
-    fuzzer = Fuzzer(path, server, random.Random(SEED))
-    fds_before = _fds()
-    rss_start = _rss()
-    started = time.monotonic()
-
-    stop, stop_watching = asyncio.Event(), asyncio.Event()
-    prober = asyncio.ensure_future(fuzzer.probe(stop))
-    watcher = asyncio.ensure_future(fuzzer.watch_fds(stop_watching))
-    await fuzzer.run_round()
-    await _until(lambda: server.connection_count <= 1 or prober.done())  # the prober's, at most
-    rss_before = _settled_rss()
-    rounds = 1
-    while fuzzer.stats.frames < FRAMES:
-        await fuzzer.run_round()
-        rounds += 1
-        assert not prober.done(), "the prober failed"
-    stop.set()
-    await prober  # raises what it met
-    # The connection cap, alone so that the prober is not among the refused.
-    sent = await fuzzer.over_the_cap()
-    fuzzer.stats.frames += sent
-    elapsed = time.monotonic() - started
-    stop_watching.set()
-    await watcher
-
-    # Afterwards: still serving, every connection gone, nothing left in flight.
-    client = await Client.connect(path)
-    reply = await client.call(SERVICE, "State", task.StateRequest(id="after"), timeout=2)
-    assert task.StateResponse.FromString(reply).id == "after"
-    await client.close()
-    await _until(lambda: server.connection_count == 0 and server.requests_in_flight == 0)
-    rss_growth = _settled_rss() - rss_before
-    fds_after = _fds()
-    await server.close()
-
-    s = fuzzer.stats
-    mib = 1 << 20
-    print(
-        f"\nttrpc fuzz (seed {SEED}): {s.frames} frames over {s.connections} connections in {rounds} rounds, "
-        f"{elapsed:.1f} s; descriptors {fds_before} before, {s.max_fds} at most, {fds_after} after; "
-        f"RSS {rss_start / mib:.0f} MiB at start, peak +{(s.max_rss - rss_start) / mib:.1f} MiB, "
-        f"{rss_growth / mib:+.1f} MiB from after the first round to the end; {s.probes} probes, slowest "
-        f"{s.max_probe * 1000:.0f} ms; {s.refused} connections refused over the cap; "
-        f"{quiet_server_log.warnings} warnings logged; replies {dict(sorted(s.replies.items()))}"
-    )
-    assert s.frames >= FRAMES
-    assert not quiet_server_log.errors, quiet_server_log.errors[:3]
-    assert not loop_errors, loop_errors[:3]
-    assert s.max_fds <= fds_before + FD_BOUND
-    assert fds_after <= fds_before + 2
-    assert rss_growth < RSS_GROWTH_BOUND
-    assert s.max_rss - rss_start < RSS_PEAK_BOUND
-    for code in ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"):
-        assert s.replies.get(code, 0) > 0
-    assert "UNKNOWN" not in s.replies
