@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_store import IDENT, make_checkpoint
+from storekit import IDENT, make_checkpoint
 
 from hotrestart.checkpoint import dump, restore
 from hotrestart.checkpoint.engine import Engine

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_store import IDENT, make_checkpoint
+from storekit import IDENT, make_checkpoint
 
 from hotrestart.checkpoint import restore, workarea
 from hotrestart.checkpoint.engine import Engine
