@@ -245,17 +245,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
     store = _store(args)
     rows = [("ID", "STATE", "IDENTITY", "NODE", "AGE", "SIZE", "REASON")]
     bad: list[Entry] = []
-    for e in store.entries():
+    pools: dict[str, int] = {}
+    # A pool's members (one per stopped replica) are listed together.
+    for e in sorted(store.entries(), key=lambda e: (e.manifest.identity.canonical() if e.manifest else "~", e.id)):
         if e.state == "staging" and not args.all:
             continue
         m = e.manifest
         if e.fault is not None:
             bad.append(e)
+        if m is not None and m.identity.pool and e.state == "checkpoints":
+            pools[m.identity.canonical()] = pools.get(m.identity.canonical(), 0) + 1
         rows.append(
             (
                 e.id,
                 _state(e),
-                m.identity.canonical() if m else "?",
+                (m.identity.canonical() + (" (pool)" if m.identity.pool else "")) if m else "?",
                 m.node if m else "?",
                 _age(now - m.created_at) if m else "?",
                 _size(store.size(e)),
@@ -265,6 +269,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for name, count in sorted(pools.items()):
+        print(f"pool {name}: {count} checkpoint(s) waiting for a replica")
     # The reasons go after the table: one bad entry is reported, never a failed listing.
     for e in bad:
         print(f"{e.id} ({_state(e)}, {e.fault.value if e.fault else ''}): {e.problem}")
@@ -287,7 +293,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if m is None:
         print(f"manifest:  {entry.problem or 'missing or unreadable'}")
         return 1
-    print(f"identity:  {m.identity.canonical()}\nnode:      {m.node}\nreason:    {m.reason}")
+    print(f"identity:  {m.identity.canonical()}" + (" (a pool: one checkpoint per replica)" if m.identity.pool else ""))
+    if m.identity.source:
+        print(f"chosen by: {m.identity.source}")
+    print(f"node:      {m.node}\nreason:    {m.reason}")
     print(
         f"taken:     {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(m.created_at))} "
         f"({_age(time.time() - m.created_at)} ago)"

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 
-from hotrestart.checkpoint import dump, restore
+from hotrestart.checkpoint import dump, identity, restore
 from hotrestart.checkpoint.clock import Clock, LoopClock, Timer
 from hotrestart.checkpoint.dumped import DumpRequest
 from hotrestart.checkpoint.engine import Engine
@@ -33,13 +34,27 @@ from hotrestart.store.entry import Entry
 log = logging.getLogger(__name__)
 
 
+SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+# The labels of a pod, by its sandbox id (from containerd, see workload.containerd_api).
+PodLabels = Callable[[str], Awaitable[Mapping[str, str]]]
+
+
 class HotRestart(PlainCheckpoints):
     def __init__(
-        self, view: View, engine: Engine, policy: Policy, gpu: GpuState | None = None, *, clock: Clock | None = None
+        self,
+        view: View,
+        engine: Engine,
+        policy: Policy,
+        gpu: GpuState | None = None,
+        *,
+        clock: Clock | None = None,
+        pod_labels: PodLabels | None = None,
     ) -> None:
         super().__init__(view, gpu, gpu_lock_timeout=policy.gpu_lock_timeout)
         self.engine = engine
         self.policy = policy
+        self._pod_labels = pod_labels
+        self._identified = False
         self.clock: Clock = clock or LoopClock()
         self._planned: Entry | None = None
         self._restoring = ""  # the checkpoint being restored, for messages
@@ -55,7 +70,30 @@ class HotRestart(PlainCheckpoints):
 
     # -- create / start -------------------------------------------------------------------------
 
+    async def identify(self) -> None:
+        """Settle which checkpoints this container's are (once, at create or first dump): the
+        annotation's key, else the workload the pod's labels name, else the pod name."""
+        if self._identified:
+            return
+        self._identified = True
+        chosen = identity.from_annotation(self.policy.identity)
+        if chosen is None:
+            sandbox = str((self.view.spec.get("annotations") or {}).get(SANDBOX_ID, ""))
+            if self._pod_labels is None or not sandbox:
+                chosen = identity.by_pod_name(self.policy.identity, "the pod's labels are not available here")
+            else:
+                try:
+                    labels = await self._pod_labels(sandbox)
+                except Exception as exc:
+                    log.warning("%s: pod labels unavailable, identity by pod name: %s", self.view.id, exc)
+                    chosen = identity.by_pod_name(self.policy.identity, f"pod labels unavailable: {exc}")
+                else:
+                    chosen = identity.from_labels(self.policy.identity, labels)
+        self.policy = dataclasses.replace(self.policy, identity=chosen)
+        log.info("%s: identity %s (%s)", self.view.id, chosen.canonical(), chosen.source)
+
     async def plan_restore(self) -> RestorePlan:
+        await self.identify()
         try:
             entry, why = await restore.find(self.engine, self.view, self.policy)
         except Exception as exc:
@@ -64,7 +102,8 @@ class HotRestart(PlainCheckpoints):
             if why == "no checkpoint":
                 return RestorePlan(False)
             log.warning("%s: starting cold: %s", self.view.id, why)
-            return RestorePlan(False, f"hotrestart: starting cold: {why}")
+            who = self.policy.identity
+            return RestorePlan(False, f"hotrestart: starting cold: {why} (identity {who.canonical()}: {who.source})")
         self._planned = entry
         log.info("%s: will restore from checkpoint %s", self.view.id, entry.id)
         return RestorePlan(True)
@@ -109,6 +148,7 @@ class HotRestart(PlainCheckpoints):
     async def checkpoint_for_stop(self, sig: int) -> bool:
         self._stopping = True
         started = self.clock.monotonic()
+        await self.identify()
         async with self.dump_lock:  # a periodic or API checkpoint in progress finishes first
             left = self.policy.timeout - (self.clock.monotonic() - started)
             if left <= 0.5 or not self.view.running:
@@ -138,6 +178,7 @@ class HotRestart(PlainCheckpoints):
         if self._stopping:
             await super().checkpoint(cfg)
             return
+        await self.identify()
         req = DumpRequest("api", leave_running=not cfg.exit)
         if cfg.options_given:
             req = DumpRequest(
@@ -167,6 +208,7 @@ class HotRestart(PlainCheckpoints):
             await self.clock.sleep(interval)
             if self._stopping:
                 return
+            await self.identify()
             if self.engine.publisher.publishing(self.policy.identity, "periodic"):
                 log.info("%s: previous checkpoint still being published; skipping this interval", self.view.id)
                 continue
@@ -255,7 +297,9 @@ def cri_container_dir(rootfs: tuple[mounts.Mount, ...], cid: str) -> str:
     return ""
 
 
-def checkpointing_for(view: View, gpu: GpuState | None, engine: Callable[[], Engine | None]) -> Checkpointing:
+def checkpointing_for(
+    view: View, gpu: GpuState | None, engine: Callable[[], Engine | None], pod_labels: PodLabels | None = None
+) -> Checkpointing:
     """Hot restart when the container's spec asks for it and the store can be used safely
     (`engine` gives None otherwise); plain runc-v2 checkpointing else."""
     try:
@@ -266,4 +310,4 @@ def checkpointing_for(view: View, gpu: GpuState | None, engine: Callable[[], Eng
     hot_engine = engine() if policy.enabled else None
     if hot_engine is None:
         return PlainCheckpoints(view, gpu, gpu_lock_timeout=policy.gpu_lock_timeout)
-    return HotRestart(view, hot_engine, policy, gpu)
+    return HotRestart(view, hot_engine, policy, gpu, pod_labels=pod_labels)

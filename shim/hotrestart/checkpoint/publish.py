@@ -47,11 +47,16 @@ class Publisher:
         return (identity.canonical(), reason) in self._in_flight.values()
 
     def retire(self, identity: Identity, reasons: tuple[str, ...]) -> None:
-        """Drop the restore points of `identity` taken for `reasons` (a clean exit ends them)."""
+        """Drop the restore points of `identity` taken for `reasons` (a clean exit ends them);
+        in a pool, only this pod's (the other members belong to replicas still at work)."""
         self.dumped(identity)
         for entry in self._store.published(identity):
-            if entry.manifest is not None and entry.manifest.reason in reasons:
-                self._store.remove(entry)
+            manifest = entry.manifest
+            if manifest is None or manifest.reason not in reasons:
+                continue
+            if identity.pool and manifest.identity.pod != identity.pod:
+                continue
+            self._store.remove(entry)
 
     def discard(self, dumped: Dumped) -> None:
         """Throw a dump away unpublished."""

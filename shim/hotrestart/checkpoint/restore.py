@@ -95,6 +95,8 @@ def beyond_memory_limit(manifest: Manifest, spec: Mapping[str, Any]) -> str:
 async def prepare(engine: Engine, view: View, entry: Entry, policy: Policy) -> tuple[Claim, RestoreImages]:
     """Claim `entry`, verify and unpack it and replay its files, for `runc restore`."""
     claimed = engine.store.claim(entry)
+    if (claimed is None or claimed.manifest is None) and policy.identity.pool:
+        claimed = await _claim_another(engine, view, policy, entry.id)
     if claimed is None or claimed.manifest is None:
         raise RestoreFailed(f"checkpoint {entry.id} was claimed by another restore")
     claim = Claim(claimed, claimed.manifest)
@@ -126,7 +128,9 @@ async def prepare(engine: Engine, view: View, entry: Entry, policy: Policy) -> t
             raise RestoreFailed(str(exc) or type(exc).__name__) from exc
         raise
     taken = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(manifest.created_at))
-    note = f"hotrestart: restoring from checkpoint {entry.id} taken on {manifest.node} at {taken}"
+    who = policy.identity
+    note = f"hotrestart: restoring from checkpoint {claimed.id} taken on {manifest.node} at {taken}"
+    note += f" (identity {who.canonical()}: {who.source})" if who.source else ""
     return claim, RestoreImages(os.path.join(claim.work, "images"), criu_work, keep_tcp, note)
 
 
@@ -174,6 +178,23 @@ def settle(engine: Engine, claim: Claim, *, died_early: bool) -> None:
         return
     with contextlib.suppress(OSError):
         store.remove(claim.entry)
+
+
+async def _claim_another(engine: Engine, view: View, policy: Policy, taken: str) -> Entry | None:
+    """Another replica claimed the pool's newest member first: the next newest that fits."""
+    runtime = await engine.runtime_info(view.runc)
+    for other in engine.store.candidates(policy.identity):
+        manifest = other.manifest
+        if other.id == taken or manifest is None:
+            continue
+        if incompatibility(manifest, view.spec, runtime) or beyond_memory_limit(manifest, view.spec):
+            continue
+        if manifest.gpu.get("processes") and (await _gpu_placement(engine, manifest))[1]:
+            continue
+        claimed = engine.store.claim(other)
+        if claimed is not None and claimed.manifest is not None:
+            return claimed
+    return None
 
 
 async def _gpu_placement(engine: Engine, manifest: Manifest) -> tuple[dict[str, str], str]:

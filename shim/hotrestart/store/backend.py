@@ -69,6 +69,10 @@ class Backend(Protocol):
         """The newest usable published checkpoint of `identity`."""
         ...
 
+    def candidates(self, identity: Identity) -> list[Entry]:
+        """The identity's usable checkpoints, newest first (a pool's members in claim order)."""
+        ...
+
     def find(self, prefix: str) -> Entry | None:
         """The one entry whose id starts with `prefix`, or None."""
         ...

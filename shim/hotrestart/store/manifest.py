@@ -92,7 +92,9 @@ class Identity:
     namespace: str
     pod: str
     container: str
-    key: str = ""  # set by the hotrestart.io/identity annotation; replaces pod and container
+    key: str = ""  # the annotation's key, or the workload's (Job, pod template); replaces pod and container
+    pool: bool = False  # several checkpoints kept, one per stopped member (a ReplicaSet's replicas)
+    source: str = ""  # how the identity was chosen, for people reading `hotrestart ls`
 
     def canonical(self) -> str:
         """The identity as one string, always within its namespace, and injective.
@@ -220,6 +222,12 @@ def _choice(*allowed: str) -> Check:
         return str(value)
 
     return check
+
+
+def _bool(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ManifestError(f"{where} is not true or false")
+    return value
 
 
 def _int(low: int, high: int) -> Check:
@@ -371,6 +379,8 @@ _IDENTITY_FIELDS: dict[str, tuple[bool, Check]] = {
     "pod": (True, _text(253)),
     "container": (True, _text(253)),
     "key": (False, _text(1024)),
+    "pool": (False, _bool),
+    "source": (False, _text(512)),
 }
 # GPU records are read by gpu/plan.py: the fields it reads must have the types it expects.
 _GPU_DEVICE: dict[str, tuple[bool, Check]] = {

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 
 from hotrestart.store import archive, retention, safefs
-from hotrestart.store.entry import Entry, identity_key
+from hotrestart.store.entry import Entry, Good, identity_key
 from hotrestart.store.listing import Listing
 from hotrestart.store.manifest import Identity, Manifest
 from hotrestart.store.pending import PendingMarkers
@@ -30,6 +30,11 @@ from hotrestart.store.sealing import Sealing
 from hotrestart.store.tree import MANIFEST, OWNER, REASON, SMALL, Tree, one_line, owner_line, pid_alive
 
 DEFAULT_ROOT = "/var/lib/hotrestart"
+
+
+# A pool keeps one checkpoint per stopped member, up to this many, for this long (seconds).
+POOL_CAP = 16
+POOL_TTL = 24 * 3600
 
 
 class Store:
@@ -67,9 +72,12 @@ class Store:
         """Write the manifest and move the staging folder into place in one rename.
 
         A checkpoint older than one already published for the identity is discarded (None):
-        the newest state is the only one worth restoring."""
+        the newest state is the only one worth restoring. A pool (the replicas of one pod
+        template) keeps one per member instead, the newest `POOL_CAP` and none older than
+        `POOL_TTL`."""
         matching = self._listing.matching
-        if any(e.manifest.created_at > manifest.created_at for e in matching(manifest.identity)):
+        pool = manifest.identity.pool
+        if not pool and any(e.manifest.created_at > manifest.created_at for e in matching(manifest.identity)):
             self.discard(staging)
             return None
         cid = self._staging_name(staging)
@@ -87,12 +95,29 @@ class Store:
                 mtime = safefs.mtime(kfd, manifest.id)
         target = os.path.join(self.tree.dir("checkpoints"), key, manifest.id)
         entry = Entry("checkpoints", manifest.id, target, manifest, key=key, mtime=mtime)
-        # Only the newest checkpoint of an identity is worth keeping.
-        for older in matching(manifest.identity):
-            if older.id != manifest.id and older.manifest.created_at <= manifest.created_at:
-                with contextlib.suppress(OSError):
-                    self.remove(older.entry)
+        for older in self._superseded(manifest):
+            with contextlib.suppress(OSError):
+                self.remove(older.entry)
         return entry
+
+    def _superseded(self, manifest: Manifest) -> list[Good]:
+        """What publishing `manifest` makes worthless: for one container every older
+        checkpoint, for a pool its members beyond the cap or the age limit."""
+        members = self._listing.matching(manifest.identity)
+        if not manifest.identity.pool:
+            return [m for m in members if m.id != manifest.id and m.manifest.created_at <= manifest.created_at]
+        newest_first = sorted(members, key=lambda m: m.manifest.created_at, reverse=True)
+        now = time.time()
+        return [
+            m
+            for i, m in enumerate(newest_first)
+            if m.id != manifest.id and (i >= POOL_CAP or now - m.manifest.created_at > POOL_TTL)
+        ]
+
+    def candidates(self, identity: Identity) -> list[Entry]:
+        """The identity's usable checkpoints, newest first (a pool's members in the order to claim)."""
+        found = sorted(self._listing.matching(identity), key=lambda m: m.manifest.created_at, reverse=True)
+        return [m.entry for m in found]
 
     def discard(self, staging: str) -> None:
         with contextlib.suppress(OSError, ValueError), self.tree.at("staging") as sfd:
