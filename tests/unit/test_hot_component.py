@@ -20,10 +20,11 @@ from hotrestart.checkpoint.engine import Engine
 from hotrestart.checkpoint.hot import HotRestart
 from hotrestart.checkpoint.policy import Policy
 from hotrestart.container.seam import CheckpointConfig, View
-from hotrestart.errors import RuntimeCommandError
+from hotrestart.errors import RuntimeCommandError, ShimError
 from hotrestart.runtime import cgroups
 from hotrestart.runtime.command import Completed
 from hotrestart.runtime.runc import CheckpointOpts
+from hotrestart.store.manifest import Identity
 from hotrestart.store.store import Store
 
 
@@ -256,3 +257,81 @@ async def test_an_api_checkpoint_is_handed_over_and_kept_until_a_clean_exit(tmp_
     assert newest is not None and newest.manifest is not None and newest.manifest.reason == "api"
     hot.exited(0, stop_requested=False)  # done on its own: nothing left to recover
     assert _states(store) == []
+
+
+def _replica(
+    tmp_path: Path, engine: Engine, pod: str, labels: dict[str, str] | Exception
+) -> tuple[HotRestart, StandInRunc]:
+    """A replica of one Deployment: its own pod name, its pod's labels from containerd."""
+    spec = {"annotations": {"io.kubernetes.cri.sandbox-id": f"sandbox-{pod}"}, "process": {"args": ["serve"]}}
+    runc = StandInRunc()
+    view = View(f"c-{pod}", str(tmp_path), spec, runc, (), False, pid=os.getpid(), running=True)  # type: ignore[arg-type]
+
+    async def pod_labels(sandbox: str) -> dict[str, str]:
+        assert sandbox == f"sandbox-{pod}"
+        if isinstance(labels, Exception):
+            raise labels
+        return labels
+
+    policy = Policy(True, Identity("shop", pod, "app"), timeout=30.0)
+    return HotRestart(view, engine, policy, clock=FakeClock(), pod_labels=pod_labels), runc
+
+
+def _engine(tmp_path: Path) -> Engine:
+    store = Store(str(tmp_path / "store"))
+    return Engine(StandInRunner(), store, work_root=str(tmp_path / "work"), node="n1")  # type: ignore[arg-type]
+
+
+async def test_replicas_of_one_template_restore_one_checkpoint_each(tmp_path: Path, freezer: list[str]) -> None:
+    engine = _engine(tmp_path)
+    template = {"app": "web", "pod-template-hash": "7d4b9c8f6d"}
+    for pod in ("web-7d4b9c8f6d-aaaaa", "web-7d4b9c8f6d-bbbbb"):
+        old, _ = _replica(tmp_path, engine, pod, template)
+        await old.plan_restore()
+        assert await old.checkpoint_for_stop(15)
+    await engine.drain()
+    pool = old.policy.identity
+    assert pool.pool and pool.key == "@template/7d4b9c8f6d/app"
+    assert len(engine.store.candidates(pool)) == 2
+    restored = []
+    for pod in ("web-7d4b9c8f6d-ccccc", "web-7d4b9c8f6d-ddddd"):
+        new, _ = _replica(tmp_path, engine, pod, template)
+        assert (await new.plan_restore()).restore
+        images = await new.prepare_restore()
+        assert "pod template 7d4b9c8f6d" in images.note
+        await new.finish_restore()
+        assert new._claim is not None
+        restored.append(new._claim.entry.id)
+    assert len(set(restored)) == 2, "each replica got its own member"
+    third, _ = _replica(tmp_path, engine, "web-7d4b9c8f6d-eeeee", template)
+    assert not (await third.plan_restore()).restore, "two members, two restores: the third starts cold"
+
+
+async def test_a_member_claimed_elsewhere_first_gives_way_to_the_next(tmp_path: Path, freezer: list[str]) -> None:
+    engine = _engine(tmp_path)
+    template = {"pod-template-hash": "7d4b9c8f6d"}
+    for pod in ("web-a", "web-b"):
+        old, _ = _replica(tmp_path, engine, pod, template)
+        await old.plan_restore()
+        assert await old.checkpoint_for_stop(15)
+    await engine.drain()
+    new, _ = _replica(tmp_path, engine, "web-c", template)
+    assert (await new.plan_restore()).restore
+    newest = engine.store.candidates(new.policy.identity)[0]
+    assert Store(str(tmp_path / "store")).claim(newest) is not None  # another node, a moment earlier
+    await new.prepare_restore()
+    assert new._claim is not None and new._claim.entry.id != newest.id
+
+
+async def test_without_the_pods_labels_the_pod_name_is_the_identity(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = _engine(tmp_path)
+    hot, _ = _replica(
+        tmp_path, engine, "web-a", ShimError("containerd: unavailable")
+    )
+    with caplog.at_level(logging.WARNING):
+        await hot.plan_restore()
+    got = hot.policy.identity
+    assert got.canonical() == "shop/web-a/app" and not got.pool
+    assert "pod labels unavailable" in got.source and "unavailable" in caplog.text
