@@ -97,6 +97,13 @@ class StoreError(ShimError):
     code = Code.FAILED_PRECONDITION
 
 
+class ContainerdAPIError(ShimError):
+    """containerd's own API did not give what was asked (unreachable, no answer in time, no
+    such container, an answer over our caps); the message says which."""
+
+    code = Code.UNAVAILABLE
+
+
 class RuntimeCommandError(ShimError):
     """An external command (runc, CRIU) failed; `message` carries its own last words."""
 

@@ -1,0 +1,1 @@
+"""What a pod is an instance of: facts about the pod read from containerd, for hot restart."""
