@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -15,8 +16,10 @@ from hotrestart import telemetry
 from hotrestart.events import Publisher, TaskEvents
 from hotrestart.handoff import LISTEN_FD_ENV
 from hotrestart.reaper import Reaper, become_subreaper
+from hotrestart.runtime.command import CommandRunner
 from hotrestart.service.task import SERVICES, TaskService
 from hotrestart.ttrpc.server import Server
+from hotrestart.workload import lookup
 
 if TYPE_CHECKING:
     from hotrestart.shim_main import Flags
@@ -95,7 +98,13 @@ async def _serve(flags: Flags, sock: socket.socket) -> None:
     reaper.install(loop)
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
     stop = asyncio.Event()
-    service = TaskService(namespace=flags.namespace, reaper=reaper, events=TaskEvents(publisher), on_idle=stop.set)
+    service = TaskService(
+        namespace=flags.namespace,
+        reaper=reaper,
+        events=TaskEvents(publisher),
+        on_idle=stop.set,
+        pod_labels=functools.partial(lookup.pod_labels, CommandRunner(reaper), flags.address, flags.namespace),
+    )
     server = Server()
     for name in SERVICES:
         server.register(name, service.handlers())

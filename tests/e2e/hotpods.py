@@ -34,6 +34,7 @@ class Incarnation:
         name: str,
         *,
         annotations: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
         namespace: str = "hot",
     ) -> None:
         self.client = client
@@ -47,6 +48,7 @@ class Incarnation:
             namespace,
             self.uid,
             annotations=annotations or {},
+            labels=labels or {},
             log_directory=logs,
             cgroup_parent=inst.pod_cgroup_parent(self.uid),
         )

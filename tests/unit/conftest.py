@@ -11,7 +11,8 @@ import asyncio
 import ctypes
 import os
 import signal
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,14 @@ def runc(fake_runc: FakeRunc, reaper: Reaper, tmp_path: Path) -> Runc:
         root=str(fake_runc.root),
         log_path=str(tmp_path / "runc-log.json"),
     )
+
+
+@pytest.fixture(autouse=True)
+def no_mounts_left(tmp_path: Path) -> Iterator[None]:
+    """Work areas are tmpfs mounts when run as root: a test must leave none behind."""
+    yield
+    with open("/proc/self/mounts") as f:
+        left = [line.split()[1] for line in f if line.split()[1].startswith(str(tmp_path))]
+    for path in reversed(left):
+        subprocess.run(["umount", "-l", path], check=False, capture_output=True)
+    assert not left, f"mounts left behind: {left}"

@@ -303,6 +303,7 @@ async def test_replicas_of_one_template_restore_one_checkpoint_each(tmp_path: Pa
         assert new._claim is not None
         restored.append(new._claim.entry.id)
     assert len(set(restored)) == 2, "each replica got its own member"
+    assert os.listdir(tmp_path / "work") == []
     third, _ = _replica(tmp_path, engine, "web-7d4b9c8f6d-eeeee", template)
     assert not (await third.plan_restore()).restore, "two members, two restores: the third starts cold"
 
@@ -321,17 +322,19 @@ async def test_a_member_claimed_elsewhere_first_gives_way_to_the_next(tmp_path: 
     assert Store(str(tmp_path / "store")).claim(newest) is not None  # another node, a moment earlier
     await new.prepare_restore()
     assert new._claim is not None and new._claim.entry.id != newest.id
+    await new.finish_restore()  # frees the work area
+    assert os.listdir(tmp_path / "work") == []
 
 
 async def test_without_the_pods_labels_the_pod_name_is_the_identity(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine = _engine(tmp_path)
-    hot, _ = _replica(
-        tmp_path, engine, "web-a", ShimError("containerd: unavailable")
-    )
+    hot, _ = _replica(tmp_path, engine, "web-a", ShimError("containerd: unavailable"))
+    await hot.plan_restore()
+    assert hot.policy.identity.source == "", "no workload checkpoints in the namespace: nothing asked at create"
     with caplog.at_level(logging.WARNING):
-        await hot.plan_restore()
+        await hot.identify()  # the first dump's
     got = hot.policy.identity
     assert got.canonical() == "shop/web-a/app" and not got.pool
     assert "pod labels unavailable" in got.source and "unavailable" in caplog.text

@@ -46,7 +46,7 @@ def test_all_modules_import_into_one_pool() -> None:
     names = [
         m.name for m in pkgutil.walk_packages(hotrestart.api.__path__, "hotrestart.api.") if m.name.endswith("_pb2")
     ]
-    assert len(names) == 13
+    assert len(names) == 14
     for name in names:
         importlib.import_module(name)
 

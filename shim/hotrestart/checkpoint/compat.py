@@ -22,6 +22,10 @@ from hotrestart.checkpoint.policy import IMAGE_NAME
 from hotrestart.store.manifest import Manifest
 
 CAPABILITY_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
+# Set by containerd from the pod's hostname: it differs between the replicas of one template,
+# which restore each other's checkpoints. The restored process keeps the environment it had
+# (it lives in its memory); its hostname is the new pod's.
+_PER_POD_ENV = "HOSTNAME="
 
 
 def image_of(spec: Mapping[str, Any]) -> str:
@@ -41,7 +45,7 @@ def _process_fingerprint(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "image": image_of(spec),
         "args": process.get("args") or [],
-        "env": sorted(process.get("env") or []),
+        "env": sorted(e for e in process.get("env") or [] if not str(e).startswith(_PER_POD_ENV)),
         "cwd": process.get("cwd") or "/",
         "terminal": bool(process.get("terminal")),
     }

@@ -30,6 +30,7 @@ from hotrestart.errors import FailedPreconditionError, InvalidArgumentError
 from hotrestart.gpu.state import GpuState
 from hotrestart.runtime import cgroups, mounts
 from hotrestart.store.entry import Entry
+from hotrestart.store.manifest import Identity
 
 log = logging.getLogger(__name__)
 
@@ -70,30 +71,39 @@ class HotRestart(PlainCheckpoints):
 
     # -- create / start -------------------------------------------------------------------------
 
-    async def identify(self) -> None:
-        """Settle which checkpoints this container's are (once, at create or first dump): the
-        annotation's key, else the workload the pod's labels name, else the pod name."""
+    async def identify(self, *, at_create: bool = False) -> None:
+        """Settle which checkpoints this container's are: the annotation's key, else the
+        workload the pod's labels name, else the pod name.
+
+        Asking containerd for the labels costs a helper process (see workload.lookup). At
+        create it is only worth it when the namespace has workload checkpoints to find;
+        otherwise the pod name serves the lookup and the labels are asked at the first dump."""
         if self._identified:
             return
-        self._identified = True
         chosen = identity.from_annotation(self.policy.identity)
         if chosen is None:
-            sandbox = str((self.view.spec.get("annotations") or {}).get(SANDBOX_ID, ""))
-            if self._pod_labels is None or not sandbox:
-                chosen = identity.by_pod_name(self.policy.identity, "the pod's labels are not available here")
-            else:
-                try:
-                    labels = await self._pod_labels(sandbox)
-                except Exception as exc:
-                    log.warning("%s: pod labels unavailable, identity by pod name: %s", self.view.id, exc)
-                    chosen = identity.by_pod_name(self.policy.identity, f"pod labels unavailable: {exc}")
-                else:
-                    chosen = identity.from_labels(self.policy.identity, labels)
+            namespace = self.policy.identity.namespace
+            if at_create and not self.engine.store.has_workloads(namespace):
+                return  # the pod name finds what there is; decided for good at the first dump
+            chosen = await self._from_labels()
+        self._identified = True
         self.policy = dataclasses.replace(self.policy, identity=chosen)
         log.info("%s: identity %s (%s)", self.view.id, chosen.canonical(), chosen.source)
 
+    async def _from_labels(self) -> Identity:
+        base = self.policy.identity
+        sandbox = str((self.view.spec.get("annotations") or {}).get(SANDBOX_ID, ""))
+        if self._pod_labels is None or not sandbox:
+            return identity.by_pod_name(base, "the pod's labels are not available here")
+        try:
+            labels = await self._pod_labels(sandbox)
+        except Exception as exc:
+            log.warning("%s: pod labels unavailable, identity by pod name: %s", self.view.id, exc)
+            return identity.by_pod_name(base, f"pod labels unavailable: {exc}")
+        return identity.from_labels(base, labels)
+
     async def plan_restore(self) -> RestorePlan:
-        await self.identify()
+        await self.identify(at_create=True)
         try:
             entry, why = await restore.find(self.engine, self.view, self.policy)
         except Exception as exc:

@@ -24,7 +24,7 @@ from hotrestart.api.containerd.runc.v1 import oci_pb2
 from hotrestart.api.containerd.task.v2 import shim_pb2 as task
 from hotrestart.api.containerd.v1.types import task_pb2 as types
 from hotrestart.checkpoint.engine import Engine
-from hotrestart.checkpoint.hot import checkpointing_for
+from hotrestart.checkpoint.hot import PodLabels, checkpointing_for
 from hotrestart.container.config import CreateConfig, ExecConfig
 from hotrestart.container.container import Container
 from hotrestart.container.process import StdioPaths
@@ -71,6 +71,7 @@ class TaskService:
         events: TaskEvents,
         on_idle: Callable[[], None] | None = None,
         defaults: RuntimeOptions | None = None,
+        pod_labels: PodLabels | None = None,
     ) -> None:
         self.namespace = namespace
         self._reaper = reaper
@@ -78,6 +79,7 @@ class TaskService:
         self._events = events
         self._on_idle = on_idle
         self._defaults = defaults or RuntimeOptions()
+        self._pod_labels = pod_labels  # a pod's labels by sandbox id, from containerd
         self.containers: dict[str, Container] = {}
         self._engines: dict[str, Engine] = {}
         self._gpu: GpuState | None = None
@@ -168,7 +170,7 @@ class TaskService:
             self._runc_for(opts, bundle),
             self._reaper,
             self._events,
-            lambda view: checkpointing_for(view, gpu, lambda: self._engine(opts)),
+            lambda view: checkpointing_for(view, gpu, lambda: self._engine(opts), self._pod_labels),
         )
         self.containers[r.id] = container
         try:

@@ -69,6 +69,10 @@ class Backend(Protocol):
         """The newest usable published checkpoint of `identity`."""
         ...
 
+    def has_workloads(self, namespace: str) -> bool:
+        """Whether a workload identity (Job, pod template) of `namespace` was ever checkpointed."""
+        ...
+
     def candidates(self, identity: Identity) -> list[Entry]:
         """The identity's usable checkpoints, newest first (a pool's members in claim order)."""
         ...

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import os
 import secrets
 import socket
@@ -32,6 +33,8 @@ from hotrestart.store.tree import MANIFEST, OWNER, REASON, SMALL, Tree, one_line
 DEFAULT_ROOT = "/var/lib/hotrestart"
 
 
+# Identities derived from a pod's labels start with this (checkpoint/identity.py).
+WORKLOAD_PREFIX = "@"
 # A pool keeps one checkpoint per stopped member, up to this many, for this long (seconds).
 POOL_CAP = 16
 POOL_TTL = 24 * 3600
@@ -133,6 +136,20 @@ class Store:
 
     def mark_pending(self, identity: Identity, cid: str) -> None:
         self._pending.mark(identity, cid)
+        if identity.key.startswith(WORKLOAD_PREFIX):
+            # Tells the namespace's next pods that a workload of theirs may have checkpoints,
+            # which only the pod's labels can find (see has_workloads).
+            with self.tree.at("workloads", _namespace_key(identity.namespace), create=True) as fd:
+                safefs.write_file(fd, identity_key(identity), b"")
+
+    def has_workloads(self, namespace: str) -> bool:
+        """Whether any workload identity (a Job, a pod template) of `namespace` was ever
+        checkpointed here: only then is a new pod's identity worth asking containerd for."""
+        try:
+            with self.tree.at("workloads", _namespace_key(namespace)) as fd:
+                return bool(os.listdir(fd))
+        except OSError:
+            return False
 
     def clear_pending(self, identity: Identity, cid: str) -> None:
         self._pending.clear(identity, cid)
@@ -311,3 +328,7 @@ class Store:
         if host != socket.gethostname():
             return now - entry.mtime < retention.ABANDONED
         return pid_alive(owner)
+
+
+def _namespace_key(namespace: str) -> str:
+    return hashlib.sha256(namespace.encode()).hexdigest()[:32]

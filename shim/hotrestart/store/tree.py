@@ -8,6 +8,8 @@ mount such as NFS or CephFS so that a pod moved to another node restores there):
     v1/claimed/<id>/            taken by a restore (rename is the lock: one winner)
     v1/quarantine/<id>/         failed to restore; reason.txt and restore.log beside it
     v1/pending/<key>.<id>       a checkpoint of this identity is being taken right now
+    v1/workloads/<ns>/<key>     a workload identity (Job, pod template) of namespace <ns> was
+                                checkpointed: new pods there ask containerd for their labels
 
 `<key>` is a hash of the identity (`entry.identity_key`), and `<id>` is unique per
 checkpoint. Folders are 0700 and files 0600: checkpoints hold process memory, secrets
