@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hotpods import Incarnation, stored, wait_published
 
-from cri import CRIClient
+from cri import CRIClient, parse_cri_log
 from testbed import ContainerdInstance
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("empty_store")]
@@ -153,3 +153,45 @@ def test_a_pool_shared_by_two_nodes_is_never_double_claimed(
             c.close()
         node_a.stop()
         node_b.stop()
+
+
+def _first_row(client: CRIClient, cid: str) -> tuple[int, int]:
+    deadline = time.monotonic() + 10
+    while True:
+        rows = [line.message.split() for line in parse_cri_log(client.read_log(cid))]
+        rows = [r for r in rows if len(r) == 3 and all(x.isdigit() for x in r)]
+        if rows:
+            return int(rows[0][0]), int(rows[0][1])
+        assert time.monotonic() < deadline, "no workload output"
+        time.sleep(0.1)
+
+
+def test_each_container_of_a_pod_has_its_own_checkpoint(
+    client: CRIClient, inst: ContainerdInstance, tmp_path: Path
+) -> None:
+    """Two app containers: each restores its own state; one whose command changed starts
+    cold while the other still restores."""
+    old = Incarnation(client, inst, tmp_path, f"web-7d4b9c8f6d-{_suffix()}", labels=TEMPLATE)
+    app = old.create(name="app")
+    time.sleep(1.05)  # a state of its own (the workload seeds by the second)
+    side = old.create(name="side")
+    time.sleep(1.0)
+    before = {}
+    for cid in (app, side):
+        client.stop_container(cid, timeout=10)
+        assert client.wait_container_exit(cid).exit_code == 143
+        before[cid] = _first_row(client, cid)[1]
+    old.remove()
+    wait_published(inst, 2)
+    new = Incarnation(client, inst, tmp_path, f"web-7d4b9c8f6d-{_suffix()}", labels=TEMPLATE)
+    app2 = new.create(name="app")
+    side2 = new.create(
+        name="side", command=["awk", 'BEGIN { for (n = 1; ; n++) { print n, 7, 7; fflush(); system("sleep 0.1") } }']
+    )
+    time.sleep(0.5)
+    counter, checksum = _first_row(client, app2)
+    assert counter > 1 and checksum == before[app], "the app container restored its own state"
+    assert _first_row(client, side2) == (1, 7), "the changed sidecar started cold"
+    notes = [x.message for x in parse_cri_log(client.read_log(side2)) if x.message.startswith("hotrestart:")]
+    assert notes and "not compatible" in notes[0]
+    new.remove()
