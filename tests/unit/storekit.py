@@ -21,6 +21,7 @@ def make_checkpoint(
     payload: bytes = b"memory" * 1000,
     created: float | None = None,
     ident: Identity = IDENT,
+    reason: str = "stop",
 ) -> str:
     cid, staging = store.new_staging()
     src = tmp / f"pages-{cid}.img"
@@ -32,7 +33,7 @@ def make_checkpoint(
         identity=ident,
         created_at=created or time.time(),
         node="n1",
-        reason="stop",
+        reason=reason,
         image="img",
         spec_digest="d",
         runtime={"criu": "4.2"},

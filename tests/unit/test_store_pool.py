@@ -58,3 +58,31 @@ def test_one_container_still_keeps_only_its_newest(tmp_path: Path) -> None:
     make_checkpoint(store, tmp_path, created=time.time() - 5, ident=single)
     newest = make_checkpoint(store, tmp_path, created=time.time(), ident=single)
     assert [e.id for e in store.candidates(single)] == [newest]
+
+
+def test_a_replicas_newer_checkpoint_replaces_its_own_older_one(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    now = time.time()
+    other = make_checkpoint(store, tmp_path, created=now - 30, ident=_member("web-b"))
+    ticks = [
+        make_checkpoint(store, tmp_path, created=now - 20 + i, ident=_member("web-a"), reason="periodic")
+        for i in range(5)
+    ]
+    assert {e.id for e in store.candidates(POOL)} == {other, ticks[-1]}, "one member per pod"
+    late = make_checkpoint(store, tmp_path, created=now - 25, ident=_member("web-a"), reason="periodic")
+    assert late not in {e.id for e in store.candidates(POOL)}, "an older one of the same pod is dropped"
+
+
+def test_a_running_replicas_checkpoint_is_only_for_its_own_restart(tmp_path: Path) -> None:
+    from hotrestart.checkpoint.policy import Policy
+    from hotrestart.checkpoint.restore import _pool_pick
+
+    store = Store(str(tmp_path / "s"))
+    now = time.time()
+    running = make_checkpoint(store, tmp_path, created=now, ident=_member("web-a"), reason="periodic")
+    stopped = make_checkpoint(store, tmp_path, created=now - 60, ident=_member("web-b"))
+    candidates = store.candidates(POOL)
+    new_replica = _pool_pick(candidates, Policy(True, _member("web-c")))
+    assert new_replica is not None and new_replica.id == stopped, "never a clone of a replica still running"
+    restarted = _pool_pick(candidates, Policy(True, _member("web-a")))
+    assert restarted is not None and restarted.id == running, "a restart in place takes its own"

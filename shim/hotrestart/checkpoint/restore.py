@@ -67,7 +67,9 @@ async def find(engine: Engine, view: View, policy: Policy) -> tuple[Entry | None
         await asyncio.sleep(0.1)
         waited += 0.1
     # A small directory listing: done inline, since a worker thread would stay in every shim.
-    entry = store.latest(policy.identity)
+    entry = (
+        _pool_pick(store.candidates(policy.identity), policy) if policy.identity.pool else store.latest(policy.identity)
+    )
     if entry is None or entry.manifest is None:
         return None, "no checkpoint"
     reason = incompatibility(entry.manifest, view.spec, await engine.runtime_info(view.runc))
@@ -180,12 +182,28 @@ def settle(engine: Engine, claim: Claim, *, died_early: bool) -> None:
         store.remove(claim.entry)
 
 
+def _claimable(entry: Entry, policy: Policy) -> bool:
+    """In a pool, a stopped replica's checkpoint is for any new replica; one taken while its
+    pod ran on (periodic, API) only for that pod's own restart: another replica restoring it
+    would run a clone of a replica that still runs."""
+    manifest = entry.manifest
+    return manifest is not None and (manifest.reason == "stop" or manifest.identity.pod == policy.identity.pod)
+
+
+def _pool_pick(candidates: list[Entry], policy: Policy) -> Entry | None:
+    """This pod's own checkpoint first (a restart in place), else the newest claimable one."""
+    usable = [e for e in candidates if _claimable(e, policy)]
+    own = [e for e in usable if e.manifest is not None and e.manifest.identity.pod == policy.identity.pod]
+    chosen = own or usable
+    return chosen[0] if chosen else None
+
+
 async def _claim_another(engine: Engine, view: View, policy: Policy, taken: str) -> Entry | None:
     """Another replica claimed the pool's newest member first: the next newest that fits."""
     runtime = await engine.runtime_info(view.runc)
     for other in engine.store.candidates(policy.identity):
         manifest = other.manifest
-        if other.id == taken or manifest is None:
+        if other.id == taken or manifest is None or not _claimable(other, policy):
             continue
         if incompatibility(manifest, view.spec, runtime) or beyond_memory_limit(manifest, view.spec):
             continue

@@ -76,11 +76,9 @@ class Store:
 
         A checkpoint older than one already published for the identity is discarded (None):
         the newest state is the only one worth restoring. A pool (the replicas of one pod
-        template) keeps one per member instead, the newest `POOL_CAP` and none older than
-        `POOL_TTL`."""
-        matching = self._listing.matching
-        pool = manifest.identity.pool
-        if not pool and any(e.manifest.created_at > manifest.created_at for e in matching(manifest.identity)):
+        template) keeps one per member (pod) instead, the newest `POOL_CAP` and none older
+        than `POOL_TTL`."""
+        if any(e.manifest.created_at > manifest.created_at for e in self._same_member(manifest)):
             self.discard(staging)
             return None
         cid = self._staging_name(staging)
@@ -106,16 +104,30 @@ class Store:
     def _superseded(self, manifest: Manifest) -> list[Good]:
         """What publishing `manifest` makes worthless: for one container every older
         checkpoint, for a pool its members beyond the cap or the age limit."""
-        members = self._listing.matching(manifest.identity)
+        older = [
+            m
+            for m in self._same_member(manifest)
+            if m.id != manifest.id and m.manifest.created_at <= manifest.created_at
+        ]
         if not manifest.identity.pool:
-            return [m for m in members if m.id != manifest.id and m.manifest.created_at <= manifest.created_at]
-        newest_first = sorted(members, key=lambda m: m.manifest.created_at, reverse=True)
+            return older
+        newest_first = sorted(
+            self._listing.matching(manifest.identity), key=lambda m: m.manifest.created_at, reverse=True
+        )
         now = time.time()
-        return [
+        return older + [
             m
             for i, m in enumerate(newest_first)
-            if m.id != manifest.id and (i >= POOL_CAP or now - m.manifest.created_at > POOL_TTL)
+            if m.id != manifest.id and m not in older and (i >= POOL_CAP or now - m.manifest.created_at > POOL_TTL)
         ]
+
+    def _same_member(self, manifest: Manifest) -> list[Good]:
+        """The checkpoints `manifest` competes with: all of its identity's, or in a pool those
+        of the same pod (each pod is one member; its newer checkpoint replaces its older)."""
+        members = self._listing.matching(manifest.identity)
+        if not manifest.identity.pool:
+            return members
+        return [m for m in members if m.manifest.identity.pod == manifest.identity.pod]
 
     def candidates(self, identity: Identity) -> list[Entry]:
         """The identity's usable checkpoints, newest first (a pool's members in the order to claim)."""
