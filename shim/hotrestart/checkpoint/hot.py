@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+# Seconds after start before the pod's labels are asked (see identify): late enough to stay
+# off pod start-up, early enough to be done before nearly every stop.
+IDENTIFY_AFTER = 5.0
 # The labels of a pod, by its sandbox id (from containerd, see workload.containerd_api).
 PodLabels = Callable[[str], Awaitable[Mapping[str, str]]]
 
@@ -56,6 +59,8 @@ class HotRestart(PlainCheckpoints):
         self.policy = policy
         self._pod_labels = pod_labels
         self._identified = False
+        self._identifying = asyncio.Lock()
+        self._identify_later: asyncio.Task[None] | None = None
         self.clock: Clock = clock or LoopClock()
         self._planned: Entry | None = None
         self._restoring = ""  # the checkpoint being restored, for messages
@@ -77,9 +82,13 @@ class HotRestart(PlainCheckpoints):
 
         Asking containerd for the labels costs a helper process (see workload.lookup). At
         create it is only worth it when the namespace has workload checkpoints to find;
-        otherwise the pod name serves the lookup and the labels are asked at the first dump."""
-        if self._identified:
-            return
+        otherwise the pod name serves the lookup, and the labels are asked a little after
+        start (`started`) or at the first dump, whichever comes first."""
+        async with self._identifying:
+            if not self._identified:
+                await self._identify(at_create)
+
+    async def _identify(self, at_create: bool) -> None:
         chosen = identity.from_annotation(self.policy.identity)
         if chosen is None:
             namespace = self.policy.identity.namespace
@@ -150,6 +159,8 @@ class HotRestart(PlainCheckpoints):
             self._claim = None
 
     def started(self) -> None:
+        if not self._identified and self._identify_later is None:
+            self._identify_later = asyncio.ensure_future(self._identify_after(IDENTIFY_AFTER))
         if self.policy.interval > 0 and self._periodic is None:
             self._periodic = asyncio.ensure_future(self._periodic_checkpoints(self.policy.interval))
 
@@ -268,6 +279,14 @@ class HotRestart(PlainCheckpoints):
         if self._periodic is not None:
             self._periodic.cancel()
             self._periodic = None
+        if self._identify_later is not None:
+            self._identify_later.cancel()
+            self._identify_later = None
+
+    async def _identify_after(self, delay: float) -> None:
+        """Off the stop's path: a pod that lives a while has its identity settled by its stop."""
+        await self.clock.sleep(delay)
+        await self.identify()
 
 
 def _copy_images(src: str, dst: str) -> None:
