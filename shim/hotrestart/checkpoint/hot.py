@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 
 
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
-# Seconds after start before the pod's labels are asked (see identify): late enough to stay
-# off pod start-up, early enough to be done before nearly every stop.
-IDENTIFY_AFTER = 5.0
+# Seconds after start before the pod's labels are asked (see identify): off pod start-up,
+# and done before nearly every stop.
+IDENTIFY_AFTER = 1.0
 # The labels of a pod, by its sandbox id (from containerd, see workload.containerd_api).
 PodLabels = Callable[[str], Awaitable[Mapping[str, str]]]
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from hotrestart.errors import ContainerdAPIError
-from hotrestart.runtime.command import CommandRunner
 from hotrestart.workload import containerd_api
+
+if TYPE_CHECKING:  # the helper itself imports as little as it can
+    from hotrestart.runtime.command import CommandRunner
 
 MAX_ANSWER = 1 << 20  # the helper's own caps keep it far below this
 
