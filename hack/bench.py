@@ -30,6 +30,7 @@ from benchparts.hot_restart import bench_hot_restart, print_hot_restart
 from benchparts.running import bench_running, print_running
 from benchparts.start import bench_start_and_memory
 from benchparts.store_key import bench_store_key
+from benchparts.workloads import bench_workloads
 from testbed import ContainerdInstance
 
 
@@ -39,7 +40,7 @@ def main() -> int:
     parser.add_argument("--pods", type=int, default=10, help="idle pods per handler for the memory figure")
     parser.add_argument("--mib", type=int, default=1024, help="memory of the hot-restart workload")
     parser.add_argument("--warmup", type=float, default=10.0, help="warm-up of the cold-start comparison (s)")
-    parser.add_argument("--only", choices=("start", "checkpoint", "key"), help="run one part only")
+    parser.add_argument("--only", choices=("start", "checkpoint", "key", "workloads"), help="run one part only")
     parser.add_argument("--key-rounds", type=int, default=3, help="rounds of the store key comparison")
     args = parser.parse_args()
     with ContainerdInstance(shim_bin_dir=Path(sys.executable).parent) as inst:
@@ -51,6 +52,8 @@ def main() -> int:
             bench_running(inst, cri, args.mib, r)
             print_hot_restart(r, args.mib, args.warmup)
             print_running(r, args.mib)
+        if args.only in (None, "workloads"):
+            bench_workloads(inst, cri, args.mib // 4, args.warmup)
         if args.only in (None, "key"):
             bench_store_key(inst, cri, args.mib, args.key_rounds)
         cri.close()
