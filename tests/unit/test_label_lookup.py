@@ -3,6 +3,7 @@ of the asking process."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,4 +27,5 @@ async def test_bad_arguments_are_refused_by_the_helper(reaper: Reaper, tmp_path:
 
 def test_the_helper_runs_isolated() -> None:
     argv = lookup.argv("/run/containerd/containerd.sock", "k8s.io", "abc", 2.0)
-    assert argv[:4] == [sys.executable, "-I", "-m", "hotrestart.workload.lookup"]
+    assert argv[:3] == [sys.executable, "-I", "-c"]
+    assert os.path.isfile(os.path.join(argv[4], "hotrestart", "workload", "lookup.py")), "this copy of the package"

@@ -3,7 +3,7 @@
 gRPC, once used, stays in a process: about 12 MB of memory and seven threads for the rest
 of the pod's life, against a shim that is otherwise a few MB. A pod's labels are needed once
 at most (at create when its namespace has workload checkpoints, else at its first dump), so
-the call runs in `python -m hotrestart.workload.lookup` and only its answer comes back:
+the call runs in a helper interpreter (`main` below) and only its answer comes back:
 the labels as JSON on stdout, or the reason on stderr.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -23,9 +24,17 @@ if TYPE_CHECKING:  # the helper itself imports as little as it can
 MAX_ANSWER = 1 << 20  # the helper's own caps keep it far below this
 
 
+# The helper imports this very copy of the package, wherever it is installed: -I (no user
+# site, no environment variables steering a root helper) also drops PYTHONPATH.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_RUN = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from hotrestart.workload.lookup import main; sys.exit(main(sys.argv[2:]))"
+)
+
+
 def argv(address: str, namespace: str, container_id: str, timeout: float) -> list[str]:
-    # -I: no user site or environment variables steering the interpreter of a root helper.
-    return [sys.executable, "-I", "-m", "hotrestart.workload.lookup", address, namespace, container_id, str(timeout)]
+    return [sys.executable, "-I", "-c", _RUN, _PACKAGE_ROOT, address, namespace, container_id, str(timeout)]
 
 
 async def pod_labels(
