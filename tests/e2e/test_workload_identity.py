@@ -4,6 +4,8 @@ labels (set exactly as a kubelet sets them), read by the shim from containerd's 
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -195,3 +197,26 @@ def test_each_container_of_a_pod_has_its_own_checkpoint(
     notes = [x.message for x in parse_cri_log(client.read_log(side2)) if x.message.startswith("hotrestart:")]
     assert notes and "not compatible" in notes[0]
     new.remove()
+
+
+def test_a_running_replicas_checkpoint_serves_its_own_restart_not_a_new_replica(
+    client: CRIClient, inst: ContainerdInstance, tmp_path: Path
+) -> None:
+    periodic = {"hotrestart.io/checkpoint-interval": "2s"}
+    a = Incarnation(client, inst, tmp_path, f"web-7d4b9c8f6d-{_suffix()}", labels=TEMPLATE, annotations=periodic)
+    a.create()
+    _, checksum, _ = a.state()
+    wait_published(inst, timeout=30)
+    # A scale-up while `a` runs: its periodic checkpoint is not for a new replica (a clone).
+    b = Incarnation(client, inst, tmp_path, f"web-7d4b9c8f6d-{_suffix()}", labels=TEMPLATE, annotations=periodic)
+    b.create()
+    time.sleep(0.5)
+    assert b.first()[0] == 1, "a new replica never clones one that still runs"
+    os.kill(client.container_pid(a.cid), signal.SIGKILL)  # `a` crashes
+    assert client.wait_container_exit(a.cid).exit_code == 137
+    crashed_at = a.state()[0]
+    a.create(attempt=1)  # the kubelet restarts it in the same pod
+    first = a.first()
+    assert 1 < first[0] <= crashed_at + 1 and first[1] == checksum, (first, crashed_at)
+    a.remove()
+    b.remove()
