@@ -72,13 +72,19 @@ async def find(engine: Engine, view: View, policy: Policy) -> tuple[Entry | None
     )
     if entry is None or entry.manifest is None:
         return None, "no checkpoint"
-    reason = incompatibility(entry.manifest, view.spec, await engine.runtime_info(view.runc))
-    reason = reason or beyond_memory_limit(entry.manifest, view.spec)
-    if not reason and entry.manifest.gpu.get("processes"):
-        _, reason = await _gpu_placement(engine, entry.manifest)
+    reason = await _unfit(engine, view, entry.manifest)
     if reason:
         return None, f"checkpoint {entry.id} not compatible: {reason}"
     return entry, ""
+
+
+async def _unfit(engine: Engine, view: View, manifest: Manifest) -> str:
+    """Why this checkpoint cannot restore `view`'s container here ("" when it can)."""
+    reason = incompatibility(manifest, view.spec, await engine.runtime_info(view.runc))
+    reason = reason or beyond_memory_limit(manifest, view.spec)
+    if not reason and manifest.gpu.get("processes"):
+        _, reason = await _gpu_placement(engine, manifest)
+    return reason
 
 
 def beyond_memory_limit(manifest: Manifest, spec: Mapping[str, Any]) -> str:
@@ -200,14 +206,11 @@ def _pool_pick(candidates: list[Entry], policy: Policy) -> Entry | None:
 
 async def _claim_another(engine: Engine, view: View, policy: Policy, taken: str) -> Entry | None:
     """Another replica claimed the pool's newest member first: the next newest that fits."""
-    runtime = await engine.runtime_info(view.runc)
     for other in engine.store.candidates(policy.identity):
         manifest = other.manifest
         if other.id == taken or manifest is None or not _claimable(other, policy):
             continue
-        if incompatibility(manifest, view.spec, runtime) or beyond_memory_limit(manifest, view.spec):
-            continue
-        if manifest.gpu.get("processes") and (await _gpu_placement(engine, manifest))[1]:
+        if await _unfit(engine, view, manifest):
             continue
         claimed = engine.store.claim(other)
         if claimed is not None and claimed.manifest is not None:
