@@ -129,6 +129,38 @@ def doctor_checks() -> list[Check]:
     return checks
 
 
+def archive_checks(config_path: str = "") -> list[Check]:
+    """Whether containerd may have this shim restore CRI checkpoint archives, per runtime."""
+    from hotrestart import node_config
+
+    if shutil.which("containerd") is None:
+        return []
+    try:
+        runtimes = node_config.hotrestart_runtimes(node_config.dump(config_path))
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        return [Check("archive restore", False, f"containerd's configuration cannot be read: {exc}")]
+    if not runtimes:
+        return [Check("archive restore", True, f"no runtime of type {node_config.SHIM_TYPE} is configured")]
+    checks = []
+    for name, opts in sorted(runtimes.items()):
+        what = f"archive restore ({name})"
+        if not opts.allow_archive_restore:
+            checks.append(Check(what, True, "off (the default): CRI checkpoint archives are refused"))
+        elif opts.allow_unauthenticated_archives:
+            checks.append(
+                Check(
+                    what,
+                    False,
+                    "ANY archive restores: whoever may create pods can run code as root on this node",
+                    "remove AllowUnauthenticatedArchives from the runtime's options",
+                )
+            )
+        else:
+            key = opts.store_key_file or "HOTRESTART_STORE_KEY in containerd's environment"
+            checks.append(Check(what, True, f"on, archives attested with the store key only ({key})"))
+    return checks
+
+
 def gpu_checks() -> list[Check]:
     """The node's GPU situation: driver, cuda-checkpoint, CRIU's CUDA plugin, who owns GPU state."""
     from hotrestart.gpu import plan
@@ -186,9 +218,9 @@ def gpu_checks() -> list[Check]:
     return checks
 
 
-def cmd_doctor(_args: argparse.Namespace) -> int:
+def cmd_doctor(args: argparse.Namespace) -> int:
     failed = 0
-    for check in doctor_checks():
+    for check in doctor_checks() + archive_checks(args.containerd_config):
         mark = "ok " if check.ok else "MISSING"
         print(f"[{mark:>7}] {check.name}: {check.detail}")
         if not check.ok:
@@ -403,7 +435,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("version", help="print the version").set_defaults(fn=cmd_version)
-    sub.add_parser("doctor", help="check this node for what the shim needs").set_defaults(fn=cmd_doctor)
+    p = sub.add_parser("doctor", help="check this node for what the shim needs")
+    p.add_argument("--containerd-config", default="", help="containerd's configuration file (its default if unset)")
+    p.set_defaults(fn=cmd_doctor)
     p = sub.add_parser("ls", help="list checkpoints")
     p.add_argument("-a", "--all", action="store_true", help="include checkpoints still being written")
     p.set_defaults(fn=cmd_ls)

@@ -84,6 +84,14 @@ class FilesError(ShimError):
     code = Code.FAILED_PRECONDITION
 
 
+class ArchiveRestoreError(ShimError):
+    """Checkpoint images given at create (a CRI checkpoint archive) are refused: restoring
+    from archives is off on this node, or the images are not attested, or fail a check."""
+
+    # The node's configuration or the archive must change; the pod's create fails with why.
+    code = Code.FAILED_PRECONDITION
+
+
 class StoreError(ShimError):
     """The checkpoint store, or something in it, cannot be used as asked: a stored file or
     manifest that does not check out, a key that cannot be loaded or does not authenticate,

@@ -41,6 +41,11 @@ class RuntimeOptions:
     # not node-local is refused without one unless unauthenticated checkpoints are allowed.
     store_key_file: str = ""
     allow_unauthenticated_checkpoints: bool = False
+    # Restore from CRI checkpoint archives (containerd 2.1-2.3's restore through create): off
+    # by default; when on, only archives this shim attested with the store key, unless
+    # unauthenticated ones are allowed too (which gives whoever may create pods root).
+    allow_archive_restore: bool = False
+    allow_unauthenticated_archives: bool = False
 
 
 _TOML_KEYS = {
@@ -53,6 +58,8 @@ _TOML_KEYS = {
     "CheckpointStore": "checkpoint_store",
     "StoreKeyFile": "store_key_file",
     "AllowUnauthenticatedCheckpoints": "allow_unauthenticated_checkpoints",
+    "AllowArchiveRestore": "allow_archive_restore",
+    "AllowUnauthenticatedArchives": "allow_unauthenticated_archives",
 }
 
 

@@ -36,6 +36,7 @@ class Incarnation:
         annotations: dict[str, str] | None = None,
         labels: dict[str, str] | None = None,
         namespace: str = "hot",
+        runtime_handler: str = "hotrestart",
     ) -> None:
         self.client = client
         self.inst = inst
@@ -52,7 +53,7 @@ class Incarnation:
             log_directory=logs,
             cgroup_parent=inst.pod_cgroup_parent(self.uid),
         )
-        self.pod = client.run_pod_sandbox(config=self.config, runtime_handler="hotrestart")
+        self.pod = client.run_pod_sandbox(config=self.config, runtime_handler=runtime_handler)
         self.cid = ""
 
     def empty_dir(self, name: str) -> Path:

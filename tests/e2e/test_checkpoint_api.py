@@ -19,8 +19,7 @@ import pytest
 from hotpods import Incarnation, stored, wait_published
 
 from cri import CONTAINER_RUNNING, CRIClient
-from testbed import BIN_DIR, BUSYBOX_IMAGE, ContainerdInstance, host
-from testbed.registry import LocalRegistry
+from testbed import BIN_DIR, ContainerdInstance, host
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("empty_store")]
 
@@ -80,36 +79,6 @@ def test_cri_checkpoint_gives_an_archive_and_a_restore_point(
     first = again.first()
     assert before < first[0] <= after + 1 and first[1] == checksum, (before, first, after)
     again.remove()
-
-
-def test_cri_restore_from_an_archive_continues(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:
-    """containerd 2.1-2.3 create a container from a checkpoint archive given as its image: the
-    shim sees Create with `checkpoint` set and restores at Start from those images."""
-    assert inst.images_tar is not None
-    with LocalRegistry(inst.images_tar) as registry:
-        # Known by a name of this registry, with a digest, as if pulled from it: the restore
-        # pulls the base image by that digest.
-        image = registry.ref(BUSYBOX_IMAGE)
-        for name in (image, registry.digest_ref(BUSYBOX_IMAGE)):
-            inst.ctr("images", "tag", "--force", BUSYBOX_IMAGE, name)
-        pod = Incarnation(client, inst, tmp_path, "src-0")
-        pod.create(image=image)
-        _, checksum, _ = counting(pod)
-        archive = tmp_path / "src-0.tar"
-        if inst.is_1_7:  # no CRI checkpoint, no CRI restore: hot restart is the way here
-            pod.remove()
-            return
-        client.checkpoint_container(pod.cid, str(archive))
-        at = pod.state()[0]
-        pod.stop(grace=0)
-        pod.remove()
-        restored = Incarnation(client, inst, tmp_path, "dst-0")
-        restored.create(image=str(archive))
-        assert host.wait_until(lambda: restored.state()[0] > at + 2, 10), restored.lines()[-3:]
-        _, s, t = restored.state()
-        assert (s, t) == (checksum, checksum), "the same memory: a restore, not a cold start"
-        assert not any(line.startswith("hotrestart:") for line in restored.lines())
-        restored.remove()
 
 
 def test_ctr_task_checkpoint(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:

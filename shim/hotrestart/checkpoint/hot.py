@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Awaitable, Callable, Mapping
 
 from hotrestart.checkpoint import dump, identity, restore
+from hotrestart.checkpoint.attested import ArchivePolicy
 from hotrestart.checkpoint.clock import Clock, LoopClock, Timer
 from hotrestart.checkpoint.dumped import DumpRequest
 from hotrestart.checkpoint.engine import Engine
@@ -53,8 +54,9 @@ class HotRestart(PlainCheckpoints):
         *,
         clock: Clock | None = None,
         pod_labels: PodLabels | None = None,
+        archives: ArchivePolicy | None = None,
     ) -> None:
-        super().__init__(view, gpu, gpu_lock_timeout=policy.gpu_lock_timeout)
+        super().__init__(view, gpu, gpu_lock_timeout=policy.gpu_lock_timeout, archives=archives)
         self.engine = engine
         self.policy = policy
         self._pod_labels = pod_labels
@@ -215,6 +217,7 @@ class HotRestart(PlainCheckpoints):
             dumped = await dump.dump(self.engine, self.view, self.policy, req, None, around=prep.freeze, gpu=prep.gpu)
         try:
             await asyncio.to_thread(_copy_images, dumped.images, cfg.path)
+            await self.attest(cfg.path)
             if not cfg.options_given:
                 await asyncio.to_thread(_leave_criu_logs_for_cri, self.view, os.path.join(dumped.work, "criu"))
         except BaseException:
@@ -274,6 +277,7 @@ class HotRestart(PlainCheckpoints):
 
     def closed(self) -> None:
         self._stop_periodic()
+        super().closed()
 
     def _stop_periodic(self) -> None:
         if self._periodic is not None:
@@ -327,16 +331,21 @@ def cri_container_dir(rootfs: tuple[mounts.Mount, ...], cid: str) -> str:
 
 
 def checkpointing_for(
-    view: View, gpu: GpuState | None, engine: Callable[[], Engine | None], pod_labels: PodLabels | None = None
+    view: View,
+    gpu: GpuState | None,
+    engine: Callable[[], Engine | None],
+    pod_labels: PodLabels | None = None,
+    archives: ArchivePolicy | None = None,
 ) -> Checkpointing:
     """Hot restart when the container's spec asks for it and the store can be used safely
-    (`engine` gives None otherwise); plain runc-v2 checkpointing else."""
+    (`engine` gives None otherwise); plain runc-v2 checkpointing else. `archives` is what
+    the node allows for images given at create, in either case."""
     try:
         policy = policy_for(view.spec)
     except InvalidArgumentError as exc:
         log.warning("%s: hot restart disabled: %s", view.id, exc)
-        return PlainCheckpoints(view, gpu)
+        return PlainCheckpoints(view, gpu, archives=archives)
     hot_engine = engine() if policy.enabled else None
     if hot_engine is None:
-        return PlainCheckpoints(view, gpu, gpu_lock_timeout=policy.gpu_lock_timeout)
-    return HotRestart(view, hot_engine, policy, gpu, pod_labels=pod_labels)
+        return PlainCheckpoints(view, gpu, gpu_lock_timeout=policy.gpu_lock_timeout, archives=archives)
+    return HotRestart(view, hot_engine, policy, gpu, pod_labels=pod_labels, archives=archives)

@@ -1,38 +1,83 @@
 """Checkpointing of a container without hot restart: what runc-v2 does, and nothing more.
 
 Task.Checkpoint runs `runc checkpoint` into the folder containerd gives (GPU-aware and
-vfork-safe, see `quiesce`); stops deliver their signal, creates start cold.
+vfork-safe, see `quiesce`) and attests the images there when the node has a store key;
+images given at create restore only as `attested` allows; stops deliver their signal,
+other creates start cold.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import shutil
 from collections.abc import AsyncIterator
 
-from hotrestart.checkpoint import quiesce
+from hotrestart.checkpoint import attested, quiesce
+from hotrestart.checkpoint.attested import ArchivePolicy
 from hotrestart.container.seam import CheckpointConfig, NoCheckpoints, View
 from hotrestart.errors import RuntimeCommandError
 from hotrestart.gpu.state import GpuState
 from hotrestart.runtime import cgroups
 from hotrestart.runtime.runc import CheckpointOpts
+from hotrestart.store.seal import SealError
+
+log = logging.getLogger(__name__)
 
 
 class PlainCheckpoints(NoCheckpoints):
     """The `Checkpointing` of a container with hot restart off."""
 
-    def __init__(self, view: View, gpu: GpuState | None = None, *, gpu_lock_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        view: View,
+        gpu: GpuState | None = None,
+        *,
+        gpu_lock_timeout: float | None = None,
+        archives: ArchivePolicy | None = None,
+    ) -> None:
         super().__init__(view)
         self.gpu = gpu
         self.gpu_lock_timeout = gpu_lock_timeout
+        self.archives = archives or ArchivePolicy()
+        self._admitted = ""  # the checked copy of images given at create, until restored
         # One dump at a time per container (stop, API, periodic), and none under pause/resume.
         self.dump_lock = asyncio.Lock()
 
+    async def admit_images(self, path: str) -> str:
+        # Beside the given folder (containerd's container root, on disk), not in the bundle
+        # (containerd's state folder, often a tmpfs).
+        dest = os.path.join(os.path.dirname(os.path.abspath(path)), f"hotrestart-images-{self.view.id}")
+        self._admitted = await asyncio.to_thread(attested.admit, path, dest, self.archives, self.view.spec)
+        return self._admitted
+
     async def finish_restore(self) -> None:
         """After a restore from containerd's images: GPU processes get their device state back."""
+        self._drop_admitted()
         if self.gpu is not None:
             await self.gpu.after_restore(cgroups.procs(self.view.pid))
+
+    def closed(self) -> None:
+        self._drop_admitted()
+
+    def _drop_admitted(self) -> None:
+        if self._admitted:
+            shutil.rmtree(self._admitted, ignore_errors=True)
+            self._admitted = ""
+
+    async def attest(self, path: str) -> None:
+        """Attest the images just written to `path` for a restore from an archive (see
+        `attested`); without a store key they go unattested, and such archives restore
+        only where unauthenticated ones are allowed."""
+        try:
+            ring = self.archives.keys()
+        except (SealError, OSError) as exc:
+            log.warning("%s: checkpoint images not attested: the store key cannot be loaded: %s", self.view.id, exc)
+            return
+        if ring is not None:
+            await asyncio.to_thread(attested.attest, path, ring, self.view.spec, self.view.id)
 
     async def checkpoint(self, cfg: CheckpointConfig) -> None:
         view = self.view
@@ -52,6 +97,7 @@ class PlainCheckpoints(NoCheckpoints):
         try:
             async with self.dump_lock, self.prepared(cfg.exit) as prep, prep.freeze():
                 await view.runc.checkpoint(view.id, opts)
+            await self.attest(cfg.path)
         except RuntimeCommandError as exc:
             dump_log = os.path.join(work, "dump.log")
             if os.path.exists(dump_log):

@@ -75,6 +75,7 @@ class Container:
         self.view = View(cfg.id, cfg.bundle, self.spec, runc, cfg.rootfs, cfg.stdio.terminal)
         self.checkpointing: Checkpointing = (checkpointing or NoCheckpoints)(self.view)
         self._note = ""  # for the init's output, ahead of anything it writes
+        self._given_images = ""  # images given at create, as checked and copied by checkpointing
         self._stopping: asyncio.Task[None] | None = None  # a stop being checkpointed
         self._stop_done = asyncio.Event()
         self._exit_override: int | None = None
@@ -107,6 +108,9 @@ class Container:
                 if self.cfg.rootfs:
                     mounts.mount_all(list(self.cfg.rootfs), self.rootfs)
                     self._rootfs_mounted = True
+                if self.init.state is State.CREATED_CHECKPOINT:
+                    # Checked now, so that a refused archive fails the create with its reason.
+                    self._given_images = await self.checkpointing.admit_images(self.cfg.checkpoint)
                 if self.init.state is State.CREATED and self.checkpointing.hot:
                     plan = await self.checkpointing.plan_restore()
                     self._note = plan.note
@@ -115,6 +119,7 @@ class Container:
                 if self.init.state is State.CREATED:
                     await self._run_init(self._runc_create)
             except BaseException:
+                self.checkpointing.closed()
                 self.init.io.close()
                 self._unmount()
                 raise
@@ -157,7 +162,7 @@ class Container:
 
     async def restore_from_images(self) -> None:
         """Start by restoring the CRIU images containerd gave at create."""
-        opts = self._restore_opts(self.cfg.checkpoint, os.path.join(self.bundle, "restore-work"), hot=False)
+        opts = self._restore_opts(self._given_images, os.path.join(self.bundle, "restore-work"), hot=False)
         await self._run_init(lambda console: self._runc_restore(opts, console))
         await self.checkpointing.finish_restore()
 

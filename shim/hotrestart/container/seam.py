@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from hotrestart.errors import FailedPreconditionError
+from hotrestart.errors import ArchiveRestoreError, FailedPreconditionError
 from hotrestart.runtime import mounts
 from hotrestart.runtime.runc import Runc
 
@@ -96,6 +96,11 @@ class Checkpointing(Protocol):
         """At create: is there a checkpoint to restore from?"""
         ...
 
+    async def admit_images(self, path: str) -> str:
+        """At create with CRIU images given by containerd (a CRI checkpoint archive): check
+        them as the node allows and return the folder to restore from. Raises when refused."""
+        ...
+
     async def prepare_restore(self) -> RestoreImages:
         """At start, after a plan to restore: claim, verify and unpack the checkpoint and
         replay its files. Raises on failure (the checkpoint is then quarantined)."""
@@ -152,6 +157,9 @@ class NoCheckpoints:
 
     async def plan_restore(self) -> RestorePlan:
         return RestorePlan(False)
+
+    async def admit_images(self, path: str) -> str:
+        raise ArchiveRestoreError(f"container {self.view.id}: restoring from checkpoint images is not configured")
 
     async def prepare_restore(self) -> RestoreImages:
         raise FailedPreconditionError(f"container {self.view.id}: no restore was planned")

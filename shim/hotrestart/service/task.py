@@ -23,6 +23,7 @@ from hotrestart import __version__
 from hotrestart.api.containerd.runc.v1 import oci_pb2
 from hotrestart.api.containerd.task.v2 import shim_pb2 as task
 from hotrestart.api.containerd.v1.types import task_pb2 as types
+from hotrestart.checkpoint.attested import ArchivePolicy
 from hotrestart.checkpoint.engine import Engine
 from hotrestart.checkpoint.hot import PodLabels, checkpointing_for
 from hotrestart.container.config import CreateConfig, ExecConfig
@@ -40,7 +41,7 @@ from hotrestart.runtime import mounts
 from hotrestart.runtime.command import CommandRunner
 from hotrestart.runtime.runc import Runc
 from hotrestart.runtime.stats import metrics_v1
-from hotrestart.store.config import open_store
+from hotrestart.store.config import key_ring, open_store
 from hotrestart.store.seal import SealError
 from hotrestart.store.store import DEFAULT_ROOT as DEFAULT_STORE
 from hotrestart.ttrpc.server import CallContext, Handler, unary
@@ -170,7 +171,9 @@ class TaskService:
             self._runc_for(opts, bundle),
             self._reaper,
             self._events,
-            lambda view: checkpointing_for(view, gpu, lambda: self._engine(opts), self._pod_labels),
+            lambda view: checkpointing_for(
+                view, gpu, lambda: self._engine(opts), self._pod_labels, _archive_policy(opts)
+            ),
         )
         self.containers[r.id] = container
         try:
@@ -317,6 +320,14 @@ def _checkpoint_config(path: str, options: any_pb2.Any) -> CheckpointConfig:
         options_given=True,
     )
     return CheckpointConfig(**kwargs)
+
+
+def _archive_policy(opts: RuntimeOptions) -> ArchivePolicy:
+    return ArchivePolicy(
+        allow=opts.allow_archive_restore,
+        allow_unauthenticated=opts.allow_unauthenticated_archives,
+        keys=lambda: key_ring(opts.store_key_file),
+    )
 
 
 def _save_options(bundle: str, opts: RuntimeOptions) -> None:

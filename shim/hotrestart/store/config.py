@@ -27,12 +27,18 @@ def backend(root: str, keys: KeyRing | None) -> Backend:
     return Store(root, keys=keys)
 
 
+def key_ring(key_file: str = "") -> KeyRing | None:
+    """The store key ring from `key_file` or HOTRESTART_STORE_KEY; None when neither names
+    one. Raises SealError (or OSError) for a key that cannot be loaded."""
+    key_file = key_file or os.environ.get(KEY_ENV, "")
+    return keyfile.load(key_file) if key_file else None
+
+
 def open_store(root: str, key_file: str = "", allow_unauthenticated: bool = False) -> Backend:
     """The store at `root`, with its key ring when a key file is given (or named by
     HOTRESTART_STORE_KEY). Raises SealError for a key that cannot be loaded, and for a store
     that is not node-local with no key, unless unauthenticated checkpoints are allowed."""
-    key_file = key_file or os.environ.get(KEY_ENV, "")
     allow = allow_unauthenticated or _truthy(os.environ.get(ALLOW_UNAUTHENTICATED_ENV, ""))
-    ring = keyfile.load(key_file) if key_file else None
+    ring = key_ring(key_file)
     locality.require_key(root, ring, allow)
     return backend(root, ring)
