@@ -4,6 +4,7 @@ labels (set exactly as a kubelet sets them), read by the shim from containerd's 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import time
@@ -12,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hotpods import Incarnation, stored, wait_published
+from hotpods import STATEFUL, Incarnation, stored, wait_published
 
 from cri import CRIClient, parse_cri_log
-from testbed import ContainerdInstance
+from testbed import ContainerdInstance, host
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("empty_store")]
 
@@ -220,3 +221,62 @@ def test_a_running_replicas_checkpoint_serves_its_own_restart_not_a_new_replica(
     assert 1 < first[0] <= crashed_at + 1 and first[1] == checksum, (first, crashed_at)
     a.remove()
     b.remove()
+
+
+# The counting workload under a shell that says when it is warm (a marker file) and when it is
+# told it was restored from its template (SIGUSR2 to the container's init, the shell).
+WARMING = [
+    "sh",
+    "-c",
+    'trap "echo told-restored" USR2; (sleep 2; touch /tmp/warm) & awk "$0" & while :; do wait; done',
+    STATEFUL[1],
+]
+SNAPSHOT = {
+    "hotrestart.io/snapshot": "template",
+    "hotrestart.io/snapshot-marker": "/tmp/warm",
+    "hotrestart.io/snapshot-signal": "SIGUSR2",
+}
+
+
+def _template_checkpoints(inst: ContainerdInstance) -> list[Path]:
+    return [c for c in stored(inst) if json.loads((c / "manifest.json").read_text())["reason"] == "template"]
+
+
+def test_a_warm_template_restores_into_three_new_replicas_and_stays(
+    client: CRIClient, inst: ContainerdInstance, tmp_path: Path
+) -> None:
+    warm = Incarnation(client, inst, tmp_path, f"web-7d4b9c8f6d-{_suffix()}", labels=TEMPLATE, annotations=SNAPSHOT)
+    warm.create(WARMING)
+    assert host.wait_until(lambda: len(_template_checkpoints(inst)) == 1, 30), "no template snapshot taken"
+    [snapshot] = _template_checkpoints(inst)
+    at, checksum, _ = warm.state()
+    # Scale-out while the warm replica runs on: each new replica restores the template.
+    new = [
+        Incarnation(client, inst, tmp_path, f"web-7d4b9c8f6d-{_suffix()}", labels=TEMPLATE, annotations=SNAPSHOT)
+        for _ in range(3)
+    ]
+    for pod in new:
+        pod.create(WARMING)
+    addresses = set()
+    for pod in new:
+        first = pod.first()
+        assert 1 < first[0] <= at + 1 and first[1] == checksum, ("the template's memory", first, at)
+        assert any("warm snapshot" in line for line in pod.lines()[:2]), pod.lines()[:3]
+        told = host.wait_until(lambda p=pod: "told-restored" in p.lines(), 10)  # type: ignore[misc]
+        assert told, ("SIGUSR2 after the restore", pod.lines()[-3:])
+        # The pod's own hostname: CRIU writes the template's into the pod's UTS namespace,
+        # and the shim puts the pod's back.
+        hostname = client.exec_sync(pod.cid, ["hostname"]).stdout.decode().strip()
+        assert hostname == pod.config.metadata.name, (hostname, pod.config.metadata.name)
+        address = client.pod_sandbox_status(pod.pod).network.ip
+        assert address in client.exec_sync(pod.cid, ["ip", "-4", "addr"]).stdout.decode()
+        addresses.add(address)
+    assert len(addresses) == 3, "each replica has its own address"
+    # One checkpoint, many restores: the template is still there, unclaimed, and the
+    # restored replicas took none of their own.
+    time.sleep(3)
+    assert _template_checkpoints(inst) == [snapshot]
+    assert not stored(inst, "claimed")
+    assert "told-restored" not in warm.lines()
+    for pod in [warm, *new]:
+        pod.remove()

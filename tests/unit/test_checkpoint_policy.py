@@ -143,3 +143,36 @@ def test_rootfs_diff_replays_files_deletions_and_opaque_dirs(tmp_path: Path) -> 
     assert os.readlink(target / "link") == "/etc/new.conf"
     assert not Path("/etc/file").exists(), "extraction followed a symlink out of the root"
     assert (target / "var" / "file").read_text() == "inside"
+
+
+def test_snapshot_annotations() -> None:
+    import signal
+
+    from hotrestart.checkpoint.policy import DEFAULT_SNAPSHOT_TTL, snapshot_for
+
+    assert snapshot_for({}) is None
+    assert snapshot_for({"hotrestart.io/snapshot": "off"}) is None
+    snap = snapshot_for(
+        {
+            "hotrestart.io/snapshot": "template",
+            "hotrestart.io/snapshot-after": "30s",
+            "hotrestart.io/snapshot-marker": "/run/app/warm",
+            "hotrestart.io/snapshot-signal": "usr2",
+        }
+    )
+    assert snap is not None
+    assert (snap.after, snap.marker, snap.signal, snap.ttl) == (
+        30.0,
+        "/run/app/warm",
+        signal.SIGUSR2,
+        DEFAULT_SNAPSHOT_TTL,
+    )
+    for bad in (
+        {"hotrestart.io/snapshot": "always"},
+        {"hotrestart.io/snapshot": "template", "hotrestart.io/snapshot-marker": "relative/warm"},
+        {"hotrestart.io/snapshot": "template", "hotrestart.io/snapshot-marker": "/run/../etc/shadow"},
+        {"hotrestart.io/snapshot": "template", "hotrestart.io/snapshot-signal": "SIGKILL"},
+        {"hotrestart.io/snapshot": "template", "hotrestart.io/snapshot-signal": "SIGNOPE"},
+    ):
+        with pytest.raises(InvalidArgumentError):
+            snapshot_for(bad)

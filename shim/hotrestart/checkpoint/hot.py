@@ -19,7 +19,7 @@ import os
 import shutil
 from collections.abc import Awaitable, Callable, Mapping
 
-from hotrestart.checkpoint import dump, identity, restore
+from hotrestart.checkpoint import dump, identity, restore, template
 from hotrestart.checkpoint.attested import ArchivePolicy
 from hotrestart.checkpoint.clock import Clock, LoopClock, Timer
 from hotrestart.checkpoint.dumped import DumpRequest
@@ -71,6 +71,8 @@ class HotRestart(PlainCheckpoints):
         self._window: Timer | None = None
         self._stopping = False
         self._periodic: asyncio.Task[None] | None = None
+        self._template: asyncio.Task[None] | None = None  # waits for warm, then snapshots
+        self._from_template = False  # restored from its template's snapshot
 
     @property
     def hot(self) -> bool:
@@ -135,6 +137,7 @@ class HotRestart(PlainCheckpoints):
             raise FailedPreconditionError(f"container {self.view.id}: no restore was planned")
         self._restoring = entry.id
         self._claim, images = await restore.prepare(self.engine, self.view, entry, self.policy)
+        self._from_template = self._claim.shared
         return images
 
     async def finish_restore(self) -> None:
@@ -165,6 +168,49 @@ class HotRestart(PlainCheckpoints):
             self._identify_later = asyncio.ensure_future(self._identify_after(IDENTIFY_AFTER))
         if self.policy.interval > 0 and self._periodic is None:
             self._periodic = asyncio.ensure_future(self._periodic_checkpoints(self.policy.interval))
+        snapshot = self.policy.snapshot
+        if snapshot is not None and self._from_template and snapshot.signal:
+            # An environment variable is fixed at exec: a signal tells a clone it is one.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.view.pid, snapshot.signal)
+        elif snapshot is not None and not self._from_template and self._template is None:
+            self._template = asyncio.ensure_future(self._template_when_warm())
+
+    async def _template_when_warm(self) -> None:
+        """This replica as its pod template's snapshot once warm, unless a usable one exists
+        (or it is no ReplicaSet's pod)."""
+        snapshot = self.policy.snapshot
+        assert snapshot is not None
+        if not await template.warm(self.view.pid, snapshot, self.clock):
+            return
+        await self.identify()
+        snap = identity.template_of(self.policy.identity)
+        if snap is None:
+            log.warning("%s: hotrestart.io/snapshot applies to a ReplicaSet's pods (pod-template-hash)", self.view.id)
+            return
+        try:
+            existing = template.current(self.engine.store, snap, snapshot.ttl)
+            if existing is not None and existing.manifest is not None:
+                if not await restore.unfit(self.engine, self.view, existing.manifest):
+                    log.info("%s: template snapshot %s exists; none taken", self.view.id, existing.id)
+                    return
+            async with self.dump_lock:
+                if self._stopping or not (self.view.running or self.view.paused):
+                    return
+                async with self.prepared(False) as prep:
+                    dumped = await dump.dump(
+                        self.engine,
+                        self.view,
+                        dataclasses.replace(self.policy, identity=snap),
+                        DumpRequest(template.REASON, leave_running=True),
+                        self.policy.timeout,
+                        around=prep.freeze,
+                        gpu=prep.gpu,
+                    )
+            self.engine.publisher.publish_later(dumped)
+            log.info("%s: template snapshot %s taken for %s", self.view.id, dumped.id, snap.canonical())
+        except Exception as exc:
+            log.warning("%s: template snapshot failed: %s", self.view.id, exc)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -197,15 +243,20 @@ class HotRestart(PlainCheckpoints):
     async def checkpoint(self, cfg: CheckpointConfig) -> None:
         """An API checkpoint: dump once into fast private storage, hand containerd its copy
         of the images, and keep the dump as the identity's newest restore point. During a
-        stop it is a plain `runc checkpoint` (the stop's dump owns the store's turn)."""
+        stop it is a plain `runc checkpoint` (the stop's dump owns the store's turn). For a
+        replica with `hotrestart.io/snapshot: template` it is the template's new snapshot."""
         if self._stopping:
             await super().checkpoint(cfg)
             return
         await self.identify()
-        req = DumpRequest("api", leave_running=not cfg.exit)
+        policy, reason = self.policy, "api"
+        snap = identity.template_of(policy.identity) if policy.snapshot is not None and not cfg.exit else None
+        if snap is not None:
+            policy, reason = dataclasses.replace(policy, identity=snap), template.REASON
+        req = DumpRequest(reason, leave_running=not cfg.exit)
         if cfg.options_given:
             req = DumpRequest(
-                "api",
+                reason,
                 leave_running=not cfg.exit,
                 tcp_established=cfg.open_tcp,
                 file_locks=cfg.file_locks,
@@ -214,7 +265,7 @@ class HotRestart(PlainCheckpoints):
                 cgroups_mode=cfg.cgroups_mode,
             )
         async with self.dump_lock, self.prepared(cfg.exit) as prep:
-            dumped = await dump.dump(self.engine, self.view, self.policy, req, None, around=prep.freeze, gpu=prep.gpu)
+            dumped = await dump.dump(self.engine, self.view, policy, req, None, around=prep.freeze, gpu=prep.gpu)
         try:
             await asyncio.to_thread(_copy_images, dumped.images, cfg.path)
             await self.attest(cfg.path)
@@ -283,6 +334,9 @@ class HotRestart(PlainCheckpoints):
         if self._periodic is not None:
             self._periodic.cancel()
             self._periodic = None
+        if self._template is not None:
+            self._template.cancel()
+            self._template = None
         if self._identify_later is not None:
             self._identify_later.cancel()
             self._identify_later = None

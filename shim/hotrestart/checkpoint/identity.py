@@ -74,6 +74,21 @@ def from_labels(identity: Identity, labels: Mapping[str, str]) -> Identity:
     return by_pod_name(identity, "no workload labels")
 
 
+def template_of(pool: Identity) -> Identity | None:
+    """The identity of a pod template's warm snapshot (`hotrestart.io/snapshot: template`):
+    its own folder, the newest only, beside the pool of its stopped replicas. None for a pod
+    that is not a pod template's replica."""
+    if not pool.pool or not pool.key.startswith("@template/"):
+        return None
+    template = pool.key.split("/")[1]
+    return dataclasses.replace(
+        pool,
+        key="@snapshot/" + pool.key.removeprefix("@template/"),
+        pool=False,
+        source=f"pod template {template}: its warm snapshot",
+    )
+
+
 def by_pod_name(identity: Identity, why: str) -> Identity:
     return dataclasses.replace(identity, key="", pool=False, source=f"pod name ({why})")
 

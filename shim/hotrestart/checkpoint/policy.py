@@ -17,12 +17,20 @@ the runtime's `pod_annotations` lists `hotrestart.io/*`) tune it:
   when it locks a process (default 10 s); past it the checkpoint fails and the process runs on.
 - `hotrestart.io/identity`: the key under which the checkpoint is stored (default
   namespace/pod/container), for pods whose names change between incarnations.
+- `hotrestart.io/snapshot: template`: warm scale-out for the replicas of a pod template (see
+  `template`): once a replica is warm, one leave-running checkpoint of it is kept as the
+  template's, and every new replica restores from it without consuming it. Warm means:
+  `hotrestart.io/snapshot-after` (a duration after start), or `hotrestart.io/snapshot-marker`
+  (a path in the container that the application creates), or an API checkpoint.
+  `hotrestart.io/snapshot-signal` (`SIGUSR2`, say) is sent to a replica restored from it;
+  `hotrestart.io/snapshot-ttl` (default 24h) is how long a template serves.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +45,8 @@ CONTAINER_NAME = "io.kubernetes.cri.container-name"
 IMAGE_NAME = "io.kubernetes.cri.image-name"
 DEFAULT_TIMEOUT = 10.0
 MIN_INTERVAL = 1.0
+DEFAULT_SNAPSHOT_TTL = 24 * 3600.0
+MAX_MARKER = 1024
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -58,6 +68,44 @@ class Policy:
     carry_volumes: tuple[str, ...] = ()
     interval: float = 0.0  # seconds between periodic checkpoints; 0 = none
     gpu_lock_timeout: float = 10.0
+    snapshot: Snapshot | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """`hotrestart.io/snapshot: template` and its settings."""
+
+    after: float = 0.0  # seconds after start; 0: not on a timer
+    marker: str = ""  # absolute path in the container; "": no marker
+    signal: int = 0  # sent to a replica restored from the template; 0: none
+    ttl: float = DEFAULT_SNAPSHOT_TTL
+
+
+def snapshot_for(annotations: Mapping[str, str]) -> Snapshot | None:
+    kind = annotations.get(PREFIX + "snapshot", "").strip().lower()
+    if kind in ("", "off", "none"):
+        return None
+    if kind != "template":
+        raise InvalidArgumentError(f"hotrestart.io/snapshot must be template or off, not {kind!r}")
+    after = parse_duration(annotations.get(PREFIX + "snapshot-after", "0"))
+    marker = annotations.get(PREFIX + "snapshot-marker", "").strip()
+    if marker:
+        parts = marker.split("/")
+        if not marker.startswith("/") or len(marker) > MAX_MARKER or any(p in (".", "..") for p in parts[1:]):
+            raise InvalidArgumentError(
+                f"hotrestart.io/snapshot-marker must be an absolute path without . or .. (at most {MAX_MARKER})"
+            )
+    sig = 0
+    name = annotations.get(PREFIX + "snapshot-signal", "").strip().upper()
+    if name:
+        try:
+            sig = int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
+        except KeyError:
+            raise InvalidArgumentError(f"hotrestart.io/snapshot-signal: unknown signal {name!r}") from None
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise InvalidArgumentError("hotrestart.io/snapshot-signal cannot be SIGKILL or SIGSTOP")
+    ttl = parse_duration(annotations.get(PREFIX + "snapshot-ttl", "24h"))
+    return Snapshot(after=after, marker=marker, signal=sig, ttl=ttl)
 
 
 def policy_for(spec: Mapping[str, Any]) -> Policy:
@@ -88,5 +136,12 @@ def policy_for(spec: Mapping[str, Any]) -> Policy:
             raise InvalidArgumentError(f"hotrestart.io/checkpoint-interval must be at least {MIN_INTERVAL:.0f}s")
     gpu_lock = parse_duration(annotations.get(PREFIX + "gpu-lock-timeout", "10s"))
     return Policy(
-        True, identity, timeout=timeout, tcp=tcp, carry_volumes=volumes, interval=interval, gpu_lock_timeout=gpu_lock
+        True,
+        identity,
+        timeout=timeout,
+        tcp=tcp,
+        carry_volumes=volumes,
+        interval=interval,
+        gpu_lock_timeout=gpu_lock,
+        snapshot=snapshot_for(annotations),
     )

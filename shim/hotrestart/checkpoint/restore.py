@@ -5,6 +5,10 @@ wins), verified while it is decompressed into a private work area, and its files
 replayed onto the new root filesystem and volumes; the container then runs `runc restore`
 itself. Every failure quarantines the checkpoint with the reason and CRIU's log; a restore
 cancelled part-way gives its claim back.
+
+A pod template's warm snapshot (`template`) is the exception: read where it is published,
+never claimed, never consumed, and set aside only when it is proven bad (it fails its
+hashes or its seal), never for a failure of one replica's restore.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from hotrestart import telemetry
-from hotrestart.checkpoint import files, workarea
+from hotrestart.checkpoint import files, identity, template, workarea
 from hotrestart.checkpoint.compat import incompatibility
 from hotrestart.checkpoint.engine import Engine
 from hotrestart.checkpoint.policy import Policy
 from hotrestart.container.seam import RestoreImages, View
-from hotrestart.errors import ShimError
+from hotrestart.errors import ShimError, StoreError
 from hotrestart.gpu import plan as gpu_plan
 from hotrestart.runtime import netinfo
 from hotrestart.store.entry import Entry
@@ -51,6 +55,7 @@ class Claim:
     work: str = ""
     tmpfs: bool = False
     log_file: str = ""
+    shared: bool = False  # a template's snapshot: read in place, never claimed or consumed
 
     def drop_work(self) -> None:
         if self.work:
@@ -70,15 +75,17 @@ async def find(engine: Engine, view: View, policy: Policy) -> tuple[Entry | None
     entry = (
         _pool_pick(store.candidates(policy.identity), policy) if policy.identity.pool else store.latest(policy.identity)
     )
+    if entry is None and policy.snapshot is not None and (snap := identity.template_of(policy.identity)):
+        entry = template.current(store, snap, policy.snapshot.ttl)  # no stopped replica to take over
     if entry is None or entry.manifest is None:
         return None, "no checkpoint"
-    reason = await _unfit(engine, view, entry.manifest)
+    reason = await unfit(engine, view, entry.manifest)
     if reason:
         return None, f"checkpoint {entry.id} not compatible: {reason}"
     return entry, ""
 
 
-async def _unfit(engine: Engine, view: View, manifest: Manifest) -> str:
+async def unfit(engine: Engine, view: View, manifest: Manifest) -> str:
     """Why this checkpoint cannot restore `view`'s container here ("" when it can)."""
     reason = incompatibility(manifest, view.spec, await engine.runtime_info(view.runc))
     reason = reason or beyond_memory_limit(manifest, view.spec)
@@ -102,12 +109,13 @@ def beyond_memory_limit(manifest: Manifest, spec: Mapping[str, Any]) -> str:
 
 async def prepare(engine: Engine, view: View, entry: Entry, policy: Policy) -> tuple[Claim, RestoreImages]:
     """Claim `entry`, verify and unpack it and replay its files, for `runc restore`."""
-    claimed = engine.store.claim(entry)
+    shared = template.is_template(entry)
+    claimed = entry if shared else engine.store.claim(entry)
     if (claimed is None or claimed.manifest is None) and policy.identity.pool:
         claimed = await _claim_another(engine, view, policy, entry.id)
     if claimed is None or claimed.manifest is None:
         raise RestoreFailed(f"checkpoint {entry.id} was claimed by another restore")
-    claim = Claim(claimed, claimed.manifest)
+    claim = Claim(claimed, claimed.manifest, shared=shared)
     manifest = claim.manifest
     net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(view.spec)))
     try:
@@ -138,6 +146,9 @@ async def prepare(engine: Engine, view: View, entry: Entry, policy: Policy) -> t
     taken = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(manifest.created_at))
     who = policy.identity
     note = f"hotrestart: restoring from checkpoint {claimed.id} taken on {manifest.node} at {taken}"
+    if shared:
+        who = manifest.identity
+        note = f"hotrestart: restoring from the warm snapshot {claimed.id} of {who.pod}, taken at {taken}"
     note += f" (identity {who.canonical()}: {who.source})" if who.source else ""
     return claim, RestoreImages(os.path.join(claim.work, "images"), criu_work, keep_tcp, note)
 
@@ -160,6 +171,13 @@ def abandon(engine: Engine, claim: Claim, exc: BaseException) -> str:
     cancelled (a ttrpc deadline, containerd gone) is not the checkpoint's fault, so it goes
     back for the next attempt instead of lingering claimed. Returns the reason."""
     reason = str(exc) or type(exc).__name__
+    if claim.shared:
+        # Other replicas restore from it too: only proof that it is bad sets it aside.
+        if isinstance(exc, StoreError) or isinstance(exc.__cause__, StoreError):
+            with contextlib.suppress(OSError):
+                engine.store.quarantine(claim.entry, reason, claim.log_file)
+        claim.drop_work()
+        return reason
     with contextlib.suppress(OSError):
         if isinstance(exc, Exception):
             engine.store.quarantine(claim.entry, reason, claim.log_file)
@@ -173,6 +191,8 @@ def abandon(engine: Engine, claim: Claim, exc: BaseException) -> str:
 def settle(engine: Engine, claim: Claim, *, died_early: bool) -> None:
     """A restored container ended or proved itself: consume, retry or quarantine its checkpoint."""
     store = engine.store
+    if claim.shared:
+        return  # a template's snapshot serves the next replica as it is
     if died_early:
         claim.manifest.restore_attempts += 1
         if claim.manifest.restore_attempts >= MAX_SHORT_RESTORES:
@@ -210,7 +230,7 @@ async def _claim_another(engine: Engine, view: View, policy: Policy, taken: str)
         manifest = other.manifest
         if other.id == taken or manifest is None or not _claimable(other, policy):
             continue
-        if await _unfit(engine, view, manifest):
+        if await unfit(engine, view, manifest):
             continue
         claimed = engine.store.claim(other)
         if claimed is not None and claimed.manifest is not None:

@@ -25,16 +25,22 @@ from typing import Any
 from hotrestart import telemetry
 from hotrestart.container.config import CreateConfig, ExecConfig, ProcessState, load_spec
 from hotrestart.container.init_states import BEHAVIOUR
-from hotrestart.container.launch import exec_pid_path, exec_spec_path, launch, write_exec_spec
+from hotrestart.container.launch import exec_pid_path, exec_spec_path, launch, read_pid, write_exec_spec
 from hotrestart.container.process import ExitInfo, Process
 from hotrestart.container.seam import CheckpointConfig, Checkpointing, NoCheckpoints, View
 from hotrestart.container.state import Action, State
 from hotrestart.container.stdio import open_io
-from hotrestart.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, RuntimeCommandError
+from hotrestart.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    RuntimeCommandError,
+)
 from hotrestart.events import TaskEvents
 from hotrestart.handoff import INIT_PID_FILE
 from hotrestart.reaper import Reaper
-from hotrestart.runtime import criu, mounts
+from hotrestart.runtime import criu, mounts, uts
 from hotrestart.runtime.oom import OOMWatcher, memory_cgroup_dir
 from hotrestart.runtime.runc import RestoreOpts, Runc
 
@@ -199,12 +205,20 @@ class Container:
 
     async def _runc_restore(self, opts: RestoreOpts, console_socket: str, *, close_tcp: bool = False) -> None:
         opts = dataclasses.replace(opts, console_socket=console_socket)
-        if close_tcp:
-            # runc has no --tcp-close; CRIU takes it from a config file named by the spec.
-            with criu.config_for(self.bundle, "tcp-close\n"):
+        # CRIU writes the checkpoint's hostname into the pod's UTS namespace: put the pod's back.
+        hostname = await asyncio.to_thread(uts.pod_hostname, self.spec)
+        try:
+            if close_tcp:
+                # runc has no --tcp-close; CRIU takes it from a config file named by the spec.
+                with criu.config_for(self.bundle, "tcp-close\n"):
+                    await self.runc.restore(self.id, opts, self.init.io.runc_stdio())
+            else:
                 await self.runc.restore(self.id, opts, self.init.io.runc_stdio())
-        else:
-            await self.runc.restore(self.id, opts, self.init.io.runc_stdio())
+        finally:
+            with contextlib.suppress(FailedPreconditionError):  # no process: the pod's name alone
+                pid = 0
+                pid = read_pid(self.pid_file)
+            await asyncio.to_thread(uts.put_back, pid, self.spec, hostname)
 
     async def _run_init(self, run: Callable[[str], Awaitable[None]]) -> None:
         """Run `run` (runc create or restore) and start watching the init process it leaves."""
