@@ -176,3 +176,20 @@ def test_snapshot_annotations() -> None:
     ):
         with pytest.raises(InvalidArgumentError):
             snapshot_for(bad)
+
+
+def test_skipped_containers_start_fresh_and_the_others_do_not() -> None:
+    def spec(container: str) -> dict[str, Any]:
+        return {
+            "annotations": {
+                "io.kubernetes.cri.container-type": "container",
+                "io.kubernetes.cri.sandbox-namespace": "shop",
+                "io.kubernetes.cri.sandbox-name": "web-0",
+                "io.kubernetes.cri.container-name": container,
+                "hotrestart.io/skip-containers": " migrate , wait-for-db",
+            }
+        }
+
+    assert not policy_for(spec("migrate")).enabled
+    assert not policy_for(spec("wait-for-db")).enabled
+    assert policy_for(spec("app")).enabled

@@ -17,6 +17,9 @@ the runtime's `pod_annotations` lists `hotrestart.io/*`) tune it:
   when it locks a process (default 10 s); past it the checkpoint fails and the process runs on.
 - `hotrestart.io/identity`: the key under which the checkpoint is stored (default
   namespace/pod/container), for pods whose names change between incarnations.
+- `hotrestart.io/skip-containers`: comma-separated container names that always start fresh
+  and are never checkpointed (the CRI does not mark init containers: list those that must
+  run from the start, a migration say).
 - `hotrestart.io/snapshot: template`: warm scale-out for the replicas of a pod template (see
   `template`): once a replica is warm, one leave-running checkpoint of it is kept as the
   template's, and every new replica restores from it without consuming it. Warm means:
@@ -119,6 +122,9 @@ def policy_for(spec: Mapping[str, Any]) -> Policy:
     if annotations.get(CONTAINER_TYPE) != "container":  # a sandbox, or not made by Kubernetes
         return Policy(False, identity)
     if annotations.get(PREFIX + "checkpoint", "").lower() in ("off", "false", "disabled", "0"):
+        return Policy(False, identity)
+    skipped = {c.strip() for c in annotations.get(PREFIX + "skip-containers", "").split(",")}
+    if identity.container and identity.container in skipped:
         return Policy(False, identity)
     if not identity.key and not (identity.namespace and identity.pod and identity.container):
         return Policy(False, identity)  # nothing to find its checkpoints by after a restart
