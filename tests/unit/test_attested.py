@@ -27,13 +27,15 @@ def images(tmp_path: Path, ring: KeyRing | None = RING, spec: dict[str, Any] = S
     (src / "pages-1.img").write_bytes(os.urandom(3 << 20))
     (src / "descriptors.json").write_text("[]")
     if ring is not None:
-        attest(str(src), ring, spec, "c1")
+        attest(str(src), ring, spec, "c1", os.listdir(src))
     return src
 
 
 def test_an_attested_archive_is_copied_whole_and_nothing_else(tmp_path: Path) -> None:
     src = images(tmp_path)
-    dest = admit(str(src), str(tmp_path / "copy"), ATTESTED, SPEC)
+    admitted = admit(str(src), str(tmp_path / "copy"), ATTESTED, SPEC)
+    dest = admitted.path
+    assert admitted.authenticated
     assert sorted(os.listdir(dest)) == ["descriptors.json", "inventory.img", "pages-1.img"]
     for name in os.listdir(dest):
         assert (Path(dest) / name).read_bytes() == (src / name).read_bytes()
@@ -59,6 +61,8 @@ def test_off_by_default_with_the_option_that_allows_it(tmp_path: Path) -> None:
         (lambda d: (d / ATTESTATION).write_text("[]"), "not a JSON object"),
         (lambda d: _rewrite(d, files=[]), "does not authenticate"),
         (lambda d: _rewrite(d, seal={"alg": "none"}), "does not authenticate"),
+        (lambda d: (d / ATTESTATION).write_text('{"files": NaN}'), "not JSON"),
+        (lambda d: (d / ATTESTATION).write_text("[" * 100_000 + "]" * 100_000), "not JSON"),
     ],
     ids=[
         "byte-changed",
@@ -70,6 +74,8 @@ def test_off_by_default_with_the_option_that_allows_it(tmp_path: Path) -> None:
         "not-object",
         "list-rewritten",
         "seal-dropped",
+        "nan",
+        "deep",
     ],
 )
 def test_anything_changed_is_refused_and_nothing_is_left(tmp_path: Path, damage: Any, why: str) -> None:
@@ -106,7 +112,9 @@ def test_without_a_key_nothing_authenticates(tmp_path: Path) -> None:
 def test_unauthenticated_archives_when_allowed_still_get_the_file_checks(tmp_path: Path) -> None:
     lax = ArchivePolicy(allow=True, allow_unauthenticated=True)
     src = images(tmp_path, ring=None)
-    dest = admit(str(src), str(tmp_path / "copy"), lax, SPEC)
+    admitted = admit(str(src), str(tmp_path / "copy"), lax, SPEC)
+    assert not admitted.authenticated
+    dest = admitted.path
     assert sorted(os.listdir(dest)) == ["descriptors.json", "inventory.img", "pages-1.img"]
     os.symlink("/etc/shadow", src / "core-1.img")
     with pytest.raises(ArchiveRestoreError, match=r"core-1\.img: not a regular file"):
@@ -147,3 +155,20 @@ def test_a_key_that_cannot_be_loaded_refuses_with_its_reason(tmp_path: Path) -> 
     src = images(tmp_path)
     with pytest.raises(ArchiveRestoreError, match="permission denied"):
         admit(str(src), str(tmp_path / "copy"), ArchivePolicy(allow=True, keys=broken), SPEC)
+
+
+def test_only_the_files_the_shim_wrote_are_attested(tmp_path: Path) -> None:
+    src = images(tmp_path, ring=None)
+    (src / "planted.img").write_bytes(b"not from CRIU")
+    attest(str(src), RING, SPEC, "c1", ["inventory.img", "pages-1.img", "descriptors.json"])
+    with pytest.raises(ArchiveRestoreError, match=r"does not list: planted\.img"):
+        admit(str(src), str(tmp_path / "copy"), ATTESTED, SPEC)
+
+
+def test_an_existing_destination_is_never_reused(tmp_path: Path) -> None:
+    src = images(tmp_path)
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "keep").write_text("someone else's")
+    with pytest.raises(FileExistsError):
+        admit(str(src), str(tmp_path / "copy"), ATTESTED, SPEC)
+    assert (tmp_path / "copy" / "keep").read_text() == "someone else's"

@@ -25,28 +25,31 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import hmac
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from hotrestart.checkpoint.compat import security_digest
 from hotrestart.errors import ArchiveRestoreError
 from hotrestart.store.manifest import MAX_FILES, MAX_MANIFEST
-from hotrestart.store.seal import KeyRing, SealError, canonical
+from hotrestart.store.seal import SALT_BYTES, KeyRing, SealError, canonical, purpose_key
 
 log = logging.getLogger(__name__)
 
 ATTESTATION = "hotrestart-attestation.json"
 FORMAT = "hotrestart.io/attested-images/v1"
-# The key derivation's context: an attestation's MAC can never stand for a stored
-# checkpoint's, nor one of those for an attestation.
-_CONTEXT = "cri-archive-images"
+ALG = "hmac-sha256+hkdf-sha256"
+# The HKDF label of the attestation key: unlike every checkpoint key's, so an attestation's
+# MAC can never stand for a stored checkpoint's, nor one of those for an attestation.
+_PURPOSE = b"hotrestart.io/attest/v1 images key\0"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _BLOCK = 8 << 20
 MEMORY_SLACK = 64 << 20  # CRIU's images carry some metadata beyond the pages themselves
@@ -75,13 +78,14 @@ class ArchivePolicy:
 # -- writing ---------------------------------------------------------------------------------
 
 
-def attest(images: str, ring: KeyRing, spec: Mapping[str, Any], container: str) -> None:
-    """Write `ATTESTATION` into `images`, a folder this shim just filled with CRIU images."""
+def attest(images: str, ring: KeyRing, spec: Mapping[str, Any], container: str, names: Collection[str]) -> None:
+    """Write `ATTESTATION` into `images` for the files `names`, which this shim just wrote
+    there; anything else in the folder stays unattested (and so refuses a restore)."""
     dir_fd = os.open(images, _DIR_FLAGS)
     try:
         files = []
-        for name in sorted(_names(dir_fd)):
-            if name == ATTESTATION:
+        for name in sorted(set(names)):
+            if name == ATTESTATION or not _NAME.fullmatch(name):
                 continue
             fd = _open_regular(dir_fd, name)
             try:
@@ -89,16 +93,16 @@ def attest(images: str, ring: KeyRing, spec: Mapping[str, Any], container: str) 
             finally:
                 os.close(fd)
             files.append([name, size, digest])
-        sealer = ring.sealer(_CONTEXT)
+        salt = secrets.token_bytes(SALT_BYTES)
         doc: dict[str, Any] = {
             "format": FORMAT,
             "container": container,
             "taken": round(time.time(), 3),
             "security": security_digest(spec),
             "files": files,
-            "seal": sealer.seal_info(),
+            "seal": {"alg": ALG, "key": ring.active, "salt": salt.hex(), "mac": ""},
         }
-        doc["seal"]["mac"] = sealer.sign(canonical(doc))
+        doc["seal"]["mac"] = _mac(ring, ring.active, salt, doc).hex()
         body = json.dumps(doc, sort_keys=True, indent=1).encode()
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(ATTESTATION, flags, 0o600, dir_fd=dir_fd)
@@ -113,10 +117,16 @@ def attest(images: str, ring: KeyRing, spec: Mapping[str, Any], container: str) 
 # -- reading ---------------------------------------------------------------------------------
 
 
-def admit(given: str, dest: str, policy: ArchivePolicy, spec: Mapping[str, Any]) -> str:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Admitted:
+    path: str  # the checked copy to restore from
+    authenticated: bool  # False: admitted only because unauthenticated archives are allowed
+
+
+def admit(given: str, dest: str, policy: ArchivePolicy, spec: Mapping[str, Any]) -> Admitted:
     """Check the images in `given` as `policy` allows and copy them into `dest` (created new,
-    0700); returns `dest`, the folder to restore from. Raises ArchiveRestoreError with the
-    reason when refused, leaving nothing at `dest`."""
+    0700; it must not exist). Raises ArchiveRestoreError with the reason when refused,
+    leaving nothing at `dest`."""
     if not policy.allow:
         raise ArchiveRestoreError(
             "restoring from a checkpoint archive is off on this node: CRIU trusts its images, so "
@@ -130,12 +140,12 @@ def admit(given: str, dest: str, policy: ArchivePolicy, spec: Mapping[str, Any])
         raise ArchiveRestoreError(f"checkpoint images {given}: {os.strerror(exc.errno or 0)}") from None
     try:
         names = _names(dir_fd)
-        expected = _expected(dir_fd, names, policy, spec)
+        expected, authenticated = _expected(dir_fd, names, policy, spec)
         _check_room(expected, spec, dest)
         _copy_all(dir_fd, expected, dest)
     finally:
         os.close(dir_fd)
-    return dest
+    return Admitted(dest, authenticated)
 
 
 def _names(dir_fd: int) -> list[str]:
@@ -154,8 +164,9 @@ def _names(dir_fd: int) -> list[str]:
 
 def _expected(
     dir_fd: int, names: list[str], policy: ArchivePolicy, spec: Mapping[str, Any]
-) -> dict[str, tuple[int, str]]:
-    """The files to copy: name -> (size, sha256), "" when nothing vouches for the content."""
+) -> tuple[dict[str, tuple[int, str]], bool]:
+    """The files to copy: name -> (size, sha256), "" when nothing vouches for the content;
+    and whether the attestation vouched for them."""
     try:
         ring = policy.keys()
     except (SealError, OSError) as exc:
@@ -169,7 +180,7 @@ def _expected(
         problem = "this node has no store key to authenticate the archive with"
     else:
         try:
-            return _authenticated(dir_fd, names, ring, spec)
+            return _authenticated(dir_fd, names, ring, spec), True
         except ArchiveRestoreError as exc:
             problem = str(exc)
     if not policy.allow_unauthenticated:
@@ -184,17 +195,12 @@ def _expected(
             unvouched[name] = (os.fstat(fd).st_size, "")
         finally:
             os.close(fd)
-    return unvouched
+    return unvouched, False
 
 
 def _authenticated(dir_fd: int, names: list[str], ring: KeyRing, spec: Mapping[str, Any]) -> dict[str, tuple[int, str]]:
     doc = _read_attestation(dir_fd)
-    seal = doc.get("seal")
-    try:
-        opener = ring.opener(seal if isinstance(seal, Mapping) else {}, _CONTEXT)
-        opener.verify(canonical(doc), str(seal.get("mac", "")) if isinstance(seal, Mapping) else "")
-    except SealError as exc:
-        raise ArchiveRestoreError(f"its attestation does not authenticate: {exc}") from None
+    _verify(ring, doc)
     # Authentic from here on: the content is this shim's own, but still checked for shape.
     if doc.get("format") != FORMAT:
         raise ArchiveRestoreError(f"its attestation is of format {doc.get('format')!r}, not {FORMAT!r}")
@@ -231,6 +237,32 @@ def _authenticated(dir_fd: int, names: list[str], ring: KeyRing, spec: Mapping[s
     return expected
 
 
+def _mac(ring: KeyRing, name: str, salt: bytes, doc: Mapping[str, Any]) -> bytes:
+    return hmac.digest(purpose_key(ring, name, salt, _PURPOSE), canonical(doc), "sha256")
+
+
+def _verify(ring: KeyRing, doc: Mapping[str, Any]) -> None:
+    """Raise unless `doc` authenticates with a key of the ring; nothing else of it is used before."""
+    seal = doc.get("seal")
+    if not isinstance(seal, Mapping) or seal.get("alg") != ALG:
+        raise ArchiveRestoreError(f"its attestation does not authenticate: not sealed with {ALG}")
+    name, salt_hex, mac_hex = seal.get("key"), seal.get("salt"), seal.get("mac")
+    if not (isinstance(name, str) and isinstance(salt_hex, str) and isinstance(mac_hex, str)):
+        raise ArchiveRestoreError("its attestation does not authenticate: its seal lacks a key, salt or MAC")
+    try:
+        salt, given = bytes.fromhex(salt_hex), bytes.fromhex(mac_hex)
+        expected = _mac(ring, name, salt, doc)
+    except (ValueError, SealError) as exc:  # an unknown key, a malformed salt; NaN and the like
+        raise ArchiveRestoreError(f"its attestation does not authenticate: {exc}") from None
+    # compare_digest takes time independent of where the bytes differ.
+    if len(salt) != SALT_BYTES or not hmac.compare_digest(expected, given):
+        raise ArchiveRestoreError(f"its attestation does not authenticate with store key {name!r}")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _read_attestation(dir_fd: int) -> dict[str, Any]:
     fd = _open_regular(dir_fd, ATTESTATION)
     try:
@@ -244,7 +276,7 @@ def _read_attestation(dir_fd: int) -> dict[str, Any]:
     if len(data) > MAX_MANIFEST:
         raise ArchiveRestoreError(f"its attestation is over {MAX_MANIFEST >> 20} MiB")
     try:
-        doc = json.loads(data)
+        doc = json.loads(data, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise ArchiveRestoreError(f"its attestation is not JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -266,8 +298,7 @@ def _check_room(expected: Mapping[str, tuple[int, str]], spec: Mapping[str, Any]
 
 
 def _copy_all(dir_fd: int, expected: Mapping[str, tuple[int, str]], dest: str) -> None:
-    shutil.rmtree(dest, ignore_errors=True)  # left by a shim that was killed part-way
-    os.mkdir(dest, 0o700)
+    os.mkdir(dest, 0o700)  # never one that exists: a name of the caller's, unique
     try:
         out_dir = os.open(dest, _DIR_FLAGS)
         try:

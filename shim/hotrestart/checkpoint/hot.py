@@ -76,7 +76,7 @@ class HotRestart(PlainCheckpoints):
 
     @property
     def hot(self) -> bool:
-        return self.policy.enabled
+        return self.policy.enabled and not self.untrusted
 
     # -- create / start -------------------------------------------------------------------------
 
@@ -164,6 +164,8 @@ class HotRestart(PlainCheckpoints):
             self._claim = None
 
     def started(self) -> None:
+        if self.untrusted:
+            return  # restored from images nothing vouched for: nothing of it goes to the store
         if not self._identified and self._identify_later is None:
             self._identify_later = asyncio.ensure_future(self._identify_after(IDENTIFY_AFTER))
         if self.policy.interval > 0 and self._periodic is None:
@@ -216,6 +218,8 @@ class HotRestart(PlainCheckpoints):
 
     async def checkpoint_for_stop(self, sig: int) -> bool:
         self._stopping = True
+        if self.untrusted:
+            return False
         started = self.clock.monotonic()
         await self.identify()
         async with self.dump_lock:  # a periodic or API checkpoint in progress finishes first
@@ -245,7 +249,7 @@ class HotRestart(PlainCheckpoints):
         of the images, and keep the dump as the identity's newest restore point. During a
         stop it is a plain `runc checkpoint` (the stop's dump owns the store's turn). For a
         replica with `hotrestart.io/snapshot: template` it is the template's new snapshot."""
-        if self._stopping:
+        if self._stopping or self.untrusted:
             await super().checkpoint(cfg)
             return
         await self.identify()
@@ -268,7 +272,7 @@ class HotRestart(PlainCheckpoints):
             dumped = await dump.dump(self.engine, self.view, policy, req, None, around=prep.freeze, gpu=prep.gpu)
         try:
             await asyncio.to_thread(_copy_images, dumped.images, cfg.path)
-            await self.attest(cfg.path)
+            await self.attest(cfg.path, os.listdir(dumped.images))
             if not cfg.options_given:
                 await asyncio.to_thread(_leave_criu_logs_for_cri, self.view, os.path.join(dumped.work, "criu"))
         except BaseException:

@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 
 from hotrestart.checkpoint import attested, quiesce
 from hotrestart.checkpoint.attested import ArchivePolicy
@@ -43,15 +44,33 @@ class PlainCheckpoints(NoCheckpoints):
         self.gpu_lock_timeout = gpu_lock_timeout
         self.archives = archives or ArchivePolicy()
         self._admitted = ""  # the checked copy of images given at create, until restored
+        # Restored from images nothing vouched for (AllowUnauthenticatedArchives): its state is
+        # never attested nor sealed into the store, where it would pass for this shim's own.
+        self.untrusted = False
         # One dump at a time per container (stop, API, periodic), and none under pause/resume.
         self.dump_lock = asyncio.Lock()
 
     async def admit_images(self, path: str) -> str:
         # Beside the given folder (containerd's container root, on disk), not in the bundle
-        # (containerd's state folder, often a tmpfs).
-        dest = os.path.join(os.path.dirname(os.path.abspath(path)), f"hotrestart-images-{self.view.id}")
-        self._admitted = await asyncio.to_thread(attested.admit, path, dest, self.archives, self.view.spec)
-        return self._admitted
+        # (containerd's state folder, often a tmpfs); a name nobody can have made before.
+        parent = os.path.dirname(os.path.abspath(path))
+        self._admitted = os.path.join(parent, f".hotrestart-images-{secrets.token_hex(8)}")
+        copying = asyncio.ensure_future(
+            asyncio.to_thread(attested.admit, path, self._admitted, self.archives, self.view.spec)
+        )
+        try:
+            admitted = await asyncio.shield(copying)
+        except asyncio.CancelledError:
+            # The copy runs on in its thread: wait for it, so that removing it is final.
+            with contextlib.suppress(Exception):
+                await copying
+            self._drop_admitted()
+            raise
+        except BaseException:
+            self._drop_admitted()
+            raise
+        self.untrusted = not admitted.authenticated
+        return admitted.path
 
     async def finish_restore(self) -> None:
         """After a restore from containerd's images: GPU processes get their device state back."""
@@ -67,17 +86,20 @@ class PlainCheckpoints(NoCheckpoints):
             shutil.rmtree(self._admitted, ignore_errors=True)
             self._admitted = ""
 
-    async def attest(self, path: str) -> None:
-        """Attest the images just written to `path` for a restore from an archive (see
-        `attested`); without a store key they go unattested, and such archives restore
+    async def attest(self, path: str, names: Collection[str]) -> None:
+        """Attest the images `names` just written to `path` for a restore from an archive
+        (see `attested`); without a store key they go unattested, and such archives restore
         only where unauthenticated ones are allowed."""
+        if self.untrusted:
+            log.warning("%s: checkpoint images not attested: restored from unauthenticated images", self.view.id)
+            return
         try:
             ring = self.archives.keys()
         except (SealError, OSError) as exc:
             log.warning("%s: checkpoint images not attested: the store key cannot be loaded: %s", self.view.id, exc)
             return
         if ring is not None:
-            await asyncio.to_thread(attested.attest, path, ring, self.view.spec, self.view.id)
+            await asyncio.to_thread(attested.attest, path, ring, self.view.spec, self.view.id, names)
 
     async def checkpoint(self, cfg: CheckpointConfig) -> None:
         view = self.view
@@ -95,9 +117,11 @@ class PlainCheckpoints(NoCheckpoints):
             manage_cgroups_mode=cfg.cgroups_mode,
         )
         try:
+            before = set(os.listdir(cfg.path)) if os.path.isdir(cfg.path) else set()
             async with self.dump_lock, self.prepared(cfg.exit) as prep, prep.freeze():
                 await view.runc.checkpoint(view.id, opts)
-            await self.attest(cfg.path)
+            # Only what CRIU wrote: a file that was there before is not this shim's to vouch for.
+            await self.attest(cfg.path, set(os.listdir(cfg.path)) - before)
         except RuntimeCommandError as exc:
             dump_log = os.path.join(work, "dump.log")
             if os.path.exists(dump_log):

@@ -106,6 +106,15 @@ def _derive(key: bytes, salt: bytes, info: bytes, checkpoint_id: str) -> bytes:
     return hkdf.derive(key)
 
 
+def purpose_key(ring: KeyRing, name: str, salt: bytes, purpose: bytes) -> bytes:
+    """A key of the ring's key `name` for another use than sealing checkpoints: `purpose` is
+    the HKDF info, which must not start like a checkpoint key's (`hotrestart.io/seal/`), so
+    that no MAC made with it can stand for a checkpoint's or the reverse."""
+    if purpose.startswith(b"hotrestart.io/seal/"):
+        raise SealError("a purpose key cannot share the checkpoint keys' label")
+    return _derive(ring.key(name), salt, purpose, "")
+
+
 class _Keys:
     """The keys of one checkpoint, derived from a ring key, its salt and its id."""
 
