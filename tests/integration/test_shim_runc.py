@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import threading
@@ -198,11 +199,25 @@ async def test_oom_is_reported_before_exit(shim_env: tuple[Path, object, dict[st
 
 async def test_restore_into_new_container_from_checkpoint(shim_env: tuple[Path, object, dict[str, str]]) -> None:
     tmp, _sink, env = shim_env
+    # Restoring given images is off unless allowed, and then only images the shim attested
+    # with the store key at their checkpoint.
+    key = tmp / "store-key"
+    key.write_text(f"k1:{base64.b64encode(os.urandom(32)).decode()}\n")
+    key.chmod(0o600)
+    from hotrestart.api.runtimeoptions.v1 import api_pb2 as runtimeoptions_pb2
+
+    body = f'AllowArchiveRestore = true\nStoreKeyFile = "{key}"\n'.encode()
+    options = any_pb2.Any(
+        type_url="runtimeoptions.v1.Options",
+        value=runtimeoptions_pb2.Options(config_body=body).SerializeToString(),
+    )
     script = "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done"
     bundle = make_bundle(tmp, "c4", ["/bin/sh", "-c", script])
     shim = await start_shim(tmp, bundle, "c4", env)
     out = FifoReader(tmp / "c4-out")
-    await shim.call("Create", task.CreateTaskRequest(id="c4", bundle=str(bundle), stdout=str(out.path)))
+    await shim.call(
+        "Create", task.CreateTaskRequest(id="c4", bundle=str(bundle), stdout=str(out.path), options=options)
+    )
     await shim.call("Start", task.StartRequest(id="c4"))
     await asyncio.sleep(0.6)
     images = tmp / "c4-images"
@@ -224,8 +239,12 @@ async def test_restore_into_new_container_from_checkpoint(shim_env: tuple[Path, 
 
     bundle2 = make_bundle(tmp, "c5", ["/bin/sh", "-c", "echo cold start"])
     out2 = FifoReader(tmp / "c5-out")
+    assert (images / "hotrestart-attestation.json").exists()
     await shim.call(
-        "Create", task.CreateTaskRequest(id="c5", bundle=str(bundle2), stdout=str(out2.path), checkpoint=str(images))
+        "Create",
+        task.CreateTaskRequest(
+            id="c5", bundle=str(bundle2), stdout=str(out2.path), checkpoint=str(images), options=options
+        ),
     )
     assert (await shim.call("State", task.StateRequest(id="c5"), task.StateResponse)).status == types.CREATED
     started = await shim.call("Start", task.StartRequest(id="c5"), task.StartResponse, timeout=60)
