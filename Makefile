@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TESTBED_STAMP := /opt/hotrestart-testbed/.installed
 
-.PHONY: setup testbed venv bytecode demo test test-unit test-integration test-e2e lint typecheck bench proto clean
+.PHONY: setup testbed venv bytecode demo test test-unit test-integration test-e2e lint typecheck bench proto clean dist installer
 
 setup: testbed venv
 
@@ -47,8 +47,18 @@ test-e2e: setup
 	$(PY) -m pytest -q tests/e2e
 
 # The whole suite, as CI runs it.
-test: setup bytecode lint typecheck
+test: setup bytecode lint typecheck installer
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The node bundle: dist/hotrestart-<version>-linux-amd64.tar.gz, a relocatable tree with its own
+# Python, CRIU and C library (hack/build-bundle.py says what it holds).
+dist: setup
+	$(PY) hack/build-bundle.py
+
+# The installer image: dist/hotrestart-installer-<version>.oci.tar, the bundle at /hotrestart, for
+# the DaemonSet in runtime-class/ (load it with `ctr -n k8s.io images import`).
+installer: dist
+	$(PY) hack/build-installer-image.py
 
 bench: setup bytecode
 	$(PY) hack/bench.py
@@ -57,4 +67,4 @@ proto: venv
 	PYTHON=$(PY) bash hack/gen-proto.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info hack/cri/gen
+	rm -rf $(VENV) build dist *.egg-info hack/cri/gen

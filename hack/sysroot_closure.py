@@ -34,8 +34,8 @@ SKIP = frozenset(
 SKIP_PREFIXES = ("python3",)
 
 
-def _skipped(name: str) -> bool:
-    return name in SKIP or name.startswith(SKIP_PREFIXES)
+def _skipped(name: str, skip: frozenset[str] = SKIP, prefixes: tuple[str, ...] = SKIP_PREFIXES) -> bool:
+    return name in skip or name.startswith(prefixes)
 
 
 def _deps(stanza: str) -> list[str]:
@@ -77,10 +77,14 @@ def _show(pkgs: list[str], suite: str) -> dict[str, str]:
     return stanzas
 
 
-def closure(roots: list[str], suite: str) -> list[str]:
+def closure(
+    roots: list[str], suite: str, skip: frozenset[str] = SKIP, skip_prefixes: tuple[str, ...] = SKIP_PREFIXES
+) -> list[str]:
+    """The closure of `roots` in `suite`, leaving out `skip` and names with `skip_prefixes`
+    (the node bundle keeps Python, which the test bed takes from the host)."""
     order: list[str] = []
     seen: set[str] = set()
-    level = [r for r in dict.fromkeys(roots) if not _skipped(r)]
+    level = [r for r in dict.fromkeys(roots) if not _skipped(r, skip, skip_prefixes)]
     while level:
         seen.update(level)
         stanzas = _show(level, suite)
@@ -95,7 +99,7 @@ def closure(roots: list[str], suite: str) -> list[str]:
                 continue
             order.append(pkg)
             for dep in _deps(stanza):
-                if dep not in seen and not _skipped(dep) and dep not in nxt:
+                if dep not in seen and not _skipped(dep, skip, skip_prefixes) and dep not in nxt:
                     nxt.append(dep)
         level = nxt
     return order

@@ -72,6 +72,8 @@ class ContainerdInstance:
         store: str | Path | None = None,
         images: Path | None = None,
         start_timeout: float = 60.0,
+        command_prefix: list[str] | None = None,
+        path: list[str] | None = None,
     ) -> None:
         self.binaries_dir = Path(binaries_dir)
         if not (self.binaries_dir / "containerd").exists():
@@ -111,6 +113,10 @@ class ContainerdInstance:
         self.zygote_socket = self.dir / "zygote.sock"
         self.images_tar = images
         self.start_timeout = start_timeout
+        # containerd runs as `prefix + [containerd, ...]` (a prefix that ends by exec'ing it, e.g.
+        # into a mount namespace of its own); `path` replaces the PATH it and its shims get.
+        self.command_prefix = list(command_prefix or [])
+        self.path = list(path) if path is not None else None
         self.proc: subprocess.Popen[bytes] | None = None
         self.bridge: str | None = None
         self.subnet: str | None = None
@@ -163,7 +169,7 @@ class ContainerdInstance:
                 sock.unlink()
         self._log_fh = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [str(self.binaries_dir / "containerd"), "--config", str(self.config_path)],
+            [*self.command_prefix, str(self.binaries_dir / "containerd"), "--config", str(self.config_path)],
             stdin=subprocess.DEVNULL,
             stdout=self._log_fh,
             stderr=subprocess.STDOUT,
@@ -251,7 +257,7 @@ class ContainerdInstance:
         if self.shim_bin_dir:
             path.append(str(self.shim_bin_dir))
         path.append(os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"))
-        env["PATH"] = ":".join(path)
+        env["PATH"] = ":".join(path if self.path is None else self.path)
         env[MARKER_ENV] = str(self.dir)
         env[ZYGOTE_SOCKET_ENV] = str(self.zygote_socket)
         env.update(self.extra_env)

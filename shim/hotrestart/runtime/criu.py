@@ -9,17 +9,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 
+from hotrestart import bundle as node_bundle
 from hotrestart.runtime.command import CommandRunner
 
 CONFIG_ANNOTATION = "org.criu.config"  # runc passes this file to CRIU
 
 
 def version_argv(binary: str = "") -> list[str]:
-    return [binary or shutil.which("criu") or "criu", "--version"]
+    return [binary or node_bundle.tool("criu") or "criu", "--version"]
 
 
 async def version(runner: CommandRunner, binary: str = "") -> str:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import DecodeError
 
 from hotrestart import __version__
+from hotrestart import bundle as node_bundle
 from hotrestart.api.containerd.runc.v1 import oci_pb2
 from hotrestart.api.containerd.task.v2 import shim_pb2 as task
 from hotrestart.api.containerd.v1.types import task_pb2 as types
@@ -122,7 +122,7 @@ class TaskService:
 
     def _gpu_state(self, opts: RuntimeOptions) -> GpuState:
         if self._gpu is None:
-            self._gpu = GpuState(self._runner, criu_binary=opts.criu_path or shutil.which("criu") or "criu")
+            self._gpu = GpuState(self._runner, criu_binary=opts.criu_path or node_bundle.tool("criu") or "criu")
         return self._gpu
 
     async def drain(self) -> None:
@@ -143,7 +143,8 @@ class TaskService:
             root=os.path.join(opts.root, self.namespace),
             log_path=os.path.join(bundle, "log.json"),
             systemd_cgroup=opts.systemd_cgroup,
-            criu=opts.criu_path,
+            # A shim from the node bundle runs the bundle's CRIU: containerd's PATH seldom names it.
+            criu=opts.criu_path or node_bundle.own("criu"),
         )
 
     # -- calls ----------------------------------------------------------------------------------
