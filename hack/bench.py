@@ -23,7 +23,10 @@ Absolute times on shared machines are noisy; the ratios are the result.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 from benchparts.hot_restart import bench_hot_restart, print_hot_restart
@@ -42,22 +45,46 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=10.0, help="warm-up of the cold-start comparison (s)")
     parser.add_argument("--only", choices=("start", "checkpoint", "key", "workloads"), help="run one part only")
     parser.add_argument("--key-rounds", type=int, default=3, help="rounds of the store key comparison")
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        help="measure the shim of a node bundle (make dist: its tar.gz or an unpacked tree) instead of this venv's",
+    )
     args = parser.parse_args()
-    with ContainerdInstance(shim_bin_dir=Path(sys.executable).parent) as inst:
-        cri = inst.cri()
-        if args.only in (None, "start"):
-            bench_start_and_memory(inst, cri, args.runs, args.pods)
-        if args.only in (None, "checkpoint"):
-            r = bench_hot_restart(inst, cri, args.mib, args.warmup)
-            bench_running(inst, cri, args.mib, r)
-            print_hot_restart(r, args.mib, args.warmup)
-            print_running(r, args.mib)
-        if args.only in (None, "workloads"):
-            bench_workloads(inst, cri, args.mib // 4, args.warmup)
-        if args.only in (None, "key"):
-            bench_store_key(inst, cri, args.mib, args.key_rounds)
-        cri.close()
+    with contextlib.ExitStack() as stack:
+        shims = Path(sys.executable).parent
+        if args.bundle:
+            shims = unpacked(args.bundle, Path(stack.enter_context(tempfile.TemporaryDirectory()))) / "bin"
+            print(f"shim: {shims}/containerd-shim-hotrestart-v2 (node bundle)")
+        inst = stack.enter_context(ContainerdInstance(shim_bin_dir=shims))
+        run(inst, args)
     return 0
+
+
+def unpacked(bundle: Path, scratch: Path) -> Path:
+    """The bundle's root: `bundle` itself, or the tarball unpacked below `scratch`."""
+    if bundle.is_dir():
+        return bundle.resolve()
+    with tarfile.open(bundle) as tar:
+        tar.extractall(scratch, filter="tar")
+    [root] = list(scratch.iterdir())
+    return root
+
+
+def run(inst: ContainerdInstance, args: argparse.Namespace) -> None:
+    cri = inst.cri()
+    if args.only in (None, "start"):
+        bench_start_and_memory(inst, cri, args.runs, args.pods)
+    if args.only in (None, "checkpoint"):
+        r = bench_hot_restart(inst, cri, args.mib, args.warmup)
+        bench_running(inst, cri, args.mib, r)
+        print_hot_restart(r, args.mib, args.warmup)
+        print_running(r, args.mib)
+    if args.only in (None, "workloads"):
+        bench_workloads(inst, cri, args.mib // 4, args.warmup)
+    if args.only in (None, "key"):
+        bench_store_key(inst, cri, args.mib, args.key_rounds)
+    cri.close()
 
 
 if __name__ == "__main__":

@@ -179,6 +179,21 @@ def assemble(sysroot: Path, tree: Path, launcher: Path) -> None:
         (tree / "libexec" / "hotrestart" / name).write_text(text)
 
 
+def drop_outside_links(tree: Path) -> None:
+    """Remove links that leave the tree. Debian links the interpreter's sitecustomize.py to
+    /etc/python3.X: followed on a host that has that file, the bundle's Python would run the
+    host's code at every start."""
+    for path in sorted(tree.rglob("*")):
+        if not path.is_symlink():
+            continue
+        target = os.readlink(path)
+        inside = os.path.realpath(path).startswith(str(tree) + "/")
+        if target.startswith("/") or not inside:
+            if path.name != "sitecustomize.py":
+                raise SystemExit(f"{path.relative_to(tree)} links outside the bundle ({target})")
+            path.unlink()
+
+
 def install_wheels(tree: Path, work: Path) -> dict[str, str]:
     """Our package and the pinned dependencies into the bundle's site directory."""
     wheels = work / "wheels"
@@ -392,6 +407,7 @@ def main() -> None:
     tree = work / name
     shutil.rmtree(tree, ignore_errors=True)
     assemble(sysroot, tree, launcher)
+    drop_outside_links(tree)
     wheels = install_wheels(tree, work)
     log("checking the library closure")
     verify_closure(tree)

@@ -9,6 +9,7 @@
 #   1. adds trixie and sid as apt sources, pinned low (50/40) so that nothing
 #      installed on the system is ever upgraded from them;
 #   2. installs the native helpers from bookworm (patchelf, busybox-static,
+#      debootstrap, ...) and kustomize from trixie (not in bookworm),
 #      CNI plugins, iptables, ...);
 #   3. unpacks containerd, runc and criu from sid together with their library
 #      closure into a private sysroot, $PREFIX/root, and points runc and criu
@@ -33,6 +34,8 @@ RECIPE=2
 APT_SOURCES=/etc/apt/sources.list.d/hotrestart-testbed.sources
 APT_PREFS=/etc/apt/preferences.d/hotrestart-testbed
 NATIVE_PKGS=(patchelf busybox-static containernetworking-plugins iptables iproute2 file python3-protobuf debootstrap)
+# Not in bookworm; self-contained (needs only libc6 >= 2.34), so taken from trixie natively.
+TRIXIE_NATIVE_PKGS=(kustomize)
 SYSROOT_ROOTS=(criu runc containerd)
 CRI_API_PKG=golang-github-kubernetes-cri-api-dev
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -195,6 +198,18 @@ install_native() {
         $(for p in $missing; do echo "$p/bookworm"; done)
 }
 
+install_trixie_native() {
+    local p st missing=()
+    for p in "${TRIXIE_NATIVE_PKGS[@]}"; do
+        st=$(dpkg-query -W -f '${db:Status-Abbrev}' "$p" 2>/dev/null || true)
+        [[ $st == ii* ]] || missing+=("$p")
+    done
+    [[ ${#missing[@]} -gt 0 ]] || return 0
+    apt_update
+    log "apt-get install (trixie):" "${missing[@]}"
+    apt-get "${APT_OPTS[@]}" install -y -qq --no-install-recommends "${missing[@]/%//trixie}"
+}
+
 # ---------------------------------------------------------------------------
 # 3.-5. the private tree under $PREFIX
 # ---------------------------------------------------------------------------
@@ -302,6 +317,7 @@ build_tree() {
 
 setup_apt_sources
 install_native
+install_trixie_native
 if [[ $FORCE -eq 1 ]] || ! tree_ok; then
     apt_update
     build_tree
