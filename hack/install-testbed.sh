@@ -9,8 +9,8 @@
 #   1. adds trixie and sid as apt sources, pinned low (50/40) so that nothing
 #      installed on the system is ever upgraded from them;
 #   2. installs the native helpers from bookworm (patchelf, busybox-static,
-#      debootstrap, ...) and kustomize from trixie (not in bookworm),
-#      CNI plugins, iptables, ...);
+#      debootstrap, CNI plugins, iptables, ...) and kustomize from trixie
+#      (not in bookworm);
 #   3. unpacks containerd, runc and criu from sid together with their library
 #      closure into a private sysroot, $PREFIX/root, and points runc and criu
 #      at the sysroot's dynamic loader with a DT_RPATH (children they exec,

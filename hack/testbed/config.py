@@ -58,7 +58,7 @@ def _runtimes(inst: ContainerdInstance) -> dict[str, Any]:
     if inst.is_1_7:
         runc["sandbox_mode"] = "podsandbox"
         hot["sandbox_mode"] = "podsandbox"
-    return {"runc": runc, "hotrestart": hot}
+    return {"runc": runc, "hotrestart": hot} if inst.register_hotrestart else {"runc": runc}
 
 
 def _common(inst: ContainerdInstance, version: int, disabled: list[str]) -> dict[str, Any]:

@@ -74,6 +74,7 @@ class ContainerdInstance:
         start_timeout: float = 60.0,
         command_prefix: list[str] | None = None,
         path: list[str] | None = None,
+        register_hotrestart: bool = True,
     ) -> None:
         self.binaries_dir = Path(binaries_dir)
         if not (self.binaries_dir / "containerd").exists():
@@ -117,6 +118,8 @@ class ContainerdInstance:
         # into a mount namespace of its own); `path` replaces the PATH it and its shims get.
         self.command_prefix = list(command_prefix or [])
         self.path = list(path) if path is not None else None
+        # False: the config registers runc only (as on a node before the installer ran).
+        self.register_hotrestart = register_hotrestart
         self.proc: subprocess.Popen[bytes] | None = None
         self.bridge: str | None = None
         self.subnet: str | None = None

@@ -1,18 +1,17 @@
-"""`hotrestart`: the node administrator's command (version, doctor)."""
+"""`hotrestart`: the node administrator's command (version, doctor, install, the store's checkpoints)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
-import re
-import shutil
-import subprocess
 import sys
 import time
 
-from hotrestart import __version__
+from hotrestart import __version__, doctor
+from hotrestart.doctor import gpu_checks as gpu_checks  # where callers have found it
+from hotrestart.install import command as install_command
+from hotrestart.install.settings import parse_size
 from hotrestart.store import config, keyfile
 from hotrestart.store.backend import Backend
 from hotrestart.store.config import KEY_ENV
@@ -21,218 +20,12 @@ from hotrestart.store.seal import SealError
 from hotrestart.store.store import DEFAULT_ROOT as DEFAULT_STORE
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-
-
-def _run(argv: list[str], timeout: float = 30) -> tuple[int, str]:
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return 127, str(exc)
-    return result.returncode, (result.stdout + result.stderr).strip()
-
-
-def _version_of(binary: str, pattern: str) -> tuple[str, str] | None:
-    path = shutil.which(binary)
-    if path is None:
-        return None
-    _code, out = _run([path, "--version"])
-    match = re.search(pattern, out)
-    return path, match.group(1) if match else out.splitlines()[0] if out else "unknown"
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
-
-
-def doctor_checks() -> list[Check]:
-    checks: list[Check] = []
-    found = _version_of("containerd", r"\s(v?\d+\.\d+\.\d+\S*)")
-    if found is None:
-        checks.append(Check("containerd", False, "not found on PATH", "install containerd 1.7 or 2.x"))
-    else:
-        ok = _version_tuple(found[1]) >= (1, 7)
-        checks.append(Check("containerd", ok, f"{found[1]} ({found[0]})", "" if ok else "upgrade to containerd 1.7+"))
-    found = _version_of("runc", r"runc version (\S+)")
-    if found is None:
-        checks.append(Check("runc", False, "not found on PATH", "install runc 1.1+ (1.3 recommended)"))
-    else:
-        ok = _version_tuple(found[1]) >= (1, 1)
-        checks.append(Check("runc", ok, f"{found[1]} ({found[0]})", "" if ok else "upgrade runc to 1.1 or newer"))
-    found = _version_of("criu", r"Version: (\S+)")
-    if found is None:
-        checks.append(
-            Check(
-                "criu", False, "not found on PATH", "install CRIU 4.x (checkpoints need it; pods still run without it)"
-            )
-        )
-    else:
-        ok = _version_tuple(found[1]) >= (3, 16)
-        checks.append(
-            Check(
-                "criu version", ok, f"{found[1]} ({found[0]})", "" if ok else "CRIU 3.16+ is required; 4.x recommended"
-            )
-        )
-        code, out = _run([found[0], "check"], timeout=60)
-        last = out.splitlines()[-1] if out else ""
-        checks.append(
-            Check(
-                "criu check",
-                code == 0,
-                last or f"exit {code}",
-                "" if code == 0 else "CRIU cannot checkpoint on this kernel; on Debian 12 use CRIU 4.x",
-            )
-        )
-    kernel = platform.release()
-    checks.append(
-        Check(
-            "kernel",
-            _version_tuple(kernel) >= (5, 4),
-            kernel,
-            "" if _version_tuple(kernel) >= (5, 4) else "a 5.4+ kernel is recommended",
-        )
-    )
-    cg2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
-    checks.append(Check("cgroups", True, "v2 (unified)" if cg2 else "v1 (legacy/hybrid)"))
-    for name, path in (("user namespaces", "/proc/self/ns/user"), ("pid namespaces", "/proc/self/ns/pid")):
-        checks.append(
-            Check(
-                name,
-                os.path.exists(path),
-                "available" if os.path.exists(path) else "missing",
-                "" if os.path.exists(path) else "enable the namespace in the kernel",
-            )
-        )
-    shim = shutil.which("containerd-shim-hotrestart-v2")
-    checks.append(
-        Check(
-            "shim on PATH",
-            shim is not None,
-            shim or "containerd-shim-hotrestart-v2 not found",
-            "" if shim else "pip install hotrestart into a PATH containerd searches",
-        )
-    )
-    checks += gpu_checks()
-    checks.append(
-        Check(
-            "root",
-            os.geteuid() == 0,
-            "running as root" if os.geteuid() == 0 else "not root",
-            "" if os.geteuid() == 0 else "run as root to check CRIU",
-        )
-    )
-    return checks
-
-
-def archive_checks(config_path: str = "") -> list[Check]:
-    """Whether containerd may have this shim restore CRI checkpoint archives, per runtime."""
-    from hotrestart import node_config
-
-    if shutil.which("containerd") is None:
-        return []
-    try:
-        runtimes = node_config.hotrestart_runtimes(node_config.dump(config_path))
-    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
-        return [Check("archive restore", False, f"containerd's configuration cannot be read: {exc}")]
-    if not runtimes:
-        return [Check("archive restore", True, f"no runtime of type {node_config.SHIM_TYPE} is configured")]
-    checks = []
-    for name, opts in sorted(runtimes.items()):
-        what = f"archive restore ({name})"
-        if not opts.allow_archive_restore:
-            checks.append(Check(what, True, "off (the default): CRI checkpoint archives are refused"))
-        elif opts.allow_unauthenticated_archives:
-            checks.append(
-                Check(
-                    what,
-                    False,
-                    "ANY archive restores: whoever may create pods can run code as root on this node",
-                    "remove AllowUnauthenticatedArchives from the runtime's options",
-                )
-            )
-        else:
-            key = opts.store_key_file or "HOTRESTART_STORE_KEY in containerd's environment"
-            checks.append(Check(what, True, f"on, archives attested with the store key only ({key})"))
-    return checks
-
-
-def gpu_checks() -> list[Check]:
-    """The node's GPU situation: driver, cuda-checkpoint, CRIU's CUDA plugin, who owns GPU state."""
-    from hotrestart.gpu import plan
-    from hotrestart.gpu.inventory import node_inventory
-    from hotrestart.runtime.cuda_checkpoint import find_binary
-
-    inventory = node_inventory()
-    driver = inventory.driver if inventory else ""
-    if not driver and os.path.exists("/proc/driver/nvidia/version"):
-        with open("/proc/driver/nvidia/version") as f:
-            match = re.search(r"Kernel Module\s+(\d+\.\d+(?:\.\d+)?)", f.read())
-            driver = match.group(1) if match else "unknown"
-    checks: list[Check] = []
-    if not driver:
-        checks.append(Check("nvidia driver", True, "none (GPU containers are not expected on this node)"))
-    else:
-        models = ", ".join(sorted({d.name for d in inventory.devices})) if inventory else "NVML unavailable"
-        count = len(inventory.devices) if inventory else 0
-        ok = _version_tuple(driver) >= (550,)
-        detail = f"{driver}; {count} GPU(s): {models}" + (
-            "" if _version_tuple(driver) >= (570,) else " (570+ recommended)"
-        )
-        checks.append(Check("nvidia driver", ok, detail, "" if ok else "cuda-checkpoint needs driver r550+ (r570+)"))
-    tool = find_binary()
-    if tool:
-        _code, out = _run([tool, "--help"])
-        actions = "--action" in out
-        checks.append(
-            Check(
-                "cuda-checkpoint",
-                actions,
-                tool + ("" if actions else " (no --action: older than r555)"),
-                "" if actions else "install cuda-checkpoint from driver r555+",
-            )
-        )
-    else:
-        checks.append(
-            Check(
-                "cuda-checkpoint",
-                not driver,
-                "not found (PATH, or HOTRESTART_CUDA_CHECKPOINT)",
-                "install NVIDIA's cuda-checkpoint on PATH" if driver else "",
-            )
-        )
-    criu = shutil.which("criu") or ""
-    plugin = plan.find_cuda_plugin(criu)
-    checks.append(Check("criu cuda plugin", True, plugin or "not installed"))
-    if plugin and driver:
-        owner = "CRIU's CUDA plugin (the shim leaves GPU state to it)"
-    elif tool:
-        owner = "the shim, through cuda-checkpoint"
-    else:
-        owner = "nobody: containers using a GPU stop and start cold"
-    checks.append(Check("GPU state owner", bool(tool or (plugin and driver)) or not driver, owner))
-    return checks
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    failed = 0
-    for check in doctor_checks() + archive_checks(args.containerd_config):
-        mark = "ok " if check.ok else "MISSING"
-        print(f"[{mark:>7}] {check.name}: {check.detail}")
-        if not check.ok:
-            failed += 1
-            if check.fix:
-                print(f"          fix: {check.fix}")
-    print("all checks passed" if not failed else f"{failed} check(s) need attention")
-    return 1 if failed else 0
-
-
 def cmd_version(_args: argparse.Namespace) -> int:
+    from hotrestart import bundle
+
     print(f"hotrestart {__version__} (python {platform.python_version()})")
+    for line in bundle.describe():
+        print(line)
     return 0
 
 
@@ -414,11 +207,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _parse_size(text: str) -> int:
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", text.lower())
-    if not match:
-        raise SystemExit(f"invalid size {text!r} (use e.g. 500M, 20G)")
-    return int(float(match.group(1)) * units[match.group(2)])
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -435,9 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("version", help="print the version").set_defaults(fn=cmd_version)
-    p = sub.add_parser("doctor", help="check this node for what the shim needs")
-    p.add_argument("--containerd-config", default="", help="containerd's configuration file (its default if unset)")
-    p.set_defaults(fn=cmd_doctor)
+    doctor.register(sub)
+    install_command.register(sub)
     p = sub.add_parser("ls", help="list checkpoints")
     p.add_argument("-a", "--all", action="store_true", help="include checkpoints still being written")
     p.set_defaults(fn=cmd_ls)
