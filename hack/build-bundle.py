@@ -172,6 +172,8 @@ def assemble(sysroot: Path, tree: Path, launcher: Path) -> None:
         dest = tree / "share" / "doc" / "debian" / doc.parent.name
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(doc, dest / "copyright")
+    # CRIU's plugins come from here only (the launcher points CRIU_LIBS_DIR at it).
+    (tree / "lib" / "criu").mkdir(parents=True, exist_ok=True)
     shutil.copy2(launcher, tree / "libexec" / "launcher")
     for name in LAUNCHED:
         (tree / "bin" / name).symlink_to("../libexec/launcher")

@@ -11,7 +11,15 @@
  * using the host's libraries.
  *
  * Python entries run the bundled interpreter in isolated mode (-I): no PYTHON* variable,
- * user site or working directory steers code that runs as root.
+ * user site or working directory steers code that runs as root. The loader's own variables
+ * (LD_PRELOAD, LD_AUDIT, LD_LIBRARY_PATH, ...), glibc's tunables and CRIU's plugin folder
+ * are removed from the environment for the same reason: a loader run by hand does not
+ * ignore them as it would for a set-id program. CRIU loads plugins from the bundle's
+ * lib/criu only: plugins built for another CRIU must not be loaded into this one.
+ *
+ * What the bundle does not carry on purpose is still looked up in the host's standard
+ * library folders when asked for by name: the NVIDIA driver's NVML, which must match the
+ * host's kernel module. /etc/ld.so.preload cannot be turned off (`hotrestart doctor` warns).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -38,6 +46,20 @@ static const struct entry entries[] = {
     {"python3", NULL, NULL},
     {"criu", "libexec/criu", NULL},
 };
+
+/* Variables that would steer the loader, the C library or CRIU's plugin search. */
+static int steering(const char *entry) {
+    return strncmp(entry, "LD_", 3) == 0 || strncmp(entry, "GLIBC_TUNABLES=", 15) == 0 ||
+           strncmp(entry, "CRIU_LIBS_DIR=", 14) == 0;
+}
+
+static void scrub_environment(void) {
+    char **in, **out;
+    for (in = out = environ; *in; in++)
+        if (!steering(*in))
+            *out++ = *in;
+    *out = NULL;
+}
 
 static void die(const char *what, const char *detail) {
     fprintf(stderr, "hotrestart bundle launcher: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
@@ -77,10 +99,14 @@ static char *bundle_root(const char *argv0) {
 }
 
 int main(int argc, char **argv) {
-    const char *name = strrchr(argv[0], '/') ? strrchr(argv[0], '/') + 1 : argv[0];
+    const char *name;
     const struct entry *e = NULL;
     char *root, **args;
     size_t i, n = 0;
+
+    if (argc < 1 || !argv[0])
+        die("no program name", NULL);
+    name = strrchr(argv[0], '/') ? strrchr(argv[0], '/') + 1 : argv[0];
 
     for (i = 0; i < sizeof entries / sizeof entries[0]; i++)
         if (strcmp(name, entries[i].name) == 0)
@@ -88,6 +114,9 @@ int main(int argc, char **argv) {
     if (!e)
         die("unknown program name", name);
     root = bundle_root(argv[0]);
+    scrub_environment();
+    if (e->target && setenv("CRIU_LIBS_DIR", join(root, "lib/criu"), 1) != 0)
+        die("cannot set CRIU_LIBS_DIR", strerror(errno));
 
     args = calloc((size_t)argc + 12, sizeof *args);
     if (!args)

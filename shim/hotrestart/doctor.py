@@ -365,8 +365,21 @@ def gpu_checks() -> list[Check]:
     return checks
 
 
+def preload_check(path: str = "/etc/ld.so.preload") -> Check:
+    """Libraries the host's loader forces into every process, the bundle's included: no
+    loader option turns this file off, so it is reported (not failed: security agents use it)."""
+    try:
+        with open(path, "rb") as f:
+            listed = f.read(4096).decode(errors="replace").split()
+    except OSError:
+        return Check("ld.so.preload", True, "none")
+    if not listed:
+        return Check("ld.so.preload", True, f"{path} is empty")
+    return Check("ld.so.preload", True, f"{', '.join(listed)} loaded into the shim and CRIU too, as into every process")
+
+
 def all_checks(config_path: str = "", containerd: str = "containerd") -> list[Check]:
-    checks = [bundle_check(), *host_checks(containerd)]
+    checks = [bundle_check(), preload_check(), *host_checks(containerd)]
     config, failed = read_config(config_path, containerd)
     if failed is not None:
         checks.append(failed)

@@ -63,7 +63,6 @@ def test_the_dropin_registers_the_runtime(version: int, plugin: str) -> None:
             "SystemdCgroup": True,
             "CheckpointStore": "/var/lib/hotrestart/checkpoints",
             "StoreKeyFile": "/etc/hotrestart/store-key",
-            "CriuPath": "/opt/hotrestart/current/bin/criu",
         },
     }
     found = registered(parsed)["hot"]

@@ -400,6 +400,21 @@ def test_uninstall_after_the_admin_edited_the_file_removes_only_the_import(
     assert any("was changed since the install: took out only what we added" in line for line in out)
 
 
+def test_an_admin_edit_survives_a_later_install_run_and_the_uninstall(
+    host: Host, bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Install, the admin edits the file, the installer's pod runs again (a reboot, a
+    rollout), then uninstall: the edit stays, only our import goes."""
+    host.config.write_bytes(ORIGINAL)
+    assert hotrestart(capsys, "install", "--bundle", str(bundle))[0] == 0
+    metrics = b'[metrics]\n  address = "127.0.0.1:1338"\n'
+    host.config.write_bytes(host.config.read_bytes() + metrics)
+    assert hotrestart(capsys, "install", "--bundle", str(bundle))[0] == 0
+    code, out = hotrestart(capsys, "uninstall")
+    assert code == 0, out
+    assert host.config.read_bytes() == ORIGINAL + metrics
+
+
 def test_an_upgrade_switches_current_and_keeps_the_version_in_use(
     host: Host, tmp_path: Path, bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -536,6 +551,30 @@ def test_the_store_key_is_copied_and_named(
     code, out = hotrestart(capsys, "uninstall")
     assert code == 0 and not key.exists() and "store key: removed /etc/hotrestart/store-key" in out
     assert not host.at("/etc/hotrestart").exists()
+
+
+def test_a_store_key_the_installer_did_not_write_is_never_replaced_or_removed(
+    host: Host, tmp_path: Path, bundle: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "store-key"
+    write_key(source)
+    monkeypatch.setenv("HOTRESTART_STORE_KEY_SOURCE", str(source))
+    host.config.write_bytes(ORIGINAL)
+    key = host.at("/etc/hotrestart/store-key")
+    key.parent.mkdir(parents=True)
+
+    # Another key there: refused before anything on the host changes.
+    write_key(key, f"k2:{KEY2}\n")
+    code, out = hotrestart(capsys, "install", "--bundle", str(bundle))
+    assert code != 0 and "holds another store key" in out[-1], out
+    assert key.read_text() == f"k2:{KEY2}\n" and not host.install_dir.exists() and host.calls[-1:] != ["systemctl"]
+
+    # The same key, put there by the admin: used, and kept by the uninstall.
+    write_key(key)
+    assert hotrestart(capsys, "install", "--bundle", str(bundle))[0] == 0
+    assert 'StoreKeyFile = "/etc/hotrestart/store-key"' in host.dropin.read_text()
+    code, out = hotrestart(capsys, "uninstall")
+    assert code == 0 and key.read_text() == f"k1:{KEY}\n", out
 
 
 def test_a_key_from_a_secret_volume_file(

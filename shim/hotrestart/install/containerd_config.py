@@ -84,7 +84,8 @@ def runtime_tables(version: int, runtime: Runtime) -> str:
     ]
     if runtime.store_key:
         lines.append(f"    StoreKeyFile = {q(runtime.store_key)}")
-    lines.append(f"    CriuPath = {q(os.path.join(current, 'criu'))}")
+    # No CriuPath: a shim from the bundle runs its own version's CRIU, so that a shim still
+    # running an older version after an upgrade (or after the uninstall) keeps a CRIU of its own.
     return "\n".join(lines) + "\n"
 
 

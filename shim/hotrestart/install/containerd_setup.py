@@ -188,7 +188,15 @@ def undo(fs: HostFS, settings: Settings, recorded: State | None, original: bytes
 def _undo_main(fs: HostFS, settings: Settings, recorded: State | None, original: bytes | None, say: Say) -> bool:
     main_path = recorded.containerd_config if recorded else settings.containerd_config
     current = fs.read(main_path)
-    if recorded is not None and current is not None and sha256(current) == recorded.config_written:
+    dropin = recorded.dropin if recorded else settings.containerd_dropin
+    if (
+        recorded is not None
+        and current is not None
+        and sha256(current) == recorded.config_written
+        # Byte for byte only when the original is what the file is without our edit: an
+        # admin's change made since must survive the uninstall.
+        and (not recorded.config_existed or _without_us(current, dropin, main_path) == original)
+    ):
         if not recorded.config_existed:
             fs.remove(main_path)
             say(f"containerd config: removed {main_path} (there was none before the install)")
@@ -205,11 +213,7 @@ def _undo_main(fs: HostFS, settings: Settings, recorded: State | None, original:
         say(f"containerd config: {main_path} does not exist, nothing to undo")
         return False
     text = toml_text.decode(current, main_path)
-    dropin = recorded.dropin if recorded else settings.containerd_dropin
-    edited = text
-    if dropin:
-        edited = config_edit.remove_import(edited, dropin, config_path=main_path) or edited
-    edited = config_edit.remove_block(edited, config_path=main_path) or edited
+    edited = _without_us(current, dropin, main_path).decode()
     if edited == text:
         say(f"containerd config: {main_path} has nothing of ours, left as it is")
         return False
@@ -217,6 +221,14 @@ def _undo_main(fs: HostFS, settings: Settings, recorded: State | None, original:
     fs.write(main_path, edited.encode(), stat.S_IMODE(st.st_mode) if st else 0o644)
     say(f"containerd config: {main_path} was changed since the install: took out only what we added")
     return True
+
+
+def _without_us(data: bytes, dropin: str, main_path: str) -> bytes:
+    """The main file with our import and our block taken out (each only if there)."""
+    text = toml_text.decode(data, main_path)
+    if dropin:
+        text = config_edit.remove_import(text, dropin, config_path=main_path) or text
+    return (config_edit.remove_block(text, config_path=main_path) or text).encode()
 
 
 def _remove_dropin(fs: HostFS, settings: Settings, recorded: State | None, say: Say) -> bool:

@@ -27,6 +27,7 @@ def install(settings: Settings, bundle_dir: str, say: Say) -> str:
     recorded = _earlier(fs, settings)
     # Everything that can be refused is, before the host is touched.
     key = store_key.render(settings.store_key_source) if settings.store_key_source else None
+    _check_key(fs, settings, key, recorded)
     planned = containerd_setup.plan(fs, settings, recorded, say)
     name = versions.version_name(bundle_dir)
     versions.install(fs, settings.install_dir, bundle_dir, name, say)
@@ -40,9 +41,12 @@ def install(settings: Settings, bundle_dir: str, say: Say) -> str:
     folders = [f for f in _missing_folders(fs, settings, planned, key) if f not in recorded.made]
     config_changed, main_written, dropin_written = containerd_setup.apply(fs, settings, planned, say)
     key_changed, key_written = _store_key(fs, settings, key, recorded, say)
+    # What this run wrote is ours; a main file it left alone keeps the earlier record, so that
+    # an admin's edit since the install is never taken for ours (and undone) by the uninstall.
+    main_changed = planned.edited is not None and planned.edited != planned.main
     recorded = dataclasses.replace(
         recorded,
-        config_written=main_written,
+        config_written=main_written if main_changed or not recorded.config_written else recorded.config_written,
         dropin_written=dropin_written,
         store_key=settings.store_key if key_written else "",
         store_key_written=key_written,
@@ -82,8 +86,6 @@ def uninstall(settings: Settings, say: Say) -> list[str]:
         restart.restart_containerd(settings, say)
     else:
         say("containerd: configuration unchanged, not restarted")
-    if fs.remove(versions.current_link(settings.install_dir)):
-        say(f"current: removed {versions.current_link(settings.install_dir)}")
     if fs.remove_tree(state.state_dir(settings.install_dir)):
         say("state: removed")
     left = remove_versions(settings, say)
@@ -97,6 +99,10 @@ def remove_versions(settings: Settings, say: Say) -> list[str]:
     fs = HostFS(settings.host_root)
     left = versions.remove_unused(fs, settings.install_dir, None, say)
     if not left:
+        # `current` goes last: until then a shim still running from the bundle may be started
+        # again through it (containerd's `delete` verb for a pod it forgets).
+        if fs.remove(versions.current_link(settings.install_dir)):
+            say(f"current: removed {versions.current_link(settings.install_dir)}")
         fs.remove_empty_dir(versions.versions_dir(settings.install_dir))
         if fs.remove_empty_dir(settings.install_dir):
             say(f"install folder: removed {settings.install_dir}")
@@ -157,10 +163,38 @@ def _record_original(fs: HostFS, settings: Settings, planned: containerd_setup.P
     return recorded
 
 
+def _ours(existing: bytes, settings: Settings, recorded: State | None) -> bool:
+    """Whether the key file holding `existing` is the one an earlier run wrote, unchanged."""
+    return (
+        recorded is not None
+        and recorded.store_key == settings.store_key
+        and sha256(existing) == recorded.store_key_written
+    )
+
+
+def _check_key(fs: HostFS, settings: Settings, key: bytes | None, recorded: State | None) -> None:
+    """Refuse, before the host is touched, to replace a store key the installer did not write:
+    the checkpoints sealed with it could no longer be opened."""
+    if key is None:
+        return
+    existing = fs.read(settings.store_key)
+    if existing is None or existing == key or _ours(existing, settings, recorded):
+        return
+    raise InstallError(
+        f"{settings.store_key} holds another store key, not written by the installer: give the installer "
+        "that key, or move the file away (checkpoints sealed with it need it to restore)"
+    )
+
+
 def _store_key(fs: HostFS, settings: Settings, data: bytes | None, recorded: State, say: Say) -> tuple[bool, str]:
     """Copy the store key to the host (or take away one we copied before and no longer
-    should); whether it changed, and the sha256 of what is ours there."""
+    should); whether it changed, and the sha256 of what is ours there ("" when the file was
+    there before us: used, and left in place by the uninstall)."""
     if data is not None:
+        existing = fs.read(settings.store_key)
+        if existing is not None and not _ours(existing, settings, recorded):
+            say(f"store key: {settings.store_key} already holds this key (not the installer's: kept on uninstall)")
+            return False, ""
         if fs.write(settings.store_key, data, 0o600):
             say(f"store key: written to {settings.store_key} (0600) from {settings.store_key_source}")
             return True, sha256(data)

@@ -160,6 +160,17 @@ def _complete(fs: HostFS, folder: str) -> bool:
     return st is not None and stat.S_ISREG(st.st_mode)
 
 
+def _syncfs(fd: int) -> None:
+    """Flush the file system holding `fd` only: sync() would wait on every mount of the node,
+    a hung NFS store among them."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs: {os.strerror(err)}")
+
+
 def install(fs: HostFS, install_dir: str, bundle_dir: str, name: str, say: Callable[[str], None]) -> bool:
     """Put the bundle at `<versions>/<name>`; False when a complete copy is there already."""
     versions = versions_dir(install_dir)
@@ -181,7 +192,7 @@ def install(fs: HostFS, install_dir: str, bundle_dir: str, name: str, say: Calla
             try:
                 _copy_tree(bundle_dir, "", fd, 0)
                 os.fchmod(fd, 0o755)
-                os.sync()  # every file on disk before the marker says so
+                _syncfs(fd)  # every file on disk before the marker says so
                 os.close(os.open(COMPLETE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=fd))
                 os.fsync(fd)
             finally:
