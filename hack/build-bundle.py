@@ -7,8 +7,8 @@ the host's C library and whether or not the host has Python:
   bin/containerd-shim-hotrestart-v2, bin/hotrestart, bin/criu, bin/crit, bin/python3
                           links to libexec/launcher, a static program that runs each through
                           the bundle's own dynamic loader (see hack/bundle/launcher.c)
-  libexec/python3         CPython from Debian's stable release
-  libexec/criu            CRIU from the same release
+  libexec/python3         CPython from Debian (unstable by default: see --suite)
+  libexec/criu            CRIU from the same suite
   libexec/hotrestart/     the Python entry scripts
   lib/x86_64-linux-gnu/   the C library, the loader and every library the above need
   lib/python3.13/         the standard library
@@ -26,7 +26,10 @@ SOURCE_DATE_EPOCH (default: the checkout's last commit), bytecode is hash-based,
 carries no timestamp. bundle.json lists every package and wheel with its version, so two
 bundles can be compared input by input; a Debian point release changes the inputs.
 
-Usage: build-bundle.py [--out dist] [--work build/bundle] [--suite trixie]
+The suite is Debian's unstable one by default because CRIU has to keep up with the kernel:
+trixie's CRIU 4.1.1 cannot dump TCP sockets on 6.18 kernels, which 4.2.1 does.
+
+Usage: build-bundle.py [--out dist] [--work build/bundle] [--suite sid]
 """
 
 from __future__ import annotations
@@ -379,7 +382,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "dist")
     ap.add_argument("--work", type=Path, default=REPO / "build" / "bundle")
-    ap.add_argument("--suite", default="trixie")
+    ap.add_argument("--suite", default="sid")
     args = ap.parse_args()
     ver = version()
     name = f"hotrestart-{ver}-linux-amd64"

@@ -49,6 +49,19 @@ def own(name: str) -> str:
     return ""
 
 
+def own_tools_first() -> None:
+    """Put the bundle's bin/ first on this process's PATH (a shim from the bundle, at start).
+    runc 1.2 and later run the CRIU on PATH whatever their --criu flag says (and print a
+    warning into the container's log when given one), so PATH is how runc gets the bundle's
+    CRIU. The shim's other children find the bundle's tools the same way."""
+    where = root()
+    if where is None:
+        return
+    own_bin = os.path.join(where, "bin")
+    rest = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and d != own_bin]
+    os.environ["PATH"] = os.pathsep.join([own_bin, *rest])
+
+
 def tool(name: str) -> str:
     """The path of `name`: the bundle's own when running from one, otherwise the first on
     PATH; "" when there is none."""

@@ -12,6 +12,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
+from hotrestart import bundle as node_bundle
 from hotrestart import telemetry
 from hotrestart.events import Publisher, TaskEvents
 from hotrestart.handoff import LISTEN_FD_ENV
@@ -76,6 +77,7 @@ def serve(flags: Flags) -> None:
 def serve_socket(flags: Flags, sock: socket.socket) -> None:
     """Serve the Task API on `sock` until shut down, then remove the socket file."""
     _setup_logging(flags.debug, flags.id)
+    node_bundle.own_tools_first()
     path = sock.getsockname()
     try:
         asyncio.run(_serve(flags, sock))

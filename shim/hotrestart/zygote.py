@@ -140,6 +140,40 @@ def _one_malloc_arena() -> None:
         ctypes.CDLL(None).mallopt(m_arena_max, 1)
 
 
+def _immortalize() -> None:
+    """Make the preloaded objects immortal (PEP 683), as that PEP foresees for processes that
+    fork workers: a child never writes an immortal object's reference count, and each such
+    write would copy the page holding the object into the child. With this a shim forked
+    from the zygote has about 5.5 MiB of its own instead of 7.8 (CPython 3.13, 10 idle pods).
+    The price: preloaded objects are never freed, in the zygote or in a shim, which only
+    matters for those dropped later, once each.
+
+    CPython 3.12 and 3.13 release builds with the GIL only, where an object is immortal when
+    the low 32 bits of its count (the first word of the object) are all ones; elsewhere
+    (CPython 3.11, which the node bundle does not use) nothing is done."""
+    if sys.implementation.name != "cpython" or not (3, 12) <= sys.version_info[:2] <= (3, 13):
+        return
+    if hasattr(sys, "gettotalrefcount") or not getattr(sys, "_is_gil_enabled", lambda: True)():
+        return  # a debug build (the count is not the first word) or a free-threaded one
+    import ctypes
+    import types
+
+    immortal = 0xFFFFFFFF
+    pending: list[object] = gc.get_objects()
+    while pending:
+        obj = pending.pop()
+        count = ctypes.c_ssize_t.from_address(id(obj))
+        if count.value & 0xFFFFFFFF == immortal:
+            continue  # done already, or immortal from the start (and so are its parts)
+        count.value = immortal
+        pending.extend(gc.get_referents(obj))
+        if isinstance(obj, types.CodeType):  # code objects are not tracked: their parts by hand
+            pending.extend((obj.co_consts, obj.co_names, obj.co_varnames, obj.co_filename, obj.co_name))
+            pending.extend((obj.co_qualname, obj.co_linetable, obj.co_exceptiontable))
+        elif isinstance(obj, tuple):
+            pending.extend(obj)
+
+
 class _DiscardEvents:
     def publish(self, topic: str, event: object) -> None:
         pass
@@ -264,6 +298,7 @@ def serve(path: str) -> None:
         os.dup2(devnull, fd)
     os.close(devnull)
     gc.collect()
+    _immortalize()  # before the freeze: frozen objects are no longer listed by the collector
     gc.freeze()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # Children exit at once (they fork the shim and leave); nobody waits for them.

@@ -9,6 +9,7 @@ Environment:
   HOTRESTART_TESTBED          test bed prefix (default /opt/hotrestart-testbed)
   HOTRESTART_E2E_CONTAINERD   "2" (default) or "1.7": containerd of the session
   HOTRESTART_E2E_LOG_LEVEL    containerd log level (default "info")
+  HOTRESTART_E2E_SHIM_DIR     where containerd finds the shim (default: this venv's bin)
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ def testbed_problems() -> list[str]:
 
 
 def shim_bin_dir() -> Path:
-    """Directory holding containerd-shim-hotrestart-v2: this venv's bin, or PATH."""
+    """Directory holding containerd-shim-hotrestart-v2: HOTRESTART_E2E_SHIM_DIR (a node
+    bundle's bin/, say), this venv's bin, or PATH."""
+    if os.environ.get("HOTRESTART_E2E_SHIM_DIR"):
+        return Path(os.environ["HOTRESTART_E2E_SHIM_DIR"])
     venv_bin = Path(sys.executable).parent
     if (venv_bin / SHIM_NAME).exists():
         return venv_bin

@@ -5,6 +5,7 @@ Offline: no cluster and no network. The tools: Debian's `kustomize` on PATH, and
 packages `kubernetes-validate` (the API schemas, bundled) and `helm-python-sdk` (Helm's own Go
 library, helm.sh/helm/v4, loaded in-process: `helm template` without the binary). Helm runs in a
 child process, so that the Go runtime and its threads never live in the test process, which forks.
+The node guard's CEL expressions are evaluated by the Python package `cel-python` (celpy).
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ IMAGE = "docker.io/hotrestart/installer"
 # The oldest Kubernetes the README names; the newest is whatever kubernetes-validate knows.
 OLDEST_KUBERNETES = "1.25"
 
+# APIs newer than OLDEST_KUBERNETES, with the release that made them GA: only the optional node
+# guard uses them, and their objects are checked against the schemas of that release on.
+NEWER_APIS = {
+    ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy"): "1.30",
+    ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding"): "1.30",
+}
+NODE_GUARD = "hotrestart-node-guard"
+READY_LABEL = "hotrestart.io/ready"
+NODE_NAME_CLAIM = "authentication.kubernetes.io/node-name"
+
 # The installer's contract: these names, in this order, with these defaults.
 INSTALLER_ENV = {
     "HOTRESTART_HOST_ROOT": "/host",
@@ -60,6 +71,11 @@ KUSTOMIZE_MISSING = (
 Obj = dict[str, Any]
 
 
+def version_key(version: str) -> tuple[int, ...]:
+    """A Kubernetes version as numbers to compare: "1.30" -> (1, 30), "1.37.0" -> (1, 37, 0)."""
+    return tuple(int(part) for part in version.split("."))
+
+
 def _need(module: str, package: str) -> ModuleType:
     try:
         return importlib.import_module(module)
@@ -80,13 +96,17 @@ def schema_versions() -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def valid(schema_versions: tuple[str, ...]) -> Callable[[list[Obj]], None]:
-    """Checks every object against the Kubernetes API schema (strict: unknown fields fail too)."""
+    """Checks every object against the Kubernetes API schema (strict: unknown fields fail too), on
+    the oldest and the newest Kubernetes, or the newest only for an API the oldest does not have."""
     import kubernetes_validate
 
     def check(objects: list[Obj]) -> None:
         assert objects
         for obj in objects:
-            for version in schema_versions:
+            since = version_key(NEWER_APIS.get((obj["apiVersion"], obj["kind"]), OLDEST_KUBERNETES))
+            versions = [v for v in schema_versions if version_key(v) >= since]
+            assert versions, f"{obj['kind']} is newer than every schema here"
+            for version in versions:
                 try:
                     kubernetes_validate.validate(obj, version, strict=True)
                 except kubernetes_validate.ValidationError as exc:
@@ -119,6 +139,7 @@ def kustomize(yaml: ModuleType) -> Callable[[Path], list[Obj]]:
 
 def overlay(tmp_path: Path, resources: list[Path], **fields: Any) -> Path:
     """A kustomization of the caller's own over the given directories, as a user would write."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     spec = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
@@ -132,6 +153,11 @@ def overlay(tmp_path: Path, resources: list[Path], **fields: Any) -> Path:
 def store_key_overlay(tmp_path: Path) -> Path:
     """The base with the store-key component, as the README shows."""
     return overlay(tmp_path, [KUSTOMIZE / "base"], components=[os.path.relpath(KUSTOMIZE / "store-key", tmp_path)])
+
+
+def node_guard_overlay(tmp_path: Path) -> Path:
+    """The base with the node-guard component, as the README shows."""
+    return overlay(tmp_path, [KUSTOMIZE / "base"], components=[os.path.relpath(KUSTOMIZE / "node-guard", tmp_path)])
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +191,8 @@ def test_the_base_and_its_variants_are_valid_kubernetes(
     valid(kustomize(KUSTOMIZE / "base"))
     valid(kustomize(MANIFESTS))
     valid(kustomize(KUSTOMIZE / "uninstall"))
-    valid(kustomize(store_key_overlay(tmp_path)))
+    valid(kustomize(store_key_overlay(tmp_path / "store-key")))
+    valid(kustomize(node_guard_overlay(tmp_path / "node-guard")))
 
 
 def test_the_manual_runtimeclass_is_valid_kubernetes(yaml: ModuleType, valid: Callable[[list[Obj]], None]) -> None:
@@ -270,6 +297,68 @@ def test_the_store_key_component_mounts_the_users_secret(
     assert not [o for o in with_key if o["kind"] == "Secret"]
 
 
+def newer_apis_in(objects: list[Obj]) -> list[str]:
+    return [o["kind"] for o in objects if (o["apiVersion"], o["kind"]) in NEWER_APIS]
+
+
+def test_the_node_guard_component_adds_only_the_policy_and_its_binding(
+    kustomize: Callable[[Path], list[Obj]], base: list[Obj], tmp_path: Path
+) -> None:
+    guarded = kustomize(node_guard_overlay(tmp_path))
+    added = [o for o in guarded if o not in base]
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in added) == [
+        ("ValidatingAdmissionPolicy", NODE_GUARD),
+        ("ValidatingAdmissionPolicyBinding", NODE_GUARD),
+    ]
+    assert [o for o in guarded if o in base] == base
+    # The component is opt-in: nothing the README installs by default needs Kubernetes 1.30.
+    for directory in (MANIFESTS, KUSTOMIZE / "base", KUSTOMIZE / "uninstall"):
+        assert not newer_apis_in(kustomize(directory)), directory
+
+
+def check_node_guard(objects: list[Obj], policy_name: str, service_account: Obj) -> Obj:
+    """The node guard's structure; returns the policy."""
+    policy = the(objects, "ValidatingAdmissionPolicy", policy_name)
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    assert "paramKind" not in spec
+    assert spec["matchConstraints"] == {
+        "resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"], "resources": ["nodes"]}]
+    }
+    user = f"system:serviceaccount:{service_account['metadata']['namespace']}:{service_account['metadata']['name']}"
+    assert spec["matchConditions"] == [
+        {"name": "hotrestart-installer", "expression": f"request.userInfo.username == '{user}'"}
+    ]
+    assert len(spec["validations"]) == 5
+    for validation in spec["validations"]:
+        assert validation.keys() == {"expression", "message", "reason"}
+        assert validation["reason"] == "Forbidden"
+    assert "variables" not in spec and "auditAnnotations" not in spec
+    binding = the(objects, "ValidatingAdmissionPolicyBinding", policy_name)
+    assert binding["spec"] == {"policyName": policy_name, "validationActions": ["Deny"]}
+    return policy
+
+
+def test_the_node_guard_binds_its_policy_to_the_installer_only(
+    kustomize: Callable[[Path], list[Obj]], tmp_path: Path
+) -> None:
+    objects = kustomize(node_guard_overlay(tmp_path))
+    check_node_guard(objects, NODE_GUARD, the(objects, "ServiceAccount", INSTALLER))
+
+
+def test_the_node_guard_needs_kubernetes_1_30(kustomize: Callable[[Path], list[Obj]], tmp_path: Path) -> None:
+    """What the README says: the API is GA from 1.30, and absent from 1.29 and the oldest supported."""
+    import kubernetes_validate
+
+    guard = [o for o in kustomize(node_guard_overlay(tmp_path)) if o["metadata"]["name"] == NODE_GUARD]
+    assert len(guard) == 2
+    for obj in guard:
+        kubernetes_validate.validate(obj, "1.30", strict=True)
+        for version in ("1.29", OLDEST_KUBERNETES):
+            with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+                kubernetes_validate.validate(obj, version, strict=True)
+
+
 def test_kustomize_images_overrides_the_installer_image(kustomize: Callable[[Path], list[Obj]], tmp_path: Path) -> None:
     images = [{"name": IMAGE, "newName": "registry.example/mirror/installer", "newTag": "0.1.1"}]
     objects = kustomize(overlay(tmp_path, [MANIFESTS], images=images))
@@ -295,7 +384,11 @@ try:
             info = [line for line in f.read().split(b"\n") if line.startswith((b"mod\t", b"dep\thelm.sh/", b"=>\t"))]
         out = {"sdk": helm.helm_sdk_version(), "library": path, "buildinfo": [b.decode() for b in info]}
     elif req["op"] == "lint":
-        out = {"lint": helm.lint(req["chart"], req["values"], strict=True, namespace=req["namespace"])}
+        out = {
+            "lint": helm.lint(
+                req["chart"], req["values"], strict=True, namespace=req["namespace"], kube_version=req["kube_version"]
+            )
+        }
     else:
         chart = helm.Chart.load(req["chart"])
         config = helm.Config(namespace=req["namespace"])
@@ -311,8 +404,15 @@ print(json.dumps(out))
 HELM_MISSING = "Python package helm-python-sdk (Helm's Go library, helm.sh/helm/v4) is not installed"
 
 
-def helm_call(op: str, values: Obj | None = None, release: str = "hotrestart") -> Obj:
-    request = {"op": op, "chart": str(CHART), "values": values, "release": release, "namespace": NAMESPACE}
+def helm_call(op: str, values: Obj | None = None, release: str = "hotrestart", kube_version: str | None = None) -> Obj:
+    request = {
+        "op": op,
+        "chart": str(CHART),
+        "values": values,
+        "release": release,
+        "namespace": NAMESPACE,
+        "kube_version": kube_version,
+    }
     result = subprocess.run(
         [sys.executable, "-c", HELM_CHILD],
         input=json.dumps(request),
@@ -326,6 +426,7 @@ def helm_call(op: str, values: Obj | None = None, release: str = "hotrestart") -
     answer: Obj = json.loads(result.stdout.strip().splitlines()[-1])
     if "missing" in answer:
         pytest.fail(f"{HELM_MISSING} ({answer['missing']}); pip install helm-python-sdk", pytrace=False)
+    answer["log"] = result.stderr
     return answer
 
 
@@ -390,9 +491,17 @@ def test_the_helm_engine_is_helms_own_go_module() -> None:
     assert not [line for line in answer["buildinfo"] if line.startswith("=>\t")], "Helm replaced by another module"
 
 
-@pytest.mark.parametrize("values", [None, {"store": {"keySecret": {"name": "k"}}, "mode": "uninstall"}])
-def test_helm_lint_is_clean(values: Obj | None) -> None:
-    answer = helm_call("lint", values)
+@pytest.mark.parametrize(
+    ("values", "kube_version"),
+    [
+        (None, None),
+        (None, f"{OLDEST_KUBERNETES}.0"),
+        ({"store": {"keySecret": {"name": "k"}}, "mode": "uninstall"}, None),
+        ({"nodeGuard": {"enabled": True}}, "1.30.0"),
+    ],
+)
+def test_helm_lint_is_clean(values: Obj | None, kube_version: str | None) -> None:
+    answer = helm_call("lint", values, kube_version=kube_version)
     assert "error" not in answer, answer["error"]
     report = answer["lint"]
     assert not report["errors"], report
@@ -405,6 +514,7 @@ def test_helm_defaults_render_the_kustomize_base(
 ) -> None:
     objects = helm_template()
     valid(objects)
+    assert not newer_apis_in(objects)
     # The namespace is Helm's to create (--create-namespace) unless namespace.create is set.
     without_namespace = [o for o in base if o["kind"] != "Namespace"]
     assert normalized(objects) == normalized(without_namespace)
@@ -451,6 +561,35 @@ def test_helm_store_key_secret_with_its_own_key_name(
     objects = helm_template({"store": {"keySecret": {"name": "node-keys", "key": "hotrestart.key"}}})
     valid(objects)
     assert normalized(objects) == normalized(with_store_key(plain, key="hotrestart.key", secret="node-keys"))
+
+
+def test_helm_node_guard_renders_the_node_guard_component(
+    helm_template: Callable[..., list[Obj]],
+    valid: Callable[[list[Obj]], None],
+    kustomize: Callable[[Path], list[Obj]],
+    tmp_path: Path,
+) -> None:
+    objects = helm_template({"nodeGuard": {"enabled": True}, "namespace": {"create": True}})
+    valid(objects)
+    assert normalized(objects) == normalized(kustomize(node_guard_overlay(tmp_path)))
+
+
+def test_helm_node_guard_names_follow_the_release(
+    helm_template: Callable[..., list[Obj]], valid: Callable[[list[Obj]], None]
+) -> None:
+    objects = helm_template({"nodeGuard": {"enabled": True}}, release="edge")
+    valid(objects)
+    policy = check_node_guard(objects, "edge-hotrestart-node-guard", the(objects, "ServiceAccount"))
+    assert "edge-hotrestart-installer'" in policy["spec"]["matchConditions"][0]["expression"]
+    assert the(objects, "ValidatingAdmissionPolicy")["metadata"]["labels"]["app.kubernetes.io/instance"] == "edge"
+
+
+def test_helm_refuses_the_node_guard_below_kubernetes_1_30() -> None:
+    refusal = "nodeGuard.enabled: needs Kubernetes 1.30 or later"
+    # Lint keeps rendering past a template's `fail` and only logs it.
+    assert refusal in helm_call("lint", {"nodeGuard": {"enabled": True}}, kube_version="1.29.0")["log"]
+    assert refusal not in helm_call("lint", {"nodeGuard": {"enabled": True}}, kube_version="1.30.0")["log"]
+    assert refusal not in helm_call("lint", None, kube_version="1.29.0")["log"]
 
 
 def test_helm_non_default_values(helm_template: Callable[..., list[Obj]], valid: Callable[[list[Obj]], None]) -> None:
@@ -529,6 +668,7 @@ def test_helm_without_the_runtimeclass(helm_template: Callable[..., list[Obj]]) 
         ({"retention": {"maxAge": "7d"}}, "/retention/maxAge"),
         ({"retention": {"maxSize": "lots"}}, "/retention/maxSize"),
         ({"retention": {"pruneInterval": ""}}, "/retention/pruneInterval"),
+        ({"nodeGuard": {"enabled": "yes"}}, "/nodeGuard/enabled"),
         ({"stor": {"path": "/data"}}, "'stor' not allowed"),
     ],
 )
@@ -540,3 +680,177 @@ def test_helm_notes_tell_the_uninstall_flow() -> None:
     answer = helm_call("template", {"mode": "uninstall"})
     assert "hotrestart: uninstalled" in answer["notes"]
     assert f"helm uninstall hotrestart -n {NAMESPACE}" in answer["notes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The node guard's CEL, evaluated offline by cel-python (celpy) on the objects an API server
+# would hand it: oldObject as stored, object after the merge patch, request with the token's user.
+
+INSTALLER_USER = f"system:serviceaccount:{NAMESPACE}:{INSTALLER}"
+
+STORED_NODE: Obj = {
+    "apiVersion": "v1",
+    "kind": "Node",
+    "metadata": {
+        "name": "node-a",
+        "uid": "0c7e7c4e-2f4b-4d2c-9a57-6f1b8d1f0a11",
+        "resourceVersion": "1200",
+        "creationTimestamp": "2026-01-05T10:00:00Z",
+        "labels": {"kubernetes.io/hostname": "node-a", "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"},
+        "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
+        "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1"}],
+    },
+    "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"], "providerID": "kind://docker/kind/node-a"},
+    "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+}
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386, as the API server applies application/merge-patch+json."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def updated(old: Obj, patch: Obj) -> Obj:
+    """The node after the patch, with what the server changes on every update, and with empty maps
+    dropped as the server's serialization drops them."""
+    new: Obj = merge_patch(old, patch)
+    meta = new["metadata"]
+    meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
+    meta["managedFields"] = [*meta["managedFields"], {"manager": "hotrestart", "operation": "Update"}]
+    for key in ("labels", "annotations"):
+        if key in meta and not meta[key]:
+            del meta[key]
+    new["status"] = old["status"]
+    return new
+
+
+def with_labels(node: Obj, labels: dict[str, str] | None) -> Obj:
+    node = copy.deepcopy(node)
+    if labels is None:
+        del node["metadata"]["labels"]
+    else:
+        node["metadata"]["labels"] = labels
+    return node
+
+
+def request_from(user: str = INSTALLER_USER, node_claim: str | None = "node-a") -> Obj:
+    user_info: Obj = {"username": user, "uid": "3f1b", "groups": ["system:serviceaccounts", "system:authenticated"]}
+    if node_claim is not None:
+        user_info["extra"] = {"authentication.kubernetes.io/pod-name": ["installer-x"], NODE_NAME_CLAIM: [node_claim]}
+    return {"operation": "UPDATE", "kind": {"group": "", "version": "v1", "kind": "Node"}, "userInfo": user_info}
+
+
+LABELLED = with_labels(STORED_NODE, {**STORED_NODE["metadata"]["labels"], READY_LABEL: "true"})
+SET_READY = {"metadata": {"labels": {READY_LABEL: "true"}}}
+REMOVE_READY = {"metadata": {"labels": {READY_LABEL: None}}}
+NO_CLAIM = request_from(node_claim=None)
+CLAIM_WITHOUT_NODE = {
+    **NO_CLAIM,
+    "userInfo": {**NO_CLAIM["userInfo"], "extra": {"authentication.kubernetes.io/pod-name": ["x"]}},
+}
+
+# (old node, merge patch, request): what the installer sends, on the nodes it may meet.
+ALLOWED: dict[str, tuple[Obj, Obj, Obj]] = {
+    "label set": (STORED_NODE, SET_READY, request_from()),
+    "label set again": (LABELLED, SET_READY, request_from()),
+    "label removed": (LABELLED, REMOVE_READY, request_from()),
+    "label set on a node without labels": (with_labels(STORED_NODE, None), SET_READY, request_from()),
+    "last label removed": (with_labels(STORED_NODE, {READY_LABEL: "true"}), REMOVE_READY, request_from()),
+    "token without the node claim": (STORED_NODE, SET_READY, NO_CLAIM),
+    "token with other claims only": (STORED_NODE, SET_READY, CLAIM_WITHOUT_NODE),
+}
+
+LABELS = "the installer may change no node label but hotrestart.io/ready"
+VALUE = 'the installer may set hotrestart.io/ready only to "true"'
+METADATA = "the installer may not change a node's annotations, finalizers or owner references"
+SPEC = "the installer may not change a node's spec"
+OWN_NODE = "the installer may label only the node its pod runs on"
+
+# (old node, merge patch, the validations that fail), sent with the installer's own token: what a
+# compromised installer could try.
+DENIED: dict[str, tuple[Obj, Obj, set[str]]] = {
+    "another label set": (
+        STORED_NODE,
+        {"metadata": {"labels": {"node-role.kubernetes.io/control-plane": ""}}},
+        {LABELS},
+    ),
+    "another label changed": (STORED_NODE, {"metadata": {"labels": {"kubernetes.io/arch": "arm64"}}}, {LABELS}),
+    "another label removed": (LABELLED, {"metadata": {"labels": {"kubernetes.io/hostname": None}}}, {LABELS}),
+    "all labels replaced": (STORED_NODE, {"metadata": {"labels": None}}, {LABELS}),
+    "label set with another": (STORED_NODE, {"metadata": {"labels": {READY_LABEL: "true", "pool": "x"}}}, {LABELS}),
+    "label set to false": (STORED_NODE, {"metadata": {"labels": {READY_LABEL: "false"}}}, {VALUE}),
+    "label set to empty": (LABELLED, {"metadata": {"labels": {READY_LABEL: ""}}}, {VALUE}),
+    "annotation added": (STORED_NODE, {"metadata": {"annotations": {"x": "y"}}}, {METADATA}),
+    "annotations removed": (STORED_NODE, {"metadata": {"annotations": None}}, {METADATA}),
+    "finalizer added": (STORED_NODE, {"metadata": {"finalizers": ["example.com/keep"]}}, {METADATA}),
+    "owner reference added": (
+        STORED_NODE,
+        {"metadata": {"ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": "gone", "uid": "1"}]}},
+        {METADATA},
+    ),
+    "taint added": (STORED_NODE, {"spec": {"taints": [{"key": "evict", "effect": "NoExecute"}]}}, {SPEC}),
+    "cordoned": (STORED_NODE, {"spec": {"unschedulable": True}}, {SPEC}),
+    "label and taint": (STORED_NODE, {**SET_READY, "spec": {"taints": [{"key": "k", "effect": "NoSchedule"}]}}, {SPEC}),
+}
+
+
+@pytest.fixture(scope="module")
+def celpy() -> ModuleType:
+    return _need("celpy", "cel-python")
+
+
+@pytest.fixture(scope="module")
+def node_guard(kustomize: Callable[[Path], list[Obj]], tmp_path_factory: pytest.TempPathFactory) -> Obj:
+    objects = kustomize(node_guard_overlay(tmp_path_factory.mktemp("node-guard")))
+    spec: Obj = the(objects, "ValidatingAdmissionPolicy", NODE_GUARD)["spec"]
+    return spec
+
+
+def evaluate(celpy: ModuleType, expression: str, activation: Obj) -> bool:
+    """The expression's value, which must be a bool: an error would deny with another message."""
+    env = celpy.Environment()
+    program = env.program(env.compile(expression))
+    result = program.evaluate({name: celpy.json_to_cel(value) for name, value in activation.items()})
+    assert isinstance(result, celpy.celtypes.BoolType), f"{expression!r} gave {result!r}"
+    return bool(result)
+
+
+def failing(celpy: ModuleType, policy: Obj, old: Obj, new: Obj, request: Obj) -> set[str]:
+    activation = {"oldObject": old, "object": new, "request": request}
+    return {v["message"] for v in policy["validations"] if not evaluate(celpy, v["expression"], activation)}
+
+
+def test_the_node_guard_applies_to_the_installers_user_only(celpy: ModuleType, node_guard: Obj) -> None:
+    [condition] = node_guard["matchConditions"]
+    activation = {"oldObject": STORED_NODE, "object": updated(STORED_NODE, SET_READY)}
+    assert evaluate(celpy, condition["expression"], {**activation, "request": request_from()})
+    for other in ("system:node:node-a", f"system:serviceaccount:{NAMESPACE}:default", "kubernetes-admin"):
+        assert not evaluate(celpy, condition["expression"], {**activation, "request": request_from(other)})
+
+
+@pytest.mark.parametrize("case", list(ALLOWED))
+def test_the_node_guard_allows_what_the_installer_sends(celpy: ModuleType, node_guard: Obj, case: str) -> None:
+    old, patch, request = ALLOWED[case]
+    assert failing(celpy, node_guard, old, updated(old, patch), request) == set()
+
+
+@pytest.mark.parametrize("case", list(DENIED))
+def test_the_node_guard_denies_any_other_change(celpy: ModuleType, node_guard: Obj, case: str) -> None:
+    old, patch, expected = DENIED[case]
+    assert failing(celpy, node_guard, old, updated(old, patch), request_from()) == expected
+
+
+def test_the_node_guard_denies_labelling_another_node(celpy: ModuleType, node_guard: Obj) -> None:
+    old = copy.deepcopy(STORED_NODE)
+    old["metadata"]["name"] = "node-b"
+    assert failing(celpy, node_guard, old, updated(old, SET_READY), request_from(node_claim="node-a")) == {OWN_NODE}
+    # Without the claim (older clusters, tokens not bound to a pod) only the rules on the change hold.
+    assert failing(celpy, node_guard, old, updated(old, SET_READY), NO_CLAIM) == set()

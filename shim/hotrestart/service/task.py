@@ -143,8 +143,7 @@ class TaskService:
             root=os.path.join(opts.root, self.namespace),
             log_path=os.path.join(bundle, "log.json"),
             systemd_cgroup=opts.systemd_cgroup,
-            # A shim from the node bundle runs the bundle's CRIU: containerd's PATH seldom names it.
-            criu=opts.criu_path or node_bundle.own("criu"),
+            criu=opts.criu_path,
         )
 
     # -- calls ----------------------------------------------------------------------------------

@@ -12,6 +12,11 @@
 {{- printf "%s-installer" (include "hotrestart.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* The node guard's ValidatingAdmissionPolicy and its binding. */}}
+{{- define "hotrestart.nodeGuardName" -}}
+{{- printf "%s-node-guard" (include "hotrestart.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{/* Selector labels: fixed for the release's life (a DaemonSet's selector cannot change). */}}
 {{- define "hotrestart.selectorLabels" -}}
 app.kubernetes.io/name: {{ .Chart.Name }}
