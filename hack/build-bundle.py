@@ -251,8 +251,12 @@ def install_wheels(tree: Path, work: Path) -> dict[str, str]:
             *names,
         ]
     )
-    # Console scripts pip generated point at the build host's interpreter: bin/ replaces them.
+    # Console scripts pip generated point at the build host's interpreter: bin/ replaces them,
+    # and their lines leave the RECORD files (their hashes depend on the build host's paths).
     shutil.rmtree(tree / SITE / "bin", ignore_errors=True)
+    for record in sorted((tree / SITE).glob("*.dist-info/RECORD")):
+        lines = record.read_text().splitlines(keepends=True)
+        record.write_text("".join(line for line in lines if not line.startswith("../../bin/")))
     versions: dict[str, str] = {}
     for info in sorted((tree / SITE).glob("*.dist-info")):
         meta = (info / "METADATA").read_text(errors="replace")
