@@ -31,6 +31,7 @@ from pathlib import Path
 
 from benchparts.hot_restart import bench_hot_restart, print_hot_restart
 from benchparts.running import bench_running, print_running
+from benchparts.scale import bench_scale, print_scale
 from benchparts.start import bench_start_and_memory
 from benchparts.store_key import bench_store_key
 from benchparts.workloads import bench_workloads
@@ -43,8 +44,16 @@ def main() -> int:
     parser.add_argument("--pods", type=int, default=10, help="idle pods per handler for the memory figure")
     parser.add_argument("--mib", type=int, default=1024, help="memory of the hot-restart workload")
     parser.add_argument("--warmup", type=float, default=10.0, help="warm-up of the cold-start comparison (s)")
-    parser.add_argument("--only", choices=("start", "checkpoint", "key", "workloads"), help="run one part only")
+    parser.add_argument(
+        "--only", choices=("start", "checkpoint", "key", "workloads", "scale"), help="run one part only"
+    )
     parser.add_argument("--key-rounds", type=int, default=3, help="rounds of the store key comparison")
+    parser.add_argument(
+        "--scale-sizes",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=[1024, 4096],
+        help="memory sizes (MiB) of the scale part, comma-separated (8192 where memory allows)",
+    )
     parser.add_argument(
         "--bundle",
         type=Path,
@@ -84,6 +93,9 @@ def run(inst: ContainerdInstance, args: argparse.Namespace) -> None:
         bench_workloads(inst, cri, args.mib // 4, args.warmup)
     if args.only in (None, "key"):
         bench_store_key(inst, cri, args.mib, args.key_rounds)
+    if args.only in (None, "scale"):
+        by_size, dedup = bench_scale(inst, cri, args.scale_sizes)
+        print_scale(by_size, dedup)
     cri.close()
 
 

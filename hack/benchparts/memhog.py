@@ -31,7 +31,9 @@ def wait_for_line(cri, cid: str, predicate, timeout: float = 300) -> str:
     raise TimeoutError(f"no matching line in the log of {cid}")
 
 
-def memhog_pod(cri, inst, handler: str, name: str, memhog: Path, args: list[str], **kw: Any) -> tuple[str, str]:
+def memhog_pod(
+    cri, inst, handler: str, name: str, memhog: Path, args: list[str], env: dict[str, str] | None = None, **kw: Any
+) -> tuple[str, str]:
     uid = str(uuid.uuid4())
     logs = inst.dir / "bench-logs" / uid
     logs.mkdir(parents=True)
@@ -44,6 +46,7 @@ def memhog_pod(cri, inst, handler: str, name: str, memhog: Path, args: list[str]
         image=BUSYBOX_IMAGE,
         command=["/memhog", *args],
         mounts=[(str(memhog), "/memhog", True)],
+        env=env,
     )
     return pod, cid
 

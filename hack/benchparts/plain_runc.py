@@ -34,6 +34,7 @@ def bench_plain_runc(inst: ContainerdInstance, memhog: Path, mib: int, r: dict[s
     """Run, checkpoint (leaving it running, then to disk, fsynced) and restore; times into `r`."""
     drop_caches = Path("/proc/sys/vm/drop_caches")
     bundle = inst.dir / "plain-bundle"
+    shutil.rmtree(bundle, ignore_errors=True)  # from an earlier size in the same run
     rootfs = bundle / "rootfs"
     (rootfs / "bin").mkdir(parents=True)
     for d in ("proc", "sys", "dev", "tmp"):

@@ -132,6 +132,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"size:      {_size(m.stored_bytes)} stored, {_size(m.raw_bytes)} raw"
         + (f" ({m.stored_bytes / m.raw_bytes:.2f})" if m.raw_bytes else "")
     )
+    chunks = {c.digest for f in m.files for c in f.chunks}
+    print(
+        f"chunks:    {len(chunks)} in {m.space}: {_size(m.new_bytes)} written by this checkpoint, "
+        f"{_size(max(m.stored_bytes - m.new_bytes, 0))} shared with earlier ones"
+    )
     print("timings:   " + ", ".join(f"{k} {v:.2f}s" for k, v in sorted(m.timings.items())))
     if m.gpu.get("processes"):
         models = ", ".join(d["name"] for d in m.gpu.get("devices") or []) or "devices not recorded (no NVML)"
@@ -144,7 +149,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"restores that died early: {m.restore_attempts}")
     if args.files:
         for fe in m.files:
-            print(f"  {fe.path}  {_size(fe.stored_bytes)}  sha256:{fe.sha256[:16]}")
+            print(f"  {fe.path}  {_size(fe.stored_bytes)}  {len(fe.chunks)} chunk(s)  blake3:{fe.digest[:16]}")
     return 0
 
 
@@ -199,6 +204,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for e in removed:
         print(f"removed {e.state} {e.id}" + (f" ({e.fault.value}: {e.problem})" if e.fault else ""))
     print(f"{len(removed)} removed")
+    chunks, freed = store.collected
+    if chunks:
+        print(f"{chunks} chunk(s) no checkpoint refers to removed ({_size(freed)})")
     kept = [e for e in store.entries() if e.fault is not None]
     for e in kept:
         print(f"kept {e.state} {e.id} ({e.fault.value if e.fault else ''}: {e.problem})")

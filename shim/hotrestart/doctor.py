@@ -20,6 +20,7 @@ from typing import Any
 
 from hotrestart import bundle, node_config
 from hotrestart.errors import InvalidArgumentError
+from hotrestart.runtime import criu
 from hotrestart.store import keyfile, locality
 from hotrestart.store.config import ALLOW_UNAUTHENTICATED_ENV, KEY_ENV
 from hotrestart.store.seal import SealError
@@ -118,8 +119,7 @@ def host_checks(containerd: str = "containerd") -> list[Check]:
 
 def criu_checks() -> list[Check]:
     """The CRIU the shim runs (the bundle's own in a bundle): its version and `criu check`."""
-    criu = bundle.tool("criu")
-    found = _version_of(criu, r"Version: (\S+)")
+    found = _version_of(bundle.tool("criu"), r"Version: (\S+)")
     if found is None:
         fix = "install CRIU 4.x (checkpoints need it; pods still run without it)"
         return [Check("criu", False, "not found (bundle or PATH)", fix)]
@@ -127,11 +127,30 @@ def criu_checks() -> list[Check]:
     checks = [
         Check("criu version", ok, f"{found[1]} ({found[0]})", "" if ok else "CRIU 3.16+ is required; 4.x recommended")
     ]
-    code, out = _run([found[0], "check"], timeout=60)
+    code, out = _run(criu.check_argv(found[0]), timeout=60)
     last = out.splitlines()[-1] if out else ""
     fix = "" if code == 0 else "CRIU cannot checkpoint on this kernel; on Debian 12 use CRIU 4.x"
     checks.append(Check("criu check", code == 0, last or f"exit {code}", fix))
-    return checks
+    return checks + memory_checks(found[0])
+
+
+def memory_checks(binary: str) -> list[Check]:
+    """What makes repeated checkpoints cheap here: the kernel's soft-dirty page tracking and
+    userfaultfd. Neither is required: without tracking, each dump reads all of the memory
+    and the store keeps only the chunks that changed."""
+    code, _ = _run(criu.check_argv(binary, "mem_dirty_track"), timeout=30)
+    tracking = (
+        "soft-dirty pages tracked by the kernel"
+        if code == 0
+        else "no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY): every dump reads all memory; "
+        "only changed chunks are compressed and stored"
+    )
+    code_uffd, _ = _run(criu.check_argv(binary, "uffd-noncoop"), timeout=30)
+    uffd = "available" if code_uffd == 0 else "unavailable (CONFIG_USERFAULTFD, vm.unprivileged_userfaultfd)"
+    return [
+        Check("memory tracking", True, tracking),
+        Check("userfaultfd", True, f"{uffd}; restores are full restores in this version"),
+    ]
 
 
 def read_config(config_path: str, containerd: str) -> tuple[dict[str, Any] | None, Check | None]:

@@ -7,6 +7,7 @@ from where it stopped with the same checksum; a cold start begins again at 1 wit
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -118,6 +119,18 @@ def stored(inst: ContainerdInstance, state: str = "checkpoints") -> list[Path]:
     if state == "checkpoints":
         return [c for d in base.iterdir() for c in d.iterdir()]
     return list(base.iterdir())
+
+
+def chunk_files(inst: ContainerdInstance, ckpt: Path, prefix: str = "images/pages-") -> list[Path]:
+    """The chunk files in the store that make up a checkpoint's files named `prefix`..., in order."""
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    base = inst.store / "v1" / "chunks" / manifest["space"]
+    return [
+        base / c["digest"][:2] / c["digest"]
+        for f in manifest["files"]
+        if f["path"].startswith(prefix)
+        for c in f["chunks"]
+    ]
 
 
 def wait_published(inst: ContainerdInstance, count: int = 1, timeout: float = 30) -> list[Path]:

@@ -27,7 +27,7 @@ from hotpods import Incarnation, run_and_stop, stored, wait_published
 
 from cri import CRIClient
 from hotrestart.store import archive
-from hotrestart.store.manifest import Manifest
+from hotrestart.store.store import Store
 from testbed import ContainerdInstance, host
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("empty_store")]
@@ -116,13 +116,15 @@ def _captured_trees(inst: ContainerdInstance, seen: set[str], work: Path) -> lis
         if ckpt.name in seen:
             continue
         try:
-            manifest = Manifest.from_json((ckpt / "manifest.json").read_bytes())
-            for entry in manifest.files:
+            store = Store(str(inst.store))
+            found = store.find(ckpt.name)
+            assert found is not None and found.manifest is not None
+            for entry in found.manifest.files:
                 if entry.path.endswith(".tar.zst"):
                     dst = work / f"{ckpt.name}-{entry.path.replace('/', '_')}".removesuffix(".zst")
-                    archive.decompress_file(str(ckpt / entry.path), str(dst), entry)
+                    store.restore_file(found, entry.path, str(dst))
                     out.append(dst)
-        except (OSError, ValueError, archive.IntegrityError):
+        except (OSError, ValueError, AssertionError, archive.IntegrityError):
             continue  # superseded and removed while read
         seen.add(ckpt.name)
     return out
@@ -279,27 +281,28 @@ def test_a_decompression_bomb_is_refused_before_it_fills_anything(
     """A stored page image rewritten by another writer of the store, with hashes that match:
     a small frame that inflates to 256 MiB, or sizes claiming a TiB. Refused, quarantined
     with the reason, and the pod starts cold."""
-    import hashlib
-
+    import blake3
     import zstandard
 
     run_and_stop(client, inst, tmp_path, f"bomb-{bomb}")
     [ckpt] = wait_published(inst)
     data = json.loads((ckpt / "manifest.json").read_text())
     entry = max((f for f in data["files"] if f["path"].startswith("images/pages-")), key=lambda f: f["raw_bytes"])
+    # The chunk a consistent hostile writer would store: named by the digest of what it inflates to.
+    raw = bytes(256 << 20) if bomb == "frame" else bytes(64 << 20)
+    digest = blake3.blake3(raw).hexdigest()
+    frame = zstandard.ZstdCompressor().compress(raw)
+    where = inst.store / "v1" / "chunks" / data["space"] / digest[:2]
+    where.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (where / digest).write_bytes(frame)
     if bomb == "frame":
-        frame = zstandard.ZstdCompressor().compress(bytes(256 << 20))
-        chunks = [{"stored": len(frame), "raw": entry["chunks"][0]["raw"], "sha256": hashlib.sha256(frame).hexdigest()}]
+        chunks = [{"stored": len(frame), "raw": entry["chunks"][0]["raw"], "digest": digest}]
     else:
-        frame = zstandard.ZstdCompressor().compress(bytes(64 << 20))
-        digest = hashlib.sha256(frame).hexdigest()
-        chunks = [{"stored": len(frame), "raw": 64 << 20, "sha256": digest}] * (1 << 14)  # 1 TiB
-        frame = frame * (1 << 14)
-    (ckpt / entry["path"]).write_bytes(frame)
+        chunks = [{"stored": len(frame), "raw": 64 << 20, "digest": digest}] * (1 << 14)  # 1 TiB
     entry["chunks"] = chunks
     entry["stored_bytes"] = sum(c["stored"] for c in chunks)
     entry["raw_bytes"] = sum(c["raw"] for c in chunks)
-    entry["sha256"] = hashlib.sha256(b"".join(bytes.fromhex(c["sha256"]) for c in chunks)).hexdigest()
+    entry["digest"] = blake3.blake3(b"".join(bytes.fromhex(c["digest"]) for c in chunks)).hexdigest()
     (ckpt / "manifest.json").write_text(json.dumps(data))
     again = Incarnation(client, inst, tmp_path, f"bomb-{bomb}")
     again.create()

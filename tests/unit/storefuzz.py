@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import random
@@ -15,10 +14,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import zstandard
 
 from hotrestart.store.entry import identity_key
 from hotrestart.store.manifest import SCHEMA, Chunk, Identity, chunk_root
+
+HEX = "0123456789abcdef"
 
 IDENTITIES = [
     Identity("tenant-a", "web-0", "app"),
@@ -76,8 +78,14 @@ def put(path: Path, data: bytes) -> None:
 
 
 @functools.cache
-def _bomb(size: int) -> bytes:
-    return zstandard.ZstdCompressor(level=3).compress(b"\0" * size)
+def _bomb(size: int, window_log: int) -> bytes:
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=window_log)
+    return zstandard.ZstdCompressor(compression_params=params).compress(b"\0" * size)
+
+
+@functools.cache
+def _zeros_digest(size: int) -> str:
+    return blake3.blake3(b"\0" * size).hexdigest()
 
 
 def _dump(data: Any) -> str:
@@ -87,21 +95,23 @@ def _dump(data: Any) -> str:
 
 
 class Case:
-    def __init__(self, rng: random.Random, root: Path, out: Path, payloads: dict[str, bytes]) -> None:
+    def __init__(self, rng: random.Random, root: Path, out: Path, spaces: list[str]) -> None:
         self.rng = rng
         self.root = root
-        self.out = out
-        self.payloads = payloads
+        self.out = out  # the sentinel: outside the store, shaped like it
+        self.spaces = spaces  # the chunk spaces the sentinel has copies of
         self.kinds: list[str] = []
 
     # Places in the tree ----------------------------------------------------------------------
 
     def inside(self, path: Path) -> bool:
         """No link on the way from the store root: the harness itself must not write outside."""
-        rel = path.relative_to(self.root)
-        at = self.root
-        for part in rel.parts:
-            at = at / part
+        at = str(self.root)
+        rel = str(path)[len(at) :]
+        if not str(path).startswith(at) or (rel and rel[0] != "/"):
+            raise ValueError(f"{path} is not in the store")
+        for part in rel.split("/")[1:]:
+            at += "/" + part
             try:
                 if stat.S_ISLNK(os.lstat(at).st_mode):
                     return False
@@ -129,12 +139,32 @@ class Case:
             found += [Path(dirpath) / n for n in dirnames + filenames]
         return found
 
+    def chunk_dirs(self) -> list[Path]:
+        """The chunk spaces and their fan folders (whatever they hold)."""
+        spaces = [s for s in self._dirs(self.root / "v1" / "chunks") if self._real_dir(s)]
+        return spaces + [f for s in spaces for f in self._dirs(s) if self._real_dir(f)]
+
+    def _real_dir(self, path: Path) -> bool:
+        """A folder, not a link to one, with no link on the way."""
+        try:
+            return self.inside(path) and stat.S_ISDIR(os.lstat(path).st_mode)
+        except OSError:
+            return False
+
+    def chunks(self) -> list[Path]:
+        """Every regular file among the chunks (doomed ones and odd names included)."""
+        found = [c for d in self.chunk_dirs() if d.parent.name != "chunks" for c in self._dirs(d)]
+        return [p for p in found if self.inside(p) and stat.S_ISREG(os.lstat(p).st_mode)]
+
     def positions(self) -> list[Path]:
         v1 = self.root / "v1"
-        places = [v1, *(v1 / s for s in ("checkpoints", "claimed", "quarantine", "staging", "pending"))]
-        places += self._dirs(v1 / "checkpoints") + self._dirs(v1 / "pending")
+        places = [v1, *(v1 / s for s in ("checkpoints", "claimed", "quarantine", "staging", "pending", "chunks"))]
+        places += self._dirs(v1 / "checkpoints") + self._dirs(v1 / "pending") + [v1 / "gc.lock"]
         for e in self.entries():
             places += [e, *self._tree(e)]
+        # The chunks are as many as the rest together: a chunk position is as likely as any other.
+        chunk_places = self.chunk_dirs() + self.chunks()
+        places += self.rng.sample(chunk_places, min(len(chunk_places), len(places)))
         return [p for p in places if self.inside(p.parent)]
 
     def manifests(self) -> list[Path]:
@@ -142,8 +172,8 @@ class Case:
         return [p for p in found if self.inside(p) and stat.S_ISREG(os.lstat(p).st_mode)]
 
     def stored(self) -> list[Path]:
-        found = [p for e in self.entries() for p in self._tree(e) if p.name.endswith(".zst")]
-        return [p for p in found if self.inside(p) and stat.S_ISREG(os.lstat(p).st_mode)]
+        """The chunk files under their own names (what a restore reads), but for huge ones."""
+        return [p for p in self.chunks() if len(p.name) == 64 and os.lstat(p).st_size <= 256 << 20]
 
     # Mutations -------------------------------------------------------------------------------
 
@@ -159,8 +189,10 @@ class Case:
             (12, self.link),
             (4, self.hard_link),
             (8, self.special),
-            (8, self.chunk_damage),
+            (10, self.chunk_damage),
             (5, self.bomb),
+            (4, self.manifest_chunks),
+            (3, self.chunk_space),
             (3, self.odd_name),
             (2, self.deep_tree),
             (4, self.marker),
@@ -291,7 +323,8 @@ class Case:
 
     def link(self) -> None:
         target = self.rng.choice(self.positions() or [self.root / "v1"])
-        dest = self.rng.choice([self.out, self.out / "entry", self.out / "precious", self.out / "v1"])
+        dests = ["", "entry", "precious", "v1", "chunk", "chunks", *(f"chunks/{s}" for s in self.spaces)]
+        dest = self.out / self.rng.choice(dests)
         self._replace(target)
         with contextlib.suppress(FileNotFoundError):
             target.symlink_to(dest)
@@ -303,9 +336,7 @@ class Case:
             return
         target = self.rng.choice(files)
         target.unlink()
-        os.link(
-            self.out / self.rng.choice(["hardlinked", "entry/manifest.json", "entry/images/pages-1.img.zst"]), target
-        )
+        os.link(self.out / self.rng.choice(["hardlinked", "entry/manifest.json", "chunk"]), target)
         self.kinds.append("hardlink")
 
     def special(self) -> None:
@@ -331,7 +362,7 @@ class Case:
             return
         target = self.rng.choice(files)
         data = target.read_bytes()
-        choice = self.rng.randrange(4)
+        choice = self.rng.randrange(8)
         if choice == 0 and data:
             put(target, data[: self.rng.randrange(len(data))])
             self.kinds.append("chunk-truncated")
@@ -342,32 +373,99 @@ class Case:
         elif choice == 2:
             put(target, data + b"\0" * self.rng.choice([1, 4096, 1 << 20]))
             self.kinds.append("chunk-oversized")
+        elif choice == 3:
+            put(target, b"")
+            os.truncate(target, self.rng.choice([1 << 30, 1 << 40]))  # sparse: only what is declared is read
+            self.kinds.append("chunk-huge")
+        elif choice == 4:
+            target.rename(target.with_name(".doomed-" + target.name))  # a collection under way
+            self.kinds.append("chunk-doomed")
+        elif choice == 5:
+            target.unlink()
+            self.kinds.append("chunk-missing")
+        elif choice == 6:
+            target.rename(self.rng.choice(self.chunk_dirs()) / target.name)  # another fan or space
+            self.kinds.append("chunk-moved")
         elif data:
             flipped = bytearray(data)
             flipped[self.rng.randrange(len(flipped))] ^= 1 << self.rng.randrange(8)
             put(target, bytes(flipped))
             self.kinds.append("chunk-flipped")
 
+    def chunk_space(self) -> None:
+        """A space folder renamed: its chunks where another key's (or no key's) belong."""
+        spaces = self._dirs(self.root / "v1" / "chunks")
+        if not spaces:
+            return
+        source = self.rng.choice(spaces)
+        name = self.rng.choice(["plain", "k-" + "".join(self.rng.choice(HEX) for _ in range(24)), "k-x", ".."])
+        dest = source.parent / name
+        if name != ".." and os.path.lexists(dest):
+            self._replace(dest)
+        with contextlib.suppress(OSError):
+            source.rename(dest)
+        self.kinds.append("chunk-space")
+
+    def manifest_chunks(self) -> None:
+        """A chunk list edited consistently (sizes and file digest recomputed): the chunks
+        of other files, repeated, dropped or made up; what is restored must still verify."""
+        got = self._manifest()
+        if got is None or not isinstance(got[1].get("files"), list):
+            return
+        path, data = got
+        entries = [f for f in data["files"] if isinstance(f, dict) and isinstance(f.get("chunks"), list)]
+        pool = [c for f in entries for c in f["chunks"] if isinstance(c, dict)]
+        if not entries or not pool:
+            return
+        entry = self.rng.choice(entries)
+        chunks = list(entry["chunks"])
+        choice = self.rng.randrange(4)
+        if choice == 0:
+            chunks = [dict(self.rng.choice(pool)) for _ in range(self.rng.randrange(1, 5))]
+        elif choice == 1 and chunks:
+            chunks.pop(self.rng.randrange(len(chunks)))
+        elif choice == 2:
+            chunks = chunks * 2
+        else:
+            made_up = "".join(self.rng.choice(HEX) for _ in range(64))
+            chunks.append({"stored": self.rng.choice([1, 100, 4096]), "raw": 4096, "digest": made_up})
+        try:
+            built = [Chunk(**c) for c in chunks]
+            entry.update(
+                chunks=chunks,
+                digest=chunk_root(built),
+                stored_bytes=sum(c.stored for c in built),
+                raw_bytes=sum(c.raw for c in built),
+            )
+        except (TypeError, ValueError):
+            return
+        self.kinds.append("manifest-chunks")
+        self._write(path, data)
+
     def bomb(self) -> None:
-        """A frame that decompresses far beyond what it declares, with hashes that match."""
+        """A chunk that decompresses far beyond what it declares, named for the bytes it declares."""
         got = self._manifest()
         if got is None or not isinstance(got[1].get("files"), list) or not got[1]["files"]:
             return
         path, data = got
         entry = data["files"][0]
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        space = data.get("space")
+        if not isinstance(entry, dict) or not isinstance(space, str) or "/" in space or space in ("", ".", ".."):
             return
-        frame = _bomb(self.rng.choice([1 << 20, 16 << 20, 80 << 20]))
+        frame = _bomb(self.rng.choice([1 << 20, 16 << 20, 80 << 20]), self.rng.choice([17, 20, 27]))
         declared = self.rng.choice([4096, 1 << 20, 64 << 20])
-        target = path.parent / entry["path"]
-        if not self.inside(target.parent):
+        digest = _zeros_digest(declared)
+        fan = self.root / "v1" / "chunks" / space / digest[:2]
+        if not self.inside(fan.parent):
             return
         with contextlib.suppress(OSError):
-            put(target, frame)
-        chunk = Chunk(stored=len(frame), raw=declared, sha256=hashlib.sha256(frame).hexdigest())
+            fan.mkdir(exist_ok=True)
+            if self.inside(fan / digest):  # not through a link planted as the fan
+                put(fan / digest, frame)
+        chunk = Chunk(stored=len(frame), raw=declared, digest=digest)
         entry.update(
             chunks=[chunk.__dict__],
-            sha256=chunk_root([chunk]),
+            digest=chunk_root([chunk]),
             stored_bytes=len(frame),
             raw_bytes=declared,
         )
@@ -375,7 +473,7 @@ class Case:
         self._write(path, data)
 
     def odd_name(self) -> None:
-        found = self.entries()
+        found = self.entries() + self.chunk_dirs() + self.chunks()
         if not found:
             return
         target = self.rng.choice(found)
@@ -385,7 +483,7 @@ class Case:
         self.kinds.append("odd-name")
 
     def deep_tree(self) -> None:
-        found = self.entries()
+        found = self.entries() + self.chunk_dirs()
         if not found:
             return
         path = self.rng.choice(found)
@@ -429,7 +527,7 @@ class Case:
         self.kinds.append("owner")
 
     def replace_with_file(self) -> None:
-        found = self.entries()
+        found = self.entries() + self.chunk_dirs()
         if not found:
             return
         target = self.rng.choice(found)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import time
 from pathlib import Path
 
-from hotrestart.store import archive
+from hotrestart.store import chunking
+from hotrestart.store.chunkwrite import ChunkWriter
 from hotrestart.store.entry import Entry
 from hotrestart.store.manifest import Chunk, FileEntry, Identity, Manifest, chunk_root
 from hotrestart.store.seal import KeyRing
@@ -26,8 +28,12 @@ def make_checkpoint(
     cid, staging = store.new_staging()
     src = tmp / f"pages-{cid}.img"
     src.write_bytes(payload)
-    os.makedirs(os.path.join(staging, "images"))
-    entry = archive.compress_file(str(src), os.path.join(staging, "images", "pages.img.zst"), "images/pages.img.zst")
+    writer = store.chunk_writer(staging)
+    try:
+        entry = store_file(writer, src, "images/pages.img.zst")
+        writer.finish()
+    finally:
+        writer.close()
     manifest = Manifest(
         id=cid,
         identity=ident,
@@ -40,9 +46,17 @@ def make_checkpoint(
         network={},
         files=[entry],
         timings={},
+        space=writer.space,
+        new_bytes=writer.new_bytes,
     )
-    store.publish(staging, manifest)
+    store.publish(staging, manifest, store.sealer(cid))
     return cid
+
+
+def store_file(writer: ChunkWriter, src: Path, rel: str, chunk: int = chunking.CHUNK) -> FileEntry:
+    """Store one local file through `writer`, cut at fixed offsets of `chunk` bytes."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return writer.store_file(str(src), rel, chunking.fixed(src.stat().st_size, chunk), pool)
 
 
 def published_entry(store: Store) -> Entry:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import time
@@ -13,7 +12,7 @@ from storekit import IDENT, make_checkpoint
 
 from hotrestart.store import archive
 from hotrestart.store.entry import Fault, identity_key
-from hotrestart.store.manifest import Identity, Manifest
+from hotrestart.store.manifest import Identity
 from hotrestart.store.pending import PENDING_TTL
 from hotrestart.store.seal import KeyRing
 from hotrestart.store.store import Store
@@ -28,6 +27,7 @@ def test_layout_is_private(tmp_path: Path) -> None:
         make_checkpoint(store, tmp_path)
     finally:
         os.umask(previous)
+    assert os.listdir(Path(store.root, "v1", "chunks", "plain")), "the chunks' folders are walked too"
     for dirpath, _dirnames, filenames in os.walk(store.root):
         assert os.stat(dirpath).st_mode & 0o777 == 0o700, dirpath
         for name in filenames:
@@ -85,6 +85,28 @@ def test_prune_by_age_and_size(tmp_path: Path) -> None:
     make_checkpoint(store, tmp_path, os.urandom(200_000))
     assert store.prune(max_bytes=1000)
     assert store.latest(IDENT) is None
+
+
+def test_prune_collects_the_chunks_only_removed_checkpoints_used(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    old = make_checkpoint(
+        store, tmp_path, os.urandom(150_000), created=time.time() - 3 * 86400, ident=Identity("ns", "a", "c")
+    )
+    make_checkpoint(store, tmp_path, os.urandom(170_000), ident=Identity("ns", "b", "c"))
+    chunk_dir = Path(store.root, "v1", "chunks", "plain")
+    before = {p.name: p.stat().st_size for p in chunk_dir.glob("*/*")}
+    assert len(before) == 2, "one chunk each (under 4 MiB), not shared"
+    for listed in store.entries():
+        assert listed.manifest is not None and listed.manifest.stored_bytes > 100_000
+        assert store.size(listed) >= listed.manifest.stored_bytes, "an entry's size counts the chunks it uses"
+    # Fresh chunks are never collected: a writer may be about to use them.
+    assert [e.id for e in store.prune(max_age=86400)] == [old] and store.collected == (0, 0)
+    assert len(list(chunk_dir.glob("*/*"))) == 2
+    store.prune(max_age=86400, now=time.time() + 3600)
+    [left] = [p.name for p in chunk_dir.glob("*/*")]
+    assert store.collected == (1, sum(n for name, n in before.items() if name != left))
+    entry = store.latest(Identity("ns", "b", "c"))
+    assert entry is not None and store.verify(entry) == []
 
 
 def test_an_older_checkpoint_published_late_is_discarded(tmp_path: Path) -> None:
@@ -155,41 +177,14 @@ def test_identity_is_scoped_to_its_namespace(tmp_path: Path) -> None:
     assert {e.fault for e in store.entries()} == {None, Fault.CORRUPT}
 
 
-def _sealed_checkpoint(store: Store, tmp: Path, payload: bytes) -> str:
-    cid, staging = store.new_staging()
-    sealer = store.sealer(cid)
-    assert sealer is not None
-    src = tmp / f"pages-{cid}.img"
-    src.write_bytes(payload)
-    os.makedirs(os.path.join(staging, "images"))
-    seal = functools.partial(sealer.seal_chunk, 0)
-    entry = archive.compress_file(
-        str(src), os.path.join(staging, "images", "pages.img.zst"), "images/pages.img.zst", chunk=1 << 16, seal=seal
-    )
-    manifest = Manifest(
-        id=cid,
-        identity=IDENT,
-        created_at=time.time(),
-        node="n1",
-        reason="stop",
-        image="img",
-        spec_digest="d",
-        runtime={"criu": "4.2"},
-        network={},
-        files=[entry],
-        timings={},
-    )
-    store.publish(staging, manifest, sealer)
-    return cid
-
-
 def test_sealed_checkpoints_open_only_with_the_key_and_unaltered(tmp_path: Path) -> None:
     ring = KeyRing([("k1", os.urandom(32))])
     keyed = Store(str(tmp_path / "store"), keys=ring)
     payload = os.urandom(200_000) + bytes(300_000)
-    _sealed_checkpoint(keyed, tmp_path, payload)
+    make_checkpoint(keyed, tmp_path, payload)
     entry = keyed.latest(IDENT)
     assert entry is not None and entry.manifest is not None and entry.manifest.seal["key"] == "k1"
+    assert entry.manifest.space.startswith("k-")
     keyed.restore_file(entry, "images/pages.img.zst", str(tmp_path / "out"))
     assert (tmp_path / "out").read_bytes() == payload
     assert keyed.verify(entry) == []
@@ -197,12 +192,14 @@ def test_sealed_checkpoints_open_only_with_the_key_and_unaltered(tmp_path: Path)
     [seen] = [e for e in Store(str(tmp_path / "store")).entries() if e.state == "checkpoints"]
     assert seen.manifest is None and seen.fault is not None and seen.fault.value == "unsupported"
     # One flipped stored byte: the chunk does not authenticate.
-    stored = Path(entry.path) / "images" / "pages.img.zst"
+    [chunk] = entry.manifest.files[0].chunks
+    stored = Path(keyed.root, "v1", "chunks", entry.manifest.space) / chunk.digest[:2] / chunk.digest
     data = bytearray(stored.read_bytes())
     data[100] ^= 1
     stored.write_bytes(bytes(data))
     with pytest.raises(archive.IntegrityError, match="authenticate"):
         keyed.restore_file(entry, "images/pages.img.zst", str(tmp_path / "out2"))
+    assert not (tmp_path / "out2").exists()
     assert keyed.verify(entry)
     # An unsealed checkpoint in a keyed store is never offered for a restore.
     make_checkpoint(Store(str(tmp_path / "plain")), tmp_path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import time
@@ -15,9 +14,14 @@ import pytest
 from storekit import IDENT, make_checkpoint, published_entry
 
 from hotrestart.store import safefs
+from hotrestart.store.archive import IntegrityError
 from hotrestart.store.entry import Entry, Fault
 from hotrestart.store.manifest import Identity
 from hotrestart.store.store import Store
+
+
+def chunk_file(store: Store, digest: str, space: str = "plain") -> Path:
+    return Path(store.root, "v1", "chunks", space, digest[:2], digest)
 
 
 def rewrite_manifest(entry: Entry, change: Callable[[dict[str, Any]], None]) -> None:
@@ -37,7 +41,8 @@ def test_verify_command_finds_a_damaged_checkpoint(tmp_path: Path, capsys: pytes
     assert done.value.code == 0 and f"{cid}: ok (1 of 1 files intact)" in capsys.readouterr().out
     entry = store.latest(IDENT)
     assert entry is not None and entry.manifest is not None
-    stored = Path(entry.path) / entry.manifest.files[0].path
+    [chunk] = entry.manifest.files[0].chunks
+    stored = chunk_file(store, chunk.digest)
     data = bytearray(stored.read_bytes())
     data[100] ^= 1
     stored.write_bytes(bytes(data))
@@ -116,16 +121,49 @@ def test_prune_removes_only_proven_corruption_after_a_grace_period(
     assert {e.id for e in store.entries()} == {newer, flaky}
 
 
-def test_verify_refuses_a_file_with_no_chunks(tmp_path: Path) -> None:
+def test_verify_refuses_a_chunk_list_that_does_not_match_the_files_digest(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "s"))
     make_checkpoint(store, tmp_path)
     entry = published_entry(store)
-    empty = hashlib.sha256(b"").hexdigest()
 
     def no_chunks(m: dict[str, Any]) -> None:
-        m["files"][0].update(chunks=[], stored_bytes=0, raw_bytes=0, sha256=empty)
+        # Sizes that add up, its digest kept: an empty file is stored as no chunks, but its
+        # digest is that of no chunks, not this one.
+        m["files"][0].update(chunks=[], stored_bytes=0, raw_bytes=0)
 
     rewrite_manifest(entry, no_chunks)
-    open(Path(entry.path) / "images" / "pages.img.zst", "w").close()
     entry = published_entry(store)
-    assert store.verify(entry) == ["images/pages.img.zst: the manifest lists no chunks"]
+    assert store.verify(entry) == ["images/pages.img.zst: the manifest's chunk list does not match the file's digest"]
+    with pytest.raises(IntegrityError, match="digest"):
+        store.restore_file(entry, "images/pages.img.zst", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+    def other_chunk(m: dict[str, Any]) -> None:
+        m["files"][0]["chunks"][0]["digest"] = "ab" * 32
+
+    make_checkpoint(store, tmp_path)
+    rewrite_manifest(published_entry(store), other_chunk)
+    assert "does not match the file's digest" in store.verify(published_entry(store))[0]
+
+
+def test_a_manifest_of_the_earlier_schema_is_listed_as_corrupt_and_pruned_after_grace(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    old = make_checkpoint(store, tmp_path, os.urandom(50_000), ident=Identity("ns", "old", "c"))
+    good = make_checkpoint(store, tmp_path, os.urandom(50_000))
+    old_entry = next(e for e in store.entries() if e.id == old)
+    assert old_entry.manifest is not None
+    [old_chunk] = old_entry.manifest.files[0].chunks
+    # What an earlier version wrote (its files were whole in the checkpoint's folder).
+    rewrite_manifest(old_entry, lambda m: m.update(schema="hotrestart.io/checkpoint/v1"))
+    found = {e.id: e for e in store.entries()}
+    assert found[old].fault == Fault.CORRUPT and found[old].manifest is None
+    assert "written by an earlier version" in found[old].problem
+    assert found[good].fault is None
+    assert store.latest(Identity("ns", "old", "c")) is None, "never restored"
+    assert store.verify(found[old]) == [found[old].problem]
+    assert store.prune() == [], "inside the grace period"
+    later = time.time() + 2 * 3600
+    assert [e.id for e in store.prune(now=later)] == [old]
+    # A v1 manifest refers to no chunk (v1 had none): what it lists does not keep one.
+    assert store.collected == (1, old_chunk.stored) and not chunk_file(store, old_chunk.digest).exists()
+    assert store.verify(published_entry(store)) == []

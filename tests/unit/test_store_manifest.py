@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 from storekit import IDENT, base_manifest, make_checkpoint
 
-from hotrestart.store.manifest import MAX_MANIFEST, SCHEMA, Manifest, ManifestError, UnsupportedManifestError
+from hotrestart.store.manifest import (
+    MAX_CHUNK_RAW,
+    MAX_MANIFEST,
+    SCHEMA,
+    Manifest,
+    ManifestError,
+    UnsupportedManifestError,
+)
 from hotrestart.store.store import Store
 
 
@@ -37,8 +44,16 @@ MALFORMED: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("bool count", lambda m: m.update(restore_attempts=True)),
     ("negative size", lambda m: m["files"][0].update(raw_bytes=-1)),
     ("huge size", lambda m: m["files"][0].update(raw_bytes=10**40)),
-    ("bad sha256", lambda m: m["files"][0]["chunks"][0].update(sha256="zz" * 32)),
-    ("upper-case sha256", lambda m: m["files"][0].update(sha256="AB" * 32)),
+    ("bad chunk digest", lambda m: m["files"][0]["chunks"][0].update(digest="zz" * 32)),
+    ("short chunk digest", lambda m: m["files"][0]["chunks"][0].update(digest="ab" * 16)),
+    ("upper-case file digest", lambda m: m["files"][0].update(digest="AB" * 32)),
+    ("chunk without digest", lambda m: m["files"][0]["chunks"][0].pop("digest")),
+    ("empty chunk", lambda m: m["files"][0]["chunks"][0].update(raw=0)),
+    ("chunk larger than written", lambda m: m["files"][0]["chunks"][0].update(raw=MAX_CHUNK_RAW + 1)),
+    ("no space", lambda m: m.pop("space")),
+    ("space not a key's", lambda m: m.update(space="k-XYZ")),
+    ("space a path", lambda m: m.update(space="../plain")),
+    ("new_bytes negative", lambda m: m.update(new_bytes=-1)),
     ("absolute path", lambda m: m["files"][0].update(path="/etc/shadow")),
     ("dot-dot path", lambda m: m["files"][0].update(path="images/../../x")),
     ("empty path part", lambda m: m["files"][0].update(path="images//x")),
@@ -87,10 +102,35 @@ def test_oversized_and_deeply_nested_manifests_are_refused() -> None:
 
 
 def test_newer_schemas_and_fields_are_unsupported_not_corrupt() -> None:
-    with pytest.raises(UnsupportedManifestError):
-        Manifest.from_json(base_manifest().replace(SCHEMA, "hotrestart.io/checkpoint/v2"))
+    assert SCHEMA == "hotrestart.io/checkpoint/v2"
+    for newer in ("hotrestart.io/checkpoint/v3", "hotrestart.io/checkpoint/v10"):
+        with pytest.raises(UnsupportedManifestError):
+            Manifest.from_json(base_manifest().replace(SCHEMA, newer))
     data = json.loads(base_manifest())
     data["parent"] = {"id": "x"}
     with pytest.raises(UnsupportedManifestError, match="parent"):
         Manifest.from_json(json.dumps(data))
-    assert Manifest.from_json(base_manifest()).files[0].chunks[0].raw == 6000
+    data = json.loads(base_manifest())
+    data["files"][0]["chunks"][0]["sha256"] = "ab" * 32
+    with pytest.raises(UnsupportedManifestError, match="sha256"):
+        Manifest.from_json(json.dumps(data))
+    parsed = Manifest.from_json(base_manifest())
+    assert parsed.files[0].chunks[0].raw == 6000 and parsed.files[0].chunks[0].digest == "ab" * 32
+    assert parsed.space == "plain" and parsed.new_bytes == 0
+
+
+def test_a_manifest_of_the_earlier_schema_is_refused_as_written_by_an_earlier_version() -> None:
+    # v1 stored each file whole in the checkpoint's folder: nothing here can restore it, and
+    # it is not a newer writer's either (so retention may remove it like a corrupt one).
+    data = json.loads(base_manifest())
+    data["schema"] = "hotrestart.io/checkpoint/v1"
+    with pytest.raises(ManifestError, match="earlier version") as refused:
+        Manifest.from_json(json.dumps(data))
+    assert not isinstance(refused.value, UnsupportedManifestError)
+
+
+def test_a_manifest_round_trips_with_its_space_and_new_bytes() -> None:
+    manifest = Manifest.from_json(base_manifest())
+    manifest.space, manifest.new_bytes = "k-" + "0a" * 12, 1234
+    again = Manifest.from_json(manifest.to_json())
+    assert again == manifest

@@ -21,14 +21,13 @@ from typing import Any
 from hotrestart import telemetry
 from hotrestart.checkpoint import files, workarea
 from hotrestart.checkpoint.compat import image_of, spec_digest
-from hotrestart.checkpoint.dumped import Dumped, DumpRequest, Seals
+from hotrestart.checkpoint.dumped import Dumped, DumpRequest
 from hotrestart.checkpoint.engine import Engine
 from hotrestart.checkpoint.policy import Policy
 from hotrestart.container.seam import View
 from hotrestart.errors import CheckpointError
 from hotrestart.runtime import netinfo
 from hotrestart.runtime.runc import CheckpointOpts
-from hotrestart.store import follow
 from hotrestart.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -56,24 +55,13 @@ async def dump(
     store = engine.store
     cid, staging = store.new_staging()
     sealer = store.sealer(cid)
-    seals = Seals(sealer) if sealer is not None else None
     store.mark_pending(policy.identity, cid)
     usage = memory_usage(view.pid)
     work, tmpfs = workarea.make(engine.work_root, cid, usage, prefault=req.leave_running)
     net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(view.spec)))
     timings: dict[str, float] = {}
-    early: follow.Follower | None = None
     try:
         images = os.path.join(work, "images")
-        if not req.leave_running:
-            # The application is going away anyway, so its memory is compressed while CRIU
-            # still writes it; a dump that leaves it running keeps every core for CRIU
-            # instead, to keep the freeze short.
-            os.makedirs(os.path.join(staging, "images"), mode=0o700, exist_ok=True)
-            early = follow.Follower(
-                images, os.path.join(staging, "images"), "images/", seal_for=seals.file if seals else None
-            )
-            early.start()
         opts = CheckpointOpts(
             image_path=images,
             work_path=os.path.join(work, "criu"),
@@ -113,8 +101,6 @@ async def dump(
         dumped_files += captured
     except BaseException:
         net.cancel()
-        if early is not None:
-            early.close()
         _keep_dump_log(view, work)
         workarea.drop(work, tmpfs)
         store.discard(staging)
@@ -140,7 +126,7 @@ async def dump(
         tcp=policy.tcp,
         gpu=gpu or {},
     )
-    return Dumped(cid, staging, work, tmpfs, dumped_files, manifest, t0, images, early, seals)
+    return Dumped(cid, staging, work, tmpfs, dumped_files, manifest, t0, images, sealer)
 
 
 def memory_usage(pid: int) -> int:

@@ -303,7 +303,9 @@ class HotRestart(PlainCheckpoints):
                             self.view,
                             self.policy,
                             req,
-                            self.policy.timeout,
+                            # No stop is waiting on it: only the next tick bounds it. The stop
+                            # budget would throw away every dump of a large container.
+                            max(self.policy.timeout, interval),
                             around=prep.freeze,
                             gpu=prep.gpu,
                         )

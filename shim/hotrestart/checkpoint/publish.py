@@ -1,4 +1,4 @@
-"""Compress, hash, seal and publish dumped checkpoints in the background.
+"""Store and publish dumped checkpoints in the background: only chunks the store lacks are written.
 
 A dump returns as soon as CRIU is done; the rest happens here while the shim stays up
 (`drain`). A checkpoint published after a newer one of the same identity is dropped, so a
@@ -8,6 +8,7 @@ slow periodic publish never overrides a stop-time checkpoint.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import shutil
@@ -19,9 +20,10 @@ from hotrestart import telemetry
 from hotrestart.checkpoint import workarea
 from hotrestart.checkpoint.dumped import Dumped
 from hotrestart.checkpoint.files import RAW
-from hotrestart.store import archive
+from hotrestart.store import chunking
 from hotrestart.store.backend import Backend
-from hotrestart.store.manifest import FileEntry, Identity
+from hotrestart.store.chunkwrite import workers
+from hotrestart.store.manifest import Identity
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class Publisher:
         self._newest[identity.canonical()] = time.time()
 
     def publish_later(self, dumped: Dumped) -> asyncio.Task[None]:
-        """Compress, hash and publish `dumped` in the background (the shim waits for it on exit)."""
+        """Store and publish `dumped` in the background (the shim waits for it on exit)."""
         return self._track(self._publish(dumped))
 
     def publishing(self, identity: Identity, reason: str) -> bool:
@@ -60,8 +62,6 @@ class Publisher:
 
     def discard(self, dumped: Dumped) -> None:
         """Throw a dump away unpublished."""
-        if dumped.early is not None:
-            dumped.early.close()
         workarea.drop(dumped.work, dumped.tmpfs)
         self._store.discard(dumped.staging)
         self._store.clear_pending(dumped.manifest.identity, dumped.id)
@@ -83,9 +83,10 @@ class Publisher:
         try:
             t0 = time.monotonic()
             with telemetry.span("hotrestart.checkpoint.compress", checkpoint=dumped.id) as sp:
-                manifest.files = await asyncio.to_thread(_compress_all, dumped)
+                await asyncio.to_thread(self._store_all, dumped)
                 sp.set("raw_bytes", manifest.raw_bytes)
                 sp.set("stored_bytes", manifest.stored_bytes)
+                sp.set("new_bytes", manifest.new_bytes)
             manifest.timings["compress"] = time.monotonic() - t0
             t1 = time.monotonic()
             async with self._lock:
@@ -96,18 +97,18 @@ class Publisher:
                     return
                 with telemetry.span("hotrestart.checkpoint.publish", checkpoint=dumped.id):
                     manifest.timings["durable"] = time.monotonic() - dumped.started
-                    sealer = dumped.seals.sealer if dumped.seals is not None else None
-                    published = await asyncio.to_thread(self._store.publish, dumped.staging, manifest, sealer)
+                    published = await asyncio.to_thread(self._store.publish, dumped.staging, manifest, dumped.sealer)
             if published is None:
                 log.info("checkpoint %s of %s is older than the published one; dropped", dumped.id, identity)
                 return
             manifest.timings["publish"] = time.monotonic() - t1
             log.info(
-                "checkpoint %s of %s published: %d bytes (%d raw) in %.2fs",
+                "checkpoint %s of %s published: %d bytes (%d raw), %d of them new, in %.2fs",
                 dumped.id,
                 identity,
                 manifest.stored_bytes,
                 manifest.raw_bytes,
+                manifest.new_bytes,
                 time.monotonic() - dumped.started,
             )
         except Exception as exc:
@@ -117,24 +118,26 @@ class Publisher:
             self._store.discard(dumped.staging)
         finally:
             self._in_flight.pop(dumped.id, None)
-            if dumped.early is not None:
-                dumped.early.close()
             workarea.drop(dumped.work, dumped.tmpfs)
             self._store.clear_pending(manifest.identity, dumped.id)
 
-
-def _compress_all(dumped: Dumped) -> list[FileEntry]:
-    for sub in ("images", "volumes"):
-        os.makedirs(os.path.join(dumped.staging, sub), mode=0o700, exist_ok=True)
-        os.chmod(os.path.join(dumped.staging, sub), 0o700)
-    done = dumped.early.finish() if dumped.early is not None else {}
-    seals = dumped.seals
-    entries = [
-        done.get(src)
-        or archive.compress_file(
-            src, os.path.join(dumped.staging, rel), rel, seal=seals.file(rel) if seals is not None else None
-        )
-        for src, rel in dumped.files
-    ]
-    shutil.rmtree(os.path.join(dumped.staging, RAW), ignore_errors=True)
-    return seals.ordered(entries) if seals is not None else entries
+    def _store_all(self, dumped: Dumped) -> None:
+        """Store every dumped file as chunks (new ones only) and fill in the manifest."""
+        manifest = dumped.manifest
+        runs = chunking.page_runs(dumped.images)
+        writer = self._store.chunk_writer(dumped.staging)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(workers()) as pool:
+                files = []
+                for src, rel in dumped.files:
+                    size = os.path.getsize(src)
+                    inside = os.path.dirname(src) == dumped.images
+                    spans = chunking.spans(os.path.basename(src), size, runs) if inside else chunking.fixed(size)
+                    files.append(writer.store_file(src, rel, spans, pool))
+            writer.finish()
+        finally:
+            writer.close()
+        manifest.files = files
+        manifest.space = writer.space
+        manifest.new_bytes = writer.new_bytes
+        shutil.rmtree(os.path.join(dumped.staging, RAW), ignore_errors=True)

@@ -33,15 +33,16 @@ def make(root: str, name: str, size: int, *, prefault: bool = False) -> tuple[st
     os.mkdir(path, 0o700)
     if size and size * 1.25 + (256 << 20) < meminfo.available():
         limit = int(size * 1.25) + (64 << 20)
-        # Huge pages halve CRIU's time writing pages, which is time the process is frozen.
-        for extra in (("huge=always",), ()):
-            try:
-                mounts.mount(mounts.Mount("tmpfs", "tmpfs", ("mode=0700", f"size={limit}", *extra)), path)
-                if prefault:
-                    _prefault(path, size)
-                return path, True
-            except OSError as exc:
-                log.info("no tmpfs %s for %s (%s)", " ".join(extra), path, exc)
+        # Small pages: huge ones (huge=always) are no faster at 1 GiB and slower beyond it,
+        # 4x at 4 GiB here (20.7 s against 5.1 s for a `runc checkpoint`), as the kernel
+        # compacts memory to find them while the process is frozen.
+        try:
+            mounts.mount(mounts.Mount("tmpfs", "tmpfs", ("mode=0700", f"size={limit}")), path)
+            if prefault:
+                _prefault(path, size)
+            return path, True
+        except OSError as exc:
+            log.info("no tmpfs for %s (%s)", path, exc)
     return path, False
 
 

@@ -22,6 +22,11 @@ def version_argv(binary: str = "") -> list[str]:
     return [binary or node_bundle.tool("criu") or "criu", "--version"]
 
 
+def check_argv(binary: str = "", feature: str = "") -> list[str]:
+    """`criu check`, of the whole kernel or of one feature (mem_dirty_track, uffd-noncoop)."""
+    return [binary or node_bundle.tool("criu") or "criu", "check", *(["--feature", feature] if feature else [])]
+
+
 async def version(runner: CommandRunner, binary: str = "") -> str:
     """CRIU's version ("" when it cannot be run)."""
     try:

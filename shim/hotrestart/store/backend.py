@@ -7,7 +7,7 @@ claimed or removed, and one claim of an entry wins.
 
 Errors: a change the store cannot make raises OSError (`safefs.UnsafeEntryError` when what
 is there is not what the store writes), and callers treat it as the store being out of
-reach; a stored file that does not match its manifest raises `archive.IntegrityError`, a
+reach; a stored file that does not match its manifest raises `chunkcodec.IntegrityError`, a
 key that is missing or does not authenticate `seal.SealError`. All of these but OSError
 itself are `errors.StoreError`s.
 """
@@ -17,12 +17,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
+from hotrestart.store.chunkwrite import ChunkWriter
 from hotrestart.store.entry import Entry
 from hotrestart.store.manifest import Identity, Manifest
 from hotrestart.store.seal import Sealer
 
 
 class Backend(Protocol):
+    collected: tuple[int, int]  # chunks and bytes the last prune removed
+
     # -- writing a checkpoint ---------------------------------------------------------------------
 
     def sealer(self, cid: str) -> Sealer | None:
@@ -31,6 +34,11 @@ class Backend(Protocol):
 
     def new_staging(self) -> tuple[str, str]:
         """A fresh private local folder to write a checkpoint's files into: (checkpoint id, path)."""
+        ...
+
+    def chunk_writer(self, staging: str) -> ChunkWriter:
+        """What stores the files of the checkpoint being written in `staging` as chunks,
+        writing only those the store does not hold yet; the caller closes it."""
         ...
 
     def publish(self, staging: str, manifest: Manifest, sealer: Sealer | None = None) -> Entry | None:
@@ -133,6 +141,6 @@ class Backend(Protocol):
         now: float | None = None,
         grace: float = ...,
     ) -> list[Entry]:
-        """Remove abandoned, corrupt, expired and over-budget entries (see `retention`);
-        returns what was removed."""
+        """Remove abandoned, corrupt, expired and over-budget entries (see `retention`),
+        then the chunks nothing refers to any more; returns the entries removed."""
         ...

@@ -9,6 +9,7 @@ length. Filesystems without O_DIRECT get ordinary writes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -20,21 +21,32 @@ _STAGE = 8 << 20
 class DirectOutput:
     """A stored file being written, with O_DIRECT where the filesystem takes it."""
 
-    def __init__(self, path: str, *, direct: bool = True) -> None:
-        # O_NOFOLLOW: a link planted in a staging folder of a shared store is not written through.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    def __init__(
+        self, path: str, *, dir_fd: int | None = None, direct: bool = True, buffer: mmap.mmap | None = None
+    ) -> None:
+        """`buffer`: a page-aligned staging buffer (a multiple of 4 KiB) the caller reuses and
+        closes; by default one of 8 MiB is made and closed here."""
+        # A new file, never one already there: a link or hard link planted in a shared store
+        # is not written through.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         self._buffer: mmap.mmap | None = None
+        self._owned = buffer is None
         if direct:
-            buffer = mmap.mmap(-1, _STAGE)  # first: a failure here must not leave a descriptor open
+            # First: a failure here must not leave a descriptor open.
+            staging = buffer if buffer is not None else mmap.mmap(-1, _STAGE)
             try:
-                self.fd = os.open(path, flags | os.O_DIRECT, 0o600)
-                self._buffer = buffer
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o600, dir_fd=dir_fd)
+                self._buffer = staging
             except OSError as exc:
-                buffer.close()
+                if self._owned:
+                    staging.close()
                 if exc.errno != errno.EINVAL:
                     raise
+                # The filesystem refused O_DIRECT after creating the file.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path, dir_fd=dir_fd)
         if self._buffer is None:
-            self.fd = os.open(path, flags, 0o600)
+            self.fd = os.open(path, flags, 0o600, dir_fd=dir_fd)
         self._filled = 0
         self.size = 0
 
@@ -46,12 +58,12 @@ class DirectOutput:
             return
         view = memoryview(data)
         while view:
-            n = min(len(view), _STAGE - self._filled)
+            n = min(len(view), len(self._buffer) - self._filled)
             self._buffer[self._filled : self._filled + n] = view[:n]
             self._filled += n
             view = view[n:]
-            if self._filled == _STAGE:
-                self._flush(_STAGE)
+            if self._filled == len(self._buffer):
+                self._flush(len(self._buffer))
 
     def _flush(self, length: int) -> None:
         assert self._buffer is not None
@@ -69,7 +81,7 @@ class DirectOutput:
         os.fsync(self.fd)
 
     def close(self) -> None:
-        if self._buffer is not None:
+        if self._buffer is not None and self._owned:
             self._buffer.close()
         os.close(self.fd)
 

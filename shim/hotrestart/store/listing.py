@@ -135,9 +135,11 @@ class Listing:
             return ""
 
     def size(self, entry: Entry) -> int:
-        """Bytes stored (regular files only; nothing below the entry is followed)."""
+        """Bytes the entry refers to: its chunks (shared ones included) and its own files
+        (regular files only; nothing below the entry is followed)."""
+        chunks = entry.manifest.stored_bytes if entry.manifest is not None else 0
         try:
             with self._tree.of(entry) as fd:
-                return safefs.tree_size(fd)
+                return chunks + safefs.tree_size(fd)
         except OSError:
-            return 0
+            return chunks

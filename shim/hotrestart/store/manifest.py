@@ -1,10 +1,10 @@
 """The versioned JSON manifest that describes one checkpoint.
 
 The manifest is the only thing trusted about a checkpoint before it is verified: every
-file it lists carries a sha256 of each of its stored (compressed) chunks, checked while it
-is decompressed, so a flipped byte anywhere means a cold start, never a restore. A file's
-own sha256 is the digest of its chunks' digests: one serial hash over gigabytes would
-cost more than compressing them on a many-core node.
+file it lists is a sequence of content-addressed chunks (`chunkcodec`), each named by the
+BLAKE3 digest of its raw bytes and checked against it when read back, so a flipped byte
+anywhere means a cold start, never a restore. A file's own digest is the digest of its
+chunks' digests: one serial hash over gigabytes would cost more than the chunks' own.
 
 A manifest is read from a store that other nodes write, by a root process, so `from_json`
 takes nothing on faith: every field is checked against a table of validators (type, range,
@@ -16,7 +16,6 @@ by a newer node, not restorable here, and not corrupt either (retention leaves i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -24,14 +23,19 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import blake3
+
 from hotrestart.errors import StoreError
 
-SCHEMA = "hotrestart.io/checkpoint/v1"
+SCHEMA = "hotrestart.io/checkpoint/v2"
 KNOWN_SCHEMAS = frozenset({SCHEMA})
+# Written by an earlier version (files stored whole in the checkpoint, not as shared
+# chunks): never restored here, and removed by retention like a corrupt entry.
+OLDER_SCHEMAS = frozenset({"hotrestart.io/checkpoint/v1"})
 _SCHEMA_FAMILY = re.compile(r"hotrestart\.io/checkpoint/v[0-9]{1,6}")
 
 MAX_MANIFEST = 16 << 20  # bytes; about 100,000 chunks, so some 800 GiB of memory
-MAX_CHUNK_RAW = 64 << 20  # chunks are written at 8 MiB; a larger one is refused
+MAX_CHUNK_RAW = 64 << 20  # chunks are written at 4-5 MiB; a larger one is refused
 # zstd's compress bound of the largest chunk: no honest frame of it is larger.
 MAX_CHUNK_STORED = MAX_CHUNK_RAW + (MAX_CHUNK_RAW >> 8) + 4096
 MAX_FILE_BYTES = 1 << 50
@@ -41,7 +45,8 @@ _MAX_TEXT = 4096
 _MAX_KEYS = 256
 _MAX_DEPTH = 8
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_SPACE = re.compile(r"plain|k-[0-9a-f]{24}")
 CHECKPOINT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # A stored file's path: relative, plain names only (no "..", no empty or hidden parts).
 _PATH_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=,@:-]{0,254}")
@@ -63,27 +68,28 @@ class UnsupportedManifestError(ManifestError):
 
 @dataclasses.dataclass
 class Chunk:
-    """One independent zstd frame of a stored file (restores decompress chunks in parallel)."""
+    """One piece of a stored file, kept in the store's chunks under its digest (restores
+    read and decompress chunks in parallel)."""
 
     stored: int
     raw: int
-    sha256: str
+    digest: str
 
 
 @dataclasses.dataclass
 class FileEntry:
-    path: str  # relative to the checkpoint folder
-    sha256: str  # of the chunks' sha256 digests (32 bytes each, in order): see chunk_root
+    path: str  # relative to the checkpoint
+    digest: str  # of the chunks' digests (32 bytes each, in order): see chunk_root
     stored_bytes: int
     raw_bytes: int
     chunks: list[Chunk] = dataclasses.field(default_factory=list)
 
 
 def chunk_root(chunks: list[Chunk]) -> str:
-    """A file's digest: sha256 over its chunks' binary sha256 digests, in order."""
-    root = hashlib.sha256()
+    """A file's digest: BLAKE3 over its chunks' binary digests, in order."""
+    root = blake3.blake3()
     for c in chunks:
-        root.update(bytes.fromhex(c.sha256))
+        root.update(bytes.fromhex(c.digest))
     return root.hexdigest()
 
 
@@ -131,10 +137,12 @@ class Manifest:
     network: dict[str, Any]  # addresses of the pod network namespace at checkpoint time
     files: list[FileEntry]
     timings: dict[str, float]  # seconds per phase
+    space: str = "plain"  # where its chunks are: `plain`, or the store key's (chunkcodec)
     restore_attempts: int = 0
     tcp: str = "close"
     gpu: dict[str, Any] = dataclasses.field(default_factory=dict)  # devices and processes; see gpu/plan.py
     schema: str = SCHEMA
+    new_bytes: int = 0  # stored bytes of the chunks this checkpoint added; the rest it shares
     # With a store key: key name, salt, algorithm and the MAC over the rest (see seal.py).
     seal: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -165,6 +173,8 @@ class Manifest:
         if not isinstance(schema, str) or len(schema) > 128:
             raise ManifestError("manifest has no schema")
         if schema not in KNOWN_SCHEMAS:
+            if schema in OLDER_SCHEMAS:
+                raise ManifestError(f"manifest schema {schema!r} was written by an earlier version; not restored")
             if _SCHEMA_FAMILY.fullmatch(schema):
                 raise UnsupportedManifestError(f"manifest schema {schema!r} is newer than this version reads")
             raise ManifestError(f"unknown manifest schema {schema[:64]!r}")
@@ -365,11 +375,11 @@ def _gpu(where: str, value: Any) -> dict[str, Any]:
 _CHUNK_FIELDS: dict[str, tuple[bool, Check]] = {
     "stored": (True, _int(1, MAX_CHUNK_STORED)),
     "raw": (True, _int(1, MAX_CHUNK_RAW)),
-    "sha256": (True, _text(64, _SHA256)),
+    "digest": (True, _text(64, _DIGEST)),
 }
 _FILE_FIELDS: dict[str, tuple[bool, Check]] = {
     "path": (True, _relative_path),
-    "sha256": (True, _text(64, _SHA256)),
+    "digest": (True, _text(64, _DIGEST)),
     "stored_bytes": (True, _int(0, MAX_FILE_BYTES)),
     "raw_bytes": (True, _int(0, MAX_FILE_BYTES)),
     "chunks": (False, _list_of(_record(_CHUNK_FIELDS, Chunk), MAX_FILE_BYTES // MAX_CHUNK_RAW)),
@@ -413,4 +423,6 @@ _FIELDS: dict[str, tuple[bool, Check]] = {
     "tcp": (False, _choice("close", "keep")),
     "gpu": (False, _gpu),
     "seal": (False, _dict_of(_text(256), key_limit=16, entries=8)),
+    "space": (True, _text(32, _SPACE)),
+    "new_bytes": (False, _int(0, MAX_FILE_BYTES)),
 }

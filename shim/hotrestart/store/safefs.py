@@ -184,6 +184,18 @@ def write_file(dir_fd: int, name: str, data: bytes, *, durable: bool = False) ->
         raise
 
 
+def write_exclusive(dir_fd: int, name: str, data: bytes) -> None:
+    """Create `name` (0600) with `data`; FileExistsError when anything is there already."""
+    check_name(name)
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
 def unlink(dir_fd: int, name: str) -> None:
     """Remove a non-folder name (a link itself, not its target); gone already is fine."""
     with contextlib.suppress(FileNotFoundError):

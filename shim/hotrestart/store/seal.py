@@ -1,21 +1,24 @@
 """The store key: authenticated manifests and chunks encrypted at rest.
 
 With a store key, a checkpoint's manifest carries an HMAC-SHA256 over its canonical form
-(which lists the sha256 of every stored chunk, so it binds all of them), and every stored
-chunk is an AES-256-GCM ciphertext. Both keys are derived per checkpoint with HKDF-SHA256
-from a key of the ring, a random salt kept in the manifest and the checkpoint id, so a
-nonce built from the chunk's position is never used twice under one key, and no chunk or
-manifest can be moved from one checkpoint, file or position to another. A checkpoint
-that does not authenticate is never restored. All primitives come from `cryptography`
-(OpenSSL): AES-GCM runs on AES-NI and releases the GIL, so the archive's worker threads
-seal and open chunks in parallel.
+(which lists the digest of every chunk, so it binds all of them), and every stored chunk is
+an AES-256-GCM ciphertext. The manifest's key is derived per checkpoint with HKDF-SHA256
+from a key of the ring, a random salt kept in the manifest and the checkpoint id, so no
+manifest can stand for another checkpoint. A checkpoint that does not authenticate is
+never restored. All primitives come from `cryptography` (OpenSSL): AES-GCM runs on AES-NI
+and releases the GIL, so worker threads seal and open chunks in parallel.
 
-Writing: `ring.sealer(id)` seals each stored chunk (the compressed frame, so the chunk
-sha256s in the manifest are of sealed bytes and a store is checked without the key); the
-manifest's `seal` field is `seal_info()`, and its MAC `sign(canonical(manifest))`.
+Chunks are content-addressed and shared between checkpoints (`chunkcodec`), so their keys
+are derived per ring key, not per checkpoint (`ChunkKeys`): a chunk's name is a keyed
+BLAKE3 digest of its plain bytes, and its nonce is taken from that name. Equal plaintexts
+give equal ciphertexts under one key (that is what lets them be stored once), distinct
+ones never share a nonce short of a 96-bit digest collision, and without the key a name
+tells nothing about the bytes. What the store's reader learns is which chunks are equal.
+
+Writing: `ring.sealer(id)` signs the manifest (its `seal` field is `seal_info()`, its MAC
+`sign(canonical(manifest))`), and `chunk_keys(ring.active)` names and seals the chunks.
 Reading: `ring.opener(manifest["seal"], id)`, `verify(canonical(manifest), mac)` before
-anything else is trusted, then `open_chunk` for each chunk. A chunk that opens is
-authentic: its key is the checkpoint's and its nonce its position.
+anything else is trusted, then the chunk keys of the manifest's key name open each chunk.
 
 The ring is read from a key file or a key directory (`keyfile`, which also describes
 rotation); whether a store needs a key at all is `locality`'s question.
@@ -27,22 +30,23 @@ import hmac
 import json
 import re
 import secrets
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hotrestart.errors import StoreError
 
-ALG = "aes-256-gcm+hkdf-sha256"
+ALG = "aes-256-gcm+blake3+hkdf-sha256"
 KEY_BYTES = 32
 SALT_BYTES = 16
 TAG_BYTES = 16  # appended to each sealed chunk
 MAX_KEYS = 64
 
 KEY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
-_CHUNK_INFO = b"hotrestart.io/seal/v1 chunk key\0"
 _MAC_INFO = b"hotrestart.io/seal/v1 manifest key\0"
-_AAD = b"hotrestart.io/seal/v1 chunk\0"
+_CHUNK_INFO = b"hotrestart.io/seal/v2 chunk key\0"
+_NAME_INFO = b"hotrestart.io/seal/v2 chunk name key\0"
+_AAD = b"hotrestart.io/seal/v2 chunk\0"
+NONCE_BYTES = 12
 
 
 Readable = bytes | bytearray | memoryview
@@ -71,6 +75,7 @@ class KeyRing:
         if len(self._keys) > MAX_KEYS:
             raise SealError(f"more than {MAX_KEYS} store keys")
         self.active = keys[0][0]
+        self._chunk_keys: dict[str, ChunkKeys] = {}
 
     def __repr__(self) -> str:  # never the key material, in logs or tracebacks
         return f"KeyRing(active={self.active!r}, names={list(self._keys)!r})"
@@ -89,6 +94,13 @@ class KeyRing:
 
     def sealer(self, checkpoint_id: str) -> Sealer:
         return Sealer(self, checkpoint_id)
+
+    def chunk_keys(self, name: str) -> ChunkKeys:
+        """The chunk keys of the ring's key `name` (the same on every node with that key)."""
+        found = self._chunk_keys.get(name)
+        if found is None:
+            found = self._chunk_keys[name] = ChunkKeys(name, self.key(name))
+        return found
 
     def opener(self, seal: Mapping[str, Any], checkpoint_id: str) -> Opener:
         return Opener(self, seal, checkpoint_id)
@@ -116,104 +128,75 @@ def purpose_key(ring: KeyRing, name: str, salt: bytes, purpose: bytes) -> bytes:
 
 
 class _Keys:
-    """The keys of one checkpoint, derived from a ring key, its salt and its id."""
+    """The manifest key of one checkpoint, derived from a ring key, its salt and its id."""
 
     def __init__(self, key: bytes, salt: bytes, checkpoint_id: str) -> None:
         if not checkpoint_id or "\0" in checkpoint_id:
             raise SealError(f"checkpoint id {checkpoint_id!r} cannot be sealed")  # \0 ends it in the key info
         self.checkpoint_id = checkpoint_id
-        self._aad = _AAD + checkpoint_id.encode() + b"\0"
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        # AESGCM copies its keyed context for each call, so the worker threads share one.
-        self._aead = AESGCM(_derive(key, salt, _CHUNK_INFO, checkpoint_id))
         self._mac_key = _derive(key, salt, _MAC_INFO, checkpoint_id)
-
-    def _position(self, file_index: int, chunk_index: int) -> tuple[bytes, bytes]:
-        """The chunk's nonce and associated data."""
-        if not (0 <= file_index < 1 << 32 and 0 <= chunk_index < 1 << 64):
-            raise SealError(f"chunk position ({file_index}, {chunk_index}) out of range")
-        position = file_index.to_bytes(4, "big") + chunk_index.to_bytes(8, "big")
-        return position, self._aad + position
-
-    def encrypt(self, file_index: int, chunk_index: int, data: Readable) -> bytes:
-        nonce, aad = self._position(file_index, chunk_index)
-        return self._aead.encrypt(nonce, data, aad)
-
-    def decrypt(self, file_index: int, chunk_index: int, data: Readable) -> bytes:
-        from cryptography.exceptions import InvalidTag
-
-        nonce, aad = self._position(file_index, chunk_index)
-        try:
-            return self._aead.decrypt(nonce, data, aad)
-        except InvalidTag:
-            raise self.forged(file_index, chunk_index) from None
-
-    def encrypt_into(self, file_index: int, chunk_index: int, data: Readable, out: Writable) -> int:
-        nonce, aad = self._position(file_index, chunk_index)
-        n = len(data) + TAG_BYTES
-        with memoryview(out) as whole, whole[:n] as target:
-            if len(target) != n:
-                raise ValueError(f"output buffer holds {len(target)} bytes, the sealed chunk {n}")
-            return self._aead.encrypt_into(nonce, data, aad, target)
-
-    def decrypt_into(self, file_index: int, chunk_index: int, data: Readable, out: Writable) -> int:
-        from cryptography.exceptions import InvalidTag
-
-        nonce, aad = self._position(file_index, chunk_index)
-        n = len(data) - TAG_BYTES
-        if n < 0:
-            raise self.forged(file_index, chunk_index)
-        with memoryview(out) as whole, whole[:n] as target:
-            if len(target) != n:
-                raise ValueError(f"output buffer holds {len(target)} bytes, the opened chunk {n}")
-            try:
-                return self._aead.decrypt_into(nonce, data, aad, target)
-            except InvalidTag:
-                raise self.forged(file_index, chunk_index) from None
-
-    def forged(self, file_index: int, chunk_index: int) -> SealError:
-        return SealError(
-            f"checkpoint {self.checkpoint_id}: chunk {chunk_index} of file {file_index} does not authenticate"
-        )
 
     def mac(self, body: bytes) -> bytes:
         return hmac.digest(self._mac_key, body, "sha256")
 
 
+class ChunkKeys:
+    """What names, seals and opens chunks under one ring key; shared by worker threads
+    (AESGCM copies its keyed context for each call)."""
+
+    def __init__(self, name: str, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self.name = name
+        self.name_key = _derive(key, b"", _NAME_INFO, "")  # BLAKE3's key for chunk names
+        self._aead = AESGCM(_derive(key, b"", _CHUNK_INFO, ""))
+        # Where this key's chunks live: one key's names mean nothing under another.
+        self.space = "k-" + hmac.digest(self.name_key, b"space", "sha256").hex()[:24]
+
+    def _nonce(self, digest: bytes) -> tuple[bytes, bytes]:
+        if len(digest) != KEY_BYTES:
+            raise SealError("a chunk name is 32 bytes")
+        return digest[:NONCE_BYTES], _AAD + digest
+
+    def seal_into(self, digest: bytes, plaintext: Readable, out: Writable) -> int:
+        """Seal a chunk named `digest` into the start of `out`; returns len(plaintext) + TAG_BYTES."""
+        nonce, aad = self._nonce(digest)
+        n = len(plaintext) + TAG_BYTES
+        with memoryview(out) as whole, whole[:n] as target:
+            if len(target) != n:
+                raise ValueError(f"output buffer holds {len(target)} bytes, the sealed chunk {n}")
+            return self._aead.encrypt_into(nonce, plaintext, aad, target)
+
+    def open_into(self, digest: bytes, ciphertext: Readable, out: Writable) -> int:
+        """Open a chunk named `digest` into the start of `out`; returns its length. Raises
+        if it was altered, truncated or stored under another name; `out` may then hold
+        bytes that did not authenticate: never use them."""
+        from cryptography.exceptions import InvalidTag
+
+        nonce, aad = self._nonce(digest)
+        n = len(ciphertext) - TAG_BYTES
+        if n < 0:
+            raise SealError(f"chunk {digest.hex()[:16]} does not authenticate")
+        with memoryview(out) as whole, whole[:n] as target:
+            if len(target) != n:
+                raise ValueError(f"output buffer holds {len(target)} bytes, the opened chunk {n}")
+            try:
+                return self._aead.decrypt_into(nonce, ciphertext, aad, target)
+            except InvalidTag:
+                raise SealError(f"chunk {digest.hex()[:16]} does not authenticate") from None
+
+
 class Sealer:
-    """Seals one checkpoint being written; chunks may be sealed from many threads at once."""
+    """Signs the manifest of one checkpoint being written."""
 
     def __init__(self, ring: KeyRing, checkpoint_id: str) -> None:
         self._name = ring.active
-        # Never chosen by the caller: a fresh salt is what makes the chunk key, and so each
-        # nonce, new even when a checkpoint id is used again.
+        # Never chosen by the caller: a fresh salt makes the manifest key new even when a
+        # checkpoint id is used again.
         self._salt = secrets.token_bytes(SALT_BYTES)
         self._keys = _Keys(ring.key(self._name), self._salt, checkpoint_id)
-        self._used: set[tuple[int, int]] = set()
-        self._lock = threading.Lock()
+        self.chunks = ring.chunk_keys(self._name)
         self._mac = ""
-
-    def seal_chunk(self, file_index: int, chunk_index: int, plaintext: Readable) -> bytes:
-        """The chunk's ciphertext with its 16-byte tag appended."""
-        self._claim(file_index, chunk_index)
-        return self._keys.encrypt(file_index, chunk_index, plaintext)
-
-    def seal_chunk_into(self, file_index: int, chunk_index: int, plaintext: Readable, out: Writable) -> int:
-        """Like `seal_chunk`, into the start of `out`; returns the length, len(plaintext) + TAG_BYTES.
-
-        For buffers the caller reuses: a fresh multi-megabyte result in a worker thread
-        costs more in page faults than sealing it (glibc maps it anew each time)."""
-        self._claim(file_index, chunk_index)
-        return self._keys.encrypt_into(file_index, chunk_index, plaintext, out)
-
-    def _claim(self, file_index: int, chunk_index: int) -> None:
-        # A nonce used twice under one key gives away both plaintexts' XOR and the
-        # authentication key: refuse a position sealed before rather than trust callers.
-        with self._lock:
-            if (file_index, chunk_index) in self._used:
-                raise SealError(f"chunk ({file_index}, {chunk_index}) of {self._keys.checkpoint_id} sealed twice")
-            self._used.add((file_index, chunk_index))
 
     def sign(self, manifest_body: bytes) -> str:
         """The manifest's MAC (hex), also kept for `seal_info`; `manifest_body` from `canonical`."""
@@ -247,6 +230,7 @@ class Opener:
             raise SealError(f"checkpoint {checkpoint_id}: its salt is {len(salt)} bytes, not {SALT_BYTES}")
         self.key_name = name
         self._keys = _Keys(ring.key(name), salt, checkpoint_id)
+        self.chunks = ring.chunk_keys(name)
 
     def verify(self, manifest_body: bytes, mac: str) -> None:
         """Raise unless `mac` (hex) authenticates `manifest_body` (from `canonical`)."""
@@ -265,16 +249,6 @@ class Opener:
         """A new MAC under this checkpoint's key, for a manifest rewritten after it was
         authenticated (a restore attempt counted); `manifest_body` from `canonical`."""
         return self._keys.mac(manifest_body).hex()
-
-    def open_chunk(self, file_index: int, chunk_index: int, ciphertext: Readable) -> bytes:
-        """The chunk's plaintext; raises if it was altered, truncated or moved."""
-        return self._keys.decrypt(file_index, chunk_index, ciphertext)
-
-    def open_chunk_into(self, file_index: int, chunk_index: int, ciphertext: Readable, out: Writable) -> int:
-        """Like `open_chunk`, into the start of `out`; returns the length, len(ciphertext) - TAG_BYTES.
-
-        When it raises, `out` may hold bytes that did not authenticate: never use them."""
-        return self._keys.decrypt_into(file_index, chunk_index, ciphertext, out)
 
 
 def canonical(manifest: Mapping[str, Any]) -> bytes:

@@ -1,18 +1,17 @@
 """What the store key means for stored checkpoints, whatever holds them.
 
 With a key, only checkpoints whose manifest authenticates are usable, every manifest
-written is signed, and every chunk is sealed and opened (seal.py); without one, sealed
-checkpoints cannot be read here. A key this node lacks is not proof of corruption: such
+written is signed, and every chunk is named with the key and sealed (seal.py, chunkcodec);
+without one, sealed checkpoints cannot be read here. A key this node lacks is not proof of corruption: such
 a checkpoint is unsupported, not corrupt, and retention leaves it alone.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 
 from hotrestart.store import seal
-from hotrestart.store.archive import ChunkOpen
+from hotrestart.store.chunkcodec import Codec, IntegrityError
 from hotrestart.store.entry import Entry
 from hotrestart.store.manifest import Manifest, ManifestError, UnsupportedManifestError
 from hotrestart.store.seal import KeyRing, Opener, Sealer, SealError
@@ -21,6 +20,7 @@ from hotrestart.store.seal import KeyRing, Opener, Sealer, SealError
 class Sealing:
     def __init__(self, keys: KeyRing | None) -> None:
         self.keys = keys
+        self._codecs: dict[str, Codec] = {}
 
     def sealer(self, cid: str) -> Sealer | None:
         """What seals checkpoint `cid` being written, when the store has a key."""
@@ -33,14 +33,26 @@ class Sealing:
             raise SealError(f"checkpoint {entry.id} is sealed and this node has no store key")
         return self.keys.opener(entry.manifest.seal, entry.id)
 
-    def unseal(self, entry: Entry, rel: str) -> ChunkOpen | None:
-        """What opens the chunks of the file `rel` of `entry`; None for an unsealed checkpoint."""
+    def writing(self) -> Codec:
+        """How the chunks of a checkpoint written now are named and stored."""
+        return self._codec(self.keys.active if self.keys is not None else "")
+
+    def reading(self, entry: Entry) -> Codec:
+        """How the chunks of `entry` are checked and opened; raises when this node cannot."""
+        if entry.manifest is None:
+            raise IntegrityError(f"checkpoint {entry.id} has no usable manifest")
         opener = self.opener(entry)
-        if opener is None:
-            return None
-        assert entry.manifest is not None
-        index = next(i for i, f in enumerate(entry.manifest.files) if f.path == rel)
-        return functools.partial(opener.open_chunk_into, index)
+        codec = self._codec(opener.key_name if opener is not None else "")
+        if codec.space != entry.manifest.space:
+            raise IntegrityError(f"checkpoint {entry.id}: its chunks are not where its key keeps them")
+        return codec
+
+    def _codec(self, key_name: str) -> Codec:
+        codec = self._codecs.get(key_name)
+        if codec is None:
+            keys = self.keys.chunk_keys(key_name) if self.keys is not None and key_name else None
+            codec = self._codecs[key_name] = Codec(keys)
+        return codec
 
     def authenticate(self, manifest: Manifest, text: bytes, cid: str) -> None:
         """Raise unless the manifest is usable here: sealed and authentic with a key, or

@@ -20,7 +20,9 @@ import socket
 import time
 from collections.abc import Iterator
 
-from hotrestart.store import archive, retention, safefs
+from hotrestart.store import archive, chunkgc, retention, safefs
+from hotrestart.store.chunks import REFS, Chunks, Journal
+from hotrestart.store.chunkwrite import ChunkWriter
 from hotrestart.store.entry import Entry, Good, identity_key
 from hotrestart.store.listing import Listing
 from hotrestart.store.manifest import Identity, Manifest
@@ -50,6 +52,8 @@ class Store:
         self._sealing = Sealing(keys)
         self._listing = Listing(self.tree, self._sealing)
         self._pending = PendingMarkers(self.tree)
+        self.chunks = Chunks(self.tree)
+        self.collected = (0, 0)  # chunks and bytes the last prune removed
 
     def sealer(self, cid: str) -> Sealer | None:
         """What seals checkpoint `cid` being written, when the store has a key."""
@@ -71,6 +75,13 @@ class Store:
                 safefs.write_file(fd, OWNER, owner_line().encode())
         return cid, os.path.join(self.tree.dir("staging"), cid)
 
+    def chunk_writer(self, staging: str) -> ChunkWriter:
+        """What stores the files of the checkpoint being written in `staging` as chunks; the
+        caller closes it."""
+        with self.tree.at("staging") as sfd, safefs.opened_dir(sfd, self._staging_name(staging)) as fd:
+            journal = Journal(fd)
+        return ChunkWriter(self.chunks, self._sealing.writing(), journal)
+
     def publish(self, staging: str, manifest: Manifest, sealer: Sealer | None = None) -> Entry | None:
         """Write the manifest and move the staging folder into place in one rename.
 
@@ -87,6 +98,7 @@ class Store:
             with safefs.opened_dir(sfd, cid) as fd:
                 safefs.write_file(fd, MANIFEST, self._sealing.sign(manifest, sealer), durable=True)
                 safefs.unlink(fd, OWNER)
+                safefs.unlink(fd, REFS)  # the manifest lists them now
                 safefs.make_private(fd)
                 safefs.fsync(fd)
             with self.tree.at("checkpoints", key, create=True) as kfd:
@@ -266,50 +278,39 @@ class Store:
 
     # -- reading stored files -------------------------------------------------------------------
 
-    def open_member(self, entry: Entry, rel: str) -> int:
-        """A read descriptor of the file `rel` (a manifest path) of `entry`, every folder on
-        the way verified and nothing followed; the caller closes it."""
-        parts = rel.split("/")
-        with self.tree.of(entry, *parts[:-1]) as fd:
-            return safefs.open_file(fd, parts[-1])
-
     def restore_file(self, entry: Entry, rel: str, dst: str, *, cap: int | None = None) -> None:
-        """Decompress one file of `entry` into `dst` as a restore does (see archive)."""
+        """Write one file of `entry` to `dst` as a restore does, every chunk verified (see archive)."""
         files = [f for f in (entry.manifest.files if entry.manifest else []) if f.path == rel]
         if not files:
             raise archive.IntegrityError(f"{rel}: not in the checkpoint's manifest")
-        file = files[0]
         try:
-            fd = self.open_member(entry, rel)
-        except UnsafeEntryError as exc:
-            raise archive.IntegrityError(f"{rel}: {exc.why}") from None
-        except OSError as exc:  # missing, or a folder on the way is not one
-            raise archive.IntegrityError(f"{rel}: cannot be opened: {exc.strerror or exc}") from None
+            codec = self._sealing.reading(entry)
+        except SealError as exc:
+            raise archive.IntegrityError(str(exc)) from None
         try:
-            try:
-                unseal = self._sealing.unseal(entry, rel)
-            except SealError as exc:
-                raise archive.IntegrityError(str(exc)) from None
-            archive.decompress_file(fd, dst, file, cap=cap, unseal=unseal)
-        finally:
-            os.close(fd)
+            archive.restore_file(files[0], dst, self._reader(codec.space), codec, cap=cap)
+        except archive.CorruptChunk as exc:
+            # Shared: left in place, it would spoil every later checkpoint holding those bytes.
+            with contextlib.suppress(OSError):
+                self.chunks.discard(codec.space, exc.digest)
+            raise
+
+    def _reader(self, space: str) -> archive.ReadChunk:
+        return lambda digest, size: self.chunks.read(space, digest, size)
 
     def verify(self, entry: Entry) -> list[str]:
         """`hotrestart verify`: the restore's checks on every file; the problems found."""
         if entry.manifest is None:
             return [entry.problem or "manifest missing or unreadable"]
+        try:
+            codec = self._sealing.reading(entry)
+        except (archive.IntegrityError, SealError) as exc:
+            return [str(exc)]
         problems = []
         for fe in entry.manifest.files:
             try:
-                unseal = self._sealing.unseal(entry, fe.path)
-                fd = self.open_member(entry, fe.path)
-                try:
-                    archive.verify_file(fd, fe, unseal=unseal)
-                finally:
-                    os.close(fd)
-            except UnsafeEntryError as exc:
-                problems.append(f"{fe.path}: {exc.why}")
-            except (archive.IntegrityError, SealError, OSError) as exc:
+                archive.verify_file(fe, self._reader(codec.space), codec)
+            except (archive.IntegrityError, OSError) as exc:
                 problems.append(str(exc))
         return problems
 
@@ -326,7 +327,13 @@ class Store:
         """Remove abandoned, corrupt, expired and over-budget checkpoints (see `retention`);
         returns what was removed."""
         now = time.time() if now is None else now
-        return retention.prune(self, max_age=max_age, max_bytes=max_bytes, now=now, grace=grace)
+        removed = retention.prune(self, max_age=max_age, max_bytes=max_bytes, now=now, grace=grace)
+        self.collected = chunkgc.collect(self.tree, self.chunks, now=now)
+        return removed
+
+    def collect(self, *, now: float | None = None, min_age: float = chunkgc.MIN_AGE) -> tuple[int, int]:
+        """Remove the chunks no checkpoint refers to (see chunkgc): (chunks, bytes) removed."""
+        return chunkgc.collect(self.tree, self.chunks, now=now, min_age=min_age)
 
     def owner_alive(self, entry: Entry, now: float) -> bool:
         """Whether the process working on a staging or claimed folder may still be at it."""

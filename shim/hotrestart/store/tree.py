@@ -10,6 +10,9 @@ mount such as NFS or CephFS so that a pod moved to another node restores there):
     v1/pending/<key>.<id>       a checkpoint of this identity is being taken right now
     v1/workloads/<ns>/<key>     a workload identity (Job, pod template) of namespace <ns> was
                                 checkpointed: new pods there ask containerd for their labels
+    v1/chunks/<space>/<aa>/<d>  the chunks every checkpoint's files are made of, named by the
+                                digest of their content and shared (`chunks`, `chunkgc`)
+    v1/gc.lock                  a chunk collection is running
 
 `<key>` is a hash of the identity (`entry.identity_key`), and `<id>` is unique per
 checkpoint. Folders are 0700 and files 0600: checkpoints hold process memory, secrets

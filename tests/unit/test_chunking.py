@@ -1,0 +1,126 @@
+"""Where files are cut into chunks: page images by virtual address, so unchanged memory cuts the same."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import blake3
+import pytest
+
+from hotrestart.store import chunking
+from hotrestart.store.chunking import MIN_CHUNK, PAGE, WINDOW
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _record(**fields: int) -> bytes:
+    numbers = {"pages_id": 1, "vaddr": 1, "nr_pages": 2, "in_parent": 3, "flags": 4}
+    body = b"".join(_varint(numbers[k] << 3) + _varint(v) for k, v in fields.items())
+    return struct.pack("<I", len(body)) + body
+
+
+def _pagemap(pages_id: int, entries: list[tuple[int, int, int]]) -> bytes:
+    out = struct.pack("<II", 0x54564319, 0x56084025) + _record(pages_id=pages_id)
+    for vaddr, nr, flags in entries:
+        out += _record(vaddr=vaddr, nr_pages=nr, flags=flags)
+    return out
+
+
+def test_a_pagemap_gives_its_present_runs_in_order() -> None:
+    present, parent, lazy = 4, 1, 2
+    data = _pagemap(7, [(0x400000, 3, present), (0x500000, 8, parent), (0x7F0000000000, 2, present | lazy)])
+    assert chunking.parse_pagemap(data) == (7, [(0x400000, 3), (0x7F0000000000, 2)])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x00" * 8, _pagemap(1, [(1, 1, 4)])[:-1], struct.pack("<II", 0x54564319, 0x56084025)],
+)
+def test_a_bad_pagemap_is_refused(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        chunking.parse_pagemap(data)
+
+
+def _image(runs: list[tuple[int, int]], memory: dict[int, bytes]) -> bytes:
+    return b"".join(memory[vaddr + i * PAGE] for vaddr, nr in runs for i in range(nr))
+
+
+def _chunk_digests(runs: list[tuple[int, int]], memory: dict[int, bytes]) -> set[str]:
+    image = _image(runs, memory)
+    spans = chunking.by_run(runs)
+    assert sum(n for _, n in spans) == len(image)
+    return {blake3.blake3(image[at : at + n]).hexdigest() for at, n in spans}
+
+
+def test_unchanged_memory_cuts_the_same_when_pages_before_it_come_and_go() -> None:
+    """A heap that grew by a page shifts the page image; the big region's chunks do not change."""
+    big = 0x7F0000000000 + 4096 * 3  # not window-aligned on purpose
+    big_pages = 64 << 20 >> 12
+    heap = 0x600000
+    memory = {heap + i * PAGE: os.urandom(16) * 256 for i in range(40)}
+    memory.update({big + i * PAGE: (i.to_bytes(8, "little") * 512) for i in range(big_pages)})
+    before = [(heap, 30), (big, big_pages)]
+    after = [(heap, 37), (big, big_pages)]
+    a, b = _chunk_digests(before, memory), _chunk_digests(after, memory)
+    windows = 64 << 20 >> 22
+    assert len(a & b) >= windows - 1, "all but the chunk that meets the heap are the same"
+
+
+def test_fixed_offsets_would_have_changed_everything() -> None:
+    """The reason for cutting by address: the same shift at fixed offsets changes every chunk."""
+    image = os.urandom(16 << 20)
+    a = {blake3.blake3(image[at : at + n]).hexdigest() for at, n in chunking.fixed(len(image), 1 << 20)}
+    shifted = os.urandom(PAGE) + image
+    b = {blake3.blake3(shifted[at : at + n]).hexdigest() for at, n in chunking.fixed(len(shifted), 1 << 20)}
+    assert not a & b
+
+
+def test_the_same_bytes_at_another_address_cut_the_same() -> None:
+    """Two processes holding the same data at randomised addresses (ASLR) share its chunks."""
+    data = [os.urandom(64) * 64 for _ in range((16 << 20) // PAGE)]
+    libs = 0x7F1000000000
+    a_base, b_base = 0x7F0000000000 + 37 * PAGE, 0x7E0000000000 + 911 * PAGE
+    memory = {a_base + i * PAGE: d for i, d in enumerate(data)} | {b_base + i * PAGE: d for i, d in enumerate(data)}
+    memory |= {libs + i * PAGE: os.urandom(PAGE) for i in range(5)}
+    a = _chunk_digests([(a_base, len(data)), (libs, 5)], memory)
+    b = _chunk_digests([(b_base, len(data)), (libs, 5)], memory)
+    assert len(a & b) == len(a) == len(b)
+
+
+def test_small_runs_are_merged_and_large_ones_cut_every_window() -> None:
+    runs = [(0x10000 + i * WINDOW, 1) for i in range(600)] + [(0x7F0000000000, (16 << 20) // PAGE + 3)]
+    spans = chunking.by_run(runs)
+    small, large = spans[:-5], spans[-5:]
+    assert all(n >= MIN_CHUNK for _, n in small[:-1]) and all(n < MIN_CHUNK + PAGE for _, n in small)
+    assert [n for _, n in large] == [WINDOW] * 4 + [3 * PAGE]
+    at = 0
+    for start, n in spans:
+        assert start == at
+        at += n
+    assert at == (600 + (16 << 20) // PAGE + 3) * PAGE
+
+
+def test_a_page_image_whose_pagemap_does_not_add_up_is_cut_at_fixed_offsets(tmp_path: os.PathLike[str]) -> None:
+    runs = {3: [(0x400000, 10)]}
+    assert chunking.spans("pages-3.img", 10 * PAGE, runs) == chunking.by_run(runs[3])
+    assert chunking.spans("pages-3.img", 11 * PAGE, runs) == chunking.fixed(11 * PAGE)
+    assert chunking.spans("pages-4.img", 10 * PAGE, runs) == chunking.fixed(10 * PAGE)
+    assert chunking.spans("core-1.img", 10 * PAGE, runs) == chunking.fixed(10 * PAGE)
+
+
+def test_page_runs_reads_every_pagemap_of_a_folder_and_skips_bad_ones(tmp_path: os.PathLike[str]) -> None:
+    folder = str(tmp_path)
+    with open(os.path.join(folder, "pagemap-1.img"), "wb") as f:
+        f.write(_pagemap(1, [(0x400000, 2, 4)]))
+    with open(os.path.join(folder, "pagemap-2.img"), "wb") as f:
+        f.write(b"not a pagemap")
+    assert chunking.page_runs(folder) == {1: [(0x400000, 2)]}
