@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hotpods import Incarnation, run_and_stop, stored
+from hotpods import Incarnation, chunk_files, run_and_stop, stored
 
 from testbed import ContainerdInstance, host
 
@@ -78,12 +78,14 @@ def test_sealed_checkpoints_restore_and_nothing_else_does(
     nodes: tuple[ContainerdInstance, ContainerdInstance, ContainerdInstance], tmp_path: Path
 ) -> None:
     keyed, other, plain = nodes
-    # Sealed: the manifest carries its MAC, no stored file is readable zstd, and it restores.
+    # Sealed: the manifest carries its MAC, no stored chunk is readable zstd, and it restores.
     counter, checksum, ckpt = _stop_and_publish(keyed, tmp_path, "sealed-0")
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["seal"]["key"] == "k1" and len(manifest["seal"]["mac"]) == 64
-    for f in manifest["files"]:
-        assert (ckpt / f["path"]).read_bytes()[:4] != ZSTD_MAGIC, f["path"]
+    chunks = chunk_files(keyed, ckpt, prefix="")
+    assert chunks
+    for chunk in chunks:
+        assert chunk.read_bytes()[:4] != ZSTD_MAGIC, chunk
     n, s, lines = _starts(keyed, tmp_path, "sealed-0")
     assert (n, s) == (counter + 1, checksum), lines
 
