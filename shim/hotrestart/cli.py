@@ -11,7 +11,7 @@ import time
 from hotrestart import __version__, doctor
 from hotrestart.doctor import gpu_checks as gpu_checks  # where callers have found it
 from hotrestart.install import command as install_command
-from hotrestart.install.settings import parse_size
+from hotrestart.sizes import parse_size
 from hotrestart.store import config, keyfile
 from hotrestart.store.backend import Backend
 from hotrestart.store.config import KEY_ENV

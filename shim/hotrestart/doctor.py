@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hotrestart import bundle, node_config
+from hotrestart.checkpoint import workarea
 from hotrestart.errors import InvalidArgumentError
 from hotrestart.runtime import criu
 from hotrestart.store import keyfile, locality
@@ -151,6 +152,21 @@ def memory_checks(binary: str) -> list[Check]:
         Check("memory tracking", True, tracking),
         Check("userfaultfd", True, f"{uffd}; restores are full restores in this version"),
     ]
+
+
+def work_check(env: Mapping[str, str] = os.environ) -> Check:
+    """Where checkpoint images go when they do not fit the memory budget: a folder on disk,
+    unless that folder is itself in memory (a tmpfs /var/lib, a misplaced setting)."""
+    places = workarea.Places.from_env(env)
+    limit = "while memory is free" if places.memory_limit is None else f"up to {places.memory_limit >> 20} MiB each"
+    try:
+        kind = locality.filesystem_type(places.disk)
+    except SealError:
+        kind = "unknown"
+    in_memory = kind in ("tmpfs", "ramfs")
+    detail = f"images in memory {limit} ({workarea.MEMORY_ENV}), else in {places.disk} ({kind})"
+    fix = f"{places.disk} is in memory: set {workarea.DISK_ENV} to a folder on disk" if in_memory else ""
+    return Check("work folders", not in_memory, detail, fix)
 
 
 def read_config(config_path: str, containerd: str) -> tuple[dict[str, Any] | None, Check | None]:
@@ -408,6 +424,7 @@ def all_checks(config_path: str = "", containerd: str = "containerd") -> list[Ch
     for root, key_file, allow in stores(config):
         checks += store_checks(root, key_file, allow)
     checks += archive_checks(config)
+    checks.append(work_check())
     checks += gpu_checks()
     is_root = os.geteuid() == 0
     checks.append(

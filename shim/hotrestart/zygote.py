@@ -249,10 +249,7 @@ def _sweep_work() -> None:
     """Work folders (tmpfs holding process memory) of shims killed before they cleaned up."""
     from hotrestart.checkpoint import workarea
 
-    try:
-        workarea.sweep(workarea.ROOT)
-    except OSError as exc:
-        logging.getLogger(__name__).warning("could not sweep %s: %s", workarea.ROOT, exc)
+    workarea.sweep_all(workarea.Places.from_env())
 
 
 def serve(path: str) -> None:

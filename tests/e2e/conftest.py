@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from testbed import (
 from testbed.pods import make_pod_config
 
 E2E_DIR = Path(__file__).resolve().parent
+MEMHOG_SOURCE = E2E_DIR.parents[1] / "hack" / "memhog.c"
 
 SHIM_NAME = "containerd-shim-hotrestart-v2"
 
@@ -186,3 +188,12 @@ def client(inst: ContainerdInstance) -> Iterator[Any]:
 def empty_store(inst: ContainerdInstance) -> None:
     """The test starts with an empty checkpoint store (checkpoints are per identity, counts are not)."""
     shutil.rmtree(inst.store / "v1", ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def memhog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """hack/memhog.c built static: it fills its memory with half-compressible bytes, prints
+    a counter and a checksum over all of it, and on SIGUSR1 rewrites MEMHOG_CHURN percent."""
+    binary = tmp_path_factory.mktemp("memhog") / "memhog"
+    subprocess.run(["gcc", "-static", "-O2", "-pthread", "-o", str(binary), str(MEMHOG_SOURCE)], check=True)
+    return binary

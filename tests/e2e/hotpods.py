@@ -149,3 +149,8 @@ def run_and_stop(client: CRIClient, inst: ContainerdInstance, tmp: Path, name: s
     assert checksum == now and counter >= 3
     pod.remove()
     return counter, checksum
+
+
+def run_memhog(pod: Incarnation, memhog: Path, mib: int, env: dict[str, str] | None = None) -> None:
+    """Create `pod` running hack/memhog.c (the `memhog` fixture) over `mib` MiB."""
+    pod.create(["/memhog", str(mib)], mounts=[(str(memhog), "/memhog", True)], env=env or {})

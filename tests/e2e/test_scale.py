@@ -8,45 +8,23 @@ counter and a checksum over all of it, and on SIGUSR1 rewrites a share of it (ME
 from __future__ import annotations
 
 import json
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hotpods import Incarnation, stored
+from hotpods import Incarnation, run_memhog, stored
 
 from testbed import ContainerdInstance, host
 
 pytestmark = [pytest.mark.e2e]
 
-MEMHOG_SOURCE = Path(__file__).resolve().parents[2] / "hack" / "memhog.c"
-
 
 @pytest.fixture(scope="module")
-def memhog(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    binary = tmp_path_factory.mktemp("memhog") / "memhog"
-    subprocess.run(["gcc", "-static", "-O2", "-pthread", "-o", str(binary), str(MEMHOG_SOURCE)], check=True)
-    return binary
-
-
-@pytest.fixture
-def node(containerd: ContainerdInstance) -> Iterator[ContainerdInstance]:
-    import shutil
-
-    shutil.rmtree(containerd.store / "v1", ignore_errors=True)
-    yield containerd
-
-
-@pytest.fixture
-def client(node: ContainerdInstance) -> Iterator[Any]:
-    c = node.cri()
-    try:
-        yield c
-    finally:
-        c.remove_all(stop_timeout=0)
-        c.close()
+def inst(containerd: ContainerdInstance) -> ContainerdInstance:
+    """The session's containerd alone: these tests are long, and check nothing that differs
+    between containerd versions."""
+    return containerd
 
 
 def _manifests(inst: ContainerdInstance, reason: str, pod: str) -> list[dict[str, Any]]:
@@ -66,24 +44,20 @@ def _wait_manifest(inst: ContainerdInstance, reason: str, pod: str, timeout: flo
     return _manifests(inst, reason, pod)[0]
 
 
-def _memhog(pod: Incarnation, memhog: Path, mib: int, env: dict[str, str]) -> None:
-    pod.create(["/memhog", str(mib)], mounts=[(str(memhog), "/memhog", True)], env=env)
-
-
 def _chunk_bytes(inst: ContainerdInstance) -> int:
     base = inst.store / "v1" / "chunks"
     return sum(p.stat().st_size for p in base.rglob("*") if p.is_file()) if base.exists() else 0
 
 
 def test_a_4gib_container_checkpointed_periodically_then_stopped_writes_what_changed_and_continues(
-    client: Any, node: ContainerdInstance, tmp_path: Path, memhog: Path
+    client: Any, inst: ContainerdInstance, tmp_path: Path, memhog: Path, empty_store: None
 ) -> None:
     annotations = {"hotrestart.io/checkpoint-interval": "20s", "hotrestart.io/checkpoint-timeout": "60s"}
     env = {"MEMHOG_CHURN": "10"}
-    pod = Incarnation(client, node, tmp_path, "big-0", annotations=annotations)
-    _memhog(pod, memhog, 4096, env)
+    pod = Incarnation(client, inst, tmp_path, "big-0", annotations=annotations)
+    run_memhog(pod, memhog, 4096, env)
     pod.state(timeout=120)
-    periodic = _wait_manifest(node, "periodic", "big-0", 180)
+    periodic = _wait_manifest(inst, "periodic", "big-0", 180)
     raw = sum(f["raw_bytes"] for f in periodic["files"])
     assert raw > 4 << 30, "the periodic checkpoint holds all of the memory"
     client.exec_sync(pod.cid, ["kill", "-USR1", "1"])
@@ -91,36 +65,36 @@ def test_a_4gib_container_checkpointed_periodically_then_stopped_writes_what_cha
     time.sleep(0.5)  # a row printed after the rewrite
     counter, checksum, _ = pod.state()
     assert pod.stop(grace=60).exit_code == 143
-    stop = _wait_manifest(node, "stop", "big-0", 180)
+    stop = _wait_manifest(inst, "stop", "big-0", 180)
     stop_raw = sum(f["raw_bytes"] for f in stop["files"])
     # 10% rewritten, half-compressible: about 5% of the raw memory is new; never all of it.
     assert 0.02 * stop_raw < stop["new_bytes"] < 0.15 * stop_raw, (stop["new_bytes"], stop_raw)
     pod.remove()
-    again = Incarnation(client, node, tmp_path, "big-0")
-    _memhog(again, memhog, 4096, env)
+    again = Incarnation(client, inst, tmp_path, "big-0")
+    run_memhog(again, memhog, 4096, env)
     n, same, _ = again.state(timeout=120)
     assert same == checksum and n > counter, (counter, checksum, again.lines()[:5])
     again.remove()
 
 
 def test_pods_of_two_identities_holding_the_same_data_store_it_once(
-    client: Any, node: ContainerdInstance, tmp_path: Path, memhog: Path
+    client: Any, inst: ContainerdInstance, tmp_path: Path, memhog: Path, empty_store: None
 ) -> None:
     env = {"MEMHOG_SEED": "7"}
     grown = []
     for name in ("same-a", "same-b"):
-        before = _chunk_bytes(node)
-        pod = Incarnation(client, node, tmp_path, name)
-        _memhog(pod, memhog, 256, env)
+        before = _chunk_bytes(inst)
+        pod = Incarnation(client, inst, tmp_path, name)
+        run_memhog(pod, memhog, 256, env)
         pod.state(timeout=60)
         assert pod.stop().exit_code == 143
-        _wait_manifest(node, "stop", name, 60)
-        grown.append(_chunk_bytes(node) - before)
+        _wait_manifest(inst, "stop", name, 60)
+        grown.append(_chunk_bytes(inst) - before)
         pod.remove()
-    second = _manifests(node, "stop", "same-b")[0]
+    second = _manifests(inst, "stop", "same-b")[0]
     assert grown[1] < 0.1 * grown[0], grown
     assert second["new_bytes"] < 0.1 * sum(f["stored_bytes"] for f in second["files"]), second["new_bytes"]
-    again = Incarnation(client, node, tmp_path, "same-b")
-    _memhog(again, memhog, 256, env)
+    again = Incarnation(client, inst, tmp_path, "same-b")
+    run_memhog(again, memhog, 256, env)
     assert again.first()[0] > 1, "the second identity restores from the shared chunks"
     again.remove()

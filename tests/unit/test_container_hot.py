@@ -15,7 +15,7 @@ import pytest
 from fakes import EventRecorder, FakeRunc, FifoReader, eventually, make_bundle
 from test_hot_component import FakeClock, StandInRunner
 
-from hotrestart.checkpoint import dump
+from hotrestart.checkpoint import dump, workarea
 from hotrestart.checkpoint.engine import Engine
 from hotrestart.checkpoint.hot import HotRestart
 from hotrestart.checkpoint.policy import policy_for
@@ -65,7 +65,7 @@ def new_container(
     monkeypatch.setattr(cgroups, "thaw", lambda pid: None)
     monkeypatch.setattr(cgroups, "procs", lambda pid: [pid])
     monkeypatch.setattr(dump, "memory_usage", lambda pid: 1 << 20)
-    engine = Engine(StandInRunner(), store, work_root=str(tmp_path / "work"), node="n1")  # type: ignore[arg-type]
+    engine = Engine(StandInRunner(), store, work=workarea.Places.under(str(tmp_path / "work")), node="n1")  # type: ignore[arg-type]
     clock = FakeClock()
 
     def make(cid: str, *, stdout: str = "", kind: type[HotRestart] = HotRestart) -> Container:

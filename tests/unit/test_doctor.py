@@ -177,3 +177,10 @@ def test_doctor_reads_containerd_given_on_the_command_line(
     assert "[MISSING] pod annotations (hot): pod_annotations = ['*']" in out
     assert f"store {tmp_path / 'store'}: will be created" in out
     assert "[    ok ] archive restore (hot): off (the default)" in out
+
+
+def test_work_folders_in_memory_are_reported() -> None:
+    ok = doctor.work_check({"HOTRESTART_WORK_DIR": "/var/lib/hotrestart/work", "HOTRESTART_WORK_MEMORY": "1G"})
+    assert "up to 1024 MiB each" in ok.detail
+    bad = doctor.work_check({"HOTRESTART_WORK_DIR": "/dev/shm/hotrestart-work"})
+    assert not bad.ok and "HOTRESTART_WORK_DIR" in bad.fix

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from storekit import IDENT, make_checkpoint
 
-from hotrestart.checkpoint import dump, restore
+from hotrestart.checkpoint import dump, restore, workarea
 from hotrestart.checkpoint.engine import Engine
 from hotrestart.checkpoint.hot import HotRestart
 from hotrestart.checkpoint.policy import Policy
@@ -114,7 +114,7 @@ def freezer(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def _hot(tmp_path: Path, *, interval: float = 0.0) -> tuple[HotRestart, StandInRunc, FakeClock, Store]:
     store = Store(str(tmp_path / "store"))
-    engine = Engine(StandInRunner(), store, work_root=str(tmp_path / "work"), node="n1")  # type: ignore[arg-type]
+    engine = Engine(StandInRunner(), store, work=workarea.Places.under(str(tmp_path / "work")), node="n1")  # type: ignore[arg-type]
     runc = StandInRunc()
     view = View("c1", str(tmp_path), {}, runc, (), False, pid=os.getpid(), running=True)  # type: ignore[arg-type]
     clock = FakeClock()
@@ -279,7 +279,7 @@ def _replica(
 
 def _engine(tmp_path: Path) -> Engine:
     store = Store(str(tmp_path / "store"))
-    return Engine(StandInRunner(), store, work_root=str(tmp_path / "work"), node="n1")  # type: ignore[arg-type]
+    return Engine(StandInRunner(), store, work=workarea.Places.under(str(tmp_path / "work")), node="n1")  # type: ignore[arg-type]
 
 
 async def test_replicas_of_one_template_restore_one_checkpoint_each(tmp_path: Path, freezer: list[str]) -> None:

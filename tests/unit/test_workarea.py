@@ -58,7 +58,7 @@ async def test_a_cancelled_restore_releases_its_claim(tmp_path: Path, fails: boo
     checkpoint, a cancellation gives it back; either way the work area goes."""
     store = Store(str(tmp_path / "store"))
     make_checkpoint(store, tmp_path)
-    engine = Engine(None, store, work_root=str(tmp_path / "work"))  # type: ignore[arg-type]
+    engine = Engine(None, store, work=workarea.Places.under(str(tmp_path / "work")))  # type: ignore[arg-type]
     entry = store.latest(IDENT)
     assert entry is not None
     view = View("c1", str(tmp_path), {}, None, (), False)  # type: ignore[arg-type]
@@ -68,3 +68,31 @@ async def test_a_cancelled_restore_releases_its_claim(tmp_path: Path, fails: boo
     states = {e.state for e in store.entries()}
     assert states == ({"quarantine"} if fails else {"checkpoints"})
     assert os.listdir(tmp_path / "work") == []
+
+
+def test_images_over_the_memory_budget_go_to_disk(tmp_path: Path) -> None:
+    places = workarea.Places(str(tmp_path / "memory"), str(tmp_path / "disk"), memory_limit=64 << 20)
+    path, tmpfs = workarea.make(places, "dump-1", 512 << 20)
+    assert not tmpfs
+    assert os.path.dirname(path) == str(tmp_path / "disk")
+    assert os.stat(path).st_mode & 0o777 == 0o700
+    assert not places.fits_in_memory(1 << 30)
+    workarea.drop(path, tmpfs)
+    assert os.listdir(tmp_path / "disk") == []
+
+
+def test_work_settings_come_from_the_environment() -> None:
+    places = workarea.Places.from_env({"HOTRESTART_WORK_DIR": "/srv/work/", "HOTRESTART_WORK_MEMORY": "2G"})
+    assert (places.memory, places.disk, places.memory_limit) == (workarea.ROOT, "/srv/work", 2 << 30)
+    assert workarea.Places.from_env({"HOTRESTART_WORK_MEMORY": "0"}).fits_in_memory(1) is False
+    bad = workarea.Places.from_env({"HOTRESTART_WORK_DIR": "../x", "HOTRESTART_WORK_MEMORY": "lots"})
+    assert (bad.disk, bad.memory_limit) == (workarea.DISK_ROOT, None)
+
+
+@needs_root
+def test_sweep_covers_the_disk_folder_too(tmp_path: Path) -> None:
+    places = workarea.Places(str(tmp_path / "memory"), str(tmp_path / "disk"))
+    for root in places.roots():
+        os.makedirs(os.path.join(root, f"{_dead_pid()}-dump"))
+    assert len(workarea.sweep_all(places)) == 2
+    assert os.listdir(places.disk) == [] and os.listdir(places.memory) == []

@@ -57,7 +57,7 @@ async def dump(
     sealer = store.sealer(cid)
     store.mark_pending(policy.identity, cid)
     usage = memory_usage(view.pid)
-    work, tmpfs = workarea.make(engine.work_root, cid, usage, prefault=req.leave_running)
+    work, tmpfs = workarea.make(engine.work, cid, usage, prefault=req.leave_running)
     net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(view.spec)))
     timings: dict[str, float] = {}
     try:

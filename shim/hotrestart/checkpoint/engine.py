@@ -19,8 +19,6 @@ from hotrestart.runtime.command import CommandRunner
 from hotrestart.runtime.runc import Runc
 from hotrestart.store.backend import Backend
 
-WORK_ROOT = workarea.ROOT
-
 
 class Engine:
     def __init__(
@@ -28,19 +26,19 @@ class Engine:
         runner: CommandRunner,
         store: Backend,
         *,
-        work_root: str = WORK_ROOT,
+        work: workarea.Places | None = None,
         node: str = "",
         gpu: GpuState | None = None,
     ) -> None:
         self.runner = runner
         self.store = store
         self.gpu = gpu
-        self.work_root = work_root
+        self.work = work if work is not None else workarea.Places.from_env()
         self.node = node or socket.gethostname()
         self.publisher = Publisher(store)
         self._runtime: dict[str, str] | None = None
         # Work folders of shims that were killed hold process memory, often on tmpfs.
-        workarea.sweep(work_root)
+        workarea.sweep_all(self.work)
 
     async def runtime_info(self, runc: Runc) -> dict[str, str]:
         """The versions a checkpoint records and a restore must match."""

@@ -119,7 +119,7 @@ async def prepare(engine: Engine, view: View, entry: Entry, policy: Policy) -> t
     manifest = claim.manifest
     net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(view.spec)))
     try:
-        claim.work, claim.tmpfs = workarea.make(engine.work_root, f"restore-{entry.id}", manifest.raw_bytes)
+        claim.work, claim.tmpfs = workarea.make(engine.work, f"restore-{entry.id}", manifest.raw_bytes)
         criu_work = os.path.join(claim.work, "criu")
         claim.log_file = os.path.join(criu_work, "restore.log")
         t0 = time.monotonic()

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from hotrestart.checkpoint.policy import parse_duration
 from hotrestart.errors import InvalidArgumentError
 from hotrestart.install.errors import InstallError
+from hotrestart.sizes import parse_size
 
 # Where the store key is copied on the host, and what the runtime's options name.
 STORE_KEY_PATH = "/etc/hotrestart/store-key"
@@ -23,8 +24,6 @@ STORE_KEY_PATH = "/etc/hotrestart/store-key"
 _RUNTIME_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # A systemd unit name; never starting with "-", so systemctl cannot read it as an option.
 _UNIT = re.compile(r"[A-Za-z0-9_.:@\\][A-Za-z0-9_.:@\\-]{0,255}")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$")
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -57,14 +56,6 @@ class Settings:
 
 
 _DEFAULTS = Settings()
-
-
-def parse_size(text: str) -> int:
-    """Bytes from `500M`, `20G`, `1.5T` (binary units); ValueError otherwise."""
-    match = _SIZE.match(text.lower())
-    if not match:
-        raise ValueError(f"invalid size {text!r} (use e.g. 500M, 20G)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
 def _host_path(name: str, value: str) -> str:
