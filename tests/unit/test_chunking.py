@@ -23,22 +23,30 @@ def _varint(n: int) -> bytes:
 
 
 def _record(**fields: int) -> bytes:
-    numbers = {"pages_id": 1, "vaddr": 1, "nr_pages": 2, "in_parent": 3, "flags": 4}
+    numbers = {"pages_id": 1, "vaddr": 1, "compat_nr_pages": 2, "in_parent": 3, "flags": 4, "nr_pages": 5}
     body = b"".join(_varint(numbers[k] << 3) + _varint(v) for k, v in fields.items())
     return struct.pack("<I", len(body)) + body
 
 
-def _pagemap(pages_id: int, entries: list[tuple[int, int, int]]) -> bytes:
+def _pagemap(pages_id: int, entries: list[tuple[int, int, int]], *, compat: bool = False) -> bytes:
+    """A pagemap image as CRIU 4 writes it (the count in nr_pages, compat_nr_pages 0), or,
+    with `compat`, as releases before 3.17 did (the count in compat_nr_pages)."""
     out = struct.pack("<II", 0x54564319, 0x56084025) + _record(pages_id=pages_id)
     for vaddr, nr, flags in entries:
-        out += _record(vaddr=vaddr, nr_pages=nr, flags=flags)
+        if compat:
+            out += _record(vaddr=vaddr, compat_nr_pages=nr, flags=flags)
+        else:
+            out += _record(vaddr=vaddr, compat_nr_pages=0, flags=flags, nr_pages=nr)
     return out
 
 
-def test_a_pagemap_gives_its_present_runs_in_order() -> None:
+@pytest.mark.parametrize("compat", [False, True], ids=["criu4", "before-3.17"])
+def test_a_pagemap_gives_its_present_runs_in_order(compat: bool) -> None:
     present, parent, lazy = 4, 1, 2
-    data = _pagemap(7, [(0x400000, 3, present), (0x500000, 8, parent), (0x7F0000000000, 2, present | lazy)])
+    entries = [(0x400000, 3, present), (0x500000, 8, parent), (0x7F0000000000, 2, present | lazy)]
+    data = _pagemap(7, entries, compat=compat)
     assert chunking.parse_pagemap(data) == (7, [(0x400000, 3), (0x7F0000000000, 2)])
+    assert chunking.pagemap_entries(data)[1][1] == (0x7F0000000000, 2, present | lazy)
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,8 @@ _PAGEMAP = re.compile(r"pagemap-[0-9]{1,10}\.img")
 # CRIU image magics (criu/include/magic.h): the common prefix and the pagemap's own.
 _IMG_COMMON = 0x54564319
 _PAGEMAP_MAGIC = 0x56084025
-_PE_PRESENT = 1 << 2
+PE_LAZY = 1 << 1
+PE_PRESENT = 1 << 2
 _MAX_PAGEMAP = 64 << 20
 
 Span = tuple[int, int]  # (offset, length) in the file
@@ -92,8 +93,16 @@ def page_runs(images: str) -> dict[int, list[tuple[int, int]]]:
 
 
 def parse_pagemap(data: bytes) -> tuple[int, list[tuple[int, int]]]:
-    """(pages id, [(vaddr, pages) of each present run]) of a pagemap image: a magic pair,
-    then length-prefixed protobuf records, a PagemapHead and PagemapEntries."""
+    """(pages id, [(vaddr, pages) of each present run]) of a pagemap image."""
+    pages_id, entries = pagemap_entries(data)
+    return pages_id, [(vaddr, pages) for vaddr, pages, _ in entries]
+
+
+def pagemap_entries(data: bytes) -> tuple[int, list[tuple[int, int, int]]]:
+    """(pages id, [(vaddr, pages, flags) of each run present in the page image]) of a
+    pagemap image: a magic pair, then length-prefixed protobuf records, a PagemapHead and
+    PagemapEntries. Runs are in page image order; `flags & PE_LAZY` marks those CRIU can
+    leave to userfaultfd."""
     if len(data) < 8 or struct.unpack_from("<II", data) != (_IMG_COMMON, _PAGEMAP_MAGIC):
         raise ValueError("not a pagemap image")
     records = []
@@ -109,16 +118,18 @@ def parse_pagemap(data: bytes) -> tuple[int, list[tuple[int, int]]]:
         at += n
     if not records or 1 not in records[0]:
         raise ValueError("no pagemap head")
-    runs = []
+    entries = []
     for fields in records[1:]:
-        vaddr, pages = fields.get(1), fields.get(2)
+        # nr_pages (5) since CRIU 3.17 took over from the 32-bit compat_nr_pages (2), now 0.
+        vaddr, pages = fields.get(1), fields.get(5, fields.get(2))
         if vaddr is None or pages is None:
             raise ValueError("a pagemap entry without address or size")
         flags = fields.get(4)
-        present = flags & _PE_PRESENT if flags is not None else not fields.get(3, 0)
-        if present and pages:
-            runs.append((vaddr, pages))
-    return records[0][1], runs
+        if flags is None:  # written before flags existed: in_parent or present
+            flags = 0 if fields.get(3, 0) else PE_PRESENT
+        if flags & PE_PRESENT and pages:
+            entries.append((vaddr, pages, flags))
+    return records[0][1], entries
 
 
 def _fields(msg: bytes) -> dict[int, int]:
