@@ -62,7 +62,7 @@ async def test_a_cancelled_restore_releases_its_claim(tmp_path: Path, fails: boo
     entry = store.latest(IDENT)
     assert entry is not None
     view = View("c1", str(tmp_path), {}, None, (), False)  # type: ignore[arg-type]
-    claim, images = await restore.prepare(engine, view, entry, Policy(True, IDENT))
+    claim, images = await restore.prepare(engine, view, entry, Policy(True, IDENT, lazy=False))
     assert os.path.isdir(images.image_path)
     restore.abandon(engine, claim, RuntimeError("criu said no") if fails else asyncio.CancelledError())
     states = {e.state for e in store.entries()}

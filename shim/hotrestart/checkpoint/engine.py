@@ -8,6 +8,7 @@ holds its own policy and state and asks the engine's modules to dump (`dump.py`)
 
 from __future__ import annotations
 
+import logging
 import platform
 import socket
 
@@ -18,6 +19,8 @@ from hotrestart.runtime import criu
 from hotrestart.runtime.command import CommandRunner
 from hotrestart.runtime.runc import Runc
 from hotrestart.store.backend import Backend
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -37,6 +40,7 @@ class Engine:
         self.node = node or socket.gethostname()
         self.publisher = Publisher(store)
         self._runtime: dict[str, str] | None = None
+        self._lazy: bool | None = None
         # Work folders of shims that were killed hold process memory, often on tmpfs.
         workarea.sweep_all(self.work)
 
@@ -55,6 +59,20 @@ class Engine:
                 "arch": platform.machine(),
             }
         return self._runtime
+
+    async def lazy_restores(self, runc: Runc) -> bool:
+        """Whether CRIU and the kernel here can restore lazily (userfaultfd with the
+        non-cooperative events CRIU needs); asked once."""
+        if self._lazy is None:
+            try:
+                result = await self.runner.run(criu.check_argv(runc.criu, "uffd-noncoop"), timeout=30)
+                self._lazy = result.returncode == 0
+                why = (result.stdout + result.stderr).decode(errors="replace").strip().splitlines()[-1:]
+            except (OSError, TimeoutError) as exc:
+                self._lazy, why = False, [str(exc)]
+            if not self._lazy:
+                log.info("restores are full ones here: no lazy pages (%s)", "; ".join(why) or "criu check failed")
+        return self._lazy
 
     async def drain(self, timeout: float = 600.0) -> None:
         """Wait for background publishes (the shim must not exit under them)."""

@@ -27,6 +27,9 @@ the runtime's `pod_annotations` lists `hotrestart.io/*`) tune it:
   (a path in the container that the application creates), or an API checkpoint.
   `hotrestart.io/snapshot-signal` (`SIGUSR2`, say) is sent to a replica restored from it;
   `hotrestart.io/snapshot-ttl` (default 24h) is how long a template serves.
+- `hotrestart.io/restore`: `lazy` (default) lets a restored process run before all of its
+  memory is back, its pages arriving on demand and in the background (where the node has
+  userfaultfd, and the container no GPU state); `full` restores all memory first.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class Policy:
     interval: float = 0.0  # seconds between periodic checkpoints; 0 = none
     gpu_lock_timeout: float = 10.0
     snapshot: Snapshot | None = None
+    lazy: bool = True  # restore memory on demand where the node can (see lazy.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +145,9 @@ def policy_for(spec: Mapping[str, Any]) -> Policy:
         if interval < MIN_INTERVAL:
             raise InvalidArgumentError(f"hotrestart.io/checkpoint-interval must be at least {MIN_INTERVAL:.0f}s")
     gpu_lock = parse_duration(annotations.get(PREFIX + "gpu-lock-timeout", "10s"))
+    restore = annotations.get(PREFIX + "restore", "lazy").strip().lower()
+    if restore not in ("lazy", "full"):
+        raise InvalidArgumentError(f"hotrestart.io/restore must be lazy or full, not {restore!r}")
     return Policy(
         True,
         identity,
@@ -150,4 +157,5 @@ def policy_for(spec: Mapping[str, Any]) -> Policy:
         interval=interval,
         gpu_lock_timeout=gpu_lock,
         snapshot=snapshot_for(annotations),
+        lazy=restore == "lazy",
     )

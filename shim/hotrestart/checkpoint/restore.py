@@ -18,12 +18,13 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from hotrestart import telemetry
-from hotrestart.checkpoint import files, identity, template, workarea
+from hotrestart.checkpoint import files, identity, lazy, template, workarea
 from hotrestart.checkpoint.compat import incompatibility
 from hotrestart.checkpoint.engine import Engine
 from hotrestart.checkpoint.policy import Policy
@@ -56,8 +57,14 @@ class Claim:
     tmpfs: bool = False
     log_file: str = ""
     shared: bool = False  # a template's snapshot: read in place, never claimed or consumed
+    daemon: lazy.Daemon | None = None  # a lazy restore's, until every page has arrived
+    resident: asyncio.Task[None] | None = None  # follows the lazy restore to its end
+    settled: bool = False  # quarantined after the process ran: nothing more to decide
 
     def drop_work(self) -> None:
+        if self.daemon is not None:
+            self.daemon.close()
+            self.daemon = None
         if self.work:
             workarea.drop(self.work, self.tmpfs)
             self.work = ""
@@ -123,8 +130,12 @@ async def prepare(engine: Engine, view: View, entry: Entry, policy: Policy) -> t
         criu_work = os.path.join(claim.work, "criu")
         claim.log_file = os.path.join(criu_work, "restore.log")
         t0 = time.monotonic()
-        with telemetry.span("hotrestart.restore.verify", checkpoint=entry.id) as sp:
-            await asyncio.to_thread(_decompress_all, engine, claimed, claim.work)
+        lazily = policy.lazy and not manifest.gpu.get("processes") and await engine.lazy_restores(view.runc)
+        with telemetry.span("hotrestart.restore.verify", checkpoint=entry.id, lazy=lazily) as sp:
+            if lazily:
+                lazily = await _start_lazy(engine, view, claim, criu_work)
+            else:
+                await asyncio.to_thread(_decompress_all, engine, claimed, claim.work)
             sp.set("stored_bytes", manifest.stored_bytes)
         t1 = time.monotonic()
         with telemetry.span("hotrestart.restore.rootfs_apply", checkpoint=entry.id):
@@ -135,7 +146,12 @@ async def prepare(engine: Engine, view: View, entry: Entry, policy: Policy) -> t
             addresses = []
         keep_tcp = policy.tcp == "keep" and addresses == manifest.network.get("addresses")
         log.info(
-            "%s: checkpoint %s ready (verify %.2fs, apply %.2fs)", view.id, entry.id, t1 - t0, time.monotonic() - t1
+            "%s: checkpoint %s ready (%s, verify %.2fs, apply %.2fs)",
+            view.id,
+            entry.id,
+            "lazy" if lazily else "full",
+            t1 - t0,
+            time.monotonic() - t1,
         )
     except BaseException as exc:
         net.cancel()
@@ -150,7 +166,38 @@ async def prepare(engine: Engine, view: View, entry: Entry, policy: Policy) -> t
         who = manifest.identity
         note = f"hotrestart: restoring from the warm snapshot {claimed.id} of {who.pod}, taken at {taken}"
     note += f" (identity {who.canonical()}: {who.source})" if who.source else ""
-    return claim, RestoreImages(os.path.join(claim.work, "images"), criu_work, keep_tcp, note)
+    note += ", memory on demand" if lazily else ""
+    return claim, RestoreImages(os.path.join(claim.work, "images"), criu_work, keep_tcp, note, lazy=lazily)
+
+
+async def _start_lazy(engine: Engine, view: View, claim: Claim, criu_work: str) -> bool:
+    """Unpack `claim` for a lazy restore and start its page daemon; False (everything
+    unpacked for a full restore instead) where the daemon cannot run."""
+    images = os.path.join(claim.work, "images")
+    pages, pagemaps = lazy.lazy_paths(claim.entry)
+    await asyncio.to_thread(_decompress_all, engine, claim.entry, claim.work, skip=pages)
+
+    def full(path: str) -> None:
+        _decompress_all(engine, claim.entry, claim.work, only={path})
+
+    unpacked = await asyncio.to_thread(lazy.unpack, engine.store, claim.entry, images, pages, pagemaps, full)
+    if not unpacked.tasks:
+        unpacked.close()
+        return False
+    daemon = lazy.Daemon(unpacked)
+    try:
+        os.makedirs(criu_work, mode=0o700, exist_ok=True)
+        await daemon.start(engine.runner, view.runc.criu, images, criu_work)
+    except (lazy.LazyFailed, OSError) as exc:
+        daemon.close()
+        log.warning("%s: restoring in full: %s", view.id, exc)
+        for path in pages:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(images, os.path.basename(path).removesuffix(".zst")))
+        await asyncio.to_thread(_decompress_all, engine, claim.entry, claim.work, only=pages)
+        return False
+    claim.daemon = daemon
+    return True
 
 
 async def finish(engine: Engine, view: View, claim: Claim) -> None:
@@ -162,8 +209,49 @@ async def finish(engine: Engine, view: View, claim: Claim) -> None:
             if why:
                 raise RestoreFailed(why)
             await engine.gpu.after_restore(await view.runc.ps(view.id), device_map)
+    if claim.daemon is not None:
+        claim.daemon.hold_uffds()
+        claim.resident = asyncio.ensure_future(_until_resident(engine, view, claim, claim.daemon))
+        log.info("%s restored from %s; its memory follows on demand", view.id, claim.entry.id)
+        return
     claim.drop_work()
     log.info("%s restored from %s", view.id, claim.entry.id)
+
+
+async def _until_resident(engine: Engine, view: View, claim: Claim, daemon: lazy.Daemon) -> None:
+    """Follow a lazy restore until every page has arrived. If any cannot, the process must
+    not run on without it: it is killed while its faulting threads still wait, before the
+    daemon lets them go, and the checkpoint is quarantined."""
+    try:
+        took = await daemon.resident()
+        log.info(
+            "%s: fully resident %.2fs after the restore began (%d MiB on demand)",
+            view.id,
+            took,
+            daemon.unpacked.lazy_bytes >> 20,
+        )
+    except lazy.LazyFailed as exc:
+        log.error("%s: lazy restore from %s failed, killing the container: %s", view.id, claim.entry.id, exc)
+        with contextlib.suppress(Exception):
+            await view.runc.kill(view.id, signal.SIGKILL, all_processes=True)
+        await _gone(view.pid)
+        claim.settled = True
+        if not claim.shared or isinstance(exc.__cause__, StoreError):
+            with contextlib.suppress(OSError):
+                engine.store.quarantine(claim.entry, f"lazy restore failed: {exc}", claim.log_file)
+    finally:
+        claim.drop_work()
+
+
+async def _gone(pid: int, timeout: float = 5.0) -> None:
+    """Wait (a bounded while) for the killed process to be gone."""
+    deadline = time.monotonic() + timeout
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        await asyncio.sleep(0.02)
 
 
 def abandon(engine: Engine, claim: Claim, exc: BaseException) -> str:
@@ -191,8 +279,12 @@ def abandon(engine: Engine, claim: Claim, exc: BaseException) -> str:
 def settle(engine: Engine, claim: Claim, *, died_early: bool) -> None:
     """A restored container ended or proved itself: consume, retry or quarantine its checkpoint."""
     store = engine.store
-    if claim.shared:
+    if claim.shared or claim.settled:
         return  # a template's snapshot serves the next replica as it is
+    if claim.resident is not None and not claim.resident.done():
+        # Its chunks still feed the process: the checkpoint stays until every page is in.
+        claim.resident.add_done_callback(lambda _: settle(engine, claim, died_early=died_early))
+        return
     if died_early:
         claim.manifest.restore_attempts += 1
         if claim.manifest.restore_attempts >= MAX_SHORT_RESTORES:
@@ -248,9 +340,13 @@ async def _gpu_placement(engine: Engine, manifest: Manifest) -> tuple[dict[str, 
     return gpu_plan.placement(manifest.gpu, await gpu.inventory())
 
 
-def _decompress_all(engine: Engine, claimed: Entry, work: str) -> None:
+def _decompress_all(
+    engine: Engine, claimed: Entry, work: str, *, skip: set[str] | None = None, only: set[str] | None = None
+) -> None:
     assert claimed.manifest is not None
     for entry in claimed.manifest.files:
+        if (skip and entry.path in skip) or (only is not None and entry.path not in only):
+            continue
         dst = os.path.join(work, entry.path.removesuffix(".zst"))
         os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
         # Never more than the work area holds: a checkpoint's sizes are its writer's word.

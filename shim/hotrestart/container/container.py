@@ -180,6 +180,7 @@ class Container:
             self._note = images.note
             # Hot-restart images hold established connections: restored, or closed by CRIU.
             opts = self._restore_opts(images.image_path, images.work_path, hot=True, keep_tcp=images.keep_tcp)
+            opts = dataclasses.replace(opts, lazy_pages=images.lazy)
             with telemetry.span("hotrestart.restore.restore", container=self.id, keep_tcp=images.keep_tcp):
                 await self._run_init(lambda console: self._runc_restore(opts, console, close_tcp=not images.keep_tcp))
             await self.checkpointing.finish_restore()

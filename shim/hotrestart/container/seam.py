@@ -82,6 +82,7 @@ class RestoreImages:
     work_path: str
     keep_tcp: bool
     note: str  # for the container's output, ahead of anything the process writes
+    lazy: bool = False  # `runc restore --lazy-pages`: memory from the daemon in work_path
 
 
 class Checkpointing(Protocol):

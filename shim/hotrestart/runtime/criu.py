@@ -1,7 +1,8 @@
 """CRIU's own command line and configuration, built here and nowhere else.
 
-runc runs CRIU for every dump and restore; the shim asks CRIU itself only for its version,
-and passes it options runc has no flag for through a CRIU config file named by the spec.
+runc runs CRIU for every dump and restore; the shim runs CRIU itself only for its version,
+its checks and a lazy restore's page daemon, and passes it options runc has no flag for
+through a CRIU config file named by the spec.
 """
 
 from __future__ import annotations
@@ -25,6 +26,30 @@ def version_argv(binary: str = "") -> list[str]:
 def check_argv(binary: str = "", feature: str = "") -> list[str]:
     """`criu check`, of the whole kernel or of one feature (mem_dirty_track, uffd-noncoop)."""
     return [binary or node_bundle.tool("criu") or "criu", "check", *(["--feature", feature] if feature else [])]
+
+
+def lazy_pages_argv(binary: str, images: str, work: str, ps_socket: int, status_fd: int) -> list[str]:
+    """CRIU's lazy-pages daemon for one restore: it takes the restored tasks' userfaultfds
+    over `<work>/lazy-pages.socket` (a `runc restore --lazy-pages` with the same work folder
+    connects there) and fetches the pages they fault on, then all the rest, from the page
+    server at the other end of the connected socket `ps_socket`. `status_fd` gets a byte
+    once it listens. Its log is `<work>/lazy-pages.log`."""
+    return [
+        binary or node_bundle.tool("criu") or "criu",
+        "lazy-pages",
+        "--images-dir",
+        images,
+        "--work-dir",
+        work,
+        "--page-server",
+        "--ps-socket",
+        str(ps_socket),
+        "--status-fd",
+        str(status_fd),
+        "--log-file",
+        "lazy-pages.log",
+        "-v4",
+    ]
 
 
 async def version(runner: CommandRunner, binary: str = "") -> str:

@@ -47,6 +47,7 @@ class RestoreOpts:
     shell_job: bool = False
     file_locks: bool = False
     manage_cgroups_mode: str = ""
+    lazy_pages: bool = False  # memory comes from CRIU's lazy-pages daemon in work_path
 
 
 class RuncArgv:
@@ -140,6 +141,7 @@ class RuncArgv:
             ("--shell-job", o.shell_job),
             ("--file-locks", o.file_locks),
             ("--manage-cgroups-mode", o.manage_cgroups_mode),
+            ("--lazy-pages", o.lazy_pages),
         )
         return [*argv, cid]
 

@@ -8,16 +8,19 @@ fails the file, and a failed file leaves nothing behind.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import concurrent.futures
 import mmap
 import os
+import threading
 from collections.abc import Callable
 
 from hotrestart.store.chunkcodec import Codec, CorruptChunk, IntegrityError
 from hotrestart.store.chunkwrite import workers
 from hotrestart.store.manifest import MAX_CHUNK_RAW, MAX_CHUNK_STORED, Chunk, FileEntry, chunk_root
 
-__all__ = ["CorruptChunk", "IntegrityError", "check_entry", "restore_file", "verify_file"]
+__all__ = ["CorruptChunk", "FileReader", "IntegrityError", "check_entry", "restore_file", "verify_file"]
 
 # (digest, stored size) -> the chunk's stored bytes, exactly that many, or IntegrityError
 ReadChunk = Callable[[str, int], bytes]
@@ -79,6 +82,86 @@ def restore_file(entry: FileEntry, dst: str, read: ReadChunk, codec: Codec, *, c
     except BaseException:
         _remove(dst)
         raise
+
+
+class FileReader:
+    """Random reads of one stored file, for a page source serving a process's memory on
+    demand: each chunk is fetched, checked and decompressed once, the next ones ahead of
+    time in a small pool (pages are asked for mostly in order), and at most `keep` chunks
+    are held (a few MiB each), so serving a large file takes little memory."""
+
+    def __init__(
+        self,
+        entry: FileEntry,
+        read: ReadChunk,
+        codec: Codec,
+        *,
+        on_corrupt: Callable[[str], None] = lambda digest: None,
+        ahead: int = 0,
+        keep: int = 16,
+    ) -> None:
+        check_entry(entry)
+        self.entry = entry
+        self._on_corrupt = on_corrupt
+        self._read = read
+        self._codec = codec
+        self._starts = []
+        at = 0
+        for c in entry.chunks:
+            self._starts.append(at)
+            at += c.raw
+        self._ahead = ahead if ahead else workers()
+        self._keep = max(keep, self._ahead + 2)
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._ahead, thread_name_prefix="page-read")
+        self._lock = threading.Lock()
+        self._chunks: collections.OrderedDict[int, concurrent.futures.Future[bytearray]] = collections.OrderedDict()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._chunks.clear()
+
+    def read(self, offset: int, length: int) -> bytes:
+        """`length` bytes of the file from `offset`, every chunk they come from verified."""
+        if offset < 0 or length < 0 or offset + length > self.entry.raw_bytes:
+            raise IntegrityError(f"{self.entry.path}: read of {length} bytes at {offset} beyond the file")
+        out = bytearray()
+        i = bisect.bisect_right(self._starts, offset) - 1
+        while len(out) < length:
+            data = self._chunk(i)
+            skip = offset + len(out) - self._starts[i]
+            out += data[skip : skip + length - len(out)]
+            i += 1
+        return bytes(out)
+
+    def _chunk(self, i: int) -> bytearray:
+        with self._lock:
+            wanted = self._want(i)
+            for j in range(i + 1, min(i + 1 + self._ahead, len(self.entry.chunks))):
+                self._want(j)
+            while len(self._chunks) > self._keep:
+                self._chunks.popitem(last=False)
+        return wanted.result()
+
+    def _want(self, i: int) -> concurrent.futures.Future[bytearray]:
+        future = self._chunks.get(i)
+        if future is None:
+            future = self._chunks[i] = self._pool.submit(self._decode, i)
+        else:
+            self._chunks.move_to_end(i)
+        return future
+
+    def _decode(self, i: int) -> bytearray:
+        c = self.entry.chunks[i]
+        out = bytearray(c.raw)
+        with memoryview(out) as view:
+            try:
+                self._codec.decode_into(c.digest, self._read(c.digest, c.stored), view)
+            except CorruptChunk as exc:
+                self._on_corrupt(c.digest)
+                raise CorruptChunk(c.digest, f"{self.entry.path}: {exc}") from None
+            except IntegrityError as exc:
+                raise IntegrityError(f"{self.entry.path}: {exc}") from None
+        return out
 
 
 def verify_file(entry: FileEntry, read: ReadChunk, codec: Codec, *, cap: int | None = None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
+from hotrestart.store.archive import FileReader
 from hotrestart.store.chunkwrite import ChunkWriter
 from hotrestart.store.entry import Entry
 from hotrestart.store.manifest import Identity, Manifest
@@ -125,6 +126,11 @@ class Backend(Protocol):
         """Decompress the file `rel` of `entry` into the local path `dst`, verified (and
         opened with the key) on the way; at most `cap` raw bytes. Nothing of a file that
         fails is left at `dst`."""
+        ...
+
+    def file_reader(self, entry: Entry, rel: str) -> FileReader:
+        """Random reads of the file `rel` of `entry`, each chunk verified (and opened with
+        the key) before a byte of it is returned; for serving memory on demand."""
         ...
 
     def verify(self, entry: Entry) -> list[str]:

@@ -291,9 +291,26 @@ class Store:
             archive.restore_file(files[0], dst, self._reader(codec.space), codec, cap=cap)
         except archive.CorruptChunk as exc:
             # Shared: left in place, it would spoil every later checkpoint holding those bytes.
-            with contextlib.suppress(OSError):
-                self.chunks.discard(codec.space, exc.digest)
+            self._discard(codec.space, exc.digest)
             raise
+
+    def file_reader(self, entry: Entry, rel: str) -> archive.FileReader:
+        """Random reads of one file of `entry`, every chunk verified (for lazy restores); a
+        chunk found corrupt is removed from the store, as `restore_file` does."""
+        files = [f for f in (entry.manifest.files if entry.manifest else []) if f.path == rel]
+        if not files:
+            raise archive.IntegrityError(f"{rel}: not in the checkpoint's manifest")
+        try:
+            codec = self._sealing.reading(entry)
+        except SealError as exc:
+            raise archive.IntegrityError(str(exc)) from None
+        return archive.FileReader(
+            files[0], self._reader(codec.space), codec, on_corrupt=lambda d: self._discard(codec.space, d)
+        )
+
+    def _discard(self, space: str, digest: str) -> None:
+        with contextlib.suppress(OSError):
+            self.chunks.discard(space, digest)
 
     def _reader(self, space: str) -> archive.ReadChunk:
         return lambda digest, size: self.chunks.read(space, digest, size)
