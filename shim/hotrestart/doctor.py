@@ -150,7 +150,12 @@ def memory_checks(binary: str) -> list[Check]:
     uffd = "available" if code_uffd == 0 else "unavailable (CONFIG_USERFAULTFD, vm.unprivileged_userfaultfd)"
     return [
         Check("memory tracking", True, tracking),
-        Check("userfaultfd", True, f"{uffd}; restores are full restores in this version"),
+        Check(
+            "userfaultfd",
+            True,
+            f"{uffd}; restores are "
+            + ("lazy: memory on demand" if code_uffd == 0 else "full: all memory before the process runs"),
+        ),
     ]
 
 

@@ -214,6 +214,7 @@ class Daemon:
             log.info("could not hold the userfaultfds of the lazy-pages daemon %d: %s", pid, exc)
         finally:
             os.close(pidfd)
+        log.info("holding %d userfaultfd(s) of the lazy-pages daemon %d", len(self._uffds), pid)
 
     def _pid(self) -> int:
         """The daemon's pid: the shim's child running CRIU in this restore's work folder."""
@@ -237,9 +238,12 @@ class Daemon:
         assert self._proc is not None and self._served is not None
         waits: set[asyncio.Future[object]] = {self._proc, self._served}  # type: ignore[arg-type]
         await asyncio.wait(waits, return_when="FIRST_COMPLETED")
-        if self._served.done() and self._served.exception() is not None:
-            exc = self._served.exception()
-            raise LazyFailed(f"the page source failed: {exc}")
+        if self._served.done() and (exc := self._served.exception()) is not None:
+            if isinstance(exc, ConnectionError):  # the daemon went first: say how it ended
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._proc), 2)
+            if not self._proc.done() or self._proc.result().returncode == 0:
+                raise LazyFailed(f"the page source failed: {exc}")
         result = await self._proc
         if result.returncode != 0:
             raise LazyFailed(f"the lazy-pages daemon exited {result.returncode}: {self._log_tail()}")

@@ -1,0 +1,134 @@
+"""Lazy restore: the restored process runs before its memory is back, its pages arriving on
+demand and in the background from the store; a page source that fails part-way kills the
+process rather than let it run on memory it did not have.
+
+The workload is hack/memhog.c: a checksum over all of its memory, printed every second, so
+any page that came back wrong, or not at all, shows as a different checksum.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hotpods import Incarnation, chunk_files, run_memhog, stored, wait_published
+
+from cri import CONTAINER_EXITED
+from testbed import ContainerdInstance, host
+
+pytestmark = [pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def inst(containerd: ContainerdInstance) -> ContainerdInstance:
+    return containerd
+
+
+def _rows(pod: Incarnation) -> list[tuple[int, int]]:
+    rows = [line.split() for line in pod.lines() if not line.startswith("hotrestart:")]
+    return [(int(r[0]), int(r[1])) for r in rows if len(r) == 3 and all(x.isdigit() for x in r)]
+
+
+def _stopped_with_checkpoint(
+    client: Any, inst: ContainerdInstance, tmp: Path, memhog: Path, name: str, mib: int
+) -> tuple[int, int]:
+    pod = Incarnation(client, inst, tmp, name)
+    run_memhog(pod, memhog, mib)
+    pod.state(timeout=60)
+    counter, checksum, _ = pod.state()
+    assert pod.stop().exit_code == 143
+    wait_published(inst)
+    pod.remove()
+    return counter, checksum
+
+
+@pytest.mark.parametrize("mode", ["lazy", "full"])
+def test_a_restored_process_runs_before_its_memory_is_back_and_continues(
+    client: Any, inst: ContainerdInstance, tmp_path: Path, memhog: Path, empty_store: None, mode: str
+) -> None:
+    name = f"lazy-{mode}-0"
+    counter, checksum = _stopped_with_checkpoint(client, inst, tmp_path, memhog, name, 512)
+    annotations = {"hotrestart.io/restore": mode}
+    again = Incarnation(client, inst, tmp_path, name, annotations=annotations)
+    run_memhog(again, memhog, 512)
+    n, same, _ = again.state(timeout=60)
+    assert same == checksum and n > counter, (counter, checksum, again.lines()[:5])
+    note = again.lines()[0]
+    assert note.startswith("hotrestart: restoring from checkpoint"), note
+    assert ("memory on demand" in note) == (mode == "lazy"), note
+    assert all(c == checksum for _, c in _rows(again)), "every row sums the same memory"
+    if mode == "lazy":
+        log = inst.read_log()
+        assert host.wait_until(lambda: again.cid in inst.read_log() and "fully resident" in inst.read_log(), 30), log[
+            -2000:
+        ]
+    again.remove()
+
+
+def test_a_page_source_failing_part_way_kills_the_process_and_never_serves_wrong_memory(
+    client: Any, inst: ContainerdInstance, tmp_path: Path, memhog: Path, empty_store: None
+) -> None:
+    name = "lazy-broken-0"
+    _, checksum = _stopped_with_checkpoint(client, inst, tmp_path, memhog, name, 256)
+    (ckpt,) = stored(inst)
+    chunks = chunk_files(inst, ckpt)
+    assert len(chunks) > 8, "the page image is cut into chunks"
+    # A chunk well inside the big region: what CRIU restores itself is in the first ones.
+    chunks[len(chunks) // 2].unlink()
+    again = Incarnation(client, inst, tmp_path, name)
+    run_memhog(again, memhog, 256)
+    assert host.wait_until(lambda: client.container_status(again.cid).state == CONTAINER_EXITED, 30), again.lines()
+    status = client.container_status(again.cid)
+    assert status.exit_code == 137, (status.exit_code, again.lines())
+    assert again.lines()[0].endswith("memory on demand"), again.lines()
+    assert all(c == checksum for _, c in _rows(again)), "no row ever sums wrong memory"
+    (quarantined,) = stored(inst, "quarantine")
+    reason = (quarantined / "reason.txt").read_text()
+    assert re.search(r"lazy restore failed: the page source failed", reason), reason
+    assert json.loads((quarantined / "manifest.json").read_text())["identity"]["pod"] == name
+    again.remove()
+    cold = Incarnation(client, inst, tmp_path, name)
+    run_memhog(cold, memhog, 256)
+    assert cold.first()[0] == 1, "the next incarnation starts cold"
+    cold.remove()
+
+
+def _lazy_pages_daemons() -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                args = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if len(args) > 1 and args[0].endswith(b"criu") and args[1] == b"lazy-pages":
+                found.append(int(proc.name))
+    return found
+
+
+def test_the_page_daemon_killed_part_way_kills_the_process_and_never_serves_zero_pages(
+    client: Any, inst: ContainerdInstance, tmp_path: Path, memhog: Path, empty_store: None
+) -> None:
+    """Without the shim's hold on the userfaultfds, the kernel would answer the remaining
+    faults with zero pages once the daemon is gone, and the checksum would change."""
+    name = "lazy-daemon-killed-0"
+    _, checksum = _stopped_with_checkpoint(client, inst, tmp_path, memhog, name, 1024)
+    again = Incarnation(client, inst, tmp_path, name)
+    run_memhog(again, memhog, 1024)
+    daemons = _lazy_pages_daemons()
+    assert daemons, "the restore's memory is still arriving"
+    for pid in daemons:
+        os.kill(pid, signal.SIGKILL)
+    assert host.wait_until(lambda: client.container_status(again.cid).state == CONTAINER_EXITED, 30), again.lines()
+    assert client.container_status(again.cid).exit_code == 137, again.lines()
+    assert all(c == checksum for _, c in _rows(again)), "no row ever sums wrong memory"
+    reason = (stored(inst, "quarantine")[0] / "reason.txt").read_text()
+    assert "lazy-pages daemon exited" in reason, reason
+    # The guard itself: the daemon's death alone does not let the faults go.
+    assert re.search(r"holding [1-9][0-9]* userfaultfd\(s\) of the lazy-pages daemon", inst.read_log())
+    again.remove()
