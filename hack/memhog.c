@@ -11,7 +11,10 @@
  * anything.
  * MEMHOG_SEED=N makes the bytes the same in every process given the same N (pods holding the
  * same data); MEMHOG_CHURN=P makes SIGUSR1 rewrite the first P% of the buffer with new bytes
- * (what a service changes between two checkpoints) and print "rewrote M MiB". */
+ * (what a service changes between two checkpoints) and print "rewrote M MiB". The ticker
+ * prints "resumed after S s" when it was stopped for more than a second: after a restore,
+ * that line is the process answering without touching its buffer (a lazy restore's first
+ * sign of life, while the checksum rows wait for all of the memory). */
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
@@ -50,6 +53,10 @@ static void *ticker(void *arg) {
     for (;;) {
         usleep(1000);
         double t = now();
+        if (t - last > 1.0) {
+            printf("resumed after %.2fs\n", t - last);
+            fflush(stdout);
+        }
         if (t - last > max_gap) max_gap = t - last;
         last = t;
     }

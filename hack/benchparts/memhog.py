@@ -27,7 +27,7 @@ def wait_for_line(cri, cid: str, predicate, timeout: float = 300) -> str:
         for line in (x.message for x in parse_cri_log(cri.read_log(cid))):
             if predicate(line):
                 return line
-        time.sleep(0.05)
+        time.sleep(0.01)
     raise TimeoutError(f"no matching line in the log of {cid}")
 
 

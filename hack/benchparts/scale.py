@@ -3,7 +3,8 @@
 Per size: a memhog service with a periodic checkpoint; once the first periodic checkpoint
 is published, the service rewrites 10% of its memory (SIGUSR1) and is stopped: the stop
 writes only what changed. Then it is created again (restore to running: CreateContainer +
-StartContainer until the process answers with its old checksum). Against plain `runc
+StartContainer until the process answers, and until it prints its old checksum; lazily, and
+again in full). Against plain `runc
 checkpoint` + fsync and `runc restore` of the same workload. Then ten pods holding the
 same 1 GiB of data are checkpointed one after another: how much the store grows.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -83,19 +85,49 @@ def bench_scale_size(inst: ContainerdInstance, cri, memhog: Path, mib: int) -> d
     r["stop_new"] = stopped["new_bytes"]
     r["stop_stored"] = sum(f["stored_bytes"] for f in stopped["files"])
     remove_pod(cri, pod)
-    progress(f"{mib} MiB: restore")
+    r.update(restore_timed(inst, cri, memhog, name, mib, env, before, "lazy"))
+    progress(f"{mib} MiB: stopped again, then a full restore")
     pod, cid = memhog_pod(cri, inst, "hotrestart", name, memhog, [str(mib)], env=env)
-    t0 = time.monotonic()
     cri.start_container(cid)
-    r["restore_started"] = time.monotonic() - t0
-    row = wait_for_line(cri, cid, lambda x: x[:1].isdigit() and int(x.split()[0]) > before[0])
-    r["restore_running"] = time.monotonic() - t0
-    if int(row.split()[1]) != before[1]:
-        raise SystemExit(f"restore lost the memory: {before} then {row}")
-    cri.stop_container(cid, timeout=0)
+    wait_for_line(cri, cid, lambda x: x[:1].isdigit())
+    time.sleep(0.5)
+    again = log_rows(cri, cid)[-1]
+    cri.stop_container(cid, timeout=120)
+    wait_manifest(inst.store, name, "stop")
     remove_pod(cri, pod)
+    r.update(restore_timed(inst, cri, memhog, name, mib, env, again, "full"))
     progress(f"{mib} MiB: plain runc checkpoint and restore")
     bench_plain_runc(inst, memhog, mib, r)
+    return r
+
+
+def restore_timed(
+    inst: ContainerdInstance, cri, memhog: Path, name: str, mib: int, env: dict, before: tuple, mode: str
+) -> dict[str, float]:
+    """Create and start `name` again from its checkpoint (`hotrestart.io/restore: mode`):
+    until StartContainer returns, until the process answers ("resumed", printed by a thread
+    that touches none of the buffer), until it prints its checksum over all of its memory,
+    and, lazily, until the shim reports every page back."""
+    r: dict[str, float] = {}
+    progress(f"{mib} MiB: {mode} restore")
+    annotations = {"hotrestart.io/restore": mode}
+    pod, cid = memhog_pod(cri, inst, "hotrestart", name, memhog, [str(mib)], env=env, annotations=annotations)
+    t0 = time.monotonic()
+    cri.start_container(cid)
+    r[f"{mode}_started"] = time.monotonic() - t0
+    wait_for_line(cri, cid, lambda x: x.startswith("resumed"))
+    r[f"{mode}_answers"] = time.monotonic() - t0
+    row = wait_for_line(cri, cid, lambda x: x[:1].isdigit() and int(x.split()[0]) > before[0])
+    r[f"{mode}_all_memory"] = time.monotonic() - t0
+    if int(row.split()[1]) != before[1]:
+        raise SystemExit(f"restore lost the memory: {before} then {row}")
+    if mode == "lazy":
+        found = re.search(rf"{cid}: fully resident ([0-9.]+)s after the restore began", inst.read_log())
+        if found is None:
+            raise SystemExit(f"the {mib} MiB restore was not lazy (see {inst.log_path})")
+        r["lazy_resident"] = float(found.group(1))
+    cri.stop_container(cid, timeout=0)
+    remove_pod(cri, pod)
     return r
 
 
@@ -164,17 +196,36 @@ def print_scale(by_size: dict[int, dict[str, float]], dedup: dict[str, float]) -
         ),
     )
     row("periodic checkpoint: dump / durable (s)", lambda r: f"{r['periodic_dump']:.2f} / {r['periodic_durable']:.2f}")
+    row("restore, lazy: StartContainer returns (s)", lambda r: f"{r['lazy_started']:.2f}")
     row(
-        "restore to running: create + start until the process answers (s), vs plain `runc restore`",
+        "restore, lazy: the process answers (s), vs plain `runc restore`",
+        lambda r: f"{r['lazy_answers']:.2f} vs {r['runc_restore']:.2f} ({r['lazy_answers'] / r['runc_restore']:.2f}x)",
+    )
+    row(
+        "restore, lazy: fully resident (s), vs plain `runc restore`",
         lambda r: (
-            f"{r['restore_running']:.2f} vs {r['runc_restore']:.2f} ({r['restore_running'] / r['runc_restore']:.2f}x)"
+            f"{r['lazy_resident']:.2f} vs {r['runc_restore']:.2f} ({r['lazy_resident'] / r['runc_restore']:.2f}x)"
         ),
+    )
+    row(
+        "restore, full: the process answers (s), vs plain `runc restore`",
+        lambda r: f"{r['full_answers']:.2f} vs {r['runc_restore']:.2f} ({r['full_answers'] / r['runc_restore']:.2f}x)",
+    )
+    row(
+        "restore: checksum over all memory printed, lazy / full (s)",
+        lambda r: f"{r['lazy_all_memory']:.2f} / {r['full_all_memory']:.2f}",
     )
     if len(sizes) > 1:
         lo, hi = by_size[sizes[0]], by_size[sizes[-1]]
         k = sizes[-1] / sizes[0]
         print(f"\nGrowth from {sizes[0]} to {sizes[-1]} MiB ({k:.0f}x the memory):")
-        for key, label in (("stop", "stop"), ("durable", "durable"), ("restore_running", "restore to running")):
+        for key, label in (
+            ("stop", "stop"),
+            ("durable", "durable"),
+            ("lazy_answers", "lazy restore until the process answers"),
+            ("lazy_resident", "lazy restore until fully resident"),
+            ("full_answers", "full restore until the process answers"),
+        ):
             print(f"- {label}: {hi[key] / lo[key]:.2f}x")
     print(
         f"\n{dedup['pods']:.0f} pods holding the same {dedup['mib']:.0f} MiB, each checkpointed: the store grew by "

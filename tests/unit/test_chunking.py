@@ -132,3 +132,12 @@ def test_page_runs_reads_every_pagemap_of_a_folder_and_skips_bad_ones(tmp_path: 
     with open(os.path.join(folder, "pagemap-2.img"), "wb") as f:
         f.write(b"not a pagemap")
     assert chunking.page_runs(folder) == {1: [(0x400000, 2)]}
+
+
+def test_entries_split_anywhere_within_a_run_cut_the_same() -> None:
+    """CRIU ends a pagemap entry where a pipe buffer fills up, which moves between dumps."""
+    present = 4
+    base = 0x7F0000000000
+    one = _pagemap(1, [(0x400000, 3, present), (base, 1000, present), (base + 1000 * PAGE, 3000, present)])
+    two = _pagemap(1, [(0x400000, 3, present), (base, 2500, present), (base + 2500 * PAGE, 1500, present)])
+    assert chunking.parse_pagemap(one) == chunking.parse_pagemap(two) == (1, [(0x400000, 3), (base, 4000)])

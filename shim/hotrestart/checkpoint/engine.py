@@ -19,6 +19,7 @@ from hotrestart.runtime import criu
 from hotrestart.runtime.command import CommandRunner
 from hotrestart.runtime.runc import Runc
 from hotrestart.store.backend import Backend
+from hotrestart.store.config import StoreSource
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,12 @@ class Engine:
         work: workarea.Places | None = None,
         node: str = "",
         gpu: GpuState | None = None,
+        source: StoreSource | None = None,
     ) -> None:
         self.runner = runner
         self.store = store
         self.gpu = gpu
+        self.source = source  # for helper processes (a lazy restore's page server); None: none
         self.work = work if work is not None else workarea.Places.from_env()
         self.node = node or socket.gethostname()
         self.publisher = Publisher(store)
@@ -63,6 +66,8 @@ class Engine:
     async def lazy_restores(self, runc: Runc) -> bool:
         """Whether CRIU and the kernel here can restore lazily (userfaultfd with the
         non-cooperative events CRIU needs); asked once."""
+        if self.source is None:
+            return False  # no way for a page server to open the store
         if self._lazy is None:
             try:
                 result = await self.runner.run(criu.check_argv(runc.criu, "uffd-noncoop"), timeout=30)

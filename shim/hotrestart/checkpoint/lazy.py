@@ -21,29 +21,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import re
 import socket
-import threading
+import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from hotrestart.checkpoint.pageserver import (
-    PAGE,
-    PageServer,
-    PageServerError,
-    Served,
-    TaskPages,
-    fill_eager,
-    task_pages,
-)
+from hotrestart.checkpoint.pageserver import PAGE, PageServerError, TaskPages, fill_eager, spec_for, task_pages
 from hotrestart.errors import ShimError
 from hotrestart.runtime import criu
 from hotrestart.runtime.command import CommandRunner, Completed
-from hotrestart.store.archive import FileReader
 from hotrestart.store.backend import Backend
+from hotrestart.store.config import StoreSource
 from hotrestart.store.entry import Entry
 
 log = logging.getLogger(__name__)
@@ -61,19 +54,15 @@ class LazyFailed(ShimError):
     """Pages could not all be brought back: the restored process must not run on."""
 
 
+@dataclasses.dataclass
 class Unpacked:
-    """A checkpoint unpacked for a lazy restore: the tasks whose memory is served, and the
-    readers serving it (each holds a small pool and cache until closed)."""
+    """A checkpoint unpacked for a lazy restore: its entry, where its images are, and each
+    task whose memory the page server serves, with its stored page image."""
 
-    def __init__(self) -> None:
-        self.tasks: dict[int, Served] = {}
-        self.readers: list[FileReader] = []
-        self.lazy_bytes = 0
-
-    def close(self) -> None:
-        for reader in self.readers:
-            reader.close()
-        self.readers = []
+    entry: Entry
+    images: str
+    tasks: dict[int, str] = dataclasses.field(default_factory=dict)
+    lazy_bytes: int = 0
 
 
 def lazy_paths(entry: Entry) -> tuple[set[str], dict[str, str]]:
@@ -97,39 +86,37 @@ def unpack(
     (shared memory's, restored by CRIU itself) whole, by `full(path)`. Blocking."""
     assert entry.manifest is not None
     sizes = {f.path: f.raw_bytes for f in entry.manifest.files}
-    out = Unpacked()
+    out = Unpacked(entry, images)
     by_image: dict[int, tuple[int, TaskPages]] = {}
-    try:
-        for path, task_id in pagemaps.items():
-            with open(_local(images, path), "rb") as f:
-                data = f.read(_MAX_PAGEMAP + 1)
-            if len(data) > _MAX_PAGEMAP:
-                raise LazyFailed(f"{path}: larger than {_MAX_PAGEMAP} bytes")
-            try:
-                layout = task_pages(data)
-            except ValueError as exc:
-                raise LazyFailed(f"{path}: {exc}") from None
-            if layout.pages_id in by_image:
-                raise LazyFailed(f"{path}: a page image shared by two tasks")
-            by_image[layout.pages_id] = (int(task_id), layout)
-        for path in sorted(pages):
-            match = _PAGES.fullmatch(path)
-            assert match is not None
-            found = by_image.get(int(match.group(1)))
-            if found is None:
-                full(path)
-                continue
-            task, layout = found
-            if sum(r.pages for r in layout.runs) * PAGE != sizes[path]:
-                raise LazyFailed(f"{path}: its pagemap does not add up to its size")
-            reader = store.file_reader(entry, path)
-            out.readers.append(reader)
+    for path, task_id in pagemaps.items():
+        with open(_local(images, path), "rb") as f:
+            data = f.read(_MAX_PAGEMAP + 1)
+        if len(data) > _MAX_PAGEMAP:
+            raise LazyFailed(f"{path}: larger than {_MAX_PAGEMAP} bytes")
+        try:
+            layout = task_pages(data)
+        except ValueError as exc:
+            raise LazyFailed(f"{path}: {exc}") from None
+        if layout.pages_id in by_image:
+            raise LazyFailed(f"{path}: a page image shared by two tasks")
+        by_image[layout.pages_id] = (int(task_id), layout)
+    for path in sorted(pages):
+        match = _PAGES.fullmatch(path)
+        assert match is not None
+        found = by_image.get(int(match.group(1)))
+        if found is None:
+            full(path)
+            continue
+        task, layout = found
+        if sum(r.pages for r in layout.runs) * PAGE != sizes[path]:
+            raise LazyFailed(f"{path}: its pagemap does not add up to its size")
+        reader = store.file_reader(entry, path)
+        try:
             fill_eager(_local(images, path), sizes[path], layout, reader)
-            out.tasks[task] = Served(layout, reader)
-            out.lazy_bytes += sum(r.pages for r in layout.lazy) * PAGE
-    except BaseException:
-        out.close()
-        raise
+        finally:
+            reader.close()
+        out.tasks[task] = path
+        out.lazy_bytes += sum(r.pages for r in layout.lazy) * PAGE
     return out
 
 
@@ -139,20 +126,24 @@ def _local(images: str, path: str) -> str:
 
 
 class Daemon:
-    """CRIU's lazy-pages daemon for one restore and the page server feeding it."""
+    """CRIU's lazy-pages daemon for one restore and the page server process feeding it.
 
-    def __init__(self, unpacked: Unpacked) -> None:
+    Both run in process groups of their own, so that the shim going away part-way leaves
+    the process its memory; while the shim runs, it watches both."""
+
+    def __init__(self, unpacked: Unpacked, source: StoreSource) -> None:
         self.unpacked = unpacked
+        self.source = source
         self.started_at = time.monotonic()
         self._ours, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._proc: asyncio.Task[Completed] | None = None
-        self._served: asyncio.Future[None] | None = None
-        self._thread: threading.Thread | None = None
+        self._server: asyncio.Task[Completed] | None = None
         self._uffds: list[int] = []
         self.work = ""
 
     async def start(self, runner: CommandRunner, binary: str, images: str, work: str) -> None:
-        """Run the daemon and wait until it listens for the restore; raises LazyFailed."""
+        """Run the daemon and the page server, and wait until the daemon listens for the
+        restore; raises LazyFailed."""
         self.work = work
         loop = asyncio.get_running_loop()
         r, w = os.pipe2(os.O_CLOEXEC)
@@ -163,32 +154,26 @@ class Daemon:
             self._proc = asyncio.ensure_future(
                 runner.run(argv, pass_fds=(self._theirs.fileno(), w), cwd=work, own_group=True)
             )
-            waits: set[asyncio.Future[object]] = {ready, self._proc}  # type: ignore[arg-type]
+            spec = spec_for(self.source, self.unpacked.entry, images, self.unpacked.tasks)
+            serve = [sys.executable, "-I", "-m", "hotrestart.checkpoint.pageserver", str(self._ours.fileno())]
+            self._server = asyncio.ensure_future(
+                runner.run(serve, input=spec, pass_fds=(self._ours.fileno(),), own_group=True)
+            )
+            waits: set[asyncio.Future[object]] = {ready, self._proc, self._server}  # type: ignore[arg-type]
             done, _ = await asyncio.wait(waits, timeout=READY_TIMEOUT, return_when="FIRST_COMPLETED")
             if ready not in done or ready.result() != b"\0":
-                why = "did not start in time"
+                why = "the lazy-pages daemon did not start in time"
                 if self._proc in done:
-                    why = f"exited ({self._proc.result().returncode}): {self._log_tail()}"
-                raise LazyFailed(f"the lazy-pages daemon {why}")
+                    why = f"the lazy-pages daemon exited ({self._proc.result().returncode}): {self._log_tail()}"
+                elif self._server in done:
+                    why = f"the page server exited: {_last_line(self._server.result())}"
+                raise LazyFailed(why)
         finally:
             loop.remove_reader(r)
             os.close(r)
             os.close(w)
+        # Both ends now live in the processes using them: either one dying is seen by the other.
         self._theirs.close()
-        self._served = loop.create_future()
-        server = PageServer(self._ours, self.unpacked.tasks)
-        self._thread = threading.Thread(target=self._serve, args=(loop, server), name="page-server", daemon=True)
-        self._thread.start()
-
-    def _serve(self, loop: asyncio.AbstractEventLoop, server: PageServer) -> None:
-        assert self._served is not None
-        served = self._served
-        try:
-            server.serve()
-        except BaseException as exc:
-            loop.call_soon_threadsafe(_fail, served, exc)
-            return
-        loop.call_soon_threadsafe(_settle, served, lambda: None)
 
     def hold_uffds(self) -> None:
         """Take references to the userfaultfds the daemon got from the restore, so that the
@@ -234,39 +219,36 @@ class Daemon:
 
     async def resident(self) -> float:
         """Wait until every page has arrived: the seconds it took since the start. Raises
-        LazyFailed while the daemon still holds back faulting threads where it can."""
-        assert self._proc is not None and self._served is not None
-        waits: set[asyncio.Future[object]] = {self._proc, self._served}  # type: ignore[arg-type]
+        LazyFailed as soon as either process fails, while faulting threads still wait."""
+        assert self._proc is not None and self._server is not None
+        waits: set[asyncio.Future[object]] = {self._proc, self._server}  # type: ignore[arg-type]
         await asyncio.wait(waits, return_when="FIRST_COMPLETED")
-        if self._served.done() and (exc := self._served.exception()) is not None:
-            if isinstance(exc, ConnectionError):  # the daemon went first: say how it ended
+        if self._server.done() and self._server.result().returncode != 0:
+            if not self._proc.done():  # the daemon may be going too: say how it ended
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self._proc), 2)
+                    await asyncio.wait_for(asyncio.shield(self._proc), 1)
             if not self._proc.done() or self._proc.result().returncode == 0:
-                raise LazyFailed(f"the page source failed: {exc}")
+                raise LazyFailed(f"the page source failed: {_last_line(self._server.result())}")
         result = await self._proc
         if result.returncode != 0:
             raise LazyFailed(f"the lazy-pages daemon exited {result.returncode}: {self._log_tail()}")
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(self._served), 5)
+        served = await asyncio.wait_for(asyncio.shield(self._server), 10)
+        if served.returncode != 0:
+            raise LazyFailed(f"the page source failed: {_last_line(served)}")
         return time.monotonic() - self.started_at
 
     def close(self) -> None:
-        """Stop the daemon (if it runs) and the page server, and let the userfaultfds go."""
-        if self._proc is not None and not self._proc.done():
-            self._proc.cancel()  # kills its process group
-        with contextlib.suppress(OSError):
-            self._ours.shutdown(socket.SHUT_RDWR)
-        self._ours.close()
-        with contextlib.suppress(OSError):
-            self._theirs.close()
-        if self._thread is not None:
-            self._thread.join(10)
+        """Stop the daemon and the page server (if they run), and let the userfaultfds go."""
+        for task in (self._proc, self._server):
+            if task is not None and not task.done():
+                task.cancel()  # kills its process group
+        for sock in (self._ours, self._theirs):
+            with contextlib.suppress(OSError):
+                sock.close()
         for fd in self._uffds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._uffds = []
-        self.unpacked.close()
 
     def _log_tail(self) -> str:
         try:
@@ -277,14 +259,14 @@ class Daemon:
         return "; ".join(lines[-3:]) or "no error logged"
 
 
+def _last_line(result: Completed) -> str:
+    lines = result.stderr.decode(errors="replace").strip().splitlines()
+    return lines[-1][:500] if lines else f"exit {result.returncode}"
+
+
 def _settle(future: asyncio.Future[T], value: Callable[[], T]) -> None:
     if not future.done():
         future.set_result(value())
-
-
-def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
 
 
 __all__ = ["Daemon", "LazyFailed", "PageServerError", "Unpacked", "lazy_paths", "unpack"]

@@ -10,6 +10,9 @@ header back, cmd PS_IOV_ADD_F with PE_PRESENT, followed by the pages (possibly f
 asked for: never past the end of the run of present pages holding `vaddr`). When done, the
 daemon sends PS_IOV_FORCE_CLOSE and waits for a 32-bit status, 0.
 
+It runs as a process of its own (`main`), started by the shim for one restore, so that the
+shim going away does not take the page source with it.
+
 Nothing is served that is not in the checkpoint: a request outside the lazy runs of a known
 task, or a chunk that does not verify, ends serving with an error, and the caller makes
 sure the process never runs on without those pages (see `lazy.py`).
@@ -19,13 +22,19 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import json
 import os
 import socket
 import struct
-from typing import Protocol
+import sys
+from typing import Any, Protocol
 
 from hotrestart.errors import ShimError
 from hotrestart.store import chunking
+from hotrestart.store.archive import FileReader
+from hotrestart.store.config import StoreSource
+from hotrestart.store.entry import Entry
+from hotrestart.store.manifest import Manifest
 
 PAGE = chunking.PAGE
 PS_IOV_ADD_F = 6
@@ -42,7 +51,7 @@ class PageServerError(ShimError):
 
 
 class PageReader(Protocol):
-    def read(self, offset: int, length: int) -> bytes: ...
+    def read(self, offset: int, length: int) -> bytes | memoryview: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -133,21 +142,23 @@ class PageServer:
             n = min(nr_pages, (run.end - vaddr) // PAGE)
             data = task.reader.read(run.offset + (vaddr - run.vaddr), n * PAGE)
             reply = IOV.pack(PS_IOV_ADD_F | chunking.PE_PRESENT << PS_CMD_BITS, n, vaddr, dst_id)
-            self.sock.sendall(reply)
-            self.sock.sendall(data)
+            sent = self.sock.sendmsg([reply, data])
+            if sent < len(reply) + len(data):  # a blocking stream socket rarely stops short
+                rest = (reply + bytes(data))[sent:]
+                self.sock.sendall(rest)
             self.served += len(data)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        part = sock.recv(n - len(buf))
+    buf = sock.recv(n, socket.MSG_WAITALL)
+    while buf and len(buf) < n:  # a signal can cut MSG_WAITALL short
+        part = sock.recv(n - len(buf), socket.MSG_WAITALL)
         if not part:
-            if buf:
-                raise PageServerError("the lazy-pages daemon hung up mid-request")
-            return b""
+            break
         buf += part
-    return bytes(buf)
+    if buf and len(buf) < n:
+        raise PageServerError("the lazy-pages daemon hung up mid-request")
+    return buf
 
 
 def fill_eager(path: str, size: int, pages: TaskPages, reader: PageReader) -> None:
@@ -161,6 +172,78 @@ def fill_eager(path: str, size: int, pages: TaskPages, reader: PageReader) -> No
                 raise PageServerError(f"{path}: the pagemap runs past the page image")
             for at in range(0, run.pages * PAGE, 4 << 20):
                 length = min(4 << 20, run.pages * PAGE - at)
-                os.pwrite(fd, reader.read(run.offset + at, length), run.offset + at)
+                data = reader.read(run.offset + at, length)
+                if os.pwrite(fd, data, run.offset + at) != length:
+                    raise PageServerError(f"{path}: short write")
     finally:
         os.close(fd)
+
+
+MAX_SPEC = 64 << 20  # the manifest dominates: 16 MiB at most, JSON-escaped
+MAX_PAGEMAP = 64 << 20
+
+
+def spec_for(source: StoreSource, entry: Entry, images: str, tasks: dict[int, str]) -> bytes:
+    """What `main` reads on stdin: the store, the entry (its manifest as the shim read and
+    authenticated it), the folder holding its pagemaps, and each task's stored page image."""
+    assert entry.manifest is not None
+    return json.dumps(
+        {
+            "store": dataclasses.asdict(source),
+            "entry": {"state": entry.state, "id": entry.id, "path": entry.path},
+            "manifest": entry.manifest.to_json(),
+            "images": images,
+            "tasks": {str(task): path for task, path in tasks.items()},
+        }
+    ).encode()
+
+
+def serving(spec: dict[str, Any]) -> tuple[dict[int, Served], list[FileReader]]:
+    store = StoreSource(**spec["store"]).open()
+    e = spec["entry"]
+    entry = Entry(e["state"], e["id"], e["path"], Manifest.from_json(spec["manifest"]))
+    tasks: dict[int, Served] = {}
+    readers = []
+    try:
+        for task, path in spec["tasks"].items():
+            with open(os.path.join(spec["images"], f"pagemap-{int(task)}.img"), "rb") as f:
+                layout = task_pages(f.read(MAX_PAGEMAP))
+            reader = store.file_reader(entry, path)
+            readers.append(reader)
+            tasks[int(task)] = Served(layout, reader)
+    except BaseException:
+        for reader in readers:
+            reader.close()
+        raise
+    return tasks, readers
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hotrestart.checkpoint.pageserver FD`: serve one lazy restore's memory on
+    the connected socket FD, as `spec_for` describes it on stdin. Exits 0 once the daemon
+    said it was done, 1 otherwise, with the reason on stderr."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        sock = socket.socket(fileno=int(args[0]))
+        spec = json.loads(sys.stdin.buffer.read(MAX_SPEC + 1)[:MAX_SPEC])
+        tasks, readers = serving(spec)
+    except Exception as exc:
+        print(f"cannot serve: {exc}", file=sys.stderr)
+        return 1
+    server = PageServer(sock, tasks)
+    try:
+        server.serve()
+    except Exception as exc:
+        print(f"{exc}", file=sys.stderr)
+        return 1
+    finally:
+        for reader in readers:
+            reader.close()
+    if not server.closed:
+        print("the lazy-pages daemon hung up before it was done", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

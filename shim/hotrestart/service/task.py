@@ -41,7 +41,7 @@ from hotrestart.runtime import mounts
 from hotrestart.runtime.command import CommandRunner
 from hotrestart.runtime.runc import Runc
 from hotrestart.runtime.stats import metrics_v1
-from hotrestart.store.config import key_ring, open_store
+from hotrestart.store.config import StoreSource, key_ring
 from hotrestart.store.seal import SealError
 from hotrestart.store.store import DEFAULT_ROOT as DEFAULT_STORE
 from hotrestart.ttrpc.server import CallContext, Handler, unary
@@ -112,12 +112,13 @@ class TaskService:
         root = opts.checkpoint_store or os.environ.get(STORE_ENV) or DEFAULT_STORE
         engine = self._engines.get(root)
         if engine is None:
+            source = StoreSource(root, opts.store_key_file, opts.allow_unauthenticated_checkpoints)
             try:
-                store = open_store(root, opts.store_key_file, opts.allow_unauthenticated_checkpoints)
+                store = source.open()
             except (SealError, OSError) as exc:
                 log.error("hot restart is off for store %s: %s", root, exc)
                 return None
-            engine = self._engines[root] = Engine(self._runner, store, gpu=self._gpu_state(opts))
+            engine = self._engines[root] = Engine(self._runner, store, gpu=self._gpu_state(opts), source=source)
         return engine
 
     def _gpu_state(self, opts: RuntimeOptions) -> GpuState:

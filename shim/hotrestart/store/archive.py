@@ -115,32 +115,42 @@ class FileReader:
         self._pool = concurrent.futures.ThreadPoolExecutor(self._ahead, thread_name_prefix="page-read")
         self._lock = threading.Lock()
         self._chunks: collections.OrderedDict[int, concurrent.futures.Future[bytearray]] = collections.OrderedDict()
+        self._last: tuple[int, bytearray] | None = None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._chunks.clear()
+        self._last = None
 
-    def read(self, offset: int, length: int) -> bytes:
-        """`length` bytes of the file from `offset`, every chunk they come from verified."""
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        """`length` bytes of the file from `offset`, every chunk they come from verified;
+        a view into the chunk (no copy) when they lie within one."""
         if offset < 0 or length < 0 or offset + length > self.entry.raw_bytes:
             raise IntegrityError(f"{self.entry.path}: read of {length} bytes at {offset} beyond the file")
-        out = bytearray()
         i = bisect.bisect_right(self._starts, offset) - 1
+        skip = offset - self._starts[i]
+        data = self._chunk(i)
+        if skip + length <= len(data):
+            return memoryview(data)[skip : skip + length]
+        out = bytearray(data[skip:])
         while len(out) < length:
-            data = self._chunk(i)
-            skip = offset + len(out) - self._starts[i]
-            out += data[skip : skip + length - len(out)]
             i += 1
+            out += memoryview(self._chunk(i))[: length - len(out)]
         return bytes(out)
 
     def _chunk(self, i: int) -> bytearray:
+        last = self._last
+        if last is not None and last[0] == i:
+            return last[1]  # the daemon asks for a chunk's pages in many small pieces
         with self._lock:
             wanted = self._want(i)
             for j in range(i + 1, min(i + 1 + self._ahead, len(self.entry.chunks))):
                 self._want(j)
             while len(self._chunks) > self._keep:
                 self._chunks.popitem(last=False)
-        return wanted.result()
+        data = wanted.result()
+        self._last = (i, data)
+        return data
 
     def _want(self, i: int) -> concurrent.futures.Future[bytearray]:
         future = self._chunks.get(i)

@@ -93,9 +93,18 @@ def page_runs(images: str) -> dict[int, list[tuple[int, int]]]:
 
 
 def parse_pagemap(data: bytes) -> tuple[int, list[tuple[int, int]]]:
-    """(pages id, [(vaddr, pages) of each present run]) of a pagemap image."""
+    """(pages id, [(vaddr, pages) of each run of contiguous present pages]) of a pagemap
+    image. CRIU splits a run into entries where its pipe buffers happen to fill up, which
+    depends on everything dumped before it: entries that continue one another are joined,
+    so that the same memory is cut the same way in every dump."""
     pages_id, entries = pagemap_entries(data)
-    return pages_id, [(vaddr, pages) for vaddr, pages, _ in entries]
+    runs: list[tuple[int, int]] = []
+    for vaddr, pages, _ in entries:
+        if runs and runs[-1][0] + runs[-1][1] * PAGE == vaddr:
+            runs[-1] = (runs[-1][0], runs[-1][1] + pages)
+        else:
+            runs.append((vaddr, pages))
+    return pages_id, runs
 
 
 def pagemap_entries(data: bytes) -> tuple[int, list[tuple[int, int, int]]]:

@@ -7,6 +7,7 @@ the same environment) open the store the same way, so both refuse the same store
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from hotrestart.store import keyfile, locality
@@ -42,3 +43,15 @@ def open_store(root: str, key_file: str = "", allow_unauthenticated: bool = Fals
     ring = key_ring(key_file)
     locality.require_key(root, ring, allow)
     return backend(root, ring)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoreSource:
+    """How a store was opened, so that a helper process can open the same one."""
+
+    root: str
+    key_file: str = ""
+    allow_unauthenticated: bool = False
+
+    def open(self) -> Backend:
+        return open_store(self.root, self.key_file, self.allow_unauthenticated)
