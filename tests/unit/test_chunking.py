@@ -141,3 +141,34 @@ def test_entries_split_anywhere_within_a_run_cut_the_same() -> None:
     one = _pagemap(1, [(0x400000, 3, present), (base, 1000, present), (base + 1000 * PAGE, 3000, present)])
     two = _pagemap(1, [(0x400000, 3, present), (base, 2500, present), (base + 2500 * PAGE, 1500, present)])
     assert chunking.parse_pagemap(one) == chunking.parse_pagemap(two) == (1, [(0x400000, 3), (base, 4000)])
+
+
+def _field_bytes(number: int, body: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(body)) + body
+
+
+def _mm(vmas: list[tuple[int, int]]) -> bytes:
+    body = _varint(1 << 3) + _varint(0x400000)  # mm_start_code
+    body += _varint(16 << 3 | 1) + bytes(8)  # a fixed-width field, skipped
+    for start, end in vmas:
+        body += _field_bytes(14, _varint(1 << 3) + _varint(start) + _varint(2 << 3) + _varint(end))
+    return struct.pack("<III", 0x54564319, 0x57492820, len(body)) + body
+
+
+def test_runs_are_cut_where_a_mapping_begins() -> None:
+    """A thread's stack right below a buffer: how many of its pages are present changes from
+    dump to dump; cut at the buffer's mapping, the buffer's chunks stay where they were."""
+    stack, buf = 0x7F0000000000, 0x7F0000100000
+    starts = chunking.vma_starts(_mm([(buf, buf + (64 << 20)), (stack, buf), (0x400000, 0x401000)]))
+    assert starts == [0x400000, stack, buf]
+    one = chunking.split_at([(buf - 2 * PAGE, 2 + 1000)], starts)
+    two = chunking.split_at([(buf - 5 * PAGE, 5 + 1000)], starts)
+    assert one[1:] == two[1:] == [(buf, 1000)]
+    assert one[0] == (buf - 2 * PAGE, 2) and two[0] == (buf - 5 * PAGE, 5)
+    assert chunking.split_at([(0x400000, 1), (buf, 10)], starts) == [(0x400000, 1), (buf, 10)]
+
+
+@pytest.mark.parametrize("data", [b"", struct.pack("<II", 0x54564319, 0x56084025) + bytes(4), _mm([(1, 2)])])
+def test_a_bad_mm_image_is_refused(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        chunking.vma_starts(data)

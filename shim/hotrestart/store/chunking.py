@@ -24,10 +24,12 @@ MIN_CHUNK = 1 << 20  # windows are merged until a chunk holds this much
 PAGE = 4096
 
 _PAGES = re.compile(r"pages-([0-9]{1,10})\.img")
-_PAGEMAP = re.compile(r"pagemap-[0-9]{1,10}\.img")
+_PAGEMAP = re.compile(r"pagemap-([0-9]{1,10})\.img")
 # CRIU image magics (criu/include/magic.h): the common prefix and the pagemap's own.
 _IMG_COMMON = 0x54564319
 _PAGEMAP_MAGIC = 0x56084025
+_MM_MAGIC = 0x57492820
+_MM_VMAS = 14  # mm_entry.vmas: repeated vma_entry {start = 1; end = 2; ...}
 PE_LAZY = 1 << 1
 PE_PRESENT = 1 << 2
 _MAX_PAGEMAP = 64 << 20
@@ -74,22 +76,95 @@ def by_run(runs: list[tuple[int, int]]) -> list[Span]:
 
 
 def page_runs(images: str) -> dict[int, list[tuple[int, int]]]:
-    """Per page image id, its runs of present pages from the pagemaps; an unreadable
-    pagemap is left out (its page image is then cut at fixed offsets)."""
+    """Per page image id, its runs of present pages from the pagemaps, split where a
+    mapping (VMA) begins; an unreadable pagemap is left out (its page image is then cut at
+    fixed offsets), an unreadable mm image only loses the split."""
     found: dict[int, list[tuple[int, int]]] = {}
     for name in os.listdir(images):
-        if not _PAGEMAP.fullmatch(name):
+        match = _PAGEMAP.fullmatch(name)
+        if not match:
             continue
         try:
-            with open(os.path.join(images, name), "rb") as f:
-                data = f.read(_MAX_PAGEMAP + 1)
-            if len(data) > _MAX_PAGEMAP:
-                continue
-            pages_id, runs = parse_pagemap(data)
+            pages_id, runs = parse_pagemap(_read_capped(os.path.join(images, name)))
         except (OSError, ValueError):
             continue
-        found[pages_id] = runs
+        try:
+            starts = vma_starts(_read_capped(os.path.join(images, f"mm-{match.group(1)}.img")))
+        except (OSError, ValueError):
+            starts = []
+        found[pages_id] = split_at(runs, starts)
     return found
+
+
+def _read_capped(path: str) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(_MAX_PAGEMAP + 1)
+    if len(data) > _MAX_PAGEMAP:
+        raise ValueError(f"{path}: larger than {_MAX_PAGEMAP} bytes")
+    return data
+
+
+def split_at(runs: list[tuple[int, int]], starts: list[int]) -> list[tuple[int, int]]:
+    """`runs` cut where a mapping begins inside one. Pages of two mappings can be contiguous
+    (a thread's stack right below a large buffer), and the first one's present pages come
+    and go: cut at the mapping, the second's chunks do not move with them."""
+    out = []
+    i = 0
+    for vaddr, pages in runs:
+        end = vaddr + pages * PAGE
+        while i < len(starts) and starts[i] <= vaddr:
+            i += 1
+        at = vaddr
+        while i < len(starts) and starts[i] < end:
+            out.append((at, (starts[i] - at) // PAGE))
+            at = starts[i]
+            i += 1
+        out.append((at, (end - at) // PAGE))
+    return out
+
+
+def vma_starts(data: bytes) -> list[int]:
+    """The sorted start addresses of the mappings in an mm image (a magic pair, then one
+    length-prefixed MmEntry whose field 14 holds the VmaEntries)."""
+    if len(data) < 12 or struct.unpack_from("<II", data) != (_IMG_COMMON, _MM_MAGIC):
+        raise ValueError("not an mm image")
+    (n,) = struct.unpack_from("<I", data, 8)
+    if 12 + n > len(data):
+        raise ValueError("truncated record")
+    starts: list[int] = []
+    for number, value in _any_fields(data[12 : 12 + n]):
+        if number == _MM_VMAS and isinstance(value, bytes):
+            start = next((v for k, v in _any_fields(value) if k == 1 and isinstance(v, int)), None)
+            if start is None or start % PAGE:
+                raise ValueError("a mapping without a page-aligned start")
+            starts.append(start)
+    return sorted(starts)
+
+
+def _any_fields(msg: bytes) -> list[tuple[int, int | bytes]]:
+    """(field number, value) of every field of a protobuf message: varints as ints,
+    length-delimited fields as bytes, fixed-width ones skipped."""
+    out: list[tuple[int, int | bytes]] = []
+    at = 0
+    while at < len(msg):
+        key, at = _varint(msg, at)
+        kind = key & 7
+        if kind == 0:
+            value, at = _varint(msg, at)
+            out.append((key >> 3, value))
+        elif kind == 2:
+            n, at = _varint(msg, at)
+            if at + n > len(msg):
+                raise ValueError("truncated field")
+            out.append((key >> 3, msg[at : at + n]))
+            at += n
+        elif kind in (1, 5):
+            at += 8 if kind == 1 else 4
+        else:
+            raise ValueError(f"protobuf wire type {kind}")
+    if at != len(msg):
+        raise ValueError("truncated field")
+    return out
 
 
 def parse_pagemap(data: bytes) -> tuple[int, list[tuple[int, int]]]:
