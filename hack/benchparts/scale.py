@@ -31,9 +31,12 @@ INTERVAL = "30s"
 
 def manifests(store: Path, pod: str, reason: str) -> list[dict]:
     found = []
-    for path in (store / "v1" / "checkpoints").rglob("manifest.json") if store.exists() else ():
+    # os.walk, not rglob: checkpoints are renamed away while it walks (superseded, claimed).
+    for folder, _, names in os.walk(store / "v1" / "checkpoints"):
+        if "manifest.json" not in names:
+            continue
         try:
-            data = json.loads(path.read_text())
+            data = json.loads((Path(folder) / "manifest.json").read_text())
         except (OSError, ValueError):
             continue
         if data["identity"]["pod"] == pod and data["reason"] == reason:
@@ -59,7 +62,8 @@ def chunk_bytes(store: Path) -> int:
 def bench_scale_size(inst: ContainerdInstance, cri, memhog: Path, mib: int) -> dict[str, float]:
     r: dict[str, float] = {}
     name = f"scale-{mib}"
-    annotations = {"hotrestart.io/checkpoint-interval": INTERVAL}
+    # A stop that finds a periodic checkpoint under way waits for it: give it the time.
+    annotations = {"hotrestart.io/checkpoint-interval": INTERVAL, "hotrestart.io/checkpoint-timeout": "60s"}
     env = {"MEMHOG_CHURN": str(CHURN)}
     progress(f"{mib} MiB: first periodic checkpoint")
     pod, cid = memhog_pod(cri, inst, "hotrestart", name, memhog, [str(mib)], env=env, annotations=annotations)
@@ -87,7 +91,8 @@ def bench_scale_size(inst: ContainerdInstance, cri, memhog: Path, mib: int) -> d
     remove_pod(cri, pod)
     r.update(restore_timed(inst, cri, memhog, name, mib, env, before, "lazy"))
     progress(f"{mib} MiB: stopped again, then a full restore")
-    pod, cid = memhog_pod(cri, inst, "hotrestart", name, memhog, [str(mib)], env=env)
+    timeout = {"hotrestart.io/checkpoint-timeout": "60s"}
+    pod, cid = memhog_pod(cri, inst, "hotrestart", name, memhog, [str(mib)], env=env, annotations=timeout)
     cri.start_container(cid)
     wait_for_line(cri, cid, lambda x: x[:1].isdigit())
     time.sleep(0.5)
@@ -115,16 +120,22 @@ def restore_timed(
     t0 = time.monotonic()
     cri.start_container(cid)
     r[f"{mode}_started"] = time.monotonic() - t0
+    progress(f"{mib} MiB: {mode} restore: started after {r[f'{mode}_started']:.2f}s")
     wait_for_line(cri, cid, lambda x: x.startswith("resumed"))
     r[f"{mode}_answers"] = time.monotonic() - t0
+    progress(f"{mib} MiB: {mode} restore: answers after {r[f'{mode}_answers']:.2f}s")
     row = wait_for_line(cri, cid, lambda x: x[:1].isdigit() and int(x.split()[0]) > before[0])
     r[f"{mode}_all_memory"] = time.monotonic() - t0
     if int(row.split()[1]) != before[1]:
         raise SystemExit(f"restore lost the memory: {before} then {row}")
     if mode == "lazy":
-        found = re.search(rf"{cid}: fully resident ([0-9.]+)s after the restore began", inst.read_log())
+        pattern = re.compile(rf"{cid}: fully resident ([0-9.]+)s after the restore began")
+        deadline = time.monotonic() + 120  # the last rows can come before the daemon is done
+        while (found := pattern.search(inst.read_log())) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
         if found is None:
-            raise SystemExit(f"the {mib} MiB restore was not lazy (see {inst.log_path})")
+            said = [line[-300:] for line in inst.read_log().splitlines() if cid in line and "shim=hotrestart" in line]
+            raise SystemExit(f"the {mib} MiB restore was not lazy:\n" + "\n".join(said[-10:]))
         r["lazy_resident"] = float(found.group(1))
     cri.stop_container(cid, timeout=0)
     remove_pod(cri, pod)

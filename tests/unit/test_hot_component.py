@@ -4,6 +4,7 @@ Runc stand-in, the freezer, a clock), no root and no waiting out windows or inte
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -342,3 +343,36 @@ async def test_without_the_pods_labels_the_pod_name_is_the_identity(
     got = hot.policy.identity
     assert got.canonical() == "shop/web-a/app" and not got.pool
     assert "pod labels unavailable" in got.source and "unavailable" in caplog.text
+
+
+async def test_a_lazily_restored_container_is_dumped_only_once_its_memory_is_back(
+    tmp_path: Path, freezer: list[str]
+) -> None:
+    """CRIU must not read a process whose pages are still arriving: a stop waits for them
+    within its budget, and past it the signal is delivered."""
+    hot, _, _ = await _restored(tmp_path)
+    assert hot._claim is not None
+    back = asyncio.Event()
+    hot._claim.resident = asyncio.ensure_future(back.wait())
+    hot.policy = dataclasses.replace(hot.policy, timeout=1.0)
+    assert await hot.checkpoint_for_stop(15) is False, "the memory did not come back in time"
+    hot._stopping = False
+    hot.policy = dataclasses.replace(hot.policy, timeout=30.0)
+    stop = asyncio.ensure_future(hot.checkpoint_for_stop(15))
+    await asyncio.sleep(0.2)
+    assert not stop.done()
+    back.set()
+    assert await stop is True
+    await hot.engine.drain()
+
+
+async def test_a_lazy_restore_uses_its_checkpoint_up_only_once_resident(tmp_path: Path) -> None:
+    """Its chunks feed the process until then: consumed earlier, they could be collected."""
+    hot, clock, store = await _restored(tmp_path)
+    assert hot._claim is not None
+    back = asyncio.Event()
+    hot._claim.resident = asyncio.ensure_future(back.wait())
+    clock.advance(restore.RESTORE_WINDOW + 1)
+    assert _states(store) == ["claimed"]
+    back.set()
+    await _until(lambda: _states(store) == [])

@@ -223,6 +223,11 @@ class HotRestart(PlainCheckpoints):
         started = self.clock.monotonic()
         await self.identify()
         async with self.dump_lock:  # a periodic or API checkpoint in progress finishes first
+            try:
+                await self._resident(self.policy.timeout - (self.clock.monotonic() - started))
+            except TimeoutError:
+                log.warning("%s: memory still arriving from the restore: no checkpoint on stop", self.view.id)
+                return False
             left = self.policy.timeout - (self.clock.monotonic() - started)
             if left <= 0.5 or not self.view.running:
                 return False
@@ -268,8 +273,10 @@ class HotRestart(PlainCheckpoints):
                 empty_ns=cfg.empty_namespaces,
                 cgroups_mode=cfg.cgroups_mode,
             )
-        async with self.dump_lock, self.prepared(cfg.exit) as prep:
-            dumped = await dump.dump(self.engine, self.view, policy, req, None, around=prep.freeze, gpu=prep.gpu)
+        async with self.dump_lock:
+            await self._resident(None)
+            async with self.prepared(cfg.exit) as prep:
+                dumped = await dump.dump(self.engine, self.view, policy, req, None, around=prep.freeze, gpu=prep.gpu)
         try:
             await asyncio.to_thread(_copy_images, dumped.images, cfg.path)
             await self.attest(cfg.path, os.listdir(dumped.images))
@@ -296,6 +303,7 @@ class HotRestart(PlainCheckpoints):
                     # A paused container is dumped as it is (containerd pauses around its own checkpoints).
                     if self._stopping or not (self.view.running or self.view.paused):
                         continue
+                    await self._resident(interval)
                     req = DumpRequest("periodic", leave_running=True)
                     async with self.prepared(False) as prep:
                         dumped = await dump.dump(
@@ -312,6 +320,16 @@ class HotRestart(PlainCheckpoints):
                 self.engine.publisher.publish_later(dumped)
             except Exception as exc:
                 log.warning("%s: periodic checkpoint failed (next in %.0fs): %s", self.view.id, interval, exc)
+
+    async def _resident(self, budget: float | None) -> None:
+        """Return once a lazily restored container has all of its memory back (TimeoutError
+        past `budget` seconds): CRIU must not dump a process whose pages are still arriving."""
+        claim = self._claim
+        if claim is None or claim.resident is None or claim.resident.done():
+            return
+        if budget is not None and budget <= 0:
+            raise TimeoutError
+        await asyncio.wait_for(asyncio.shield(claim.resident), budget)
 
     # -- endings --------------------------------------------------------------------------------
 

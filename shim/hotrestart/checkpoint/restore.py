@@ -181,8 +181,9 @@ async def _start_lazy(engine: Engine, view: View, claim: Claim, criu_work: str) 
         _decompress_all(engine, claim.entry, claim.work, only={path})
 
     unpacked = await asyncio.to_thread(lazy.unpack, engine.store, claim.entry, images, pages, pagemaps, full)
-    if not unpacked.tasks or engine.source is None:
-        return False
+    if not unpacked.tasks:
+        return False  # no task memory to serve: every page image was written whole
+    assert engine.source is not None  # lazy_restores() needs it
     daemon = lazy.Daemon(unpacked, engine.source)
     try:
         os.makedirs(criu_work, mode=0o700, exist_ok=True)
