@@ -4,16 +4,18 @@ Every image but the tasks' page images is unpacked as for a full restore. Of the
 images, only the pages CRIU restores itself (stacks, file-backed private pages: small) are
 written, the rest left as holes; CRIU's lazy-pages daemon takes the restored tasks'
 userfaultfds and fetches what they fault on, and then everything else in the background,
-from `pageserver` reading the store, every chunk verified. `runc restore --lazy-pages`
-returns once the process can run; the container is fully resident when the daemon exits.
+from `pageserver` (a process of its own) reading the store, every chunk verified. `runc
+restore --lazy-pages` returns once the process can run; the container is fully resident
+when the daemon exits. Daemon and page server run in process groups of their own, so the
+shim going away part-way does not take the memory with it.
 
 The page source failing part-way (a chunk missing or corrupt, the store gone) must never
 let the process see memory it did not have: while the daemon lives, a thread faulting on a
 page that has not arrived waits in the kernel, so the shim kills the container (SIGKILL)
 before it lets the daemon go, and quarantines the checkpoint. The process is killed, the
 pod's restart policy applies, and the next create starts cold. The daemon itself dying
-early (a crash) would let the kernel hand out zero pages, so the shim holds its own
-references to the userfaultfds and kills the container before releasing them.
+early (a crash, the page server gone) would let the kernel hand out zero pages, so the shim
+holds its own references to the userfaultfds and kills the container before releasing them.
 """
 
 from __future__ import annotations
