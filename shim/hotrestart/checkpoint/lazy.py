@@ -204,8 +204,11 @@ class Daemon:
         log.info("holding %d userfaultfd(s) of the lazy-pages daemon %d", len(self._uffds), pid)
 
     def _pid(self) -> int:
-        """The daemon's pid: the shim's child running CRIU in this restore's work folder."""
+        """The daemon's pid: the shim's child running CRIU in this restore's work folder, in
+        the shim's own mount namespace. The container's init is a child of the shim too and
+        can write any command line: it never shares that namespace."""
         me = str(os.getpid())
+        ours = os.stat("/proc/self/ns/mnt").st_ino
         for name in os.listdir("/proc"):
             if not name.isdigit():
                 continue
@@ -213,6 +216,8 @@ class Daemon:
                 with open(f"/proc/{name}/stat") as f:
                     if f.read().rsplit(")", 1)[1].split()[1] != me:
                         continue
+                if os.stat(f"/proc/{name}/ns/mnt").st_ino != ours:
+                    continue
                 with open(f"/proc/{name}/cmdline", "rb") as f:
                     args = f.read().split(b"\0")
                 if b"lazy-pages" in args and self.work.encode() in args:
