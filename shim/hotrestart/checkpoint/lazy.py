@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from hotrestart.checkpoint.pageserver import PAGE, PageServerError, TaskPages, fill_eager, spec_for, task_pages
+from hotrestart.checkpoint.pageserver import PAGE, TaskPages, fill_eager, spec_for, task_pages
 from hotrestart.errors import ShimError
 from hotrestart.runtime import criu
 from hotrestart.runtime.command import CommandRunner, Completed
@@ -91,7 +91,7 @@ def unpack(
     out = Unpacked(entry, images)
     by_image: dict[int, tuple[int, TaskPages]] = {}
     for path, task_id in pagemaps.items():
-        with open(_local(images, path), "rb") as f:
+        with open(local_path(images, path), "rb") as f:
             data = f.read(_MAX_PAGEMAP + 1)
         if len(data) > _MAX_PAGEMAP:
             raise LazyFailed(f"{path}: larger than {_MAX_PAGEMAP} bytes")
@@ -114,7 +114,7 @@ def unpack(
             raise LazyFailed(f"{path}: its pagemap does not add up to its size")
         reader = store.file_reader(entry, path)
         try:
-            fill_eager(_local(images, path), sizes[path], layout, reader)
+            fill_eager(local_path(images, path), sizes[path], layout, reader)
         finally:
             reader.close()
         out.tasks[task] = path
@@ -122,7 +122,7 @@ def unpack(
     return out
 
 
-def _local(images: str, path: str) -> str:
+def local_path(images: str, path: str) -> str:
     """Where the stored file `path` is unpacked in the folder `images`."""
     return os.path.join(images, os.path.basename(path).removesuffix(".zst"))
 
@@ -276,4 +276,4 @@ def _settle(future: asyncio.Future[T], value: Callable[[], T]) -> None:
         future.set_result(value())
 
 
-__all__ = ["Daemon", "LazyFailed", "PageServerError", "Unpacked", "lazy_paths", "unpack"]
+__all__ = ["Daemon", "LazyFailed", "Unpacked", "lazy_paths", "local_path", "unpack"]

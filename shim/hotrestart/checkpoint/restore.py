@@ -193,7 +193,7 @@ async def _start_lazy(engine: Engine, view: View, claim: Claim, criu_work: str) 
         log.warning("%s: restoring in full: %s", view.id, exc)
         for path in pages:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(images, os.path.basename(path).removesuffix(".zst")))
+                os.unlink(lazy.local_path(images, path))
         await asyncio.to_thread(_decompress_all, engine, claim.entry, claim.work, only=pages)
         return False
     claim.daemon = daemon

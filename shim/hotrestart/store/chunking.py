@@ -142,8 +142,8 @@ def vma_starts(data: bytes) -> list[int]:
 
 
 def _any_fields(msg: bytes) -> list[tuple[int, int | bytes]]:
-    """(field number, value) of every field of a protobuf message: varints as ints,
-    length-delimited fields as bytes, fixed-width ones skipped."""
+    """(field number, value) of every field of a protobuf message: varints as ints, any
+    other (length-delimited, fixed-width) as its bytes."""
     out: list[tuple[int, int | bytes]] = []
     at = 0
     while at < len(msg):
@@ -159,11 +159,13 @@ def _any_fields(msg: bytes) -> list[tuple[int, int | bytes]]:
             out.append((key >> 3, msg[at : at + n]))
             at += n
         elif kind in (1, 5):
-            at += 8 if kind == 1 else 4
+            n = 8 if kind == 1 else 4
+            if at + n > len(msg):
+                raise ValueError("truncated field")
+            out.append((key >> 3, msg[at : at + n]))
+            at += n
         else:
             raise ValueError(f"protobuf wire type {kind}")
-    if at != len(msg):
-        raise ValueError("truncated field")
     return out
 
 
@@ -219,12 +221,10 @@ def pagemap_entries(data: bytes) -> tuple[int, list[tuple[int, int, int]]]:
 def _fields(msg: bytes) -> dict[int, int]:
     """The varint fields of a protobuf message (the only kind a pagemap record holds)."""
     out: dict[int, int] = {}
-    at = 0
-    while at < len(msg):
-        key, at = _varint(msg, at)
-        if key & 7 != 0:
+    for number, value in _any_fields(msg):
+        if not isinstance(value, int):
             raise ValueError("a pagemap record field that is not a varint")
-        out[key >> 3], at = _varint(msg, at)
+        out[number] = value
     return out
 
 

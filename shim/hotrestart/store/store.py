@@ -21,11 +21,12 @@ import time
 from collections.abc import Iterator
 
 from hotrestart.store import archive, chunkgc, retention, safefs
+from hotrestart.store.chunkcodec import Codec
 from hotrestart.store.chunks import REFS, Chunks, Journal
 from hotrestart.store.chunkwrite import ChunkWriter
 from hotrestart.store.entry import Entry, Good, identity_key
 from hotrestart.store.listing import Listing
-from hotrestart.store.manifest import Identity, Manifest
+from hotrestart.store.manifest import FileEntry, Identity, Manifest
 from hotrestart.store.pending import PendingMarkers
 from hotrestart.store.safefs import UnsafeEntryError
 from hotrestart.store.seal import KeyRing, Sealer, SealError
@@ -280,15 +281,9 @@ class Store:
 
     def restore_file(self, entry: Entry, rel: str, dst: str, *, cap: int | None = None) -> None:
         """Write one file of `entry` to `dst` as a restore does, every chunk verified (see archive)."""
-        files = [f for f in (entry.manifest.files if entry.manifest else []) if f.path == rel]
-        if not files:
-            raise archive.IntegrityError(f"{rel}: not in the checkpoint's manifest")
+        stored, codec = self._stored(entry, rel)
         try:
-            codec = self._sealing.reading(entry)
-        except SealError as exc:
-            raise archive.IntegrityError(str(exc)) from None
-        try:
-            archive.restore_file(files[0], dst, self._reader(codec.space), codec, cap=cap)
+            archive.restore_file(stored, dst, self._reader(codec.space), codec, cap=cap)
         except archive.CorruptChunk as exc:
             # Shared: left in place, it would spoil every later checkpoint holding those bytes.
             self._discard(codec.space, exc.digest)
@@ -297,16 +292,20 @@ class Store:
     def file_reader(self, entry: Entry, rel: str) -> archive.FileReader:
         """Random reads of one file of `entry`, every chunk verified (for lazy restores); a
         chunk found corrupt is removed from the store, as `restore_file` does."""
+        stored, codec = self._stored(entry, rel)
+        return archive.FileReader(
+            stored, self._reader(codec.space), codec, on_corrupt=lambda d: self._discard(codec.space, d)
+        )
+
+    def _stored(self, entry: Entry, rel: str) -> tuple[FileEntry, Codec]:
+        """The manifest's entry for the file `rel` of `entry`, and how its chunks are opened."""
         files = [f for f in (entry.manifest.files if entry.manifest else []) if f.path == rel]
         if not files:
             raise archive.IntegrityError(f"{rel}: not in the checkpoint's manifest")
         try:
-            codec = self._sealing.reading(entry)
+            return files[0], self._sealing.reading(entry)
         except SealError as exc:
             raise archive.IntegrityError(str(exc)) from None
-        return archive.FileReader(
-            files[0], self._reader(codec.space), codec, on_corrupt=lambda d: self._discard(codec.space, d)
-        )
 
     def _discard(self, space: str, digest: str) -> None:
         with contextlib.suppress(OSError):
