@@ -8,6 +8,7 @@ holds its own policy and state and asks the engine's modules to dump (`dump.py`)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import platform
 import socket
@@ -44,6 +45,7 @@ class Engine:
         self.publisher = Publisher(store)
         self._runtime: dict[str, str] | None = None
         self._lazy: bool | None = None
+        self._winding_down: set[asyncio.Future[None]] = set()
         # Work folders of shims that were killed hold process memory, often on tmpfs.
         workarea.sweep_all(self.work)
 
@@ -79,6 +81,15 @@ class Engine:
                 log.info("restores are full ones here: no lazy pages (%s)", "; ".join(why) or "criu check failed")
         return self._lazy
 
+    def wind_down(self, task: asyncio.Future[None]) -> None:
+        """Cancel `task` and have `drain` wait for it: a dump cancelled part-way still has
+        a work folder (often a tmpfs mount) to remove."""
+        task.cancel()
+        self._winding_down.add(task)
+        task.add_done_callback(self._winding_down.discard)
+
     async def drain(self, timeout: float = 600.0) -> None:
-        """Wait for background publishes (the shim must not exit under them)."""
+        """Wait for background publishes and cancelled dumps (the shim must not exit under them)."""
+        if self._winding_down:
+            await asyncio.wait(list(self._winding_down), timeout=timeout)
         await self.publisher.drain(timeout)

@@ -356,10 +356,10 @@ class HotRestart(PlainCheckpoints):
 
     def _stop_periodic(self) -> None:
         if self._periodic is not None:
-            self._periodic.cancel()
+            self.engine.wind_down(self._periodic)
             self._periodic = None
         if self._template is not None:
-            self._template.cancel()
+            self.engine.wind_down(self._template)
             self._template = None
         if self._identify_later is not None:
             self._identify_later.cancel()

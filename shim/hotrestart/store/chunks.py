@@ -116,7 +116,9 @@ class Chunks:
                     except FileNotFoundError:
                         continue
                     try:
-                        if os.fstat(cfd).st_nlink != 1:
+                        # No links: 0 is a chunk replaced or removed since it was opened,
+                        # whose bytes are still whole (chunks are renamed in complete).
+                        if os.fstat(cfd).st_nlink > 1:
                             raise UnsafeEntryError(name, "is hard-linked elsewhere")
                         # Read, not mapped: another node could truncate the file, and a
                         # mapping would turn that into SIGBUS.
