@@ -55,7 +55,7 @@ async def dump(
     store = engine.store
     cid, staging = store.new_staging()
     sealer = store.sealer(cid)
-    store.mark_pending(policy.identity, cid)
+    engine.calls.later("pending marker not set", store.mark_pending, policy.identity, cid)
     usage = memory_usage(view.pid)
     work, tmpfs = workarea.make(engine.work, cid, usage, prefault=req.leave_running)
     net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(view.spec)))
@@ -103,8 +103,8 @@ async def dump(
         net.cancel()
         _keep_dump_log(view, work)
         workarea.drop(work, tmpfs)
-        store.discard(staging)
-        store.clear_pending(policy.identity, cid)
+        engine.calls.later("staging not removed", store.discard, staging)
+        engine.calls.later("pending marker not cleared", store.clear_pending, policy.identity, cid)
         raise
     try:
         addresses = await asyncio.wait_for(net, 5)

@@ -15,6 +15,7 @@ import socket
 
 from hotrestart.checkpoint import workarea
 from hotrestart.checkpoint.publish import Publisher
+from hotrestart.checkpoint.storecalls import StoreCalls
 from hotrestart.gpu.state import GpuState
 from hotrestart.runtime import criu
 from hotrestart.runtime.command import CommandRunner
@@ -42,7 +43,8 @@ class Engine:
         self.source = source  # for helper processes (a lazy restore's page server); None: none
         self.work = work if work is not None else workarea.Places.from_env()
         self.node = node or socket.gethostname()
-        self.publisher = Publisher(store)
+        self.calls = StoreCalls(store)
+        self.publisher = Publisher(store, self.calls)
         self._runtime: dict[str, str] | None = None
         self._lazy: bool | None = None
         self._winding_down: set[asyncio.Future[None]] = set()
@@ -93,3 +95,4 @@ class Engine:
         if self._winding_down:
             await asyncio.wait(list(self._winding_down), timeout=timeout)
         await self.publisher.drain(timeout)
+        await self.calls.drain(timeout)

@@ -96,7 +96,7 @@ class HotRestart(PlainCheckpoints):
         chosen = identity.from_annotation(self.policy.identity)
         if chosen is None:
             namespace = self.policy.identity.namespace
-            if at_create and not self.engine.store.has_workloads(namespace):
+            if at_create and not await self.engine.calls.call(self.engine.store.has_workloads, namespace):
                 return  # the pod name finds what there is; decided for good at the first dump
             chosen = await self._from_labels()
         self._identified = True
@@ -340,8 +340,7 @@ class HotRestart(PlainCheckpoints):
         self._stop_periodic()
         if status == 0 and not stop_requested:
             # A clean exit on its own: the work is done, there is nothing to recover.
-            with contextlib.suppress(OSError):
-                self.engine.publisher.retire(self.policy.identity, ("periodic", "api"))
+            self.engine.publisher.retire(self.policy.identity, ("periodic", "api"))
         if self._claim is not None:
             died_early = not stop_requested and self.clock.monotonic() - self._restored_at < restore.RESTORE_WINDOW
             restore.settle(self.engine, self._claim, died_early=died_early)

@@ -20,6 +20,7 @@ from hotrestart import telemetry
 from hotrestart.checkpoint import workarea
 from hotrestart.checkpoint.dumped import Dumped
 from hotrestart.checkpoint.files import RAW
+from hotrestart.checkpoint.storecalls import StoreCalls
 from hotrestart.store import chunking
 from hotrestart.store.backend import Backend
 from hotrestart.store.chunkwrite import workers
@@ -29,8 +30,9 @@ log = logging.getLogger(__name__)
 
 
 class Publisher:
-    def __init__(self, store: Backend) -> None:
+    def __init__(self, store: Backend, calls: StoreCalls) -> None:
         self._store = store
+        self._calls = calls
         self._background: set[asyncio.Task[None]] = set()
         self._newest: dict[str, float] = {}  # identity -> wall time of its newest successful dump here
         self._in_flight: dict[str, tuple[str, str]] = {}  # checkpoint id -> (identity, reason)
@@ -52,6 +54,9 @@ class Publisher:
         """Drop the restore points of `identity` taken for `reasons` (a clean exit ends them);
         in a pool, only this pod's (the other members belong to replicas still at work)."""
         self.dumped(identity)
+        self._calls.later(f"restore points of {identity.canonical()} not removed", self._retire, identity, reasons)
+
+    def _retire(self, identity: Identity, reasons: tuple[str, ...]) -> None:
         for entry in self._store.published(identity):
             manifest = entry.manifest
             if manifest is None or manifest.reason not in reasons:
@@ -63,8 +68,8 @@ class Publisher:
     def discard(self, dumped: Dumped) -> None:
         """Throw a dump away unpublished."""
         workarea.drop(dumped.work, dumped.tmpfs)
-        self._store.discard(dumped.staging)
-        self._store.clear_pending(dumped.manifest.identity, dumped.id)
+        self._calls.later("staging not removed", self._store.discard, dumped.staging)
+        self._calls.later("pending marker not cleared", self._store.clear_pending, dumped.manifest.identity, dumped.id)
 
     async def drain(self, timeout: float) -> None:
         if self._background:
@@ -93,7 +98,7 @@ class Publisher:
                 if self._newest.get(identity, 0.0) > manifest.created_at:
                     # A later checkpoint (or a clean exit) of the same container came first.
                     log.info("checkpoint %s of %s superseded; dropped", dumped.id, identity)
-                    self._store.discard(dumped.staging)
+                    await self._calls.call(self._store.discard, dumped.staging)
                     return
                 with telemetry.span("hotrestart.checkpoint.publish", checkpoint=dumped.id):
                     manifest.timings["durable"] = time.monotonic() - dumped.started
@@ -115,11 +120,11 @@ class Publisher:
             # The dump itself succeeded (a stopped container's processes are gone): say so
             # loudly, since nothing else will.
             log.error("checkpoint %s of %s (%s) could not be published: %s", dumped.id, identity, manifest.reason, exc)
-            self._store.discard(dumped.staging)
+            self._calls.later("staging not removed", self._store.discard, dumped.staging)
         finally:
             self._in_flight.pop(dumped.id, None)
             workarea.drop(dumped.work, dumped.tmpfs)
-            self._store.clear_pending(manifest.identity, dumped.id)
+            self._calls.later("pending marker not cleared", self._store.clear_pending, manifest.identity, dumped.id)
 
     def _store_all(self, dumped: Dumped) -> None:
         """Store every dumped file as chunks (new ones only) and fill in the manifest."""

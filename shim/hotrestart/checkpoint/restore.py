@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -72,18 +73,19 @@ class Claim:
 
 async def find(engine: Engine, view: View, policy: Policy) -> tuple[Entry | None, str]:
     """The checkpoint to restore `view`'s container from, or (None, why not)."""
-    store = engine.store
+    store, calls = engine.store, engine.calls
     waited = 0.0
     # A checkpoint being written (the stop of the previous incarnation) is waited for.
-    while store.is_pending(policy.identity) and waited < PENDING_WAIT:
+    while await calls.call(store.is_pending, policy.identity) and waited < PENDING_WAIT:
         await asyncio.sleep(0.1)
         waited += 0.1
-    # A small directory listing: done inline, since a worker thread would stay in every shim.
-    entry = (
-        _pool_pick(store.candidates(policy.identity), policy) if policy.identity.pool else store.latest(policy.identity)
-    )
+    if policy.identity.pool:
+        entry = _pool_pick(await calls.call(store.candidates, policy.identity), policy)
+    else:
+        entry = await calls.call(store.latest, policy.identity)
     if entry is None and policy.snapshot is not None and (snap := identity.template_of(policy.identity)):
-        entry = template.current(store, snap, policy.snapshot.ttl)  # no stopped replica to take over
+        # No stopped replica to take over.
+        entry = await calls.call(template.current, store, snap, policy.snapshot.ttl)
     if entry is None or entry.manifest is None:
         return None, "no checkpoint"
     reason = await unfit(engine, view, entry.manifest)
@@ -117,7 +119,7 @@ def beyond_memory_limit(manifest: Manifest, spec: Mapping[str, Any]) -> str:
 async def prepare(engine: Engine, view: View, entry: Entry, policy: Policy) -> tuple[Claim, RestoreImages]:
     """Claim `entry`, verify and unpack it and replay its files, for `runc restore`."""
     shared = template.is_template(entry)
-    claimed = entry if shared else engine.store.claim(entry)
+    claimed = entry if shared else await engine.calls.call(engine.store.claim, entry)
     if (claimed is None or claimed.manifest is None) and policy.identity.pool:
         claimed = await _claim_another(engine, view, policy, entry.id)
     if claimed is None or claimed.manifest is None:
@@ -238,7 +240,9 @@ async def _until_resident(engine: Engine, view: View, claim: Claim, daemon: lazy
         claim.settled = True
         if not claim.shared or isinstance(exc.__cause__, StoreError):
             with contextlib.suppress(OSError):
-                engine.store.quarantine(claim.entry, f"lazy restore failed: {exc}", claim.log_file)
+                await engine.calls.call(
+                    engine.store.quarantine, claim.entry, f"lazy restore failed: {exc}", claim.log_file
+                )
     finally:
         claim.drop_work()
 
@@ -262,18 +266,37 @@ def abandon(engine: Engine, claim: Claim, exc: BaseException) -> str:
     if claim.shared:
         # Other replicas restore from it too: only proof that it is bad sets it aside.
         if isinstance(exc, StoreError) or isinstance(exc.__cause__, StoreError):
-            with contextlib.suppress(OSError):
-                engine.store.quarantine(claim.entry, reason, claim.log_file)
+            _quarantine_later(engine, claim, reason)
         claim.drop_work()
         return reason
-    with contextlib.suppress(OSError):
-        if isinstance(exc, Exception):
-            engine.store.quarantine(claim.entry, reason, claim.log_file)
-        else:
-            engine.store.release(claim.entry, claim.manifest)
-            log.info("restore from %s cancelled; checkpoint released", claim.entry.id)
+    if isinstance(exc, Exception):
+        _quarantine_later(engine, claim, reason)
+    else:
+        engine.calls.later("not released", engine.store.release, claim.entry, claim.manifest)
+        log.info("restore from %s cancelled; checkpoint released", claim.entry.id)
     claim.drop_work()
     return reason
+
+
+def _quarantine_later(engine: Engine, claim: Claim, reason: str) -> None:
+    """Quarantine `claim`'s checkpoint with its restore log, also when the call runs after
+    the work folder holding the log is gone (a remote store's calls run later)."""
+    entry, log_file = claim.entry, claim.log_file
+    if not engine.calls.remote or not log_file or not os.path.exists(log_file):
+        engine.calls.later("not quarantined", engine.store.quarantine, entry, reason, log_file)
+        return
+    os.makedirs(engine.work.disk, mode=0o700, exist_ok=True)
+    fd, kept = tempfile.mkstemp(prefix="restore-log-", dir=engine.work.disk)
+    with os.fdopen(fd, "wb") as out, contextlib.suppress(OSError), open(log_file, "rb") as f:
+        out.write(f.read(16 << 20))
+
+    def quarantine() -> None:
+        try:
+            engine.store.quarantine(entry, reason, kept)
+        finally:
+            os.unlink(kept)
+
+    engine.calls.later("not quarantined", quarantine)
 
 
 def settle(engine: Engine, claim: Claim, *, died_early: bool) -> None:
@@ -289,15 +312,12 @@ def settle(engine: Engine, claim: Claim, *, died_early: bool) -> None:
         claim.manifest.restore_attempts += 1
         if claim.manifest.restore_attempts >= MAX_SHORT_RESTORES:
             reason = f"restored container died within {RESTORE_WINDOW:.0f}s {claim.manifest.restore_attempts} times"
-            with contextlib.suppress(OSError):
-                store.quarantine(claim.entry, reason)
+            engine.calls.later("not quarantined", store.quarantine, claim.entry, reason)
             log.warning("checkpoint %s quarantined: %s", claim.entry.id, reason)
             return
-        with contextlib.suppress(OSError):
-            store.release(claim.entry, claim.manifest)
+        engine.calls.later("not released", store.release, claim.entry, claim.manifest)
         return
-    with contextlib.suppress(OSError):
-        store.remove(claim.entry)
+    engine.calls.later("not removed", store.remove, claim.entry)
 
 
 def _claimable(entry: Entry, policy: Policy) -> bool:
@@ -318,13 +338,13 @@ def _pool_pick(candidates: list[Entry], policy: Policy) -> Entry | None:
 
 async def _claim_another(engine: Engine, view: View, policy: Policy, taken: str) -> Entry | None:
     """Another replica claimed the pool's newest member first: the next newest that fits."""
-    for other in engine.store.candidates(policy.identity):
+    for other in await engine.calls.call(engine.store.candidates, policy.identity):
         manifest = other.manifest
         if other.id == taken or manifest is None or not _claimable(other, policy):
             continue
         if await unfit(engine, view, manifest):
             continue
-        claimed = engine.store.claim(other)
+        claimed = await engine.calls.call(engine.store.claim, other)
         if claimed is not None and claimed.manifest is not None:
             return claimed
     return None

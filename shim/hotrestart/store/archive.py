@@ -75,8 +75,15 @@ def restore_file(entry: FileEntry, dst: str, read: ReadChunk, codec: Codec, *, c
                 for c in entry.chunks:
                     futures.append(pool.submit(_restore_chunk, read, codec, c, target, at, entry.path))
                     at += c.raw
-                for future in futures:
-                    future.result()
+                try:
+                    for future in futures:
+                        future.result()
+                except BaseException:
+                    # One chunk failed the file: the rest are not fetched (a store out of
+                    # reach would otherwise time every one of them out in turn).
+                    for future in futures:
+                        future.cancel()
+                    raise
         finally:
             target.close()
     except BaseException:

@@ -26,6 +26,7 @@ from hotrestart.store.seal import Sealer
 
 class Backend(Protocol):
     collected: tuple[int, int]  # chunks and bytes the last prune removed
+    remote: bool  # its calls wait on the network: the shim makes them off its event loop
 
     # -- writing a checkpoint ---------------------------------------------------------------------
 

@@ -153,6 +153,11 @@ def _manifest_refs(fd: int) -> set[Ref]:
         return set()
     except UnsafeEntryError:
         return set()
+    return manifest_refs(text)
+
+
+def manifest_refs(text: bytes) -> set[Ref]:
+    """The chunks a manifest's text names; raises Unknown for a schema this version does not know."""
     try:
         data = json.loads(text)
     except (ValueError, RecursionError):

@@ -16,11 +16,26 @@ import mmap
 import os
 import threading
 from collections import deque
+from typing import Protocol
 
 from hotrestart.store.chunkcodec import Codec
 from hotrestart.store.chunking import Span
-from hotrestart.store.chunks import Chunks, Journal
 from hotrestart.store.manifest import Chunk, FileEntry, chunk_root
+
+
+class ChunkSink(Protocol):
+    """Where a backend keeps chunks (`chunks.Chunks` in a folder tree, `objectstore` in a bucket)."""
+
+    def stored_size(self, space: str, digest: str) -> int | None: ...
+    def put(self, space: str, digest: str, data: bytes) -> None: ...
+    def sync(self, space: str, fans: set[str]) -> None: ...
+
+
+class RefJournal(Protocol):
+    """What a writer records of the chunks it uses before looking for them (see chunkgc)."""
+
+    def add(self, space: str, digest: str) -> None: ...
+    def close(self) -> None: ...
 
 
 def workers() -> int:
@@ -31,7 +46,7 @@ def workers() -> int:
 class ChunkWriter:
     """The chunks of one checkpoint being written; files may be stored from one thread at a time."""
 
-    def __init__(self, chunks: Chunks, codec: Codec, journal: Journal) -> None:
+    def __init__(self, chunks: ChunkSink, codec: Codec, journal: RefJournal) -> None:
         self._chunks = chunks
         self._codec = codec
         self._journal = journal

@@ -24,7 +24,14 @@ def _truthy(text: str) -> bool:
 
 
 def backend(root: str, keys: KeyRing | None) -> Backend:
-    """The store at `root`: today always a directory tree (a local path or a shared mount)."""
+    """The store at `root`: an S3 bucket for `s3://bucket/prefix`, else a directory tree
+    (a local path or a shared mount)."""
+    if root.startswith("s3://"):
+        from hotrestart.store.objectstore import ObjectStore  # only object store nodes load its client
+
+        return ObjectStore(root, keys=keys)
+    if "://" in root:
+        raise ValueError(f"checkpoint store {root!r}: only s3:// URLs and directories are stores")
     return Store(root, keys=keys)
 
 

@@ -18,6 +18,18 @@ from hotrestart.store.sealing import Sealing
 from hotrestart.store.tree import MANIFEST, REASON, SMALL, STATES, Tree, one_line
 
 
+def checked_manifest(text: bytes, name: str, key: str, sealing: Sealing) -> Manifest:
+    """The manifest `text` of entry `name` (under identity folder `key`, when given),
+    validated and authenticated; raises ManifestError (or UnsupportedManifestError)."""
+    manifest = Manifest.from_json(text)
+    if manifest.id != name:
+        raise ManifestError(f"the manifest is of checkpoint {manifest.id!r}, not {name!r}")
+    sealing.authenticate(manifest, text, name)
+    if key and identity_key(manifest.identity) != key:
+        raise ManifestError("the manifest's identity does not belong in this folder")
+    return manifest
+
+
 class Listing:
     def __init__(self, tree: Tree, sealing: Sealing) -> None:
         self._tree = tree
@@ -68,12 +80,7 @@ class Listing:
                     if state == "checkpoints":  # published means a manifest was written first
                         raise ManifestError("no manifest") from None
                     return Entry(state, name, path, None, None, "no manifest", key, mtime)
-                manifest = Manifest.from_json(text)
-                if manifest.id != name:
-                    raise ManifestError(f"the manifest is of checkpoint {manifest.id!r}, not {name!r}")
-                self._sealing.authenticate(manifest, text, name)
-                if key and identity_key(manifest.identity) != key:
-                    raise ManifestError("the manifest's identity does not belong in this folder")
+                manifest = checked_manifest(text, name, key, self._sealing)
         except UnsupportedManifestError as exc:
             manifest, fault, problem = None, Fault.UNSUPPORTED, str(exc)
         except ManifestError as exc:

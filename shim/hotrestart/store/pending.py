@@ -59,12 +59,21 @@ class PendingMarkers:
 def _marker_live(fd: int, name: str, now: float) -> bool | None:
     """Whether a marker's writer may still finish; None when it could not be read now."""
     try:
-        host, pid, since = safefs.read_file(fd, name, SMALL).decode().split()
-        started, owner = float(since), int(pid)
-    except (UnsafeEntryError, ValueError):
+        text = safefs.read_file(fd, name, SMALL)
+    except UnsafeEntryError:
         return False
     except OSError:
         return None
+    return marker_live(text, now)
+
+
+def marker_live(text: bytes, now: float) -> bool:
+    """Whether the writer a marker's text ("<host> <pid> <since>") names may still finish."""
+    try:
+        host, pid, since = text.decode().split()
+        started, owner = float(since), int(pid)
+    except ValueError:
+        return False
     if not math.isfinite(started) or started > now + CLOCK_SKEW or now - started > PENDING_TTL:
         return False
     return host != socket.gethostname() or pid_alive(owner)

@@ -55,6 +55,7 @@ class Store:
         self._pending = PendingMarkers(self.tree)
         self.chunks = Chunks(self.tree)
         self.collected = (0, 0)  # chunks and bytes the last prune removed
+        self.remote = False  # a shared mount is as quick to ask as the node's disk, or hangs it all
 
     def sealer(self, cid: str) -> Sealer | None:
         """What seals checkpoint `cid` being written, when the store has a key."""
@@ -164,14 +165,14 @@ class Store:
         if identity.key.startswith(WORKLOAD_PREFIX):
             # Tells the namespace's next pods that a workload of theirs may have checkpoints,
             # which only the pod's labels can find (see has_workloads).
-            with self.tree.at("workloads", _namespace_key(identity.namespace), create=True) as fd:
+            with self.tree.at("workloads", namespace_key(identity.namespace), create=True) as fd:
                 safefs.write_file(fd, identity_key(identity), b"")
 
     def has_workloads(self, namespace: str) -> bool:
         """Whether any workload identity (a Job, a pod template) of `namespace` was ever
         checkpointed here: only then is a new pod's identity worth asking containerd for."""
         try:
-            with self.tree.at("workloads", _namespace_key(namespace)) as fd:
+            with self.tree.at("workloads", namespace_key(namespace)) as fd:
                 return bool(os.listdir(fd))
         except OSError:
             return False
@@ -365,5 +366,6 @@ class Store:
         return pid_alive(owner)
 
 
-def _namespace_key(namespace: str) -> str:
+def namespace_key(namespace: str) -> str:
+    """Where a namespace's workload markers are kept."""
     return hashlib.sha256(namespace.encode()).hexdigest()[:32]
