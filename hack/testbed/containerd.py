@@ -105,9 +105,11 @@ class ContainerdInstance:
         self.runc_options = dict(runc_options or {})
         # None: Root under our state dir (like runc's) and a checkpoint store of this
         # instance (or the shared one given); {}: send no options at all.
-        self.store = Path(store) if store else self.dir / "store"
+        # An s3:// URL is passed through as it is (`store` then stays a local path nobody uses).
+        self.store_url = str(store) if store and "://" in str(store) else ""
+        self.store = Path(store) if store and not self.store_url else self.dir / "store"
         self.hotrestart_options = (
-            {"Root": str(self.state / "runc"), "CheckpointStore": str(self.store)}
+            {"Root": str(self.state / "runc"), "CheckpointStore": self.store_url or str(self.store)}
             if hotrestart_options is None
             else dict(hotrestart_options)
         )

@@ -35,6 +35,7 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -66,7 +67,8 @@ DEFAULT_LOCAL = "/var/lib/hotrestart/s3-staging"
 LOCAL_ENV = "HOTRESTART_S3_STAGING"
 GC_STALE = 600.0  # a gc.lock older than this (by the server's clock) is a dead collector's
 GC_MAX = 300.0  # a collection stops removing chunks this long after taking the lock
-WRITER_STALE = retention.ABANDONED  # a writer object older than this is a dead writer's
+WRITER_STALE = 300.0  # a writer object not renewed for this long is a dead writer's
+LEASE_RENEW = 60.0  # a writer renews its object this often
 LOCK_KEY = "v1/gc.lock"
 _MANIFEST_KEY = re.compile(r"v1/checkpoints/([0-9a-f]{32})/([A-Za-z0-9T._-]{1,128})/manifest\.json")
 
@@ -136,7 +138,7 @@ class ObjectStore:
             if time.monotonic() > deadline:
                 raise OSError(f"{self.root}: a chunk collection is still running")
             time.sleep(0.5)
-        return ChunkWriter(_BucketChunks(self.bucket), self._sealing.writing(), _NoJournal())
+        return ChunkWriter(_BucketChunks(self.bucket, mine), self._sealing.writing(), _NoJournal())
 
     def publish(self, staging: str, manifest: Manifest, sealer: Sealer | None = None) -> Entry | None:
         if any(e.manifest.created_at > manifest.created_at for e in self._same_member(manifest)):
@@ -507,7 +509,7 @@ class ObjectStore:
         now = lock.mtime  # the server's clock, as every age here
         live = 0
         for meta in self.bucket.listing("v1/writers/"):
-            if now - meta.mtime > WRITER_STALE:
+            if self._writer_gone(meta, now):
                 with contextlib.suppress(OSError):
                     self.bucket.delete([meta.key])
             else:
@@ -541,14 +543,43 @@ class ObjectStore:
             freed += sum(n for _, n in batch)
         return removed, freed
 
+    def _writer_gone(self, meta: Meta, now: float) -> bool:
+        """Whether a writer object is a dead writer's: not renewed in time, or of a process
+        of this host that is gone (a shim killed mid-write, a PUT applied after it gave up)."""
+        if now - meta.mtime > WRITER_STALE:
+            return True
+        try:
+            host, pid = self.bucket.get(meta.key, SMALL).decode().split()[:2]
+            return host == socket.gethostname() and not pid_alive(int(pid))
+        except FileNotFoundError:
+            return True
+        except (OSError, ValueError):
+            return False
+
 
 class _BucketChunks:
-    """A ChunkWriter's sink: chunks as objects, durable when their PUT returns."""
+    """A ChunkWriter's sink: chunks as objects, durable when their PUT returns. It renews
+    its writer object while it writes, and gives up when it could not renew in time (a
+    collection may then have taken it for dead)."""
 
-    def __init__(self, bucket: Bucket) -> None:
+    def __init__(self, bucket: Bucket, marker: str) -> None:
         self._bucket = bucket
+        self._marker = marker
+        self._renewed = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _renew(self) -> None:
+        with self._lock:
+            since = time.monotonic() - self._renewed
+            if since < LEASE_RENEW:
+                return
+            if since > WRITER_STALE - LEASE_RENEW:
+                raise OSError(f"{self._marker}: not renewed for {since:.0f}s; a collection may have run")
+            self._bucket.put(self._marker, owner_line(time.time()).encode())
+            self._renewed = time.monotonic()
 
     def stored_size(self, space: str, digest: str) -> int | None:
+        self._renew()
         check(space, digest)
         meta = self._bucket.head(_chunk_key(space, digest))
         if meta is None or not 0 < meta.size <= MAX_CHUNK_STORED:
@@ -556,6 +587,7 @@ class _BucketChunks:
         return meta.size
 
     def put(self, space: str, digest: str, data: bytes) -> None:
+        self._renew()
         check(space, digest)
         self._bucket.put(_chunk_key(space, digest), data)
 
