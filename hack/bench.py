@@ -13,6 +13,8 @@ Measures, on one private containerd 2.x (the test bed):
   running again; against plain `runc checkpoint` (to disk, fsynced) and `runc restore`
   of the same workload, containerd's CRI CheckpointContainer with runc-v2, and a cold
   start of the same service with a slow start;
+- the same stop, durable and restore through an S3 object store (the test bed's Ceph RADOS
+  Gateway, hack/object-store.sh) against the directory store;
 - checkpoints that leave the container running: how long the application is frozen by a
   periodic checkpoint (memhog reports its longest stop) against plain
   `runc checkpoint --leave-running` to disk, and CRI CheckpointContainer through the shim
@@ -30,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 from benchparts.hot_restart import bench_hot_restart, print_hot_restart
+from benchparts.object_store import bench_object_store
 from benchparts.running import bench_running, print_running
 from benchparts.scale import bench_scale, print_scale
 from benchparts.start import bench_start_and_memory
@@ -45,8 +48,11 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=1024, help="memory of the hot-restart workload")
     parser.add_argument("--warmup", type=float, default=10.0, help="warm-up of the cold-start comparison (s)")
     parser.add_argument(
-        "--only", choices=("start", "checkpoint", "key", "workloads", "scale"), help="run one part only"
+        "--only",
+        choices=("start", "checkpoint", "key", "workloads", "scale", "objstore"),
+        help="run one part only",
     )
+    parser.add_argument("--objstore-rounds", type=int, default=3, help="rounds of the object store comparison")
     parser.add_argument("--key-rounds", type=int, default=3, help="rounds of the store key comparison")
     parser.add_argument(
         "--scale-sizes",
@@ -93,6 +99,8 @@ def run(inst: ContainerdInstance, args: argparse.Namespace) -> None:
         bench_workloads(inst, cri, args.mib // 4, args.warmup)
     if args.only in (None, "key"):
         bench_store_key(inst, cri, args.mib, args.key_rounds)
+    if args.only in (None, "objstore"):
+        bench_object_store(inst, cri, args.mib, args.objstore_rounds)
     if args.only in (None, "scale"):
         by_size, dedup = bench_scale(inst, cri, args.scale_sizes)
         print_scale(by_size, dedup)

@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Mapping
 from typing import Any
@@ -249,13 +250,55 @@ def _existing(path: str) -> str:
     return path
 
 
+def object_store_checks(url: str, key_file: str = "", allow_unauthenticated: bool = False) -> list[Check]:
+    """An s3:// store: a URL, credentials that read and write it, and a key (it is shared)."""
+    what = f"store {url}"
+    try:
+        from hotrestart.store.objectstore import ObjectStore
+
+        store = ObjectStore(url)
+    except (ValueError, ImportError, OSError) as exc:
+        return [Check(what, False, str(exc), "fix CheckpointStore (s3://bucket/prefix)")]
+    probe = f"v1/doctor-{socket.gethostname()[:64]}"
+    try:
+        store.bucket.put(probe, b"")
+        store.bucket.delete([probe])
+        checks = [Check(what, True, f"reachable and writable (endpoint {_endpoint()})")]
+    except OSError as exc:
+        fix = "check the AWS_* settings (endpoint, region, credentials) containerd passes the shim"
+        checks = [Check(what, False, str(exc), fix)]
+    if key_file:
+        try:
+            ring = keyfile.load(key_file)
+            checks.append(Check("store key", True, f"{key_file} ({len(ring.names)} key(s), {ring.active} seals)"))
+        except SealError as exc:
+            checks.append(Check("store key", False, str(exc), "fix the key file (see SECURITY.md)"))
+    else:
+        checks.append(
+            Check(
+                "store key",
+                allow_unauthenticated,
+                "none, and an object store is shared"
+                + (": unauthenticated checkpoints are allowed" if allow_unauthenticated else ""),
+                "" if allow_unauthenticated else "set StoreKeyFile (hotrestart install: HOTRESTART_STORE_KEY_SOURCE)",
+            )
+        )
+    return checks
+
+
+def _endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT") or "AWS"
+
+
 def store_checks(
     root: str, key_file: str = "", allow_unauthenticated: bool = False, *, mountinfo: str = "/proc/self/mountinfo"
 ) -> list[Check]:
     """The checkpoint store at `root`: there or possible, writable, keyed when shared, roomy."""
     what = f"store {root}"
+    if root.startswith("s3://"):
+        return object_store_checks(root, key_file, allow_unauthenticated)
     if "://" in root:
-        return [Check(what, True, "not a local path: not checked here")]
+        return [Check(what, False, "not a directory and not an s3:// URL", "choose another CheckpointStore")]
     there = _existing(root)
     if there != root and not os.path.isdir(there):
         return [Check(what, False, f"cannot be created: {there} is not a folder", "choose another CheckpointStore")]

@@ -41,6 +41,9 @@ class RuntimeOptions:
     # not node-local is refused without one unless unauthenticated checkpoints are allowed.
     store_key_file: str = ""
     allow_unauthenticated_checkpoints: bool = False
+    # An s3:// store's endpoint, region and credentials, as an AWS config file (the
+    # installer copies it from a Secret); unset, the AWS environment and files decide.
+    s3_config_file: str = ""
     # Restore from CRI checkpoint archives (containerd 2.1-2.3's restore through create): off
     # by default; when on, only archives this shim attested with the store key, unless
     # unauthenticated ones are allowed too (which gives whoever may create pods root).
@@ -58,6 +61,7 @@ _TOML_KEYS = {
     "CheckpointStore": "checkpoint_store",
     "StoreKeyFile": "store_key_file",
     "AllowUnauthenticatedCheckpoints": "allow_unauthenticated_checkpoints",
+    "S3ConfigFile": "s3_config_file",
     "AllowArchiveRestore": "allow_archive_restore",
     "AllowUnauthenticatedArchives": "allow_unauthenticated_archives",
 }

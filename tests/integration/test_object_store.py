@@ -311,3 +311,29 @@ def test_with_a_store_key_chunks_are_sealed_and_a_keyless_node_cannot_restore(
     with pytest.raises(IntegrityError):
         keyless.restore_file(entry, "images/pages-1.img", str(tmp_path / "x"))
     assert _restored(sealed, entry, tmp_path) == payload
+
+
+def test_doctor_says_whether_the_store_is_reachable_writable_and_keyed(env: dict[str, str]) -> None:
+    from hotrestart import doctor
+
+    ok = {c.name: c for c in doctor.store_checks(objstore.fresh_url(env), "", True)}
+    assert all(c.ok for c in ok.values()), ok
+    missing = doctor.store_checks("s3://no-such-bucket-hr/x")
+    assert not missing[0].ok and "NoSuchBucket" in missing[0].detail
+    assert not missing[1].ok and "shared" in missing[1].detail
+
+
+def test_the_runtime_s3_config_file_alone_reaches_the_store(
+    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "s3-config"
+    conf.write_text(
+        f"[default]\naws_access_key_id = {env['AWS_ACCESS_KEY_ID']}\n"
+        f"aws_secret_access_key = {env['AWS_SECRET_ACCESS_KEY']}\n"
+        f"region = {env['AWS_REGION']}\nendpoint_url = {env['AWS_ENDPOINT_URL']}\n"
+    )
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"):
+        monkeypatch.delenv(name)
+    store = ObjectStore(objstore.fresh_url(env), local=str(tmp_path / "staging"), config_file=str(conf))
+    entry, _ = _publish(store, tmp_path, os.urandom(64 << 10))
+    assert entry is not None and store.latest(IDENT) is not None

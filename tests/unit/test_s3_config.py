@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,37 @@ def test_the_request_timeout_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None
     assert s3.timeout() == s3.DEFAULT_TIMEOUT
     monkeypatch.setenv(s3.TIMEOUT_ENV, "1e9")
     assert s3.timeout() == 600.0
+
+
+def test_the_runtime_config_file_sets_everything_before_the_environment(
+    aws_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = aws_home / "s3-config"
+    conf.write_text(
+        "[default]\naws_access_key_id = A\naws_secret_access_key = S\nregion = r1\nendpoint_url = http://gw:80\n"
+    )
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")
+    monkeypatch.setenv("AWS_REGION", "from-env")
+    assert s3.shared_config(str(conf)) == {
+        "access_key_id": "A",
+        "secret_access_key": "S",
+        "region": "r1",
+        "endpoint": "http://gw:80",
+    }
+    monkeypatch.setenv("AWS_PROFILE", "ci")
+    conf.write_text("[profile ci]\nregion = r2\n")
+    assert s3.shared_config(str(conf)) == {"region": "r2"}
+
+
+def test_a_runtime_config_file_that_cannot_be_read_is_an_error(aws_home: Path) -> None:
+    with pytest.raises(OSError, match="S3 config file"):
+        s3.shared_config(str(aws_home / "missing"))
+    (aws_home / "broken").write_text("[default\nx")
+    with pytest.raises(OSError, match="S3 config file"):
+        s3.shared_config(str(aws_home / "broken"))
+    (aws_home / "link").symlink_to(aws_home / "broken")
+    with pytest.raises(OSError, match="S3 config file"):
+        s3.shared_config(str(aws_home / "link"))
+    os.mkfifo(aws_home / "fifo")
+    with pytest.raises(OSError, match="not a regular file"):
+        s3.shared_config(str(aws_home / "fifo"))

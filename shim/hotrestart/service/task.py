@@ -112,10 +112,10 @@ class TaskService:
         root = opts.checkpoint_store or os.environ.get(STORE_ENV) or DEFAULT_STORE
         engine = self._engines.get(root)
         if engine is None:
-            source = StoreSource(root, opts.store_key_file, opts.allow_unauthenticated_checkpoints)
+            source = StoreSource(root, opts.store_key_file, opts.allow_unauthenticated_checkpoints, opts.s3_config_file)
             try:
                 store = source.open()
-            except (SealError, OSError) as exc:
+            except (SealError, OSError, ValueError) as exc:
                 log.error("hot restart is off for store %s: %s", root, exc)
                 return None
             engine = self._engines[root] = Engine(self._runner, store, gpu=self._gpu_state(opts), source=source)

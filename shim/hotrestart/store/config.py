@@ -23,13 +23,13 @@ def _truthy(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes")
 
 
-def backend(root: str, keys: KeyRing | None) -> Backend:
-    """The store at `root`: an S3 bucket for `s3://bucket/prefix`, else a directory tree
-    (a local path or a shared mount)."""
+def backend(root: str, keys: KeyRing | None, s3_config_file: str = "") -> Backend:
+    """The store at `root`: an S3 bucket for `s3://bucket/prefix` (with the settings of
+    `s3_config_file` when given), else a directory tree (a local path or a shared mount)."""
     if root.startswith("s3://"):
         from hotrestart.store.objectstore import ObjectStore  # only object store nodes load its client
 
-        return ObjectStore(root, keys=keys)
+        return ObjectStore(root, keys=keys, config_file=s3_config_file)
     if "://" in root:
         raise ValueError(f"checkpoint store {root!r}: only s3:// URLs and directories are stores")
     return Store(root, keys=keys)
@@ -42,14 +42,14 @@ def key_ring(key_file: str = "") -> KeyRing | None:
     return keyfile.load(key_file) if key_file else None
 
 
-def open_store(root: str, key_file: str = "", allow_unauthenticated: bool = False) -> Backend:
+def open_store(root: str, key_file: str = "", allow_unauthenticated: bool = False, s3_config_file: str = "") -> Backend:
     """The store at `root`, with its key ring when a key file is given (or named by
     HOTRESTART_STORE_KEY). Raises SealError for a key that cannot be loaded, and for a store
     that is not node-local with no key, unless unauthenticated checkpoints are allowed."""
     allow = allow_unauthenticated or _truthy(os.environ.get(ALLOW_UNAUTHENTICATED_ENV, ""))
     ring = key_ring(key_file)
     locality.require_key(root, ring, allow)
-    return backend(root, ring)
+    return backend(root, ring, s3_config_file)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -59,6 +59,7 @@ class StoreSource:
     root: str
     key_file: str = ""
     allow_unauthenticated: bool = False
+    s3_config_file: str = ""
 
     def open(self) -> Backend:
-        return open_store(self.root, self.key_file, self.allow_unauthenticated)
+        return open_store(self.root, self.key_file, self.allow_unauthenticated, self.s3_config_file)

@@ -74,10 +74,10 @@ _MANIFEST_KEY = re.compile(r"v1/checkpoints/([0-9a-f]{32})/([A-Za-z0-9T._-]{1,12
 
 
 class ObjectStore:
-    def __init__(self, url: str, *, keys: KeyRing | None = None, local: str = "") -> None:
+    def __init__(self, url: str, *, keys: KeyRing | None = None, local: str = "", config_file: str = "") -> None:
         self.location = Location.parse(url)
         self.root = self.location.url
-        self.bucket = Bucket(self.location)
+        self.bucket = Bucket(self.location, config_file)
         self.keys = keys
         self._sealing = Sealing(keys)
         self._local = local or os.environ.get(LOCAL_ENV, "") or DEFAULT_LOCAL

@@ -21,6 +21,7 @@ import errno
 import functools
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -67,21 +68,44 @@ def _profile() -> str:
     return os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE") or "default"
 
 
-def _ini(path: str) -> configparser.ConfigParser:
+_CONFIG_KEYS = (
+    ("aws_access_key_id", "access_key_id"),
+    ("aws_secret_access_key", "secret_access_key"),
+    ("aws_session_token", "session_token"),
+    ("region", "region"),
+    ("endpoint_url", "endpoint"),
+)
+
+
+def _ini(path: str, *, strict: bool = False) -> configparser.ConfigParser:
+    """An AWS-style INI file (at most 1 MiB). Unreadable, it is no file, as to the AWS tools;
+    `strict` (a file the runtime's options name) raises OSError instead."""
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_string(f.read(1 << 20), source=path)
-    except (OSError, configparser.Error):
-        pass  # as the AWS tools do: an unreadable file is no file
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise OSError(errno.EINVAL, f"{path}: not a regular file")
+            parser.read_string(f.read(1 << 20).decode("utf-8"), source=path)
+    except (OSError, configparser.Error, UnicodeDecodeError) as exc:
+        if strict:
+            raise OSError(errno.EINVAL, f"S3 config file {path}: {exc}") from None
     return parser
 
 
-def shared_config() -> dict[str, str]:
+def shared_config(config_file: str = "") -> dict[str, str]:
     """What the AWS shared credentials and config files give the profile in use, for the
-    settings the environment does not set itself."""
+    settings the environment does not set itself; or, with `config_file` (the runtime's
+    S3ConfigFile), everything that file sets, before the environment."""
     profile = _profile()
     found: dict[str, str] = {}
+    if config_file:
+        conf = _ini(config_file, strict=True)
+        section = profile if conf.has_section(profile) else f"profile {profile}"
+        for name, as_ in _CONFIG_KEYS:
+            if conf.has_option(section, name):
+                found[as_] = conf.get(section, name).strip()
+        return found
     home = os.path.expanduser("~")
     creds = _ini(os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(home, ".aws", "credentials"))
     conf = _ini(os.environ.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config"))
@@ -127,12 +151,12 @@ def _first_line(exc: BaseException) -> str:
 class Bucket:
     """The objects below one location, with blocking calls safe from any thread."""
 
-    def __init__(self, location: Location) -> None:
+    def __init__(self, location: Location, config_file: str = "") -> None:
         # Imported here: a node whose store is a directory never loads the client.
         from obstore.store import S3Store
 
         self.location = location
-        settings: dict[str, Any] = shared_config()
+        settings: dict[str, Any] = shared_config(config_file)
         endpoint = settings.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT", "")
         limit = timeout()
         self._store = S3Store(

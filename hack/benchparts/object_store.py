@@ -1,0 +1,157 @@
+"""Hot restart through the object store (the test bed's Ceph RADOS Gateway on loopback)
+against the directory store, side by side: two containerds of the same build, the same key,
+alternating rounds.
+
+Per round and store: a memhog service is stopped (StopContainer until the exit is
+reported), its checkpoint waited for until it is published (durable), and the service
+created again, lazily (the default) and in full: StartContainer + the process answering.
+The gateway and its OSD run on this machine's cores too: the figures are an upper bound
+for a gateway on its own hosts.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from testbed import ContainerdInstance, objectstore
+
+from .hot_restart import checkpoint_of
+from .memhog import build_memhog, memhog_pod, wait_for_line
+from .pods import remove_pod
+from .progress import progress
+
+Published = Callable[[str], dict | None]  # pod name -> its published manifest, or None
+
+
+def _s3_published(url: str, key: Path, local: Path) -> Published:
+    from hotrestart.store.keyfile import load
+    from hotrestart.store.objectstore import ObjectStore
+
+    store = ObjectStore(url, keys=load(str(key)), local=str(local))
+
+    def find(name: str) -> dict | None:
+        for e in store.entries():
+            if e.state == "checkpoints" and e.manifest is not None and e.manifest.identity.pod == name:
+                return {"files": [{"stored_bytes": f.stored_bytes, "raw_bytes": f.raw_bytes} for f in e.manifest.files]}
+        return None
+
+    return find
+
+
+def _dir_published(inst: ContainerdInstance) -> Published:
+    import json
+
+    def find(name: str) -> dict | None:
+        found = checkpoint_of(inst.store / "v1" / "checkpoints", name)
+        return json.loads(found.read_text()) if found is not None else None
+
+    return find
+
+
+def _cycle(inst: ContainerdInstance, cri, published: Published, memhog: Path, mib: int, name: str) -> dict[str, float]:
+    r: dict[str, float] = {}
+    pod, cid = memhog_pod(cri, inst, "hotrestart", name, memhog, [str(mib)])
+    cri.start_container(cid)
+    wait_for_line(cri, cid, lambda x: x.startswith("ready"))
+    before = wait_for_line(cri, cid, lambda x: x.split()[0] == "3")
+    t0 = time.monotonic()
+    cri.stop_container(cid, timeout=60)
+    r["stop"] = time.monotonic() - t0
+    while (manifest := published(name)) is None:
+        if time.monotonic() - t0 > 300:
+            raise SystemExit(f"no checkpoint of {name} was published")
+        time.sleep(0.02)
+    r["durable"] = time.monotonic() - t0
+    r["stored"] = sum(f["stored_bytes"] for f in manifest["files"])
+    remove_pod(cri, pod)
+    for mode in ("lazy", "full"):
+        pod, cid = memhog_pod(
+            cri, inst, "hotrestart", name, memhog, [str(mib)], annotations={"hotrestart.io/restore": mode}
+        )
+        t0 = time.monotonic()
+        cri.start_container(cid)
+        r[f"{mode}_started"] = time.monotonic() - t0
+        resumed = wait_for_line(cri, cid, lambda x: x.startswith("resumed") or x[:1].isdigit())
+        r[f"{mode}_answers"] = time.monotonic() - t0
+        row = wait_for_line(cri, cid, lambda x: x[:1].isdigit())
+        if row.split()[1] != before.split()[1]:
+            raise SystemExit(f"{mode} restore lost the memory: {before} then {row} ({resumed})")
+        if mode == "lazy":
+            # Stopped again for the full restore: a new checkpoint of the same memory.
+            cri.stop_container(cid, timeout=60)
+            deadline = time.monotonic() + 300
+            while published(name) is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        else:
+            cri.stop_container(cid, timeout=0)
+        remove_pod(cri, pod)
+    deadline = time.monotonic() + 60
+    while published(name) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)  # a stopped restored container consumes its checkpoint
+    return r
+
+
+def bench_object_store(inst: ContainerdInstance, cri, mib: int, rounds: int) -> None:
+    env = objectstore.running_env()
+    started = env is None
+    if env is None:
+        progress("object store: starting the test bed's Ceph RADOS Gateway")
+        env = objectstore.up()
+    try:
+        _bench(inst, env, mib, rounds)
+    finally:
+        if started:
+            objectstore.down()
+
+
+def _bench(inst: ContainerdInstance, env: dict[str, str], mib: int, rounds: int) -> None:
+    key = inst.dir / "object-store-key"
+    key.write_text(f"bench:{base64.b64encode(os.urandom(32)).decode()}\n")
+    key.chmod(0o600)
+    url = f"{env['HOTRESTART_STORE']}/bench-{os.urandom(4).hex()}"
+    memhog = build_memhog(inst.dir)
+    shims = Path(sys.executable).parent
+    s3_env = dict(env, HOTRESTART_STORE_KEY=str(key), HOTRESTART_S3_STAGING=str(inst.dir / "s3-staging"))
+    for name, value in env.items():
+        os.environ[name] = value
+    local: list[dict[str, float]] = []
+    remote: list[dict[str, float]] = []
+    with (
+        ContainerdInstance(shim_bin_dir=shims, env={"HOTRESTART_STORE_KEY": str(key)}) as on_dir,
+        ContainerdInstance(shim_bin_dir=shims, env=s3_env, store=url) as on_s3,
+    ):
+        dcri, scri = on_dir.cri(), on_s3.cri()
+        for i in range(rounds):
+            progress(f"object store: round {i + 1} of {rounds}")
+            pair = [
+                (local, lambda i=i: _cycle(on_dir, dcri, _dir_published(on_dir), memhog, mib, f"dir-{i}")),
+                (
+                    remote,
+                    lambda i=i: _cycle(
+                        on_s3, scri, _s3_published(url, key, inst.dir / "s3-bench"), memhog, mib, f"s3-{i}"
+                    ),
+                ),
+            ]
+            for results, run in pair if i % 2 == 0 else reversed(pair):
+                results.append(run())
+                progress(f"object store: {results[-1]}")
+        dcri.close()
+        scri.close()
+    print(f"\n### Object store ({mib} MiB, median of {rounds} alternating rounds, sealed with a store key)\n")
+    print("| | directory store | S3 (Ceph RGW on loopback) | ratio |\n|---|---|---|---|")
+    for label, at in (
+        ("stop: signal to exit reported (s)", "stop"),
+        ("checkpoint durable after the stop (s)", "durable"),
+        ("restore, lazy: StartContainer returns (s)", "lazy_started"),
+        ("restore, lazy: the process answers (s)", "lazy_answers"),
+        ("restore, full: the process answers (s)", "full_answers"),
+    ):
+        a = statistics.median(r[at] for r in local)
+        b = statistics.median(r[at] for r in remote)
+        print(f"| {label} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
