@@ -236,7 +236,7 @@ osd_scrub_load_threshold = 0.5
 osd_max_scrubs = 1
 
 [client.rgw.x]
-rgw_frontends = beast endpoint=127.0.0.1:$RGW_PORT
+rgw_frontends = beast endpoint=127.0.0.1:$RGW_PORT tcp_nodelay=1
 rgw_thread_pool_size = 16
 rgw_data = $DATA/rgw/\$cluster-\$id
 rgw_enable_usage_log = false

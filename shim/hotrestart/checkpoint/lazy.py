@@ -112,7 +112,9 @@ def unpack(
         task, layout = found
         if sum(r.pages for r in layout.runs) * PAGE != sizes[path]:
             raise LazyFailed(f"{path}: its pagemap does not add up to its size")
-        reader = store.file_reader(entry, path)
+        # The eager runs are a few, mostly small: reading far ahead would fetch lazy pages
+        # that the page server reads again, and hold up the restore until they are in.
+        reader = store.file_reader(entry, path, ahead=2)
         try:
             fill_eager(local_path(images, path), sizes[path], layout, reader)
         finally:

@@ -23,7 +23,6 @@ from hotrestart.checkpoint.files import RAW
 from hotrestart.checkpoint.storecalls import StoreCalls
 from hotrestart.store import chunking
 from hotrestart.store.backend import Backend
-from hotrestart.store.chunkwrite import workers
 from hotrestart.store.manifest import Identity
 
 log = logging.getLogger(__name__)
@@ -132,7 +131,7 @@ class Publisher:
         runs = chunking.page_runs(dumped.images)
         writer = self._store.chunk_writer(dumped.staging)
         try:
-            with concurrent.futures.ThreadPoolExecutor(workers()) as pool:
+            with concurrent.futures.ThreadPoolExecutor(writer.threads) as pool:
                 files = []
                 for src, rel in dumped.files:
                     size = os.path.getsize(src)

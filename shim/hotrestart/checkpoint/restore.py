@@ -14,6 +14,7 @@ hashes or its seal), never for a failure of one replica's restore.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -34,7 +35,7 @@ from hotrestart.errors import ShimError, StoreError
 from hotrestart.gpu import plan as gpu_plan
 from hotrestart.runtime import netinfo
 from hotrestart.store.entry import Entry
-from hotrestart.store.manifest import Manifest
+from hotrestart.store.manifest import FileEntry, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -364,11 +365,21 @@ def _decompress_all(
     engine: Engine, claimed: Entry, work: str, *, skip: set[str] | None = None, only: set[str] | None = None
 ) -> None:
     assert claimed.manifest is not None
-    for entry in claimed.manifest.files:
-        if (skip and entry.path in skip) or (only is not None and entry.path not in only):
-            continue
+    chosen = [e for e in claimed.manifest.files if not (skip and e.path in skip) and (only is None or e.path in only)]
+
+    def one(entry: FileEntry) -> None:
         dst = os.path.join(work, entry.path.removesuffix(".zst"))
         os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
         # Never more than the work area holds: a checkpoint's sizes are its writer's word.
         st = os.statvfs(work)
         engine.store.restore_file(claimed, entry.path, dst, cap=st.f_bavail * st.f_frsize)
+
+    if not engine.store.remote or len(chosen) < 2:
+        for entry in chosen:
+            one(entry)
+        return
+    # Across the network most of CRIU's images (a few KiB each) cost a round trip, not
+    # bandwidth: fetched at once.
+    with concurrent.futures.ThreadPoolExecutor(min(engine.store.io_threads, len(chosen))) as pool:
+        for future in [pool.submit(one, e) for e in chosen]:
+            future.result()

@@ -51,7 +51,9 @@ def _restore_chunk(read: ReadChunk, codec: Codec, c: Chunk, target: mmap.mmap, a
             raise IntegrityError(f"{rel}: {exc}") from None
 
 
-def restore_file(entry: FileEntry, dst: str, read: ReadChunk, codec: Codec, *, cap: int | None = None) -> None:
+def restore_file(
+    entry: FileEntry, dst: str, read: ReadChunk, codec: Codec, *, cap: int | None = None, threads: int = 0
+) -> None:
     """Write the file `entry` to the new local file `dst`, every chunk verified on the way;
     `cap` is the most raw bytes the caller allows (the container's memory, the work area's
     free space). Removes `dst` on failure."""
@@ -69,7 +71,7 @@ def restore_file(entry: FileEntry, dst: str, read: ReadChunk, codec: Codec, *, c
             if len(entry.chunks) == 1:  # most of CRIU's images: no pool to start and stop
                 _restore_chunk(read, codec, entry.chunks[0], target, 0, entry.path)
                 return
-            with concurrent.futures.ThreadPoolExecutor(min(workers(), len(entry.chunks))) as pool:
+            with concurrent.futures.ThreadPoolExecutor(min(threads or workers(), len(entry.chunks))) as pool:
                 futures = []
                 at = 0
                 for c in entry.chunks:

@@ -27,6 +27,7 @@ from hotrestart.store.seal import Sealer
 class Backend(Protocol):
     collected: tuple[int, int]  # chunks and bytes the last prune removed
     remote: bool  # its calls wait on the network: the shim makes them off its event loop
+    io_threads: int  # chunks written or fetched at once
 
     # -- writing a checkpoint ---------------------------------------------------------------------
 
@@ -129,9 +130,10 @@ class Backend(Protocol):
         fails is left at `dst`."""
         ...
 
-    def file_reader(self, entry: Entry, rel: str) -> FileReader:
+    def file_reader(self, entry: Entry, rel: str, *, ahead: int = 0) -> FileReader:
         """Random reads of the file `rel` of `entry`, each chunk verified (and opened with
-        the key) before a byte of it is returned; for serving memory on demand."""
+        the key) before a byte of it is returned; for serving memory on demand. `ahead`:
+        how many chunks past the one read are fetched meanwhile (0: the backend's choice)."""
         ...
 
     def verify(self, entry: Entry) -> list[str]:

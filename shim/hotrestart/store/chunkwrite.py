@@ -46,10 +46,11 @@ def workers() -> int:
 class ChunkWriter:
     """The chunks of one checkpoint being written; files may be stored from one thread at a time."""
 
-    def __init__(self, chunks: ChunkSink, codec: Codec, journal: RefJournal) -> None:
+    def __init__(self, chunks: ChunkSink, codec: Codec, journal: RefJournal, threads: int = 0) -> None:
         self._chunks = chunks
         self._codec = codec
         self._journal = journal
+        self.threads = threads or workers()  # the pool the caller gives `store_file` should have as many
         self._lock = threading.Lock()
         self._known: dict[str, int] = {}  # digest -> stored size, of chunks this checkpoint uses
         self._writing: dict[str, threading.Event] = {}  # digests being looked for or written now
@@ -84,7 +85,7 @@ class ChunkWriter:
         )
 
     def _store_spans(self, source: mmap.mmap, spans: list[Span], pool: concurrent.futures.Executor) -> list[Chunk]:
-        window = 2 * workers()  # bounds the frames held in memory at once
+        window = 2 * self.threads  # bounds the frames held in memory at once
         pending: deque[concurrent.futures.Future[Chunk]] = deque()
         out: list[Chunk] = []
         try:

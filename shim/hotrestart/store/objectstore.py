@@ -69,6 +69,7 @@ GC_STALE = 600.0  # a gc.lock older than this (by the server's clock) is a dead 
 GC_MAX = 300.0  # a collection stops removing chunks this long after taking the lock
 WRITER_STALE = 300.0  # a writer object not renewed for this long is a dead writer's
 LEASE_RENEW = 60.0  # a writer renews its object this often
+IO_THREADS = 16
 LOCK_KEY = "v1/gc.lock"
 _MANIFEST_KEY = re.compile(r"v1/checkpoints/([0-9a-f]{32})/([A-Za-z0-9T._-]{1,128})/manifest\.json")
 
@@ -83,6 +84,9 @@ class ObjectStore:
         self._local = local or os.environ.get(LOCAL_ENV, "") or DEFAULT_LOCAL
         self.collected = (0, 0)
         self.remote = True
+        # Requests wait on the network, not the cores: many at once (16 chunks of at most
+        # a few MiB each in memory).
+        self.io_threads = IO_THREADS
 
     def sealer(self, cid: str) -> Sealer | None:
         return self._sealing.sealer(cid)
@@ -138,7 +142,7 @@ class ObjectStore:
             if time.monotonic() > deadline:
                 raise OSError(f"{self.root}: a chunk collection is still running")
             time.sleep(0.5)
-        return ChunkWriter(_BucketChunks(self.bucket, mine), self._sealing.writing(), _NoJournal())
+        return ChunkWriter(_BucketChunks(self.bucket, mine), self._sealing.writing(), _NoJournal(), self.io_threads)
 
     def publish(self, staging: str, manifest: Manifest, sealer: Sealer | None = None) -> Entry | None:
         if any(e.manifest.created_at > manifest.created_at for e in self._same_member(manifest)):
@@ -403,15 +407,19 @@ class ObjectStore:
     def restore_file(self, entry: Entry, rel: str, dst: str, *, cap: int | None = None) -> None:
         stored, codec = self._stored(entry, rel)
         try:
-            archive.restore_file(stored, dst, self._reader(codec.space), codec, cap=cap)
+            archive.restore_file(stored, dst, self._reader(codec.space), codec, cap=cap, threads=self.io_threads)
         except archive.CorruptChunk as exc:
             self._discard(codec.space, exc.digest)
             raise
 
-    def file_reader(self, entry: Entry, rel: str) -> archive.FileReader:
+    def file_reader(self, entry: Entry, rel: str, *, ahead: int = 0) -> archive.FileReader:
         stored, codec = self._stored(entry, rel)
         return archive.FileReader(
-            stored, self._reader(codec.space), codec, on_corrupt=lambda d: self._discard(codec.space, d)
+            stored,
+            self._reader(codec.space),
+            codec,
+            on_corrupt=lambda d: self._discard(codec.space, d),
+            ahead=ahead or self.io_threads,
         )
 
     def _stored(self, entry: Entry, rel: str) -> tuple[FileEntry, Codec]:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from hotrestart.store import archive, chunkgc, retention, safefs
 from hotrestart.store.chunkcodec import Codec
 from hotrestart.store.chunks import REFS, Chunks, Journal
-from hotrestart.store.chunkwrite import ChunkWriter
+from hotrestart.store.chunkwrite import ChunkWriter, workers
 from hotrestart.store.entry import Entry, Good, identity_key
 from hotrestart.store.listing import Listing
 from hotrestart.store.manifest import FileEntry, Identity, Manifest
@@ -56,6 +56,7 @@ class Store:
         self.chunks = Chunks(self.tree)
         self.collected = (0, 0)  # chunks and bytes the last prune removed
         self.remote = False  # a shared mount is as quick to ask as the node's disk, or hangs it all
+        self.io_threads = workers()  # bound by the cores: compressing and hashing
 
     def sealer(self, cid: str) -> Sealer | None:
         """What seals checkpoint `cid` being written, when the store has a key."""
@@ -82,7 +83,7 @@ class Store:
         caller closes it."""
         with self.tree.at("staging") as sfd, safefs.opened_dir(sfd, self._staging_name(staging)) as fd:
             journal = Journal(fd)
-        return ChunkWriter(self.chunks, self._sealing.writing(), journal)
+        return ChunkWriter(self.chunks, self._sealing.writing(), journal, self.io_threads)
 
     def publish(self, staging: str, manifest: Manifest, sealer: Sealer | None = None) -> Entry | None:
         """Write the manifest and move the staging folder into place in one rename.
@@ -290,12 +291,12 @@ class Store:
             self._discard(codec.space, exc.digest)
             raise
 
-    def file_reader(self, entry: Entry, rel: str) -> archive.FileReader:
+    def file_reader(self, entry: Entry, rel: str, *, ahead: int = 0) -> archive.FileReader:
         """Random reads of one file of `entry`, every chunk verified (for lazy restores); a
         chunk found corrupt is removed from the store, as `restore_file` does."""
         stored, codec = self._stored(entry, rel)
         return archive.FileReader(
-            stored, self._reader(codec.space), codec, on_corrupt=lambda d: self._discard(codec.space, d)
+            stored, self._reader(codec.space), codec, on_corrupt=lambda d: self._discard(codec.space, d), ahead=ahead
         )
 
     def _stored(self, entry: Entry, rel: str) -> tuple[FileEntry, Codec]:
