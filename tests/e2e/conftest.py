@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+import objstore
+
 # The test bed lives in hack/ (shared with hack/bench.py and demo.py); pyproject's pytest
 # settings put hack/ on sys.path.
 from testbed import (
@@ -197,3 +199,10 @@ def memhog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     binary = tmp_path_factory.mktemp("memhog") / "memhog"
     subprocess.run(["gcc", "-static", "-O2", "-pthread", "-o", str(binary), str(MEMHOG_SOURCE)], check=True)
     return binary
+
+
+@pytest.fixture(scope="session")
+def s3_env() -> Iterator[dict[str, str]]:
+    """The S3 environment of the test bed's Ceph RADOS Gateway (started on first use)."""
+    with objstore.running() as env:
+        yield env

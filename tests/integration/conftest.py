@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import empty_pb2
 
+import objstore
 from hotrestart.api.containerd.events import task_pb2 as ev
 from hotrestart.api.containerd.services.events.ttrpc.v1 import events_pb2
 from hotrestart.ttrpc.client import Client
@@ -189,3 +190,10 @@ async def wait_gone(pid: int, timeout: float = 10) -> bool:
 
 
 __all__ = ["EventSink", "Shim", "make_bundle", "process_alive", "signal", "start_shim", "wait_gone"]
+
+
+@pytest.fixture(scope="session")
+def s3_env() -> Iterator[dict[str, str]]:
+    """The S3 environment of the test bed's Ceph RADOS Gateway (started on first use)."""
+    with objstore.running() as env:
+        yield env

@@ -34,6 +34,7 @@ CONTRACT = (
     "HOTRESTART_RUNTIME_NAME",
     "HOTRESTART_STORE",
     "HOTRESTART_STORE_KEY_SOURCE",
+    "HOTRESTART_S3_CONFIG_SOURCE",
     "HOTRESTART_RETENTION_MAX_AGE",
     "HOTRESTART_RETENTION_MAX_SIZE",
     "HOTRESTART_PRUNE_INTERVAL",
@@ -551,6 +552,86 @@ def test_the_store_key_is_copied_and_named(
     code, out = hotrestart(capsys, "uninstall")
     assert code == 0 and not key.exists() and "store key: removed /etc/hotrestart/store-key" in out
     assert not host.at("/etc/hotrestart").exists()
+
+
+S3_CONFIG = (
+    "[default]\nregion = eu-west-3\nendpoint_url = http://rgw.storage:7480\n"
+    "aws_access_key_id = AK\naws_secret_access_key = SK\n"
+)
+
+
+def test_an_object_store_with_its_s3_config_from_a_secret(
+    host: Host, tmp_path: Path, bundle: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = tmp_path / "store-key"
+    write_key(key)
+    secret = tmp_path / "s3"
+    (secret / "..2025_01_01").mkdir(parents=True)
+    (secret / "..2025_01_01" / "s3-config").write_text(S3_CONFIG)
+    (secret / "..2025_01_01" / "s3-config").chmod(0o400)
+    (secret / "..data").symlink_to("..2025_01_01")
+    (secret / "s3-config").symlink_to("..data/s3-config")
+    monkeypatch.setenv("HOTRESTART_STORE", "s3://checkpoints/cluster-a/")
+    monkeypatch.setenv("HOTRESTART_STORE_KEY_SOURCE", str(key))
+    monkeypatch.setenv("HOTRESTART_S3_CONFIG_SOURCE", str(secret / "s3-config"))
+    host.config.write_bytes(ORIGINAL)
+    code, out = hotrestart(capsys, "install", "--bundle", str(bundle))
+    assert code == 0, out
+    conf = host.at("/etc/hotrestart/s3-config")
+    assert conf.read_text() == S3_CONFIG and stat.S_IMODE(conf.stat().st_mode) == 0o600
+    dropin = host.dropin.read_text()
+    assert 'CheckpointStore = "s3://checkpoints/cluster-a"' in dropin
+    assert 'S3ConfigFile = "/etc/hotrestart/s3-config"' in dropin
+    assert "store: s3://checkpoints/cluster-a (an object store)" in out
+    assert not host.at("/var/lib/hotrestart").exists(), "no local store folder for an object store"
+    assert hotrestart(capsys, "install", "--bundle", str(bundle))[0] == 0
+    assert host.restarts() == 1, "the same config again is no change"
+
+    # New credentials are a change containerd's shims must see.
+    (secret / "..2025_01_01" / "s3-config").chmod(0o600)
+    (secret / "..2025_01_01" / "s3-config").write_text(S3_CONFIG.replace("SK", "SK2"))
+    assert hotrestart(capsys, "install", "--bundle", str(bundle))[0] == 0
+    assert host.restarts() == 2 and "SK2" in conf.read_text()
+
+    code, out = hotrestart(capsys, "uninstall")
+    assert code == 0 and not conf.exists() and "S3 config: removed /etc/hotrestart/s3-config" in out
+    assert not host.at("/etc/hotrestart").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "error"),
+    [
+        ({"HOTRESTART_STORE": "s3://checkpoints/x"}, "set HOTRESTART_STORE_KEY_SOURCE"),
+        ({"HOTRESTART_STORE": "s3://UPPER/x", "HOTRESTART_STORE_KEY_SOURCE": "KEY"}, "not a bucket name"),
+        ({"HOTRESTART_S3_CONFIG_SOURCE": "relative/s3"}, "give an absolute path"),
+        ({"HOTRESTART_S3_CONFIG_SOURCE": "CONF:not ini ["}, "not an AWS config file"),
+        ({"HOTRESTART_S3_CONFIG_SOURCE": "CONF:"}, "no profile"),
+    ],
+)
+def test_bad_object_store_settings_are_refused_before_the_host_changes(
+    host: Host,
+    tmp_path: Path,
+    bundle: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    error: str,
+) -> None:
+    key = tmp_path / "store-key"
+    write_key(key)
+    for name, value in env.items():
+        if value == "KEY":
+            value = str(key)
+        elif value.startswith("CONF:"):
+            conf = tmp_path / "s3-config"
+            conf.write_text(value.removeprefix("CONF:"))
+            conf.chmod(0o600)
+            value = str(conf)
+        monkeypatch.setenv(name, value)
+    host.config.write_bytes(ORIGINAL)
+    code, out = hotrestart(capsys, "install", "--bundle", str(bundle))
+    assert code != 0 and error in out[-1], out
+    assert host.config.read_bytes() == ORIGINAL and not host.install_dir.exists()
 
 
 def test_a_store_key_the_installer_did_not_write_is_never_replaced_or_removed(

@@ -155,6 +155,13 @@ def store_key_overlay(tmp_path: Path) -> Path:
     return overlay(tmp_path, [KUSTOMIZE / "base"], components=[os.path.relpath(KUSTOMIZE / "store-key", tmp_path)])
 
 
+def object_store_overlay(tmp_path: Path) -> Path:
+    """The base with the store-key and s3-config components and the store set to a bucket."""
+    components = [os.path.relpath(KUSTOMIZE / c, tmp_path) for c in ("store-key", "s3-config")]
+    path = overlay(tmp_path, [KUSTOMIZE / "base"], components=components)
+    return path
+
+
 def node_guard_overlay(tmp_path: Path) -> Path:
     """The base with the node-guard component, as the README shows."""
     return overlay(tmp_path, [KUSTOMIZE / "base"], components=[os.path.relpath(KUSTOMIZE / "node-guard", tmp_path)])
@@ -193,6 +200,7 @@ def test_the_base_and_its_variants_are_valid_kubernetes(
     valid(kustomize(KUSTOMIZE / "uninstall"))
     valid(kustomize(store_key_overlay(tmp_path / "store-key")))
     valid(kustomize(node_guard_overlay(tmp_path / "node-guard")))
+    valid(kustomize(object_store_overlay(tmp_path / "object-store")))
 
 
 def test_the_manual_runtimeclass_is_valid_kubernetes(yaml: ModuleType, valid: Callable[[list[Obj]], None]) -> None:
@@ -563,6 +571,31 @@ def test_helm_store_key_secret_with_its_own_key_name(
     assert normalized(objects) == normalized(with_store_key(plain, key="hotrestart.key", secret="node-keys"))
 
 
+def test_helm_object_store_renders_the_store_key_and_s3_config_components(
+    helm_template: Callable[..., list[Obj]],
+    valid: Callable[[list[Obj]], None],
+    kustomize: Callable[[Path], list[Obj]],
+    tmp_path: Path,
+) -> None:
+    store = {
+        "backend": "s3",
+        "url": "s3://checkpoints/cluster-a",
+        "keySecret": {"name": "hotrestart-store-key"},
+        "s3ConfigSecret": {"name": "hotrestart-s3-config"},
+    }
+    objects = helm_template({"store": store, "namespace": {"create": True}})
+    valid(objects)
+    env = env_of(installer_of(objects))
+    assert env["HOTRESTART_STORE"] == "s3://checkpoints/cluster-a"
+    assert env["HOTRESTART_S3_CONFIG_SOURCE"] == "/etc/hotrestart-s3/s3-config"
+    # The kustomize components give the same, with HOTRESTART_STORE set by the user's overlay.
+    expected = kustomize(object_store_overlay(tmp_path))
+    for name, value in env_of(installer_of(expected)).items():
+        assert env[name] == value or name == "HOTRESTART_STORE", name
+    pod = installer_of(objects)
+    assert {"name": "s3-config", "mountPath": "/etc/hotrestart-s3", "readOnly": True} in pod["volumeMounts"]
+
+
 def test_helm_node_guard_renders_the_node_guard_component(
     helm_template: Callable[..., list[Obj]],
     valid: Callable[[list[Obj]], None],
@@ -659,7 +692,10 @@ def test_helm_without_the_runtimeclass(helm_template: Callable[..., list[Obj]]) 
 @pytest.mark.parametrize(
     ("values", "expected"),
     [
-        ({"store": {"backend": "s3"}}, 'store.backend: "s3" is not supported'),
+        ({"store": {"backend": "gcs"}}, 'store.backend: "gcs" is not supported'),
+        ({"store": {"backend": "s3"}}, "store.url: give the object store as s3://bucket/prefix"),
+        ({"store": {"backend": "s3", "url": "s3://ckpt/a"}}, "needs a store key"),
+        ({"store": {"url": "https://ckpt"}}, "/store/url"),
         ({"mode": "remove"}, "/mode"),
         ({"containerd": {"restart": "always"}}, "/containerd/restart"),
         ({"systemdCgroup": "yes"}, "/systemdCgroup"),

@@ -65,6 +65,7 @@ class Runtime:
     store: str
     store_key: str
     systemd_cgroup: bool
+    s3_config: str = ""
 
 
 def runtime_tables(version: int, runtime: Runtime) -> str:
@@ -84,6 +85,8 @@ def runtime_tables(version: int, runtime: Runtime) -> str:
     ]
     if runtime.store_key:
         lines.append(f"    StoreKeyFile = {q(runtime.store_key)}")
+    if runtime.s3_config:
+        lines.append(f"    S3ConfigFile = {q(runtime.s3_config)}")
     # No CriuPath: a shim from the bundle runs its own version's CRIU, so that a shim still
     # running an older version after an upgrade (or after the uninstall) keeps a CRIU of its own.
     return "\n".join(lines) + "\n"

@@ -74,6 +74,7 @@ def plan(fs: HostFS, settings: Settings, recorded: State | None, say: Say) -> Pl
         install_dir=settings.install_dir,
         store=settings.store,
         store_key=settings.store_key,
+        s3_config=settings.s3_config,
         systemd_cgroup=_systemd_cgroup(settings, before if before is not None else parsed, say),
     )
     if method == DROPIN:

@@ -12,7 +12,7 @@ import os
 import stat
 from collections.abc import Callable
 
-from hotrestart.install import containerd_setup, restart, state, store_key, versions
+from hotrestart.install import containerd_setup, restart, s3_config, state, store_key, versions
 from hotrestart.install.errors import InstallError
 from hotrestart.install.hostfs import MAX_FILE, HostFS
 from hotrestart.install.settings import Settings
@@ -26,21 +26,40 @@ def install(settings: Settings, bundle_dir: str, say: Say) -> str:
     fs = HostFS(settings.host_root)
     recorded = _earlier(fs, settings)
     # Everything that can be refused is, before the host is touched.
-    key = store_key.render(settings.store_key_source) if settings.store_key_source else None
-    _check_key(fs, settings, key, recorded)
+    key = _Copied(
+        "store key",
+        settings.store_key,
+        settings.store_key_source,
+        store_key.render(settings.store_key_source) if settings.store_key_source else None,
+        recorded.store_key if recorded else "",
+        recorded.store_key_written if recorded else "",
+    )
+    conf = _Copied(
+        "S3 config",
+        settings.s3_config,
+        settings.s3_config_source,
+        s3_config.render(settings.s3_config_source) if settings.s3_config_source else None,
+        recorded.s3_config if recorded else "",
+        recorded.s3_config_written if recorded else "",
+    )
+    _check_copy(fs, key, "checkpoints sealed with it need it to restore")
+    _check_copy(fs, conf, "it may be another store's")
     planned = containerd_setup.plan(fs, settings, recorded, say)
     name = versions.version_name(bundle_dir)
     versions.install(fs, settings.install_dir, bundle_dir, name, say)
     versions.switch(fs, settings.install_dir, name, say)
     versions.remove_unused(fs, settings.install_dir, name, say)
-    if fs.make_dirs(settings.store, 0o700):
+    if not settings.local_store:
+        say(f"store: {settings.store} (an object store)")
+    elif fs.make_dirs(settings.store, 0o700):
         say(f"store: created {settings.store} (0700)")
     else:
         say(f"store: {settings.store} exists")
     recorded = recorded or _record_original(fs, settings, planned, say)
-    folders = [f for f in _missing_folders(fs, settings, planned, key) if f not in recorded.made]
+    folders = [f for f in _missing_folders(fs, settings, planned, (key, conf)) if f not in recorded.made]
     config_changed, main_written, dropin_written = containerd_setup.apply(fs, settings, planned, say)
-    key_changed, key_written = _store_key(fs, settings, key, recorded, say)
+    key_changed, key_written = _copy(fs, key, say)
+    conf_changed, conf_written = _copy(fs, conf, say)
     # What this run wrote is ours; a main file it left alone keeps the earlier record, so that
     # an admin's edit since the install is never taken for ours (and undone) by the uninstall.
     main_changed = planned.edited is not None and planned.edited != planned.main
@@ -50,8 +69,10 @@ def install(settings: Settings, bundle_dir: str, say: Say) -> str:
         dropin_written=dropin_written,
         store_key=settings.store_key if key_written else "",
         store_key_written=key_written,
+        s3_config=settings.s3_config if conf_written else "",
+        s3_config_written=conf_written,
         made=(*recorded.made, *folders),
-        restart_pending=recorded.restart_pending or config_changed or key_changed,
+        restart_pending=recorded.restart_pending or config_changed or key_changed or conf_changed,
     )
     state.save(fs, settings.install_dir, recorded)
     _restart_if_pending(fs, settings, recorded, say)
@@ -74,7 +95,9 @@ def uninstall(settings: Settings, say: Say) -> list[str]:
     recorded = state.load(fs, settings.install_dir)
     original = state.original(fs, settings.install_dir, MAX_FILE) if recorded else None
     changed = containerd_setup.undo(fs, settings, recorded, original, say)
-    changed = _remove_key(fs, recorded, say) or changed
+    if recorded is not None:
+        changed = _remove_copy(fs, "store key", recorded.store_key, recorded.store_key_written, say) or changed
+        changed = _remove_copy(fs, "S3 config", recorded.s3_config, recorded.s3_config_written, say) or changed
     for folder in reversed(recorded.made if recorded else ()):
         if fs.remove_empty_dir(folder):
             say(f"folder: removed {folder} (made by the install, empty now)")
@@ -89,7 +112,8 @@ def uninstall(settings: Settings, say: Say) -> list[str]:
     if fs.remove_tree(state.state_dir(settings.install_dir)):
         say("state: removed")
     left = remove_versions(settings, say)
-    say(f"store: {settings.store} left in place with its checkpoints (remove it by hand if they are not wanted)")
+    if settings.local_store:
+        say(f"store: {settings.store} left in place with its checkpoints (remove it by hand if they are not wanted)")
     return left
 
 
@@ -109,12 +133,14 @@ def remove_versions(settings: Settings, say: Say) -> list[str]:
     return left
 
 
-def _missing_folders(fs: HostFS, settings: Settings, planned: containerd_setup.Plan, key: bytes | None) -> list[str]:
+def _missing_folders(
+    fs: HostFS, settings: Settings, planned: containerd_setup.Plan, copies: tuple[_Copied, ...]
+) -> list[str]:
     """The host folders that our files outside the install folder will need made, outermost
     first (uninstall removes them, innermost first, once empty)."""
     files = [settings.containerd_config] if planned.main is None else []
     files += [settings.containerd_dropin] if planned.dropin is not None else []
-    files += [settings.store_key] if key else []
+    files += [c.path for c in copies if c.data is not None]
     missing: list[str] = []
     for path in files:
         folder = os.path.dirname(path)
@@ -163,57 +189,63 @@ def _record_original(fs: HostFS, settings: Settings, planned: containerd_setup.P
     return recorded
 
 
-def _ours(existing: bytes, settings: Settings, recorded: State | None) -> bool:
-    """Whether the key file holding `existing` is the one an earlier run wrote, unchanged."""
-    return (
-        recorded is not None
-        and recorded.store_key == settings.store_key
-        and sha256(existing) == recorded.store_key_written
-    )
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Copied:
+    """A file the installer copies from a Secret to the host: the store key, the S3 config."""
+
+    what: str
+    path: str  # on the host; "" when not configured
+    source: str
+    data: bytes | None  # what goes there; None: nothing (and a copy of ours is taken away)
+    recorded: str  # the host path an earlier run copied to ("" when none)
+    written: str  # the sha256 of what it wrote there
+
+    def ours(self, existing: bytes) -> bool:
+        """Whether `existing` is what an earlier run wrote to this path, unchanged."""
+        return bool(self.recorded) and self.recorded == self.path and sha256(existing) == self.written
 
 
-def _check_key(fs: HostFS, settings: Settings, key: bytes | None, recorded: State | None) -> None:
-    """Refuse, before the host is touched, to replace a store key the installer did not write:
-    the checkpoints sealed with it could no longer be opened."""
-    if key is None:
+def _check_copy(fs: HostFS, c: _Copied, why: str) -> None:
+    """Refuse, before the host is touched, to replace such a file the installer did not write."""
+    if c.data is None:
         return
-    existing = fs.read(settings.store_key)
-    if existing is None or existing == key or _ours(existing, settings, recorded):
+    existing = fs.read(c.path)
+    if existing is None or existing == c.data or c.ours(existing):
         return
     raise InstallError(
-        f"{settings.store_key} holds another store key, not written by the installer: give the installer "
-        "that key, or move the file away (checkpoints sealed with it need it to restore)"
+        f"{c.path} holds another {c.what}, not written by the installer: give the installer "
+        f"that {c.what}, or move the file away ({why})"
     )
 
 
-def _store_key(fs: HostFS, settings: Settings, data: bytes | None, recorded: State, say: Say) -> tuple[bool, str]:
-    """Copy the store key to the host (or take away one we copied before and no longer
-    should); whether it changed, and the sha256 of what is ours there ("" when the file was
-    there before us: used, and left in place by the uninstall)."""
-    if data is not None:
-        existing = fs.read(settings.store_key)
-        if existing is not None and not _ours(existing, settings, recorded):
-            say(f"store key: {settings.store_key} already holds this key (not the installer's: kept on uninstall)")
+def _copy(fs: HostFS, c: _Copied, say: Say) -> tuple[bool, str]:
+    """Copy a file to the host (or take away one we copied before and no longer should);
+    whether it changed, and the sha256 of what is ours there ("" when the file was there
+    before us: used, and left in place by the uninstall)."""
+    if c.data is not None:
+        existing = fs.read(c.path)
+        if existing is not None and not c.ours(existing):
+            say(f"{c.what}: {c.path} already holds this {c.what} (not the installer's: kept on uninstall)")
             return False, ""
-        if fs.write(settings.store_key, data, 0o600):
-            say(f"store key: written to {settings.store_key} (0600) from {settings.store_key_source}")
-            return True, sha256(data)
-        say(f"store key: {settings.store_key} is up to date")
-        return False, sha256(data)
-    if recorded.store_key:
-        return _remove_key(fs, recorded, say), ""
+        if fs.write(c.path, c.data, 0o600):
+            say(f"{c.what}: written to {c.path} (0600) from {c.source}")
+            return True, sha256(c.data)
+        say(f"{c.what}: {c.path} is up to date")
+        return False, sha256(c.data)
+    if c.recorded:
+        return _remove_copy(fs, c.what, c.recorded, c.written, say), ""
     return False, ""
 
 
-def _remove_key(fs: HostFS, recorded: State | None, say: Say) -> bool:
-    if recorded is None or not recorded.store_key:
+def _remove_copy(fs: HostFS, what: str, path: str, written: str, say: Say) -> bool:
+    if not path:
         return False
-    data = fs.read(recorded.store_key)
+    data = fs.read(path)
     if data is None:
         return False
-    if sha256(data) != recorded.store_key_written:
-        say(f"store key: {recorded.store_key} was changed since the install, left as it is")
+    if sha256(data) != written:
+        say(f"{what}: {path} was changed since the install, left as it is")
         return False
-    fs.remove(recorded.store_key)
-    say(f"store key: removed {recorded.store_key}")
+    fs.remove(path)
+    say(f"{what}: removed {path}")
     return True

@@ -16,9 +16,11 @@ from hotrestart.checkpoint.policy import parse_duration
 from hotrestart.errors import InvalidArgumentError
 from hotrestart.install.errors import InstallError
 from hotrestart.sizes import parse_size
+from hotrestart.store.s3 import Location
 
 # Where the store key is copied on the host, and what the runtime's options name.
 STORE_KEY_PATH = "/etc/hotrestart/store-key"
+S3_CONFIG_PATH = "/etc/hotrestart/s3-config"
 
 # The runtime's name is a TOML bare key in the drop-in and a RuntimeClass handler (a DNS label).
 _RUNTIME_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -37,6 +39,7 @@ class Settings:
     runtime_name: str = "hotrestart"
     store: str = "/var/lib/hotrestart/checkpoints"
     store_key_source: str = ""  # a file or key folder in the installer's container
+    s3_config_source: str = ""  # an s3:// store's AWS config file in the installer's container
     retention_max_age: float | None = None
     retention_max_size: int | None = None
     prune_interval: float = 600.0
@@ -49,6 +52,16 @@ class Settings:
     def store_key(self) -> str:
         """The host path of the copied store key; "" when the store has none."""
         return STORE_KEY_PATH if self.store_key_source else ""
+
+    @property
+    def s3_config(self) -> str:
+        """The host path of the copied S3 config file; "" when there is none."""
+        return S3_CONFIG_PATH if self.s3_config_source else ""
+
+    @property
+    def local_store(self) -> bool:
+        """Whether the store is a folder on the node (else an s3:// URL)."""
+        return not self.store.startswith("s3://")
 
     def on_host(self, host_path: str) -> str:
         """`host_path` as this process reaches it, below the host root."""
@@ -107,6 +120,19 @@ def from_env(env: Mapping[str, str] = os.environ) -> Settings:
     key_source = get("HOTRESTART_STORE_KEY_SOURCE", "")
     if key_source and not os.path.isabs(key_source):
         raise InstallError(f"HOTRESTART_STORE_KEY_SOURCE={key_source!r}: give an absolute path")
+    s3_source = get("HOTRESTART_S3_CONFIG_SOURCE", "")
+    if s3_source and not os.path.isabs(s3_source):
+        raise InstallError(f"HOTRESTART_S3_CONFIG_SOURCE={s3_source!r}: give an absolute path")
+    store = get("HOTRESTART_STORE", _DEFAULTS.store)
+    if store.startswith("s3://"):
+        try:
+            store = Location.parse(store).url
+        except ValueError as exc:
+            raise InstallError(f"HOTRESTART_STORE: {exc}") from None
+        if not key_source:
+            raise InstallError("HOTRESTART_STORE is an object store, which is shared: set HOTRESTART_STORE_KEY_SOURCE")
+    else:
+        store = _host_path("HOTRESTART_STORE", store)
     host_root = get("HOTRESTART_HOST_ROOT", _DEFAULTS.host_root)
     if not os.path.isabs(host_root):
         raise InstallError(f"HOTRESTART_HOST_ROOT={host_root!r}: give an absolute path")
@@ -120,8 +146,9 @@ def from_env(env: Mapping[str, str] = os.environ) -> Settings:
         restart=_choice("HOTRESTART_RESTART", get("HOTRESTART_RESTART", _DEFAULTS.restart), ("systemd", "none")),
         containerd_unit=unit,
         runtime_name=runtime_name,
-        store=_host_path("HOTRESTART_STORE", get("HOTRESTART_STORE", _DEFAULTS.store)),
+        store=store,
         store_key_source=key_source,
+        s3_config_source=s3_source,
         retention_max_age=_duration("HOTRESTART_RETENTION_MAX_AGE", max_age) if max_age else None,
         retention_max_size=retention_max_size,
         prune_interval=_duration("HOTRESTART_PRUNE_INTERVAL", get("HOTRESTART_PRUNE_INTERVAL", "10m")),

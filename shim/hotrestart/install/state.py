@@ -36,6 +36,8 @@ class State:
     dropin_written: str = ""
     store_key: str = ""  # host path of the key we copied; "" when none
     store_key_written: str = ""
+    s3_config: str = ""  # host path of the S3 config we copied; "" when none
+    s3_config_written: str = ""
     runtime_name: str = ""
     made: tuple[str, ...] = ()  # host folders the install created for its files, removed when empty
     restart_pending: bool = False  # containerd's configuration changed and it has not restarted since

@@ -16,7 +16,7 @@ from hotrestart.store import keyfile
 from hotrestart.store.seal import SealError
 
 
-def _resolve(source: str) -> str:
+def resolve_secret(source: str, setting: str = "HOTRESTART_STORE_KEY_SOURCE") -> str:
     """A Secret volume's file is a link into the volume's own folder (`key -> ..data/key`):
     followed while it stays in that folder, refused when it leads anywhere else."""
     if not os.path.islink(source):
@@ -25,14 +25,14 @@ def _resolve(source: str) -> str:
     target = os.path.realpath(source)
     if os.path.dirname(target) == folder or target.startswith(folder + os.sep):
         return target
-    raise InstallError(f"HOTRESTART_STORE_KEY_SOURCE: {source} links outside its folder (to {target})")
+    raise InstallError(f"{setting}: {source} links outside its folder (to {target})")
 
 
 def render(source: str) -> bytes:
     """The host key file for the keys at `source`. The source must belong to the user we run
     as (root on a node): a key others could have written is not one to seal with."""
     try:
-        ring = keyfile.load(_resolve(source), owner=os.geteuid())
+        ring = keyfile.load(resolve_secret(source), owner=os.geteuid())
     except SealError as exc:
         raise InstallError(f"HOTRESTART_STORE_KEY_SOURCE: {exc}") from None
     lines = [f"{name}:{base64.b64encode(ring.key(name)).decode()}" for name in ring.names]

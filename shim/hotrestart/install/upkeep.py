@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 
 from hotrestart.errors import ShimError
+from hotrestart.install import store_key
 from hotrestart.install.errors import InstallError
 from hotrestart.install.hostfs import HostFS
 from hotrestart.install.settings import Settings
@@ -21,15 +22,21 @@ def prune(settings: Settings, say: Callable[[str], None]) -> None:
     fs = HostFS(settings.host_root)
     try:
         # The store and the key are opened by path below the host root: no link on the way.
-        with fs.folder(settings.store):
-            pass
+        if settings.local_store:
+            with fs.folder(settings.store):
+                pass
         keys = None
         if settings.store_key:
             with fs.folder(os.path.dirname(settings.store_key)):
                 pass
             if fs.lstat(settings.store_key) is not None:
                 keys = keyfile.load(settings.on_host(settings.store_key))
-        store = config.backend(settings.on_host(settings.store), keys)
+        if settings.local_store:
+            store = config.backend(settings.on_host(settings.store), keys)
+        else:
+            # The installer's own copy of the S3 config: the host's is the same bytes.
+            conf = store_key.resolve_secret(settings.s3_config_source, "HOTRESTART_S3_CONFIG_SOURCE")
+            store = config.backend(settings.store, keys, conf if settings.s3_config_source else "")
         removed = store.prune(max_age=settings.retention_max_age, max_bytes=settings.retention_max_size)
     except (OSError, ShimError, InstallError) as exc:
         say(f"prune: failed: {exc}")

@@ -48,8 +48,19 @@ app.kubernetes.io/part-of: hotrestart
 {{/* Settings with a fixed set of choices, checked here as well as by values.schema.json
      (which --skip-schema-validation bypasses). */}}
 {{- define "hotrestart.validate" -}}
-{{- if ne (toString .Values.store.backend) "directory" -}}
-{{- fail (printf "store.backend: %q is not supported; only \"directory\" (a node-local directory) is" (toString .Values.store.backend)) -}}
+{{- if not (has (toString .Values.store.backend) (list "directory" "s3")) -}}
+{{- fail (printf "store.backend: %q is not supported; use \"directory\" (a node-local directory) or \"s3\" (an object store)" (toString .Values.store.backend)) -}}
+{{- end -}}
+{{- if eq (toString .Values.store.backend) "s3" -}}
+{{- if not (hasPrefix "s3://" (toString .Values.store.url)) -}}
+{{- fail "store.url: give the object store as s3://bucket/prefix" -}}
+{{- end -}}
+{{- if not .Values.store.keySecret.name -}}
+{{- fail "store.keySecret.name: an object store is shared and needs a store key" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.store.s3ConfigSecret.name (not .Values.store.s3ConfigSecret.key) -}}
+{{- fail "store.s3ConfigSecret.key: empty; name the Secret's key that holds the AWS config file" -}}
 {{- end -}}
 {{- if not (has .Values.containerd.restart (list "systemd" "none")) -}}
 {{- fail (printf "containerd.restart: %q is not one of systemd, none" (toString .Values.containerd.restart)) -}}
