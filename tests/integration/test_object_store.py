@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -339,3 +340,23 @@ def test_the_runtime_s3_config_file_alone_reaches_the_store(
     store = ObjectStore(objstore.fresh_url(env), local=str(tmp_path / "staging"), config_file=str(conf))
     entry, _ = _publish(store, tmp_path, os.urandom(64 << 10))
     assert entry is not None and store.latest(IDENT) is not None
+
+
+def test_retention_and_prune_on_the_object_store(env: dict[str, str], tmp_path: Path) -> None:
+    store = _store(env, tmp_path)
+    old, _ = _publish(store, tmp_path, os.urandom(256 << 10), Identity("ns", "old", "c"))
+    new, _ = _publish(store, tmp_path, os.urandom(256 << 10), Identity("ns", "new", "c"))
+    left, _ = _publish(store, tmp_path, os.urandom(256 << 10), Identity("ns", "left", "c"))
+    assert old is not None and new is not None and left is not None and old.manifest is not None
+    # A claim whose restorer is gone (a pid of this host that no longer runs) is abandoned.
+    store.bucket.put(f"v1/claimed/{left.id}", f"{socket.gethostname()} {2**22 - 1} {time.time()}\n".encode())
+    # Expired by age: only the one created before the cut.
+    removed = store.prune(max_age=time.time() - old.manifest.created_at - 0.001)
+    assert {e.id for e in removed} >= {old.id, left.id}
+    assert [e.id for e in store.entries()] == [new.id]
+    # Over the size budget: the oldest go first, until it fits.
+    removed = store.prune(max_bytes=0)
+    assert [e.id for e in removed] == [new.id] and list(store.entries()) == []
+    time.sleep(1.1)  # a collection's clock is gc.lock's Last-Modified: whole seconds
+    assert store.collect(min_age=0)[0] > 0
+    assert list(store.bucket.listing("v1/chunks/")) == []
