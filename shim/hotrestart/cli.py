@@ -18,6 +18,7 @@ from hotrestart.store.config import KEY_ENV
 from hotrestart.store.entry import Entry
 from hotrestart.store.seal import SealError
 from hotrestart.store.store import DEFAULT_ROOT as DEFAULT_STORE
+from hotrestart.store.tree import one_line
 
 
 def cmd_version(_args: argparse.Namespace) -> int:
@@ -147,6 +148,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         )
     if m.restore_attempts:
         print(f"restores that died early: {m.restore_attempts}")
+    restored = store.restore_record(entry)
+    if restored is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(restored.started_at))
+        how = "lazy (memory on demand)" if restored.lazy else "full"
+        if restored.lazy:
+            how += (
+                f", fully resident after {restored.resident_after:.2f}s"
+                if restored.resident_after is not None
+                else ", not fully resident (yet)"
+            )
+        print(f"restored:  {how}, on {one_line(restored.node)} at {when}")
     if args.files:
         for fe in m.files:
             print(f"  {fe.path}  {_size(fe.stored_bytes)}  {len(fe.chunks)} chunk(s)  blake3:{fe.digest[:16]}")

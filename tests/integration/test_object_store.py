@@ -360,3 +360,19 @@ def test_retention_and_prune_on_the_object_store(env: dict[str, str], tmp_path: 
     time.sleep(1.1)  # a collection's clock is gc.lock's Last-Modified: whole seconds
     assert store.collect(min_age=0)[0] > 0
     assert list(store.bucket.listing("v1/chunks/")) == []
+
+
+def test_a_restore_record_lives_and_goes_with_its_checkpoint(env: dict[str, str], tmp_path: Path) -> None:
+    from hotrestart.store.restores import Record
+
+    store = _store(env, tmp_path)
+    entry, _ = _publish(store, tmp_path, os.urandom(64 << 10))
+    assert entry is not None
+    claimed = store.claim(entry)
+    assert claimed is not None
+    store.note_restore(claimed, Record("node-b", time.time(), lazy=True, resident_after=1.5))
+    record = store.restore_record(claimed)
+    assert record is not None and record.lazy and record.resident_after == 1.5
+    store.remove(claimed)
+    assert store.restore_record(claimed) is None
+    assert list(store.bucket.listing("v1/restores/")) == []

@@ -376,3 +376,11 @@ async def test_a_lazy_restore_uses_its_checkpoint_up_only_once_resident(tmp_path
     assert _states(store) == ["claimed"]
     back.set()
     await _until(lambda: _states(store) == [])
+
+
+async def test_a_restore_notes_itself_beside_its_checkpoint(tmp_path: Path) -> None:
+    hot, _, store = await _restored(tmp_path)
+    [entry] = [e for e in store.entries() if e.state == "claimed"]
+    record = store.restore_record(entry)
+    assert record is not None and not record.lazy and record.node == hot.engine.node
+    assert record.resident_after is None and abs(record.started_at - time.time()) < 60

@@ -34,6 +34,7 @@ from hotrestart.container.seam import RestoreImages, View
 from hotrestart.errors import ShimError, StoreError
 from hotrestart.gpu import plan as gpu_plan
 from hotrestart.runtime import netinfo
+from hotrestart.store import restores
 from hotrestart.store.entry import Entry
 from hotrestart.store.manifest import FileEntry, Manifest
 
@@ -62,6 +63,7 @@ class Claim:
     daemon: lazy.Daemon | None = None  # a lazy restore's, until every page has arrived
     resident: asyncio.Task[None] | None = None  # follows the lazy restore to its end
     settled: bool = False  # quarantined after the process ran: nothing more to decide
+    started_at: float = dataclasses.field(default_factory=time.time)  # wall time the restore began
 
     def drop_work(self) -> None:
         if self.daemon is not None:
@@ -212,6 +214,9 @@ async def finish(engine: Engine, view: View, claim: Claim) -> None:
             if why:
                 raise RestoreFailed(why)
             await engine.gpu.after_restore(await view.runc.ps(view.id), device_map)
+    record = restores.Record(engine.node, claim.started_at, lazy=claim.daemon is not None)
+    if not claim.shared:  # a template's snapshot serves many: its restores are not one story
+        engine.calls.later("restore not noted", engine.store.note_restore, claim.entry, record)
     if claim.daemon is not None:
         claim.daemon.hold_uffds()
         claim.resident = asyncio.ensure_future(_until_resident(engine, view, claim, claim.daemon))
@@ -233,6 +238,9 @@ async def _until_resident(engine: Engine, view: View, claim: Claim, daemon: lazy
             took,
             daemon.unpacked.lazy_bytes >> 20,
         )
+        if not claim.shared:
+            record = restores.Record(engine.node, claim.started_at, lazy=True, resident_after=took)
+            engine.calls.later("restore not noted", engine.store.note_restore, claim.entry, record)
     except lazy.LazyFailed as exc:
         log.error("%s: lazy restore from %s failed, killing the container: %s", view.id, claim.entry.id, exc)
         with contextlib.suppress(Exception):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
+from hotrestart.store import restores
 from hotrestart.store.archive import FileReader
 from hotrestart.store.chunkwrite import ChunkWriter
 from hotrestart.store.entry import Entry
@@ -120,6 +121,14 @@ class Backend(Protocol):
 
     def remove(self, entry: Entry) -> None:
         """Remove an entry; a half-removed one is never read."""
+        ...
+
+    def note_restore(self, entry: Entry, record: restores.Record) -> None:
+        """Keep what the restore holding `entry` did (`restores`), for `hotrestart inspect`."""
+        ...
+
+    def restore_record(self, entry: Entry) -> restores.Record | None:
+        """What the last restore of `entry` noted, or None."""
         ...
 
     # -- reading stored files -----------------------------------------------------------------------

@@ -9,6 +9,7 @@ offers: a PUT is atomic, a LIST sees every PUT that returned, and a conditional 
     v1/claimed/<id>                         a restore's claim: "<host> <pid> <since>"
     v1/quarantine/<id>/reason.txt           set aside (restore.log beside it)
     v1/pending/<key>.<id>                   a checkpoint of the identity is being taken
+    v1/restores/<id>                        what its last restore noted (`restores`)
     v1/writers/<id>                         a checkpoint's chunks are being written
     v1/workloads/<ns>/<key>                 as in the directory store
     v1/gc.lock                              a chunk collection is running
@@ -39,7 +40,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from hotrestart.store import archive, chunkgc, retention, safefs
+from hotrestart.store import archive, chunkgc, restores, retention, safefs
 from hotrestart.store.chunkcodec import Codec, IntegrityError
 from hotrestart.store.chunks import DIGEST, SPACE, check
 from hotrestart.store.chunkwrite import ChunkWriter
@@ -397,10 +398,20 @@ class ObjectStore:
         self.bucket.delete(
             [
                 f"v1/claimed/{entry.id}",
+                f"v1/restores/{entry.id}",
                 f"v1/quarantine/{entry.id}/restore.log",
                 f"v1/quarantine/{entry.id}/{REASON}",
             ]
         )
+
+    def note_restore(self, entry: Entry, record: restores.Record) -> None:
+        self.bucket.put(f"v1/restores/{safefs.check_name(entry.id)}", record.to_json())
+
+    def restore_record(self, entry: Entry) -> restores.Record | None:
+        try:
+            return restores.Record.from_json(self.bucket.get(f"v1/restores/{entry.id}", restores.MAX_RECORD))
+        except OSError:
+            return None
 
     # -- reading stored files -------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Iterator
 
-from hotrestart.store import archive, chunkgc, retention, safefs
+from hotrestart.store import archive, chunkgc, restores, retention, safefs
 from hotrestart.store.chunkcodec import Codec
 from hotrestart.store.chunks import REFS, Chunks, Journal
 from hotrestart.store.chunkwrite import ChunkWriter, workers
@@ -278,6 +278,18 @@ class Store:
                 if exc.errno != errno.EXDEV and not isinstance(exc, UnsafeEntryError):
                     raise
             safefs.remove_tree(pfd, entry.id)
+
+    def note_restore(self, entry: Entry, record: restores.Record) -> None:
+        """Kept in the entry's folder: it goes where the entry goes (released, quarantined)."""
+        with self.tree.of(entry) as fd:
+            safefs.write_file(fd, restores.NAME, record.to_json())
+
+    def restore_record(self, entry: Entry) -> restores.Record | None:
+        try:
+            with self.tree.of(entry) as fd:
+                return restores.Record.from_json(safefs.read_file(fd, restores.NAME, restores.MAX_RECORD))
+        except OSError:
+            return None
 
     # -- reading stored files -------------------------------------------------------------------
 
