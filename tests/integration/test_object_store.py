@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -23,6 +24,7 @@ import pytest
 import objstore
 from hotrestart.store import archive, chunking
 from hotrestart.store.chunkcodec import IntegrityError
+from hotrestart.store.chunkwrite import ChunkWriter
 from hotrestart.store.entry import Entry
 from hotrestart.store.manifest import Identity, Manifest
 from hotrestart.store.objectstore import ObjectStore
@@ -376,3 +378,49 @@ def test_a_restore_record_lives_and_goes_with_its_checkpoint(env: dict[str, str]
     store.remove(claimed)
     assert store.restore_record(claimed) is None
     assert list(store.bucket.listing("v1/restores/")) == []
+
+
+def test_a_checkpoint_being_restored_elsewhere_is_never_removed_from_under_it(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    url = objstore.fresh_url(env)
+    here, there = _store(env, tmp_path / "a", url), _store(env, tmp_path / "b", url)
+    old, _ = _publish(here, tmp_path, os.urandom(64 << 10))
+    assert old is not None
+    listed = there.latest(IDENT)
+    assert listed is not None
+    claimed = here.claim(old)  # another node restores it
+    assert claimed is not None
+    with pytest.raises(FileExistsError):
+        there.remove(listed)  # as a prune or a newer checkpoint would
+    newer, _ = _publish(there, tmp_path, os.urandom(64 << 10))  # supersedes the older: not this one
+    assert newer is not None
+    assert here.restore_record(claimed) is None and here.verify(claimed) == []
+    assert {e.id: e.state for e in here.entries()} == {old.id: "claimed", newer.id: "checkpoints"}
+
+
+def test_a_writer_whose_lease_lapsed_publishes_nothing(
+    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stalled for minutes while writing chunks, or between its last chunk and its manifest:
+    a collection may have taken it for dead, so it must not publish."""
+    store = _store(env, tmp_path)
+    real_writer, real_publish = store.chunk_writer, store.publish
+
+    def stalled_writer(staging: str) -> ChunkWriter:
+        writer = real_writer(staging)
+        store._leases[os.path.basename(staging)] -= 1000
+        return writer
+
+    def stalled_publish(staging: str, manifest: Manifest, sealer: Any = None) -> Entry | None:
+        store._leases[os.path.basename(staging)] -= 1000
+        return real_publish(staging, manifest, sealer)
+
+    monkeypatch.setattr(store, "chunk_writer", stalled_writer)
+    with pytest.raises(OSError, match="not renewed for"):
+        _publish(store, tmp_path, os.urandom(64 << 10))
+    monkeypatch.setattr(store, "chunk_writer", real_writer)
+    monkeypatch.setattr(store, "publish", stalled_publish)
+    with pytest.raises(OSError, match="lease lapsed"):
+        _publish(store, tmp_path, os.urandom(64 << 10))
+    assert list(store.entries()) == [] and list(store.bucket.listing("v1/writers/")) == []

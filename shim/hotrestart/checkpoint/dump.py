@@ -85,7 +85,8 @@ async def dump(
                         captured = await asyncio.to_thread(files.capture, view, policy.carry_volumes, staging)
                         fsp.set("files", len(captured))
                     timings["rootfs_diff"] = time.monotonic() - t1
-                    room_for(staging, usage)
+                    if not store.remote:  # an object store's chunks leave the node
+                        room_for(staging, usage)
                     left = None if budget is None else max(t0 + budget - time.monotonic(), 0.1)
                     await view.runc.checkpoint(view.id, opts, timeout=left)
                 outcome = "ok"

@@ -191,7 +191,7 @@ class HotRestart(PlainCheckpoints):
             log.warning("%s: hotrestart.io/snapshot applies to a ReplicaSet's pods (pod-template-hash)", self.view.id)
             return
         try:
-            existing = template.current(self.engine.store, snap, snapshot.ttl)
+            existing = await self.engine.calls.call(template.current, self.engine.store, snap, snapshot.ttl)
             if existing is not None and existing.manifest is not None:
                 if not await restore.unfit(self.engine, self.view, existing.manifest):
                     log.info("%s: template snapshot %s exists; none taken", self.view.id, existing.id)

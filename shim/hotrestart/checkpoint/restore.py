@@ -278,7 +278,17 @@ def abandon(engine: Engine, claim: Claim, exc: BaseException) -> str:
             _quarantine_later(engine, claim, reason)
         claim.drop_work()
         return reason
-    if isinstance(exc, Exception):
+    if (
+        isinstance(exc, OSError)
+        and not isinstance(exc, StoreError)
+        and claim.manifest.restore_attempts + 1 < MAX_SHORT_RESTORES
+    ):
+        # The store (or this node's disk) failed, not the checkpoint: it goes back, with the
+        # attempt counted, for the next create to try again (a few times).
+        claim.manifest.restore_attempts += 1
+        engine.calls.later("not released", engine.store.release, claim.entry, claim.manifest)
+        log.warning("restore from %s failed (%s); checkpoint released", claim.entry.id, reason)
+    elif isinstance(exc, Exception):
         _quarantine_later(engine, claim, reason)
     else:
         engine.calls.later("not released", engine.store.release, claim.entry, claim.manifest)

@@ -8,11 +8,11 @@ offers: a PUT is atomic, a LIST sees every PUT that returned, and a conditional 
     v1/checkpoints/<key>/<id>/manifest.json published when this is written, after its chunks
     v1/claimed/<id>                         a restore's claim: "<host> <pid> <since>"
     v1/quarantine/<id>/reason.txt           set aside (restore.log beside it)
-    v1/pending/<key>.<id>                   a checkpoint of the identity is being taken
+    v1/pending/<key>/<id>                   a checkpoint of the identity is being taken
     v1/restores/<id>                        what its last restore noted (`restores`)
     v1/writers/<id>                         a checkpoint's chunks are being written
     v1/workloads/<ns>/<key>                 as in the directory store
-    v1/gc.lock                              a chunk collection is running
+    v1/gc.lock                              a chunk collection is running (its token last)
 
 A checkpoint's state is read from these objects: quarantined when it has a reason, claimed
 when it has a claim, published otherwise. A claim is a conditional PUT, and the winner
@@ -85,6 +85,7 @@ class ObjectStore:
         self._local = local or os.environ.get(LOCAL_ENV, "") or DEFAULT_LOCAL
         self.collected = (0, 0)
         self.remote = True
+        self._leases: dict[str, float] = {}  # staging id -> when its writer object was last put
         # Requests wait on the network, not the cores: many at once (16 chunks of at most
         # a few MiB each in memory).
         self.io_threads = IO_THREADS
@@ -132,27 +133,37 @@ class ObjectStore:
         and return what stores chunks not in the bucket yet."""
         cid = self._staging_name(staging)
         mine = f"v1/writers/{cid}"
-        self.bucket.put(mine, owner_line(time.time()).encode())
         deadline = time.monotonic() + GC_STALE
         while True:
-            lock = self.bucket.head(LOCK_KEY)
+            # Put (again) before every look: the object's time is the server's "now", and a
+            # collection starting meanwhile must see it fresh.
+            renewed = time.monotonic()
+            self.bucket.put(mine, owner_line(time.time()).encode())
             me = self.bucket.head(mine)
+            lock = self.bucket.head(LOCK_KEY)
             now = me.mtime if me is not None else time.time()
             if lock is None or now - lock.mtime > GC_STALE:
                 break
             if time.monotonic() > deadline:
                 raise OSError(f"{self.root}: a chunk collection is still running")
             time.sleep(0.5)
-        return ChunkWriter(_BucketChunks(self.bucket, mine), self._sealing.writing(), _NoJournal(), self.io_threads)
+        self._leases[cid] = renewed
+        sink = _BucketChunks(self.bucket, mine, self._leases, cid)
+        return ChunkWriter(sink, self._sealing.writing(), _NoJournal(), self.io_threads)
 
     def publish(self, staging: str, manifest: Manifest, sealer: Sealer | None = None) -> Entry | None:
         if any(e.manifest.created_at > manifest.created_at for e in self._same_member(manifest)):
             self.discard(staging)
             return None
-        self._staging_name(staging)
+        cid = self._staging_name(staging)
         key = identity_key(manifest.identity)
         safefs.check_name(manifest.id)
         body = self._sealing.sign(manifest, sealer)
+        # Its chunks are safe from collection only while its writer object is fresh.
+        renewed = self._leases.get(cid)
+        if renewed is None or time.monotonic() - renewed > WRITER_STALE - LEASE_RENEW:
+            self.discard(staging)
+            raise OSError(f"{self.root}: checkpoint {manifest.id} not published: its writer's lease lapsed")
         if not self.bucket.create(f"v1/checkpoints/{key}/{manifest.id}/{MANIFEST}", body):
             raise FileExistsError(f"{self.root}: checkpoint {manifest.id} is published already")
         self.discard(staging)
@@ -190,32 +201,32 @@ class ObjectStore:
         """Throw a staging folder away, and its writer object with it; never raises."""
         with contextlib.suppress(OSError, ValueError):
             cid = self._staging_name(staging)
+            self._leases.pop(cid, None)
             shutil.rmtree(os.path.join(self._local, cid), ignore_errors=True)
             self.bucket.delete([f"v1/writers/{cid}"])
 
     # -- pending markers ------------------------------------------------------------------------
 
     def mark_pending(self, identity: Identity, cid: str) -> None:
-        marker = f"v1/pending/{identity_key(identity)}.{safefs.check_name(cid)}"
+        marker = f"v1/pending/{identity_key(identity)}/{safefs.check_name(cid)}"
         self.bucket.put(marker, owner_line(time.time()).encode())
         if identity.key.startswith(WORKLOAD_PREFIX):
             self.bucket.put(f"v1/workloads/{namespace_key(identity.namespace)}/{identity_key(identity)}", b"")
 
     def clear_pending(self, identity: Identity, cid: str) -> None:
         with contextlib.suppress(OSError):
-            self.bucket.delete([f"v1/pending/{identity_key(identity)}.{safefs.check_name(cid)}"])
+            self.bucket.delete([f"v1/pending/{identity_key(identity)}/{safefs.check_name(cid)}"])
 
     def is_pending(self, identity: Identity, *, now: float | None = None) -> bool:
         now = time.time() if now is None else now
-        prefix = f"v1/pending/{identity_key(identity)}."
         try:
-            for meta in self.bucket.listing("v1/pending/"):
-                if not meta.key.startswith(prefix):
-                    continue
+            for meta in self.bucket.listing(f"v1/pending/{identity_key(identity)}/"):
                 try:
                     live = marker_live(self.bucket.get(meta.key, SMALL), now)
                 except FileNotFoundError:
                     continue
+                except OSError:
+                    live = False  # not a marker this store writes (too large, say)
                 if live:
                     return True
                 with contextlib.suppress(OSError):
@@ -233,13 +244,18 @@ class ObjectStore:
     # -- listing --------------------------------------------------------------------------------
 
     def entries(self) -> Iterator[Entry]:
-        manifests = [m for m in self.bucket.listing("v1/checkpoints/")]
-        claims = {m.key.removeprefix("v1/claimed/"): m for m in self.bucket.listing("v1/claimed/")}
-        reasons = {
-            m.key.removeprefix("v1/quarantine/").split("/")[0]: m
-            for m in self.bucket.listing("v1/quarantine/")
-            if m.key.endswith("/" + REASON)
-        }
+        """Every entry; none when the bucket cannot be listed (`problems` says why)."""
+        try:
+            manifests = list(self.bucket.listing("v1/checkpoints/"))
+            claims = {m.key.removeprefix("v1/claimed/"): m for m in self.bucket.listing("v1/claimed/")}
+            reasons = {
+                m.key.removeprefix("v1/quarantine/").split("/")[0]: m
+                for m in self.bucket.listing("v1/quarantine/")
+                if m.key.endswith("/" + REASON)
+            }
+        except OSError as exc:
+            log.warning("%s not listed: %s", self.root, exc)
+            return
         seen: set[str] = set()
         for meta in sorted(manifests, key=lambda m: m.key):
             found = _MANIFEST_KEY.fullmatch(meta.key)
@@ -321,11 +337,15 @@ class ObjectStore:
         return matches[0] if len(matches) == 1 else None
 
     def problems(self) -> list[str]:
-        try:
-            next(self.bucket.listing("v1/gc"), None)
-        except OSError as exc:
-            return [str(exc)]
-        return []
+        found = []
+        for prefix in ("v1/checkpoints/", "v1/claimed/", "v1/quarantine/"):
+            try:
+                for _ in self.bucket.listing(prefix):
+                    pass
+            except OSError as exc:
+                found.append(str(exc))
+                break
+        return found
 
     def reason(self, entry: Entry) -> str:
         try:
@@ -342,7 +362,7 @@ class ObjectStore:
             host, pid = self.bucket.get(f"v1/claimed/{entry.id}", SMALL).decode().split()[:2]
             owner = int(pid)
         except FileNotFoundError:
-            return False
+            return True  # released or removed since the listing: not this prune's to judge
         except (OSError, ValueError):
             return now - entry.mtime < retention.ABANDONED
         if host != socket.gethostname():
@@ -358,25 +378,31 @@ class ObjectStore:
         try:
             if not self.bucket.create(mine, owner_line(time.time()).encode()):
                 return None
-            # Consumed (manifest gone) or set aside between the listing and the claim: not ours.
-            manifest = self.bucket.head(f"v1/checkpoints/{entry.key}/{entry.id}/{MANIFEST}")
-            if manifest is None or self.bucket.head(f"v1/quarantine/{entry.id}/{REASON}") is not None:
-                self.bucket.delete([mine])
-                return None
-            fresh = self._load(entry.key, entry.id, manifest, None, None)
-            if fresh is None or fresh.manifest is None:
-                self.bucket.delete([mine])
-                return None
-            claimed = self.bucket.head(mine)
         except OSError as exc:
             log.warning("checkpoint %s not claimed: %s", entry.id, exc)
             return None
-        mtime = claimed.mtime if claimed is not None else time.time()
-        return Entry("claimed", entry.id, entry.path, fresh.manifest, key=entry.key, mtime=mtime)
+        try:
+            # Consumed (manifest gone) or set aside between the listing and the claim: not ours.
+            manifest = self.bucket.head(f"v1/checkpoints/{entry.key}/{entry.id}/{MANIFEST}")
+            fresh = None
+            if manifest is not None and self.bucket.head(f"v1/quarantine/{entry.id}/{REASON}") is None:
+                fresh = self._load(entry.key, entry.id, manifest, None, None)
+            claimed = self.bucket.head(mine) if fresh is not None and fresh.manifest is not None else None
+        except OSError as exc:
+            log.warning("checkpoint %s not claimed: %s", entry.id, exc)
+            claimed = None
+        if claimed is None or fresh is None or fresh.manifest is None:
+            with contextlib.suppress(OSError):
+                self.bucket.delete([mine])  # never left holding what it did not get
+            return None
+        return Entry("claimed", entry.id, entry.path, fresh.manifest, key=entry.key, mtime=claimed.mtime)
 
     def release(self, entry: Entry, manifest: Manifest) -> Entry:
         key = identity_key(manifest.identity)
         body = self._sealing.sign(manifest, self._sealing.opener(dataclasses.replace(entry, manifest=manifest)))
+        if self.bucket.head(f"v1/claimed/{entry.id}") is None:
+            # Taken for abandoned and removed meanwhile: its chunks may be gone too.
+            raise FileNotFoundError(f"checkpoint {entry.id} was removed while claimed; not released")
         self.bucket.put(f"v1/checkpoints/{key}/{entry.id}/{MANIFEST}", body)
         self.bucket.delete([f"v1/claimed/{entry.id}"])
         return Entry("checkpoints", entry.id, self._path(key, entry.id), manifest, key=key, mtime=time.time())
@@ -391,8 +417,14 @@ class ObjectStore:
         return Entry("quarantine", entry.id, entry.path, entry.manifest, key=entry.key, mtime=time.time())
 
     def remove(self, entry: Entry) -> None:
-        """The manifest first: what is left after a failure part-way is never read."""
+        """The manifest first: what is left after a failure part-way is never read. A
+        published checkpoint is claimed first (FileExistsError when a restore holds it): one
+        being restored elsewhere is never taken from under it."""
         safefs.check_name(entry.id)
+        if entry.state == "checkpoints" and not self.bucket.create(
+            f"v1/claimed/{entry.id}", owner_line(time.time()).encode()
+        ):
+            raise FileExistsError(f"checkpoint {entry.id} is being restored; not removed")
         if entry.key:
             self.bucket.delete([f"v1/checkpoints/{entry.key}/{entry.id}/{MANIFEST}"])
         self.bucket.delete(
@@ -495,37 +527,46 @@ class ObjectStore:
     def collect(self, *, min_age: float = chunkgc.MIN_AGE) -> tuple[int, int]:
         """Remove the chunks no manifest refers to (see the module's docstring): (chunks,
         bytes) removed. Never raises: a store it cannot read whole loses nothing."""
+        token = secrets.token_hex(8)
         try:
-            if not self.bucket.create(LOCK_KEY, owner_line().encode()):
-                lock = self.bucket.head(LOCK_KEY)
-                probe = f"v1/writers/.probe-{secrets.token_hex(6)}"
-                self.bucket.put(probe, b"")
-                now = self.bucket.head(probe)
-                self.bucket.delete([probe])
-                if lock is not None and now is not None and now.mtime - lock.mtime <= GC_STALE:
-                    log.info("chunks not collected: another collection is running")
-                    return 0, 0
-                self.bucket.delete([LOCK_KEY])
-                if not self.bucket.create(LOCK_KEY, owner_line().encode()):
-                    return 0, 0
+            if not self._take_lock(token):
+                log.info("chunks not collected: another collection is running")
+                return 0, 0
         except OSError as exc:
             log.warning("chunks not collected: %s", exc)
             return 0, 0
         try:
-            return self._collect(min_age)
+            return self._collect(min_age, token)
         except (chunkgc.Unknown, OSError) as exc:
             log.warning("chunks not collected: %s", exc)
             return 0, 0
         finally:
             with contextlib.suppress(OSError):
-                self.bucket.delete([LOCK_KEY])
+                if self._lock_is(token):
+                    self.bucket.delete([LOCK_KEY])
 
-    def _collect(self, min_age: float) -> tuple[int, int]:
-        started = time.monotonic()
+    def _take_lock(self, token: str) -> bool:
+        """Create gc.lock with our token; take over one older than GC_STALE."""
+        body = f"{owner_line().strip()} {token}\n".encode()
+        if self.bucket.create(LOCK_KEY, body):
+            return True
         lock = self.bucket.head(LOCK_KEY)
-        if lock is None:
-            return 0, 0
-        now = lock.mtime  # the server's clock, as every age here
+        probe = f"v1/clock/{token}"  # the server's "now", beside nothing a collection reads
+        self.bucket.put(probe, b"")
+        now = self.bucket.head(probe)
+        self.bucket.delete([probe])
+        if lock is not None and (now is None or now.mtime - lock.mtime <= GC_STALE):
+            return False
+        self.bucket.delete([LOCK_KEY])
+        return self.bucket.create(LOCK_KEY, body)
+
+    def _lock_is(self, token: str) -> bool:
+        try:
+            return self.bucket.get(LOCK_KEY, SMALL).decode(errors="replace").split()[-1:] == [token]
+        except FileNotFoundError:
+            return False
+
+    def _live_writers(self, now: float) -> int:
         live = 0
         for meta in self.bucket.listing("v1/writers/"):
             if self._writer_gone(meta, now):
@@ -533,6 +574,15 @@ class ObjectStore:
                     self.bucket.delete([meta.key])
             else:
                 live += 1
+        return live
+
+    def _collect(self, min_age: float, token: str) -> tuple[int, int]:
+        started = time.monotonic()
+        lock = self.bucket.head(LOCK_KEY)
+        if lock is None or not self._lock_is(token):
+            return 0, 0
+        now = lock.mtime  # the server's clock, as every age here
+        live = self._live_writers(now)
         if live:
             log.info("chunks not collected: %d checkpoint(s) being written", live)
             return 0, 0
@@ -555,6 +605,11 @@ class ObjectStore:
         for i in range(0, len(doomed), 500):
             if time.monotonic() - started > GC_MAX:
                 log.info("chunk collection stopped after %.0fs; the rest at the next prune", GC_MAX)
+                break
+            # Still ours, and still no writer: one that started meanwhile waits for the lock,
+            # so only a lock taken over (ours thought stale) could let one in.
+            if not self._lock_is(token) or self._live_writers(now):
+                log.info("chunk collection stopped: the lock was taken over or a writer began")
                 break
             batch = doomed[i : i + 500]
             self.bucket.delete([k for k, _ in batch])
@@ -579,23 +634,25 @@ class ObjectStore:
 class _BucketChunks:
     """A ChunkWriter's sink: chunks as objects, durable when their PUT returns. It renews
     its writer object while it writes, and gives up when it could not renew in time (a
-    collection may then have taken it for dead)."""
+    collection may then have taken it for dead); `publish` checks the same lease."""
 
-    def __init__(self, bucket: Bucket, marker: str) -> None:
+    def __init__(self, bucket: Bucket, marker: str, leases: dict[str, float], cid: str) -> None:
         self._bucket = bucket
         self._marker = marker
-        self._renewed = time.monotonic()
+        self._leases = leases
+        self._cid = cid
         self._lock = threading.Lock()
 
     def _renew(self) -> None:
         with self._lock:
-            since = time.monotonic() - self._renewed
+            since = time.monotonic() - self._leases.get(self._cid, 0.0)
             if since < LEASE_RENEW:
                 return
             if since > WRITER_STALE - LEASE_RENEW:
                 raise OSError(f"{self._marker}: not renewed for {since:.0f}s; a collection may have run")
+            renewed = time.monotonic()  # before the PUT: the server's time can only be later
             self._bucket.put(self._marker, owner_line(time.time()).encode())
-            self._renewed = time.monotonic()
+            self._leases[self._cid] = renewed
 
     def stored_size(self, space: str, digest: str) -> int | None:
         self._renew()
