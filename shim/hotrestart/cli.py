@@ -54,7 +54,10 @@ def _store(args: argparse.Namespace) -> Backend:
         keys = keyfile.load(key_file) if key_file else None
     except SealError as exc:
         raise SystemExit(f"hotrestart: {exc}") from None
-    return config.backend(args.store, keys)
+    try:
+        return config.backend(args.store, keys)
+    except ValueError as exc:  # not a store URL this version knows
+        raise SystemExit(f"hotrestart: {exc}") from None
 
 
 def _state(e: Entry) -> str:

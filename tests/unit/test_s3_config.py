@@ -132,3 +132,13 @@ def test_a_runtime_config_file_that_cannot_be_read_is_an_error(aws_home: Path) -
     os.mkfifo(aws_home / "fifo")
     with pytest.raises(OSError, match="not a regular file"):
         s3.shared_config(str(aws_home / "fifo"))
+
+
+def test_the_command_says_what_is_wrong_with_a_store_url(capsys: pytest.CaptureFixture[str]) -> None:
+    from hotrestart.cli import main
+
+    for url, said in (("gs://bucket/x", "only s3:// URLs"), ("s3://A/x", "not a bucket name")):
+        with pytest.raises(SystemExit) as done:
+            main(["--store", url, "ls"])
+        assert done.value.code == 1 or said in str(done.value.code)
+        assert said in capsys.readouterr().err + str(done.value.code)
