@@ -77,11 +77,13 @@ class Claim:
 async def find(engine: Engine, view: View, policy: Policy) -> tuple[Entry | None, str]:
     """The checkpoint to restore `view`'s container from, or (None, why not)."""
     store, calls = engine.store, engine.calls
-    waited = 0.0
-    # A checkpoint being written (the stop of the previous incarnation) is waited for.
-    while await calls.call(store.is_pending, policy.identity) and waited < PENDING_WAIT:
-        await asyncio.sleep(0.1)
-        waited += 0.1
+    # A checkpoint being written (the stop of the previous incarnation) is waited for, at
+    # most PENDING_WAIT in all: each look at a remote store takes time of its own.
+    deadline = time.monotonic() + PENDING_WAIT
+    while time.monotonic() < deadline:
+        if not await calls.call(store.is_pending, policy.identity):
+            break
+        await asyncio.sleep(0.1)  # the marker is another process's (another node's): polled
     if policy.identity.pool:
         entry = _pool_pick(await calls.call(store.candidates, policy.identity), policy)
     else:
