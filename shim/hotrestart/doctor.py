@@ -268,11 +268,7 @@ def object_store_checks(url: str, key_file: str = "", allow_unauthenticated: boo
         fix = "check the AWS_* settings (endpoint, region, credentials) containerd passes the shim"
         checks = [Check(what, False, str(exc), fix)]
     if key_file:
-        try:
-            ring = keyfile.load(key_file)
-            checks.append(Check("store key", True, f"{key_file} ({len(ring.names)} key(s), {ring.active} seals)"))
-        except SealError as exc:
-            checks.append(Check("store key", False, str(exc), "fix the key file (see SECURITY.md)"))
+        checks.append(_key_file_check(key_file))
     else:
         checks.append(
             Check(
@@ -284,6 +280,14 @@ def object_store_checks(url: str, key_file: str = "", allow_unauthenticated: boo
             )
         )
     return checks
+
+
+def _key_file_check(key_file: str) -> Check:
+    try:
+        ring = keyfile.load(key_file)
+    except SealError as exc:
+        return Check("store key", False, str(exc), "fix the key file (see SECURITY.md)")
+    return Check("store key", True, f"{key_file} ({len(ring.names)} key(s), {ring.active} seals)")
 
 
 def _endpoint() -> str:
@@ -309,11 +313,7 @@ def store_checks(
     fix = "" if writable else "make it writable by root (a read-only mount?), or choose another CheckpointStore"
     checks = [Check(what, writable, f"{state}, {'writable' if writable else 'NOT writable'}", fix)]
     if key_file:
-        try:
-            ring = keyfile.load(key_file)
-            checks.append(Check("store key", True, f"{key_file} ({len(ring.names)} key(s), {ring.active} seals)"))
-        except SealError as exc:
-            checks.append(Check("store key", False, str(exc), "fix the key file (see SECURITY.md)"))
+        checks.append(_key_file_check(key_file))
     else:
         try:
             local = locality.node_local(root, mountinfo=mountinfo)

@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator
 
 from hotrestart.store import archive, chunkgc, restores, retention, safefs
-from hotrestart.store.chunkcodec import Codec, IntegrityError
+from hotrestart.store.chunkcodec import IntegrityError
 from hotrestart.store.chunks import DIGEST, SPACE, check
 from hotrestart.store.chunkwrite import ChunkWriter
 from hotrestart.store.entry import Entry, Fault, Good, identity_key
@@ -49,7 +49,6 @@ from hotrestart.store.listing import checked_manifest
 from hotrestart.store.manifest import (
     MAX_CHUNK_STORED,
     MAX_MANIFEST,
-    FileEntry,
     Identity,
     Manifest,
     ManifestError,
@@ -57,9 +56,10 @@ from hotrestart.store.manifest import (
 )
 from hotrestart.store.pending import marker_live
 from hotrestart.store.s3 import Bucket, Location, Meta
-from hotrestart.store.seal import KeyRing, Sealer, SealError
+from hotrestart.store.seal import KeyRing, Sealer
 from hotrestart.store.sealing import Sealing
 from hotrestart.store.store import POOL_CAP, POOL_TTL, WORKLOAD_PREFIX, namespace_key
+from hotrestart.store.storedfiles import StoredFiles
 from hotrestart.store.tree import MANIFEST, OWNER, REASON, SMALL, one_line, owner_line, pid_alive
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class ObjectStore:
         # Requests wait on the network, not the cores: many at once (16 chunks of at most
         # a few MiB each in memory).
         self.io_threads = IO_THREADS
+        self._files = StoredFiles(self._sealing, self._reader, self._discard, self.io_threads)
 
     def sealer(self, cid: str) -> Sealer | None:
         return self._sealing.sealer(cid)
@@ -448,36 +449,13 @@ class ObjectStore:
     # -- reading stored files -------------------------------------------------------------------
 
     def restore_file(self, entry: Entry, rel: str, dst: str, *, cap: int | None = None) -> None:
-        stored, codec = self._stored(entry, rel)
-        try:
-            archive.restore_file(stored, dst, self._reader(codec.space), codec, cap=cap, threads=self.io_threads)
-        except archive.CorruptChunk as exc:
-            self._discard(codec.space, exc.digest)
-            raise
+        self._files.restore_file(entry, rel, dst, cap=cap)
 
     def file_reader(self, entry: Entry, rel: str, *, ahead: int = 0) -> archive.FileReader:
-        stored, codec = self._stored(entry, rel)
-        return archive.FileReader(
-            stored,
-            self._reader(codec.space),
-            codec,
-            on_corrupt=lambda d: self._discard(codec.space, d),
-            ahead=ahead or self.io_threads,
-        )
+        return self._files.file_reader(entry, rel, ahead=ahead)
 
-    def _stored(self, entry: Entry, rel: str) -> tuple[FileEntry, Codec]:
-        files = [f for f in (entry.manifest.files if entry.manifest else []) if f.path == rel]
-        if not files:
-            raise IntegrityError(f"{rel}: not in the checkpoint's manifest")
-        try:
-            return files[0], self._sealing.reading(entry)
-        except SealError as exc:
-            raise IntegrityError(str(exc)) from None
-
-    def _discard(self, space: str, digest: str) -> None:
-        with contextlib.suppress(OSError):
-            check(space, digest)
-            self.bucket.delete([_chunk_key(space, digest)])
+    def verify(self, entry: Entry) -> list[str]:
+        return self._files.verify(entry)
 
     def _reader(self, space: str) -> archive.ReadChunk:
         def read(digest: str, size: int) -> bytes:
@@ -494,20 +472,9 @@ class ObjectStore:
 
         return read
 
-    def verify(self, entry: Entry) -> list[str]:
-        if entry.manifest is None:
-            return [entry.problem or "manifest missing or unreadable"]
-        try:
-            codec = self._sealing.reading(entry)
-        except (IntegrityError, SealError) as exc:
-            return [str(exc)]
-        problems = []
-        for fe in entry.manifest.files:
-            try:
-                archive.verify_file(fe, self._reader(codec.space), codec)
-            except (IntegrityError, OSError) as exc:
-                problems.append(str(exc))
-        return problems
+    def _discard(self, space: str, digest: str) -> None:
+        check(space, digest)
+        self.bucket.delete([_chunk_key(space, digest)])
 
     # -- retention ------------------------------------------------------------------------------
 

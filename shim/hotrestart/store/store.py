@@ -21,16 +21,16 @@ import time
 from collections.abc import Iterator
 
 from hotrestart.store import archive, chunkgc, restores, retention, safefs
-from hotrestart.store.chunkcodec import Codec
 from hotrestart.store.chunks import REFS, Chunks, Journal
 from hotrestart.store.chunkwrite import ChunkWriter, workers
 from hotrestart.store.entry import Entry, Good, identity_key
 from hotrestart.store.listing import Listing
-from hotrestart.store.manifest import FileEntry, Identity, Manifest
+from hotrestart.store.manifest import Identity, Manifest
 from hotrestart.store.pending import PendingMarkers
 from hotrestart.store.safefs import UnsafeEntryError
-from hotrestart.store.seal import KeyRing, Sealer, SealError
+from hotrestart.store.seal import KeyRing, Sealer
 from hotrestart.store.sealing import Sealing
+from hotrestart.store.storedfiles import StoredFiles
 from hotrestart.store.tree import MANIFEST, OWNER, REASON, SMALL, Tree, one_line, owner_line, pid_alive
 
 DEFAULT_ROOT = "/var/lib/hotrestart"
@@ -57,6 +57,12 @@ class Store:
         self.collected = (0, 0)  # chunks and bytes the last prune removed
         self.remote = False  # a shared mount is as quick to ask as the node's disk, or hangs it all
         self.io_threads = workers()  # bound by the cores: compressing and hashing
+        self._files = StoredFiles(
+            self._sealing,
+            lambda space: lambda d, n: self.chunks.read(space, d, n),
+            self.chunks.discard,
+            self.io_threads,
+        )
 
     def sealer(self, cid: str) -> Sealer | None:
         """What seals checkpoint `cid` being written, when the store has a key."""
@@ -294,55 +300,13 @@ class Store:
     # -- reading stored files -------------------------------------------------------------------
 
     def restore_file(self, entry: Entry, rel: str, dst: str, *, cap: int | None = None) -> None:
-        """Write one file of `entry` to `dst` as a restore does, every chunk verified (see archive)."""
-        stored, codec = self._stored(entry, rel)
-        try:
-            archive.restore_file(stored, dst, self._reader(codec.space), codec, cap=cap)
-        except archive.CorruptChunk as exc:
-            # Shared: left in place, it would spoil every later checkpoint holding those bytes.
-            self._discard(codec.space, exc.digest)
-            raise
+        self._files.restore_file(entry, rel, dst, cap=cap)
 
     def file_reader(self, entry: Entry, rel: str, *, ahead: int = 0) -> archive.FileReader:
-        """Random reads of one file of `entry`, every chunk verified (for lazy restores); a
-        chunk found corrupt is removed from the store, as `restore_file` does."""
-        stored, codec = self._stored(entry, rel)
-        return archive.FileReader(
-            stored, self._reader(codec.space), codec, on_corrupt=lambda d: self._discard(codec.space, d), ahead=ahead
-        )
-
-    def _stored(self, entry: Entry, rel: str) -> tuple[FileEntry, Codec]:
-        """The manifest's entry for the file `rel` of `entry`, and how its chunks are opened."""
-        files = [f for f in (entry.manifest.files if entry.manifest else []) if f.path == rel]
-        if not files:
-            raise archive.IntegrityError(f"{rel}: not in the checkpoint's manifest")
-        try:
-            return files[0], self._sealing.reading(entry)
-        except SealError as exc:
-            raise archive.IntegrityError(str(exc)) from None
-
-    def _discard(self, space: str, digest: str) -> None:
-        with contextlib.suppress(OSError):
-            self.chunks.discard(space, digest)
-
-    def _reader(self, space: str) -> archive.ReadChunk:
-        return lambda digest, size: self.chunks.read(space, digest, size)
+        return self._files.file_reader(entry, rel, ahead=ahead)
 
     def verify(self, entry: Entry) -> list[str]:
-        """`hotrestart verify`: the restore's checks on every file; the problems found."""
-        if entry.manifest is None:
-            return [entry.problem or "manifest missing or unreadable"]
-        try:
-            codec = self._sealing.reading(entry)
-        except (archive.IntegrityError, SealError) as exc:
-            return [str(exc)]
-        problems = []
-        for fe in entry.manifest.files:
-            try:
-                archive.verify_file(fe, self._reader(codec.space), codec)
-            except (archive.IntegrityError, OSError) as exc:
-                problems.append(str(exc))
-        return problems
+        return self._files.verify(entry)
 
     # -- retention ------------------------------------------------------------------------------
 
