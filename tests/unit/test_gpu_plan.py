@@ -122,6 +122,8 @@ class FakeTool:
 
     async def toggle(self, pid: int) -> None:
         self.calls.append(("toggle", pid))
+        if ("toggle", pid) in self.fail:
+            raise CheckpointError(f"toggle {pid}: injected")
         self.states[pid] = {"running": "checkpointed", "checkpointed": "running"}[self.states[pid]]
 
 
@@ -170,6 +172,19 @@ async def test_a_process_gone_meanwhile_is_not_a_failure() -> None:
     s = Suspension([1, 3], "shim", {})
     await gpu_state(tool).suspend(s)
     assert s.pids == [1] and tool.states[1] == "checkpointed"
+
+
+async def test_a_restored_process_gone_before_its_resume_is_not_a_failure() -> None:
+    # 3, a restored short-lived child, exited before its toggle (it maps no libcuda.so now).
+    tool = FakeTool([1, 3], fail=frozenset({("toggle", 3)}))
+    tool.states.update({1: "checkpointed", 3: "checkpointed"})
+    await gpu_state(tool).resume(Suspension([1, 3], "shim", {}))
+    assert tool.states[1] == "running"
+    # One still there that cannot be resumed fails the restore.
+    tool = FakeTool([1, 2], fail=frozenset({("toggle", 2)}))
+    tool.states.update({1: "checkpointed", 2: "checkpointed"})
+    with pytest.raises(CheckpointError, match="injected"):
+        await gpu_state(tool).resume(Suspension([1, 2], "shim", {}))
 
 
 async def test_the_criu_plugin_owns_gpu_state_where_loaded() -> None:

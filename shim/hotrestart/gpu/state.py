@@ -132,6 +132,17 @@ class GpuState:
             log.error("GPU processes %s could not be resumed: %s", s.pids, exc)
 
     async def _resume_one(self, pid: int, device_map: Mapping[str, str]) -> None:
+        try:
+            await self._resume_state(pid, device_map)
+        except CheckpointError:
+            # A short-lived child (a restored `sleep`) may exit before it is resumed: nothing
+            # of its GPU state is left to lose, and the restore must not fail for it.
+            if not await asyncio.to_thread(plan.maps_libcuda, pid):
+                log.info("GPU process %d exited before it was resumed", pid)
+                return
+            raise
+
+    async def _resume_state(self, pid: int, device_map: Mapping[str, str]) -> None:
         tool = self._require_tool()
         state = await tool.state(pid)
         if state == "checkpointed" and not device_map:
