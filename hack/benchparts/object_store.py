@@ -1,6 +1,7 @@
 """Hot restart through the object store (the test bed's Ceph RADOS Gateway on loopback)
-against the directory store, side by side: two containerds of the same build, the same key,
-alternating rounds.
+against the directory store, side by side: three containerds of the same build and key
+(the directory store; S3 with the node-local chunk cache; S3 without it, as another node
+restoring would be), taking rounds in turn.
 
 Per round and store: a memhog service is stopped (StopContainer until the exit is
 reported), its checkpoint waited for until it is published (durable), and the service
@@ -118,33 +119,37 @@ def _bench(inst: ContainerdInstance, env: dict[str, str], mib: int, rounds: int)
     memhog = build_memhog(inst.dir)
     shims = Path(sys.executable).parent
     s3_env = dict(env, HOTRESTART_STORE_KEY=str(key), HOTRESTART_S3_STAGING=str(inst.dir / "s3-staging"))
+    cached = dict(s3_env, HOTRESTART_S3_CACHE=str(inst.dir / "s3-cache"))
+    uncached = dict(s3_env, HOTRESTART_S3_CACHE_BYTES="0")
     for name, value in env.items():
         os.environ[name] = value
-    local: list[dict[str, float]] = []
-    remote: list[dict[str, float]] = []
+    columns = ("directory store", "S3, restored on the same node", "S3, restored on another node")
+    results: dict[str, list[dict[str, float]]] = {c: [] for c in columns}
     with (
         ContainerdInstance(shim_bin_dir=shims, env={"HOTRESTART_STORE_KEY": str(key)}) as on_dir,
-        ContainerdInstance(shim_bin_dir=shims, env=s3_env, store=url) as on_s3,
+        ContainerdInstance(shim_bin_dir=shims, env=cached, store=url) as on_s3,
+        ContainerdInstance(shim_bin_dir=shims, env=uncached, store=url) as elsewhere,
     ):
-        dcri, scri = on_dir.cri(), on_s3.cri()
+        cris = [on_dir.cri(), on_s3.cri(), elsewhere.cri()]
+        published = [
+            _dir_published(on_dir),
+            _s3_published(url, key, inst.dir / "s3-bench"),
+            _s3_published(url, key, inst.dir / "s3-bench"),
+        ]
         for i in range(rounds):
             progress(f"object store: round {i + 1} of {rounds}")
-            pair = [
-                (local, lambda i=i: _cycle(on_dir, dcri, _dir_published(on_dir), memhog, mib, f"dir-{i}")),
-                (
-                    remote,
-                    lambda i=i: _cycle(
-                        on_s3, scri, _s3_published(url, key, inst.dir / "s3-bench"), memhog, mib, f"s3-{i}"
-                    ),
-                ),
-            ]
-            for results, run in pair if i % 2 == 0 else reversed(pair):
-                results.append(run())
-                progress(f"object store: {results[-1]}")
-        dcri.close()
-        scri.close()
-    print(f"\n### Object store ({mib} MiB, median of {rounds} alternating rounds, sealed with a store key)\n")
-    print("| | directory store | S3 (Ceph RGW on loopback) | ratio |\n|---|---|---|---|")
+            order = list(zip(columns, (on_dir, on_s3, elsewhere), cris, published, ("dir", "s3", "s3x"), strict=True))
+            for column, node, cri, found, tag in order[i % 3 :] + order[: i % 3]:
+                results[column].append(_cycle(node, cri, found, memhog, mib, f"{tag}-{i}"))
+                progress(f"object store, {column}: {results[column][-1]}")
+        for cri in cris:
+            cri.close()
+    print(f"\n### Object store ({mib} MiB, median of {rounds} rounds in turn, sealed with a store key)\n")
+    print(
+        "The node that restores from S3 without the node-local chunk cache (`HOTRESTART_S3_CACHE_BYTES=0`)"
+        " stands for another node: every chunk comes from the gateway.\n"
+    )
+    print(f"| | {' | '.join(columns)} | ratios |\n|---|---|---|---|---|")
     for label, at in (
         ("stop: signal to exit reported (s)", "stop"),
         ("checkpoint durable after the stop (s)", "durable"),
@@ -152,6 +157,5 @@ def _bench(inst: ContainerdInstance, env: dict[str, str], mib: int, rounds: int)
         ("restore, lazy: the process answers (s)", "lazy_answers"),
         ("restore, full: the process answers (s)", "full_answers"),
     ):
-        a = statistics.median(r[at] for r in local)
-        b = statistics.median(r[at] for r in remote)
-        print(f"| {label} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
+        base, here, other = (statistics.median(r[at] for r in results[c]) for c in columns)
+        print(f"| {label} | {base:.2f} | {here:.2f} | {other:.2f} | {here / base:.2f}x, {other / base:.2f}x |")

@@ -22,8 +22,8 @@ import blake3
 import pytest
 
 import objstore
-from hotrestart.store import archive, chunking
-from hotrestart.store.chunkcodec import IntegrityError
+from hotrestart.store import archive, chunkcache, chunking
+from hotrestart.store.chunkcodec import Codec, IntegrityError
 from hotrestart.store.chunkwrite import ChunkWriter
 from hotrestart.store.entry import Entry
 from hotrestart.store.manifest import Identity, Manifest
@@ -35,10 +35,11 @@ CHUNK = 256 << 10
 
 
 @pytest.fixture
-def env(s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+def env(s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[str, str]]:
     for name, value in s3_env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("HOTRESTART_S3_TIMEOUT", "4")
+    monkeypatch.setenv(chunkcache.DIR_ENV, str(tmp_path / "chunk-cache"))
     yield s3_env
 
 
@@ -254,10 +255,15 @@ def test_a_gateway_that_hangs_mid_upload_leaves_nothing_visible(
     assert list(store.bucket.listing("v1/chunks/")) == []
 
 
-def test_a_gateway_that_hangs_mid_download_fails_the_restore(env: dict[str, str], tmp_path: Path) -> None:
+def test_a_gateway_that_hangs_mid_download_fails_the_restore(
+    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = _store(env, tmp_path)
     entry, _ = _publish(store, tmp_path, os.urandom(8 << 20))
     assert entry is not None
+    monkeypatch.setenv(chunkcache.BYTES_ENV, "0")  # another node's restore: nothing cached
+    store = _store(env, tmp_path, store.root)
+    assert store.cache is None
     claimed = store.claim(entry)
     assert claimed is not None
     with objstore.gateway_stopped():
@@ -424,3 +430,54 @@ def test_a_writer_whose_lease_lapsed_publishes_nothing(
     with pytest.raises(OSError, match="lease lapsed"):
         _publish(store, tmp_path, os.urandom(64 << 10))
     assert list(store.entries()) == [] and list(store.bucket.listing("v1/writers/")) == []
+
+
+def _cached(store: ObjectStore) -> dict[str, Path]:
+    assert store.cache is not None
+    return {p.name: p for p in Path(store.cache.root).glob("v1/chunks/*/*/*") if not p.name.startswith(".")}
+
+
+def test_the_node_cache_serves_a_restore_here_and_a_bad_copy_is_fetched_again(
+    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _store(env, tmp_path)
+    payload = os.urandom(4 << 20)
+    entry, _ = _publish(store, tmp_path, payload)
+    assert entry is not None and entry.manifest is not None
+    digests = {c.digest for c in entry.manifest.files[0].chunks}
+    assert set(_cached(store)) == digests, "every chunk uploaded is kept on the node"
+    # Served from the node's disk: a gateway that answers nothing does not hold it up.
+    with objstore.gateway_stopped():
+        t0 = time.monotonic()
+        assert _restored(store, entry, tmp_path) == payload
+        assert time.monotonic() - t0 < 2
+    # A copy spoiled here (a torn write, a bad disk) is fetched again, and the bucket's
+    # good one is left alone.
+    spoiled = _cached(store)[entry.manifest.files[0].chunks[3].digest]
+    spoiled.write_bytes(os.urandom(spoiled.stat().st_size))
+    assert _restored(store, entry, tmp_path) == payload
+    assert store.verify(entry) == []
+    assert spoiled.read_bytes() == store.bucket.get_exact(f"v1/chunks/plain/{spoiled.name}", spoiled.stat().st_size)
+    # Another node: nothing cached, everything from the bucket, which it then keeps too.
+    monkeypatch.setenv(chunkcache.DIR_ENV, str(tmp_path / "other-node"))
+    other = _store(env, tmp_path, store.root)
+    assert not _cached(other)
+    assert _restored(other, entry, tmp_path) == payload
+    assert set(_cached(other)) == digests
+
+
+def test_a_chunk_bad_in_the_bucket_too_is_removed_from_both(env: dict[str, str], tmp_path: Path) -> None:
+    store = _store(env, tmp_path)
+    entry, _ = _publish(store, tmp_path, os.urandom(2 << 20))
+    assert entry is not None and entry.manifest is not None
+    chunk = entry.manifest.files[0].chunks[1]
+    key = f"v1/chunks/plain/{chunk.digest}"
+    # A whole frame of other bytes, of the same size: it decodes, and does not match its name.
+    other = Codec().encode(chunk.digest, os.urandom(chunk.raw))
+    assert len(other) == chunk.stored
+    store.bucket.put(key, other)
+    _cached(store)[chunk.digest].write_bytes(other)
+    with pytest.raises(archive.CorruptChunk):
+        _restored(store, entry, tmp_path)
+    assert chunk.digest not in _cached(store)
+    assert store.bucket.head(key) is None

@@ -40,23 +40,42 @@ def check_entry(entry: FileEntry, cap: int | None = None) -> None:
         raise IntegrityError(f"{entry.path}: {entry.raw_bytes} raw bytes, more than the {cap} allowed here")
 
 
-def _restore_chunk(read: ReadChunk, codec: Codec, c: Chunk, target: mmap.mmap, at: int, rel: str) -> None:
-    stored = read(c.digest, c.stored)
-    with memoryview(target) as whole, whole[at : at + c.raw] as out:
+def _decode(read: ReadChunk, again: ReadChunk | None, codec: Codec, c: Chunk, out: memoryview, rel: str) -> None:
+    """Check and decompress one chunk into `out`. `again`: where to fetch it once more when
+    the bytes `read` gave are wrong (`read` served a copy, `again` asks the store)."""
+    try:
         try:
-            codec.decode_into(c.digest, stored, out)
-        except CorruptChunk as exc:
-            raise CorruptChunk(c.digest, f"{rel}: {exc}") from None
-        except IntegrityError as exc:
-            raise IntegrityError(f"{rel}: {exc}") from None
+            codec.decode_into(c.digest, read(c.digest, c.stored), out)
+        except IntegrityError:
+            if again is None:
+                raise
+            codec.decode_into(c.digest, again(c.digest, c.stored), out)
+    except CorruptChunk as exc:
+        raise CorruptChunk(c.digest, f"{rel}: {exc}") from None
+    except IntegrityError as exc:
+        raise IntegrityError(f"{rel}: {exc}") from None
+
+
+def _restore_chunk(
+    read: ReadChunk, again: ReadChunk | None, codec: Codec, c: Chunk, target: mmap.mmap, at: int, rel: str
+) -> None:
+    with memoryview(target) as whole, whole[at : at + c.raw] as out:
+        _decode(read, again, codec, c, out, rel)
 
 
 def restore_file(
-    entry: FileEntry, dst: str, read: ReadChunk, codec: Codec, *, cap: int | None = None, threads: int = 0
+    entry: FileEntry,
+    dst: str,
+    read: ReadChunk,
+    codec: Codec,
+    *,
+    cap: int | None = None,
+    threads: int = 0,
+    again: ReadChunk | None = None,
 ) -> None:
     """Write the file `entry` to the new local file `dst`, every chunk verified on the way;
     `cap` is the most raw bytes the caller allows (the container's memory, the work area's
-    free space). Removes `dst` on failure."""
+    free space); `again` as for `_decode`. Removes `dst` on failure."""
     check_entry(entry, cap)
     fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
@@ -69,13 +88,13 @@ def restore_file(
             os.close(fd)
         try:
             if len(entry.chunks) == 1:  # most of CRIU's images: no pool to start and stop
-                _restore_chunk(read, codec, entry.chunks[0], target, 0, entry.path)
+                _restore_chunk(read, again, codec, entry.chunks[0], target, 0, entry.path)
                 return
             with concurrent.futures.ThreadPoolExecutor(min(threads or workers(), len(entry.chunks))) as pool:
                 futures = []
                 at = 0
                 for c in entry.chunks:
-                    futures.append(pool.submit(_restore_chunk, read, codec, c, target, at, entry.path))
+                    futures.append(pool.submit(_restore_chunk, read, again, codec, c, target, at, entry.path))
                     at += c.raw
                 try:
                     for future in futures:
@@ -108,11 +127,13 @@ class FileReader:
         on_corrupt: Callable[[str], None] = lambda digest: None,
         ahead: int = 0,
         keep: int = 16,
+        again: ReadChunk | None = None,
     ) -> None:
         check_entry(entry)
         self.entry = entry
         self._on_corrupt = on_corrupt
         self._read = read
+        self._again = again
         self._codec = codec
         self._starts = []
         at = 0
@@ -174,12 +195,10 @@ class FileReader:
         out = bytearray(c.raw)
         with memoryview(out) as view:
             try:
-                self._codec.decode_into(c.digest, self._read(c.digest, c.stored), view)
-            except CorruptChunk as exc:
+                _decode(self._read, self._again, self._codec, c, view, self.entry.path)
+            except CorruptChunk:
                 self._on_corrupt(c.digest)
-                raise CorruptChunk(c.digest, f"{self.entry.path}: {exc}") from None
-            except IntegrityError as exc:
-                raise IntegrityError(f"{self.entry.path}: {exc}") from None
+                raise
         return out
 
 
@@ -190,12 +209,7 @@ def verify_file(entry: FileEntry, read: ReadChunk, codec: Codec, *, cap: int | N
     with memoryview(scratch) as whole:
         for c in entry.chunks:
             with whole[: c.raw] as out:
-                try:
-                    codec.decode_into(c.digest, read(c.digest, c.stored), out)
-                except CorruptChunk as exc:
-                    raise CorruptChunk(c.digest, f"{entry.path}: {exc}") from None
-                except IntegrityError as exc:
-                    raise IntegrityError(f"{entry.path}: {exc}") from None
+                _decode(read, None, codec, c, out, entry.path)
 
 
 def _remove(path: str) -> None:

@@ -55,7 +55,8 @@ class Chunks:
         self.tree = tree
 
     @contextlib.contextmanager
-    def _fan(self, space: str, digest: str, *, create: bool = False) -> Iterator[int]:
+    def folder(self, space: str, digest: str, *, create: bool = False) -> Iterator[int]:
+        """The folder that holds (or will hold) the chunk, reached step by step."""
         check(space, digest)
         with self.tree.at("chunks", space, digest[:2], create=create) as fd:
             yield fd
@@ -64,7 +65,7 @@ class Chunks:
         """The stored size of a chunk the store holds, or None; anything but a regular file
         in its place counts as absent (and is replaced when the chunk is written)."""
         try:
-            with self._fan(space, digest) as fd:
+            with self.folder(space, digest) as fd:
                 # Not under its doomed name: a writer must write such a chunk again (chunkgc).
                 # Nor anything but a chunk file of a size the store writes: written again too.
                 st = os.stat(digest, dir_fd=fd, follow_symlinks=False)
@@ -76,7 +77,7 @@ class Chunks:
 
     def put(self, space: str, digest: str, data: bytes) -> None:
         """Store a chunk durably (its folder's entry is synced by `sync`)."""
-        with self._fan(space, digest, create=True) as fd:
+        with self.folder(space, digest, create=True) as fd:
             tmp = f".tmp-{digest[:16]}-{secrets.token_hex(6)}"
             out = DirectOutput(tmp, dir_fd=fd, buffer=_staging_buffer())
             try:
@@ -109,7 +110,7 @@ class Chunks:
         if not 0 < size <= MAX_CHUNK_STORED:
             raise IntegrityError(f"chunk {digest[:16]}: {size} bytes stored is out of range")
         try:
-            with self._fan(space, digest) as fd:
+            with self.folder(space, digest) as fd:
                 for name in (digest, DOOMED + digest, digest):
                     try:
                         cfd = safefs.open_file(fd, name)
@@ -161,12 +162,12 @@ class Chunks:
     def discard(self, space: str, digest: str) -> None:
         """Remove a chunk proven bad (its bytes do not match its name), so that the next
         checkpoint holding those bytes writes it again instead of sharing the damage."""
-        with self._fan(space, digest) as fd:
+        with self.folder(space, digest) as fd:
             safefs.unlink(fd, digest)
 
     def doom(self, space: str, digest: str) -> bool:
         """Set a chunk aside for removal; False when it is not there."""
-        with self._fan(space, digest) as fd:
+        with self.folder(space, digest) as fd:
             try:
                 os.rename(digest, DOOMED + digest, src_dir_fd=fd, dst_dir_fd=fd)
             except FileNotFoundError:
@@ -175,12 +176,12 @@ class Chunks:
 
     def spare(self, space: str, digest: str) -> None:
         """Put a doomed chunk back (a reference turned up)."""
-        with self._fan(space, digest) as fd, contextlib.suppress(FileNotFoundError):
+        with self.folder(space, digest) as fd, contextlib.suppress(FileNotFoundError):
             os.rename(DOOMED + digest, digest, src_dir_fd=fd, dst_dir_fd=fd)
 
     def drop(self, space: str, digest: str) -> None:
         """Remove a doomed chunk for good."""
-        with self._fan(space, digest) as fd:
+        with self.folder(space, digest) as fd:
             safefs.unlink(fd, DOOMED + digest)
 
     def remove_strays(self, older_than: float) -> int:

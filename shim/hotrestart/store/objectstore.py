@@ -40,7 +40,8 @@ import threading
 import time
 from collections.abc import Iterator
 
-from hotrestart.store import archive, chunkgc, restores, retention, safefs
+from hotrestart.store import archive, chunkcache, chunkgc, restores, retention, safefs
+from hotrestart.store.chunkcache import ChunkCache
 from hotrestart.store.chunkcodec import IntegrityError
 from hotrestart.store.chunks import DIGEST, SPACE, check
 from hotrestart.store.chunkwrite import ChunkWriter
@@ -89,7 +90,13 @@ class ObjectStore:
         # Requests wait on the network, not the cores: many at once (16 chunks of at most
         # a few MiB each in memory).
         self.io_threads = IO_THREADS
-        self._files = StoredFiles(self._sealing, self._reader, self._discard, self.io_threads)
+        self.cache = chunkcache.from_env()
+        if self.cache is None:
+            self._files = StoredFiles(self._sealing, self._fetcher, self._discard, self.io_threads)
+        else:
+            self._files = StoredFiles(
+                self._sealing, self._cached_reader, self._discard, self.io_threads, origin=self._fetcher
+            )
 
     def sealer(self, cid: str) -> Sealer | None:
         return self._sealing.sealer(cid)
@@ -149,7 +156,7 @@ class ObjectStore:
                 raise OSError(f"{self.root}: a chunk collection is still running")
             time.sleep(0.5)
         self._leases[cid] = renewed
-        sink = _BucketChunks(self.bucket, mine, self._leases, cid)
+        sink = _BucketChunks(self.bucket, mine, self._leases, cid, self.cache)
         return ChunkWriter(sink, self._sealing.writing(), _NoJournal(), self.io_threads)
 
     def publish(self, staging: str, manifest: Manifest, sealer: Sealer | None = None) -> Entry | None:
@@ -457,8 +464,10 @@ class ObjectStore:
     def verify(self, entry: Entry) -> list[str]:
         return self._files.verify(entry)
 
-    def _reader(self, space: str) -> archive.ReadChunk:
-        def read(digest: str, size: int) -> bytes:
+    def _fetcher(self, space: str) -> archive.ReadChunk:
+        """Chunks from the bucket (a copy kept in the node's cache, when there is one)."""
+
+        def fetch(digest: str, size: int) -> bytes:
             if not 0 < size <= MAX_CHUNK_STORED:
                 raise IntegrityError(f"chunk {digest[:16]}: {size} bytes stored is out of range")
             check(space, digest)
@@ -468,12 +477,29 @@ class ObjectStore:
                 raise IntegrityError(f"chunk {digest[:16]}: missing from the store") from None
             if data is None:
                 raise IntegrityError(f"chunk {digest[:16]}: not the {size} bytes the manifest says")
+            if self.cache is not None:
+                self.cache.put(space, digest, data)
             return data
+
+        return fetch
+
+    def _cached_reader(self, space: str) -> archive.ReadChunk:
+        """Chunks from the node's cache, those it lacks from the bucket."""
+        assert self.cache is not None
+        cache, fetch = self.cache, self._fetcher(space)
+
+        def read(digest: str, size: int) -> bytes:
+            found = cache.get(space, digest, size)
+            return found if found is not None else fetch(digest, size)
 
         return read
 
     def _discard(self, space: str, digest: str) -> None:
+        """A chunk proven corrupt as the bucket holds it (a cached copy is fetched again
+        first): removed, so the next checkpoint holding those bytes uploads it again."""
         check(space, digest)
+        if self.cache is not None:
+            self.cache.drop(space, digest)
         self.bucket.delete([_chunk_key(space, digest)])
 
     # -- retention ------------------------------------------------------------------------------
@@ -603,8 +629,11 @@ class _BucketChunks:
     its writer object while it writes, and gives up when it could not renew in time (a
     collection may then have taken it for dead); `publish` checks the same lease."""
 
-    def __init__(self, bucket: Bucket, marker: str, leases: dict[str, float], cid: str) -> None:
+    def __init__(
+        self, bucket: Bucket, marker: str, leases: dict[str, float], cid: str, cache: ChunkCache | None
+    ) -> None:
         self._bucket = bucket
+        self._cache = cache
         self._marker = marker
         self._leases = leases
         self._cid = cid
@@ -633,6 +662,8 @@ class _BucketChunks:
         self._renew()
         check(space, digest)
         self._bucket.put(_chunk_key(space, digest), data)
+        if self._cache is not None:  # restored here next, most likely
+            self._cache.put(space, digest, data)
 
     def sync(self, space: str, fans: set[str]) -> None:
         pass  # a PUT that returned is durable

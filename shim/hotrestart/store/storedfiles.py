@@ -1,5 +1,6 @@
 """A checkpoint's stored files read back, the same for every backend: each backend supplies
-how to fetch a chunk's stored bytes and how to drop a chunk proven corrupt."""
+how to fetch a chunk's stored bytes and how to drop a chunk proven corrupt, and where it
+reads copies (a node-local cache), how to fetch a chunk from the store itself."""
 
 from __future__ import annotations
 
@@ -18,17 +19,24 @@ Discard = Callable[[str, str], None]  # (space, digest): remove a chunk proven c
 
 
 class StoredFiles:
-    def __init__(self, sealing: Sealing, reader: ChunkReader, discard: Discard, threads: int) -> None:
+    def __init__(
+        self, sealing: Sealing, reader: ChunkReader, discard: Discard, threads: int, origin: ChunkReader | None = None
+    ) -> None:
         self._sealing = sealing
         self._reader = reader
+        self._origin = origin  # the store itself, where `reader` may serve a copy
         self._discard_chunk = discard
         self._threads = threads
+
+    def _again(self, space: str) -> archive.ReadChunk | None:
+        return self._origin(space) if self._origin is not None else None
 
     def restore_file(self, entry: Entry, rel: str, dst: str, *, cap: int | None = None) -> None:
         """Write one file of `entry` to `dst` as a restore does, every chunk verified (see archive)."""
         stored, codec = self._stored(entry, rel)
         try:
-            archive.restore_file(stored, dst, self._reader(codec.space), codec, cap=cap, threads=self._threads)
+            read, again = self._reader(codec.space), self._again(codec.space)
+            archive.restore_file(stored, dst, read, codec, cap=cap, threads=self._threads, again=again)
         except archive.CorruptChunk as exc:
             # Shared: left in place, it would spoil every later checkpoint holding those bytes.
             self._discard(codec.space, exc.digest)
@@ -44,6 +52,7 @@ class StoredFiles:
             codec,
             on_corrupt=lambda d: self._discard(codec.space, d),
             ahead=ahead or self._threads,
+            again=self._again(codec.space),
         )
 
     def verify(self, entry: Entry) -> list[str]:
@@ -55,9 +64,10 @@ class StoredFiles:
         except (archive.IntegrityError, SealError) as exc:
             return [str(exc)]
         problems = []
+        read = (self._origin or self._reader)(codec.space)  # what the store holds, not a copy
         for fe in entry.manifest.files:
             try:
-                archive.verify_file(fe, self._reader(codec.space), codec)
+                archive.verify_file(fe, read, codec)
             except (archive.IntegrityError, OSError) as exc:
                 problems.append(str(exc))
         return problems

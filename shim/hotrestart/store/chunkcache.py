@@ -1,0 +1,130 @@
+"""A node-local cache of an object store's chunks, so that a checkpoint restored on the node
+that wrote it (a container restarted in place, a periodic checkpoint then a stop) is read
+from the node's disk instead of the network.
+
+Chunks are kept as stored (compressed; sealed under a store key), in the directory store's
+layout (`chunks`), shared by every object store this node uses: a chunk's name is its
+content under its key space, and every copy read from here is checked against the
+manifest like a chunk read from anywhere (`chunkcodec`). A copy found wrong is fetched
+from the bucket again (`StoredFiles`' origin), so the cache can lose or spoil a chunk but
+never serve one. Hence no fsync: a copy torn by a crash fails its check and is replaced.
+
+Bounded: `HOTRESTART_S3_CACHE_BYTES` (default 8 GiB, 0 turns the cache off), and never past
+what leaves a tenth of its filesystem free; the copies used longest ago go first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import threading
+import time
+
+from hotrestart.store.chunkcodec import IntegrityError
+from hotrestart.store.chunks import Chunks
+from hotrestart.store.safefs import UnsafeEntryError
+from hotrestart.store.tree import Tree
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIR = "/var/lib/hotrestart/s3-cache"
+DIR_ENV = "HOTRESTART_S3_CACHE"
+BYTES_ENV = "HOTRESTART_S3_CACHE_BYTES"
+DEFAULT_BYTES = 8 << 30
+TOUCH_AFTER = 600.0  # a copy read is marked recently used at most this often (one utime)
+STRAY_AGE = 3600.0  # a temporary file untouched this long is a dead writer's
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class ChunkCache:
+    def __init__(self, root: str, cap: int) -> None:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        self.root = root
+        self.cap = cap
+        self._chunks = Chunks(Tree(root))
+        self._lock = threading.Lock()
+        self._added = cap  # trim on the first put: other processes share the folder
+
+    def get(self, space: str, digest: str, size: int) -> bytes | None:
+        """The cached copy of a chunk stored as `size` bytes, or None."""
+        try:
+            data = self._chunks.read(space, digest, size)
+        except (IntegrityError, UnsafeEntryError, OSError):
+            return None
+        with contextlib.suppress(OSError), self._chunks.folder(space, digest) as fd:
+            if time.time() - os.stat(digest, dir_fd=fd, follow_symlinks=False).st_mtime > TOUCH_AFTER:
+                os.utime(digest, dir_fd=fd, follow_symlinks=False)
+        return data
+
+    def put(self, space: str, digest: str, data: bytes) -> None:
+        """Keep a copy of a chunk (replacing one there); best effort, errors logged."""
+        try:
+            with self._chunks.folder(space, digest, create=True) as fd:
+                tmp = f".tmp-{digest[:16]}-{secrets.token_hex(6)}"
+                out = os.open(tmp, _NEW_FILE, 0o600, dir_fd=fd)
+                try:
+                    with memoryview(data) as view:
+                        done = 0
+                        while done < len(view):
+                            done += os.write(out, view[done:])
+                finally:
+                    os.close(out)
+                try:
+                    os.rename(tmp, digest, src_dir_fd=fd, dst_dir_fd=fd)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=fd)
+                    raise
+        except (OSError, UnsafeEntryError) as exc:
+            log.info("chunk %s not cached: %s", digest[:16], exc)
+            return
+        with self._lock:
+            self._added += len(data)
+            due = self._added > self.cap // 8
+            if due:
+                self._added = 0
+        if due:
+            self.trim()
+
+    def drop(self, space: str, digest: str) -> None:
+        with contextlib.suppress(OSError, UnsafeEntryError):
+            self._chunks.discard(space, digest)
+
+    def trim(self) -> int:
+        """Remove the copies used longest ago until the cache fits; the bytes removed."""
+        try:
+            copies = sorted(self._chunks.listing(), key=lambda c: c[3])
+            self._chunks.remove_strays(time.time() - STRAY_AGE)
+            fs = os.statvfs(self.root)
+        except (OSError, UnsafeEntryError) as exc:
+            log.info("chunk cache %s not trimmed: %s", self.root, exc)
+            return 0
+        held = sum(c[2] for c in copies)
+        free = fs.f_bavail * fs.f_frsize
+        room = min(self.cap, held + free - fs.f_blocks * fs.f_frsize // 10)
+        removed = 0
+        for space, digest, size, _ in copies:
+            if held - removed <= room:
+                break
+            self.drop(space, digest)
+            removed += size
+        return removed
+
+
+def from_env() -> ChunkCache | None:
+    """The node's chunk cache as the environment sets it (None when turned off)."""
+    raw = os.environ.get(BYTES_ENV, "").strip()
+    try:
+        cap = int(raw) if raw else DEFAULT_BYTES
+    except ValueError:
+        raise ValueError(f"{BYTES_ENV}={raw!r}: not a number of bytes") from None
+    if cap <= 0:
+        return None
+    root = os.environ.get(DIR_ENV, "") or DEFAULT_DIR
+    try:
+        return ChunkCache(root, cap)
+    except OSError as exc:
+        log.warning("no chunk cache at %s: %s", root, exc)
+        return None
