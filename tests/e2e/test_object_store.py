@@ -44,6 +44,7 @@ def nodes(
     for name in ("a", "b"):
         env = dict(s3_env, HOTRESTART_STORE_KEY=str(key), HOTRESTART_S3_TIMEOUT=TIMEOUT)
         env["HOTRESTART_S3_STAGING"] = str(tmp_path / f"staging-{name}")
+        env["HOTRESTART_S3_CACHE"] = str(tmp_path / f"chunk-cache-{name}")  # each node its own
         made.append(containerd_factory("2", store=url, env=env))
     for name, value in s3_env.items():
         monkeypatch.setenv(name, value)
