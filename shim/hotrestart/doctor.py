@@ -23,7 +23,8 @@ from hotrestart import bundle, node_config
 from hotrestart.checkpoint import workarea
 from hotrestart.errors import InvalidArgumentError
 from hotrestart.runtime import criu
-from hotrestart.store import keyfile, locality
+from hotrestart.store import chunkcache, keyfile, locality
+from hotrestart.store.chunkcache import ChunkCache
 from hotrestart.store.config import ALLOW_UNAUTHENTICATED_ENV, KEY_ENV
 from hotrestart.store.seal import SealError
 from hotrestart.store.store import DEFAULT_ROOT as DEFAULT_STORE
@@ -267,6 +268,7 @@ def object_store_checks(url: str, key_file: str = "", allow_unauthenticated: boo
     except OSError as exc:
         fix = "check the AWS_* settings (endpoint, region, credentials) containerd passes the shim"
         checks = [Check(what, False, str(exc), fix)]
+    checks.append(_chunk_cache_check(store.cache))
     if key_file:
         checks.append(_key_file_check(key_file))
     else:
@@ -280,6 +282,22 @@ def object_store_checks(url: str, key_file: str = "", allow_unauthenticated: boo
             )
         )
     return checks
+
+
+def _chunk_cache_check(cache: ChunkCache | None) -> Check:
+    if cache is not None:
+        try:
+            held = cache.held()
+        except OSError as exc:
+            return Check("chunk cache", False, f"{cache.root}: {exc}", "check the folder (root-owned, 0700)")
+        return Check("chunk cache", True, f"{cache.root}: {held >> 20} MiB held, at most {cache.cap >> 20} MiB")
+    try:
+        root, cap = chunkcache.configured()
+    except ValueError as exc:
+        return Check("chunk cache", False, str(exc), f"set {chunkcache.BYTES_ENV} to a number of bytes (0: off)")
+    if cap:
+        return Check("chunk cache", False, f"{root} cannot be used (see the shim's log)", "check the folder")
+    return Check("chunk cache", True, "off: every restore downloads its checkpoint")
 
 
 def _key_file_check(key_file: str) -> Check:

@@ -203,11 +203,14 @@ def test_collection_keeps_every_chunk_in_use_under_concurrent_writers_and_restor
     for t in threads:
         t.start()
     time.sleep(8)
+    deadline = time.monotonic() + 60  # a loaded machine: enough restores to have raced the collector
+    while restored[0] <= 5 and time.monotonic() < deadline and not failures:
+        time.sleep(0.5)
     stop.set()
     for t in threads:
         t.join()
     assert not failures, failures[:5]
-    assert restored[0] > 5, restored
+    assert restored[0] > 5, (restored, collected)
     store = _store(env, tmp_path, url)
     for entry in store.entries():
         if entry.manifest is not None:
@@ -329,9 +332,11 @@ def test_doctor_says_whether_the_store_is_reachable_writable_and_keyed(env: dict
 
     ok = {c.name: c for c in doctor.store_checks(objstore.fresh_url(env), "", True)}
     assert all(c.ok for c in ok.values()), ok
+    assert ok["chunk cache"].detail.startswith(os.environ[chunkcache.DIR_ENV]), ok
     missing = doctor.store_checks("s3://no-such-bucket-hr/x")
     assert not missing[0].ok and "NoSuchBucket" in missing[0].detail
-    assert not missing[1].ok and "shared" in missing[1].detail
+    key = {c.name: c for c in missing}["store key"]
+    assert not key.ok and "shared" in key.detail
 
 
 def test_the_runtime_s3_config_file_alone_reaches_the_store(

@@ -90,7 +90,24 @@ def test_the_environment_turns_the_cache_off_or_sizes_it(tmp_path: Path, monkeyp
     assert cache is not None and cache.cap == chunkcache.DEFAULT_BYTES
     monkeypatch.setenv(chunkcache.BYTES_ENV, "8G")
     with pytest.raises(ValueError, match="not a number of bytes"):
-        chunkcache.from_env()
+        chunkcache.configured()
+    assert chunkcache.from_env() is None, "the store works on without it"
+
+
+def test_doctor_says_what_the_cache_holds_or_why_there_is_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hotrestart.doctor import _chunk_cache_check
+
+    cache = ChunkCache(str(tmp_path / "c"), 1 << 30)
+    digest, stored = _chunk(Codec(), os.urandom(3 << 20))
+    cache.put(SPACE, digest, stored)
+    check = _chunk_cache_check(cache)
+    assert check.ok and check.detail == f"{cache.root}: 3 MiB held, at most 1024 MiB", check
+    monkeypatch.setenv(chunkcache.BYTES_ENV, "0")
+    check = _chunk_cache_check(None)
+    assert check.ok and check.detail.startswith("off")
+    monkeypatch.setenv(chunkcache.BYTES_ENV, "lots")
+    check = _chunk_cache_check(None)
+    assert not check.ok and "not a number" in check.detail and chunkcache.BYTES_ENV in check.fix
 
 
 def _file(codec: Codec, parts: list[bytes]) -> tuple[FileEntry, dict[str, bytes]]:

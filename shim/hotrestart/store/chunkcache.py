@@ -73,6 +73,10 @@ class ChunkCache:
         if due:
             self.trim()
 
+    def held(self) -> int:
+        """The bytes the cache holds now."""
+        return sum(c[2] for c in self._chunks.listing())
+
     def drop(self, space: str, digest: str) -> None:
         with contextlib.suppress(OSError, UnsafeEntryError):
             self._chunks.discard(space, digest)
@@ -98,18 +102,23 @@ class ChunkCache:
         return removed
 
 
-def from_env() -> ChunkCache | None:
-    """The node's chunk cache as the environment sets it (None when turned off)."""
+def configured() -> tuple[str, int]:
+    """(the cache's folder, its cap in bytes; 0 when off) as the environment sets them;
+    ValueError for a cap that is not a number."""
     raw = os.environ.get(BYTES_ENV, "").strip()
     try:
         cap = int(raw) if raw else DEFAULT_BYTES
     except ValueError:
         raise ValueError(f"{BYTES_ENV}={raw!r}: not a number of bytes") from None
-    if cap <= 0:
-        return None
-    root = os.environ.get(DIR_ENV, "") or DEFAULT_DIR
+    return os.environ.get(DIR_ENV, "") or DEFAULT_DIR, max(cap, 0)
+
+
+def from_env() -> ChunkCache | None:
+    """The node's chunk cache as the environment sets it (None when off or misconfigured:
+    the store works without it, and `hotrestart doctor` says why)."""
     try:
-        return ChunkCache(root, cap)
-    except OSError as exc:
-        log.warning("no chunk cache at %s: %s", root, exc)
+        root, cap = configured()
+        return ChunkCache(root, cap) if cap else None
+    except (ValueError, OSError) as exc:
+        log.warning("no chunk cache: %s", exc)
         return None
