@@ -438,7 +438,7 @@ def test_a_writer_whose_lease_lapsed_publishes_nothing(
 
 
 def _cached(store: ObjectStore) -> dict[str, Path]:
-    assert store.cache is not None
+    assert store.cache is not None and store.cache.flush(30), "copies written behind, in time"
     return {p.name: p for p in Path(store.cache.root).glob("v1/chunks/*/*/*") if not p.name.startswith(".")}
 
 
@@ -462,6 +462,7 @@ def test_the_node_cache_serves_a_restore_here_and_a_bad_copy_is_fetched_again(
     spoiled.write_bytes(os.urandom(spoiled.stat().st_size))
     assert _restored(store, entry, tmp_path) == payload
     assert store.verify(entry) == []
+    assert store.cache is not None and store.cache.flush(30)
     assert spoiled.read_bytes() == store.bucket.get_exact(f"v1/chunks/plain/{spoiled.name}", spoiled.stat().st_size)
     # Another node: nothing cached, everything from the bucket, which it then keeps too.
     monkeypatch.setenv(chunkcache.DIR_ENV, str(tmp_path / "other-node"))

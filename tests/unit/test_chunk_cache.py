@@ -38,6 +38,23 @@ def test_a_copy_is_served_as_written_and_only_at_its_size(tmp_path: Path) -> Non
     assert cache.get(SPACE, digest, len(stored)) is None
 
 
+def test_copies_kept_behind_are_written_by_the_cache_and_bounded_while_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = ChunkCache(str(tmp_path / "c"), 1 << 30)
+    codec = Codec(level=1)
+    kept = [_chunk(codec, os.urandom(50_000)) for _ in range(20)]
+    for digest, stored in kept:
+        cache.keep(SPACE, digest, stored)
+    assert cache.flush(10)
+    assert all(cache.get(SPACE, d, len(s)) == s for d, s in kept)
+    # Nothing more waits than PENDING_MAX: past it, a copy is not kept at all.
+    monkeypatch.setattr(chunkcache, "PENDING_MAX", 0)
+    digest, stored = _chunk(codec, b"late" * 1000)
+    cache.keep(SPACE, digest, stored)
+    assert cache.flush(10) and cache.get(SPACE, digest, len(stored)) is None
+
+
 def test_what_is_not_a_plain_copy_is_a_miss(tmp_path: Path) -> None:
     cache = ChunkCache(str(tmp_path / "c"), 1 << 30)
     digest, stored = _chunk(Codec(), os.urandom(5000))

@@ -7,9 +7,10 @@ layout (`chunks`), shared by every object store this node uses: a chunk's name i
 content under its key space, and every copy read from here is checked against the
 manifest like a chunk read from anywhere (`chunkcodec`). A copy found wrong is fetched
 from the bucket again (`StoredFiles`' origin), so the cache can lose or spoil a chunk but
-never serve one. Copies are written as the directory store writes chunks (direct I/O: no
-page cache filled, measured twice as fast here as buffered writes), and their folders are
-never synced: a copy a crash loses is fetched again.
+never serve one. Copies are written behind, by a thread of the cache's own (an upload or a
+download never waits for the node's disk), as the directory store writes chunks (direct
+I/O: no page cache filled, measured twice as fast here as buffered writes), and their
+folders are never synced: a copy a crash loses is fetched again.
 
 Bounded: `HOTRESTART_S3_CACHE_BYTES` (default 8 GiB, 0 turns the cache off), and never past
 what leaves a tenth of its filesystem free; the copies used longest ago go first.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import threading
 import time
 
@@ -36,6 +38,7 @@ BYTES_ENV = "HOTRESTART_S3_CACHE_BYTES"
 DEFAULT_BYTES = 8 << 30
 TOUCH_AFTER = 600.0  # a copy read is marked recently used at most this often (one utime)
 STRAY_AGE = 3600.0  # a temporary file untouched this long is a dead writer's
+PENDING_MAX = 256 << 20  # copies waiting for the disk; past this, a copy is not kept
 
 
 class ChunkCache:
@@ -46,6 +49,12 @@ class ChunkCache:
         self._chunks = Chunks(Tree(root))
         self._lock = threading.Lock()
         self._added = cap  # trim on the first put: other processes share the folder
+        self._queue: queue.SimpleQueue[tuple[int, str, str, bytes]] = queue.SimpleQueue()
+        self._pending = 0
+        self._seq = 0  # copies handed to `keep`, numbered
+        self._dropped: dict[tuple[str, str], int] = {}  # chunk -> `_seq` when dropped
+        self._idle = threading.Condition(self._lock)
+        self._writer: threading.Thread | None = None
 
     def get(self, space: str, digest: str, size: int) -> bytes | None:
         """The cached copy of a chunk stored as `size` bytes, or None."""
@@ -57,6 +66,42 @@ class ChunkCache:
             if time.time() - os.stat(digest, dir_fd=fd, follow_symlinks=False).st_mtime > TOUCH_AFTER:
                 os.utime(digest, dir_fd=fd, follow_symlinks=False)
         return data
+
+    def keep(self, space: str, digest: str, data: bytes) -> None:
+        """Have a copy written by the cache's own thread: an upload or a download never waits
+        for the node's disk (a stop's checkpoint is durable when the bucket has it). Past
+        PENDING_MAX bytes waiting, the copy is not kept."""
+        with self._lock:
+            if self._pending + len(data) > PENDING_MAX:
+                return
+            self._pending += len(data)
+            self._seq += 1
+            seq = self._seq
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_behind, name="chunk-cache", daemon=True)
+                self._writer.start()
+        self._queue.put((seq, space, digest, data))
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every copy handed to `keep` is written; False if still some at `timeout`."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def _write_behind(self) -> None:
+        while True:
+            seq, space, digest, data = self._queue.get()
+            try:
+                with self._lock:
+                    # Dropped since it was handed over (proven corrupt): not written back.
+                    stale = self._dropped.get((space, digest), 0) >= seq
+                if not stale:
+                    self.put(space, digest, data)
+            except Exception:  # never let the thread die: copies would pile up unwritten
+                log.exception("chunk %s not cached", digest[:16])
+            finally:
+                with self._idle:
+                    self._pending -= len(data)
+                    self._idle.notify_all()
 
     def put(self, space: str, digest: str, data: bytes) -> None:
         """Keep a copy of a chunk (replacing one there); best effort, errors logged."""
@@ -78,6 +123,12 @@ class ChunkCache:
         return sum(c[2] for c in self._chunks.listing())
 
     def drop(self, space: str, digest: str) -> None:
+        """Remove a copy proven corrupt, and any copy of it still waiting to be written."""
+        with self._lock:
+            self._dropped[(space, digest)] = self._seq
+        self._remove(space, digest)
+
+    def _remove(self, space: str, digest: str) -> None:
         with contextlib.suppress(OSError, UnsafeEntryError):
             self._chunks.discard(space, digest)
 
@@ -97,7 +148,7 @@ class ChunkCache:
         for space, digest, size, _ in copies:
             if held - removed <= room:
                 break
-            self.drop(space, digest)
+            self._remove(space, digest)
             removed += size
         return removed
 

@@ -478,7 +478,7 @@ class ObjectStore:
             if data is None:
                 raise IntegrityError(f"chunk {digest[:16]}: not the {size} bytes the manifest says")
             if self.cache is not None:
-                self.cache.put(space, digest, data)
+                self.cache.keep(space, digest, data)
             return data
 
         return fetch
@@ -663,7 +663,7 @@ class _BucketChunks:
         check(space, digest)
         self._bucket.put(_chunk_key(space, digest), data)
         if self._cache is not None:  # restored here next, most likely
-            self._cache.put(space, digest, data)
+            self._cache.keep(space, digest, data)
 
     def sync(self, space: str, fans: set[str]) -> None:
         pass  # a PUT that returned is durable
