@@ -111,13 +111,21 @@ def bench_object_store(inst: ContainerdInstance, cri, mib: int, rounds: int) -> 
             objectstore.down()
 
 
+def _remove_prefix(url: str) -> None:
+    """Delete what a run left in the bucket: a test bed's OSD is small, and a full one
+    blocks every PUT."""
+    from hotrestart.store.s3 import Bucket, Location
+
+    bucket = Bucket(Location.parse(url))
+    bucket.delete([meta.key for meta in bucket.listing("")])
+
+
 def _bench(inst: ContainerdInstance, env: dict[str, str], mib: int, rounds: int) -> None:
     key = inst.dir / "object-store-key"
     key.write_text(f"bench:{base64.b64encode(os.urandom(32)).decode()}\n")
     key.chmod(0o600)
     url = f"{env['HOTRESTART_STORE']}/bench-{os.urandom(4).hex()}"
     memhog = build_memhog(inst.dir)
-    shims = Path(sys.executable).parent
     s3_env = dict(env, HOTRESTART_STORE_KEY=str(key), HOTRESTART_S3_STAGING=str(inst.dir / "s3-staging"))
     cached = dict(s3_env, HOTRESTART_S3_CACHE=str(inst.dir / "s3-cache"))
     uncached = dict(s3_env, HOTRESTART_S3_CACHE_BYTES="0")
@@ -125,6 +133,27 @@ def _bench(inst: ContainerdInstance, env: dict[str, str], mib: int, rounds: int)
         os.environ[name] = value
     columns = ("directory store", "S3, restored on the same node", "S3, restored on another node")
     results: dict[str, list[dict[str, float]]] = {c: [] for c in columns}
+    try:
+        _rounds(inst, url, key, memhog, mib, rounds, cached, uncached, results, columns)
+    finally:
+        progress("object store: removing the run's objects")
+        _remove_prefix(url)
+    _report(mib, rounds, columns, results)
+
+
+def _rounds(
+    inst: ContainerdInstance,
+    url: str,
+    key: Path,
+    memhog: Path,
+    mib: int,
+    rounds: int,
+    cached: dict[str, str],
+    uncached: dict[str, str],
+    results: dict[str, list[dict[str, float]]],
+    columns: tuple[str, ...],
+) -> None:
+    shims = Path(sys.executable).parent
     with (
         ContainerdInstance(shim_bin_dir=shims, env={"HOTRESTART_STORE_KEY": str(key)}) as on_dir,
         ContainerdInstance(shim_bin_dir=shims, env=cached, store=url) as on_s3,
@@ -144,6 +173,9 @@ def _bench(inst: ContainerdInstance, env: dict[str, str], mib: int, rounds: int)
                 progress(f"object store, {column}: {results[column][-1]}")
         for cri in cris:
             cri.close()
+
+
+def _report(mib: int, rounds: int, columns: tuple[str, ...], results: dict[str, list[dict[str, float]]]) -> None:
     print(f"\n### Object store ({mib} MiB, median of {rounds} rounds in turn, sealed with a store key)\n")
     print(
         "The node that restores from S3 without the node-local chunk cache (`HOTRESTART_S3_CACHE_BYTES=0`)"
