@@ -12,8 +12,9 @@ download never waits for the node's disk), as the directory store writes chunks 
 I/O: no page cache filled, measured twice as fast here as buffered writes), and their
 folders are never synced: a copy a crash loses is fetched again.
 
-Bounded: `HOTRESTART_S3_CACHE_BYTES` (default 8 GiB, 0 turns the cache off), and never past
-what leaves a tenth of its filesystem free; the copies used longest ago go first.
+Bounded: `HOTRESTART_S3_CACHE_BYTES` (default 8 GiB, 0 turns the cache off; checked each
+time an eighth of it has been written), and never past what leaves a tenth of its filesystem
+free; the copies used longest ago go first.
 """
 
 from __future__ import annotations
