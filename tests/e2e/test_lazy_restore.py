@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -70,31 +71,49 @@ def test_a_restored_process_runs_before_its_memory_is_back_and_continues(
     again.remove()
 
 
-def test_a_page_source_failing_part_way_kills_the_process_and_never_serves_wrong_memory(
-    client: Any, inst: ContainerdInstance, tmp_path: Path, memhog: Path, empty_store: None
-) -> None:
-    name = "lazy-broken-0"
-    _, checksum = _stopped_with_checkpoint(client, inst, tmp_path, memhog, name, 256)
+def _restored_without_a_chunk(
+    client: Any, inst: ContainerdInstance, tmp: Path, memhog: Path, name: str
+) -> tuple[Incarnation, int] | None:
+    """A checkpoint of `name` with a chunk of its page image gone, restored; None (after
+    checking what a full restore must do instead) when the restore was not a lazy one."""
+    _, checksum = _stopped_with_checkpoint(client, inst, tmp, memhog, name, 256)
     (ckpt,) = stored(inst)
     chunks = chunk_files(inst, ckpt)
     assert len(chunks) > 8, "the page image is cut into chunks"
     # A chunk well inside the big region: what CRIU restores itself is in the first ones.
     chunks[len(chunks) // 2].unlink()
-    again = Incarnation(client, inst, tmp_path, name)
+    again = Incarnation(client, inst, tmp, name)
     run_memhog(again, memhog, 256)
     assert host.wait_until(lambda: bool(again.lines()), 30), "the container never wrote a line"
-    if "memory on demand" not in again.lines()[0]:
-        # The lazy-pages daemon could not start (the shim says why) and the restore was a
-        # full one, which finds the missing chunk before the process runs: a cold start.
-        # The lazy path itself is proven by the test above, which requires it.
-        fallback = [line for line in inst.read_log().splitlines() if f"{again.cid}: restoring in full" in line]
-        assert fallback, (again.lines()[:3], inst.read_log()[-3000:])
-        failed = r"hotrestart: restore from checkpoint \S+ failed \(.*chunk.*\); started cold"
-        assert re.fullmatch(failed, again.lines()[0]), again.lines()[0]
-        assert again.first()[0] == 1, "a failed restore starts cold"
-        assert host.wait_until(lambda: len(stored(inst, "quarantine")) == 1, 10), "the checkpoint is set aside"
-        again.remove()
-        pytest.skip(f"no lazy restore this time, the full one failed as it must: {fallback[0][-200:]}")
+    if "memory on demand" in again.lines()[0]:
+        return again, checksum
+    # The lazy-pages daemon did not start in time (the shim says why) and the restore was a
+    # full one, which finds the missing chunk before the process runs: a cold start.
+    fallback = [line for line in inst.read_log().splitlines() if f"{again.cid}: restoring in full" in line]
+    assert fallback, (again.lines()[:3], inst.read_log()[-3000:])
+    failed = r"hotrestart: restore from checkpoint \S+ failed \(.*chunk.*\); started cold"
+    assert re.fullmatch(failed, again.lines()[0]), again.lines()[0]
+    assert again.first()[0] == 1, "a failed restore starts cold"
+    assert host.wait_until(lambda: len(stored(inst, "quarantine")) == 1, 10), "the checkpoint is set aside"
+    again.remove()
+    for entry in stored(inst, "quarantine"):
+        shutil.rmtree(entry)
+    return None
+
+
+def test_a_page_source_failing_part_way_kills_the_process_and_never_serves_wrong_memory(
+    client: Any, inst: ContainerdInstance, tmp_path: Path, memhog: Path, empty_store: None
+) -> None:
+    # A loaded machine can make the lazy-pages daemon miss its start (then the restore is
+    # a full one): the scenario runs again, and must be lazy by the third time.
+    for attempt in range(3):
+        name = f"lazy-broken-{attempt}"
+        restored = _restored_without_a_chunk(client, inst, tmp_path, memhog, name)
+        if restored is not None:
+            break
+    else:
+        pytest.fail("three restores in a row were not lazy (see the shim's 'restoring in full' lines)")
+    again, checksum = restored
     assert host.wait_until(lambda: client.container_status(again.cid).state == CONTAINER_EXITED, 30), again.lines()
     status = client.container_status(again.cid)
     assert status.exit_code == 137, (status.exit_code, again.lines())
