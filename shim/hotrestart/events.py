@@ -101,7 +101,8 @@ class Publisher:
         """Wait (bounded) until queued events are out; used on shim exit."""
         if self._task is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self._task)
         await self._disconnect()
 
 

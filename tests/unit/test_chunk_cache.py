@@ -55,6 +55,22 @@ def test_copies_kept_behind_are_written_by_the_cache_and_bounded_while_waiting(
     assert cache.flush(10) and cache.get(SPACE, digest, len(stored)) is None
 
 
+def test_the_writing_thread_ends_when_idle_and_comes_back_for_the_next_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chunkcache, "WRITER_IDLE", 0.05)
+    cache = ChunkCache(str(tmp_path / "c"), 1 << 30)
+    codec = Codec(level=1)
+    for _ in range(3):
+        digest, stored = _chunk(codec, os.urandom(20_000))
+        cache.keep(SPACE, digest, stored)
+        writer = cache._writer
+        assert writer is not None
+        assert cache.flush(10) and cache.get(SPACE, digest, len(stored)) == stored
+        writer.join(5)
+        assert not writer.is_alive() and cache._writer is None
+
+
 def test_what_is_not_a_plain_copy_is_a_miss(tmp_path: Path) -> None:
     cache = ChunkCache(str(tmp_path / "c"), 1 << 30)
     digest, stored = _chunk(Codec(), os.urandom(5000))

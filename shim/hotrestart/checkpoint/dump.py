@@ -108,7 +108,8 @@ async def dump(
         engine.calls.later("pending marker not cleared", store.clear_pending, policy.identity, cid)
         raise
     try:
-        addresses = await asyncio.wait_for(net, 5)
+        async with asyncio.timeout(5):
+            addresses = await net
     except Exception as exc:
         log.info("%s: could not read pod addresses: %s", view.id, exc)
         addresses = []

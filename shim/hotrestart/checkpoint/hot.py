@@ -329,7 +329,8 @@ class HotRestart(PlainCheckpoints):
             return
         if budget is not None and budget <= 0:
             raise TimeoutError
-        await asyncio.wait_for(asyncio.shield(claim.resident), budget)
+        async with asyncio.timeout(budget):
+            await asyncio.shield(claim.resident)
 
     # -- endings --------------------------------------------------------------------------------
 

@@ -235,13 +235,15 @@ class Daemon:
         if self._server.done() and self._server.result().returncode != 0:
             if not self._proc.done():  # the daemon may be going too: say how it ended
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self._proc), 1)
+                    async with asyncio.timeout(1):
+                        await asyncio.shield(self._proc)
             if not self._proc.done() or self._proc.result().returncode == 0:
                 raise LazyFailed(f"the page source failed: {_last_line(self._server.result())}")
         result = await self._proc
         if result.returncode != 0:
             raise LazyFailed(f"the lazy-pages daemon exited {result.returncode}: {self._log_tail()}")
-        served = await asyncio.wait_for(asyncio.shield(self._server), 10)
+        async with asyncio.timeout(10):
+            served = await asyncio.shield(self._server)
         if served.returncode != 0:
             raise LazyFailed(f"the page source failed: {_last_line(served)}")
         return time.monotonic() - self.started_at

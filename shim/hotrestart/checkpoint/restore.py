@@ -148,7 +148,8 @@ async def prepare(engine: Engine, view: View, entry: Entry, policy: Policy) -> t
         with telemetry.span("hotrestart.restore.rootfs_apply", checkpoint=entry.id):
             await files.replay(view, manifest, claim.work)
         try:
-            addresses = await asyncio.wait_for(net, 5)
+            async with asyncio.timeout(5):
+                addresses = await net
         except Exception:
             addresses = []
         keep_tcp = policy.tcp == "keep" and addresses == manifest.network.get("addresses")

@@ -40,6 +40,7 @@ DEFAULT_BYTES = 8 << 30
 TOUCH_AFTER = 600.0  # a copy read is marked recently used at most this often (one utime)
 STRAY_AGE = 3600.0  # a temporary file untouched this long is a dead writer's
 PENDING_MAX = 256 << 20  # copies waiting for the disk; past this, a copy is not kept
+WRITER_IDLE = 30.0  # the writing thread ends after this long without work (`keep` starts another)
 
 
 class ChunkCache:
@@ -81,7 +82,8 @@ class ChunkCache:
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_behind, name="chunk-cache", daemon=True)
                 self._writer.start()
-        self._queue.put((seq, space, digest, data))
+            # Under the lock: the writer decides to end under it too, never with a copy queued.
+            self._queue.put((seq, space, digest, data))
 
     def flush(self, timeout: float) -> bool:
         """Wait until every copy handed to `keep` is written; False if still some at `timeout`."""
@@ -90,7 +92,14 @@ class ChunkCache:
 
     def _write_behind(self) -> None:
         while True:
-            seq, space, digest, data = self._queue.get()
+            try:
+                seq, space, digest, data = self._queue.get(timeout=WRITER_IDLE)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._writer = None
+                        return
+                continue
             try:
                 with self._lock:
                     # Dropped since it was handed over (proven corrupt): not written back.
