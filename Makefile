@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TESTBED_STAMP := /opt/hotrestart-testbed/.installed
 
-.PHONY: setup testbed venv bytecode demo test test-unit test-integration test-e2e lint typecheck bench proto clean dist installer
+.PHONY: setup testbed venv bytecode demo test test-unit test-integration test-e2e test-vm test-vm-smoke vm-image lint typecheck bench proto clean dist installer
 
 setup: testbed venv
 
@@ -45,6 +45,21 @@ test-integration: setup
 
 test-e2e: setup
 	$(PY) -m pytest -q tests/e2e
+
+# The test bed's node VM: Debian 12, systemd as init, cgroup v2 only (hack/vm/build-image.sh).
+vm-image:
+	bash hack/vm/build-image.sh
+
+# The integration and end-to-end tiers on that node, under containerd's systemd cgroup driver
+# (the kubeadm default) and then the cgroupfs one. Under emulation (no usable KVM) this takes
+# hours; `test-vm-smoke` is the subset CI runs (tests/e2e/test_node_vm.py).
+test-vm: setup bytecode
+	$(PY) hack/vm.py test --driver systemd --full --timeout 21600
+	$(PY) hack/vm.py test --driver cgroupfs --full --timeout 21600
+
+test-vm-smoke: setup bytecode
+	$(PY) hack/vm.py test --driver systemd
+	$(PY) hack/vm.py test --driver cgroupfs
 
 # The whole suite, as CI runs it.
 test: setup bytecode lint typecheck installer

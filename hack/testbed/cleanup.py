@@ -117,7 +117,10 @@ def cleanup(info: Mapping[str, Any], delete_bridge: bool = True) -> list[str]:
     if remaining:
         problems.append(f"still mounted: {remaining}")
 
-    # 3. cgroups: our parent tree, and /k8s.io/<id> for pods run without one.
+    # 3. cgroups: our parent tree, and /k8s.io/<id> for pods run without one. Under the
+    #    systemd driver the tree is systemd's: its units go first (it removes their cgroups).
+    if info.get("slice"):
+        problems += host.stop_systemd_unit(info["slice"])
     cg = [*prefixes, *(f"/{NAMESPACE}/{i}" for i in ids)]
     busy = host.remove_cgroup_trees(cg)
     if busy:

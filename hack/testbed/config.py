@@ -44,7 +44,7 @@ def _runtimes(inst: ContainerdInstance) -> dict[str, Any]:
         "runtime_type": RUNC_RUNTIME_TYPE,
         "options": {
             "Root": str(inst.state / "runc"),
-            "SystemdCgroup": False,
+            "SystemdCgroup": inst.systemd,
             **inst.runc_options,
         },
     }

@@ -37,7 +37,7 @@ from typing import Any
 from . import cleanup, host, readiness
 from .config import cni_conflist, containerd_config
 from .errors import TestbedError
-from .layout import BIN_DIR, MARKER_ENV, NAMESPACE, SUN_PATH_MAX, ZYGOTE_SOCKET_ENV
+from .layout import BIN_DIR, CGROUP_DRIVER_ENV, MARKER_ENV, NAMESPACE, SUN_PATH_MAX, ZYGOTE_SOCKET_ENV
 from .locks import claim_net_slot, lock_file
 from .toml_writer import to_toml
 
@@ -75,6 +75,7 @@ class ContainerdInstance:
         command_prefix: list[str] | None = None,
         path: list[str] | None = None,
         register_hotrestart: bool = True,
+        cgroup_driver: str | None = None,
     ) -> None:
         self.binaries_dir = Path(binaries_dir)
         if not (self.binaries_dir / "containerd").exists():
@@ -98,7 +99,15 @@ class ContainerdInstance:
         self.cni_data_dir = self.dir / "cni-ipam"
         self.log_path = Path(log_dir) / f"containerd-{self.tag}.log" if log_dir else self.dir / "containerd.log"
         self.log_level = log_level
-        self.cgroup_parent = f"/hrtb-{self.tag}"
+        # "systemd" (SystemdCgroup = true, the kubeadm default) or "cgroupfs".
+        self.cgroup_driver = cgroup_driver or os.environ.get(CGROUP_DRIVER_ENV) or "cgroupfs"
+        if self.cgroup_driver not in ("systemd", "cgroupfs"):
+            raise TestbedError(f"unknown cgroup driver {self.cgroup_driver!r}")
+        self.systemd = self.cgroup_driver == "systemd"
+        # Under systemd a slice of its own (no dash in the name: a dash nests slices); the
+        # path is where it lies in the hierarchy.
+        self.slice = f"hrtb{self.tag}.slice" if self.systemd else ""
+        self.cgroup_parent = f"/{self.slice}" if self.systemd else f"/hrtb-{self.tag}"
         self.cni_network = f"hrtb-{self.tag}"
         self.namespace = NAMESPACE
         self.extra_env = dict(env or {})
@@ -113,6 +122,8 @@ class ContainerdInstance:
             if hotrestart_options is None
             else dict(hotrestart_options)
         )
+        if self.systemd and self.hotrestart_options:
+            self.hotrestart_options.setdefault("SystemdCgroup", True)
         self.zygote_socket = self.dir / "zygote.sock"
         self.images_tar = images
         self.start_timeout = start_timeout
@@ -269,7 +280,10 @@ class ContainerdInstance:
         return env
 
     def pod_cgroup_parent(self, uid: str) -> str:
-        """A kubelet-style (cgroupfs) pod cgroup below this instance's parent."""
+        """A kubelet-style pod cgroup below this instance's parent: a path for cgroupfs, a
+        slice for systemd (as the kubelet's `kubepods-besteffort-pod<uid>.slice`)."""
+        if self.systemd:
+            return f"{self.slice.removesuffix('.slice')}-pod{uid.replace('-', '_')}.slice"
         return f"{self.cgroup_parent}/pod{uid.replace('-', '_')}"
 
     def read_log(self) -> str:
@@ -344,6 +358,7 @@ class ContainerdInstance:
             "dir": str(self.dir),
             "address": str(self.address),
             "cgroup_parent": self.cgroup_parent,
+            "slice": self.slice,
             "cni_network": self.cni_network,
             "bridge": self.bridge,
             "net_slot": self._slot,

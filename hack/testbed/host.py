@@ -175,6 +175,23 @@ def thaw(cgroup_path: str) -> None:
                 v2.write_text("0")
 
 
+def stop_systemd_unit(unit: str) -> list[str]:
+    """Stop a systemd unit (a slice stops every scope in it, killing their processes) and
+    forget its failure; the problems met."""
+    if not Path("/run/systemd/system").is_dir():
+        return []
+    problems = []
+    for argv in (["systemctl", "stop", unit], ["systemctl", "reset-failed", unit]):
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            problems.append(f"{' '.join(argv)}: {exc}")
+            continue
+        if done.returncode != 0 and "not loaded" not in done.stderr:
+            problems.append(f"{' '.join(argv)}: {done.stderr.strip()}")
+    return problems
+
+
 def remove_cgroup_trees(rel_paths: Iterable[str]) -> list[str]:
     """rmdir the given cgroups and all their children in every hierarchy.
 

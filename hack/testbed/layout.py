@@ -18,6 +18,8 @@ SHIM_PREFIX = "containerd-shim"
 # zygote's): identifies the runtime processes of an instance even when their
 # command line does not name it.
 MARKER_ENV = "HOTRESTART_TESTBED_INSTANCE"
+# containerd's cgroup driver for the instances of a run: "cgroupfs" (default) or "systemd".
+CGROUP_DRIVER_ENV = "HOTRESTART_E2E_CGROUP_DRIVER"
 # The hotrestart shim forks pod shims from a zygote listening here; one per
 # instance keeps instances (and test runs) apart and lets stop() end it.
 ZYGOTE_SOCKET_ENV = "HOTRESTART_ZYGOTE_SOCKET"

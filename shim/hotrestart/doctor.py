@@ -228,7 +228,31 @@ def runtime_checks(config: Mapping[str, Any]) -> list[Check]:
             detail += f" (runc runtime: {'systemd' if runc_systemd else 'cgroupfs'})"
         fix = "" if ok else f"set SystemdCgroup = {str(runc_systemd).lower()} in the options of {name}, as for runc"
         checks.append(Check(f"cgroup driver ({name})", ok, detail, fix))
+        checks.append(driver_support(name, ours))
     return checks
+
+
+def driver_support(
+    name: str, systemd_driver: bool, cgroup_root: str = "/sys/fs/cgroup", systemd_dir: str = "/run/systemd/system"
+) -> Check:
+    """Whether this node's cgroup version, init and the runtime's cgroup driver go together,
+    and how far that combination is tested (README, *Node support*)."""
+    v2 = os.path.exists(os.path.join(cgroup_root, "cgroup.controllers"))
+    systemd_init = os.path.isdir(systemd_dir)
+    node = f"cgroup {'v2' if v2 else 'v1'}, {'systemd' if systemd_init else 'no systemd'} as init"
+    what = f"cgroup setup ({name})"
+    if systemd_driver and not systemd_init:
+        return Check(
+            what, False, f"{node}, systemd driver", "the systemd driver needs systemd as init: SystemdCgroup = false"
+        )
+    if systemd_driver:
+        tested = "tested (node VM)" if v2 else "not tested on v1"
+        return Check(what, True, f"{node}, systemd driver: {tested}")
+    if v2 and systemd_init:
+        return Check(
+            what, True, f"{node}, cgroupfs driver: tested (node VM); kubeadm's default here is the systemd driver"
+        )
+    return Check(what, True, f"{node}, cgroupfs driver: tested")
 
 
 def _shim_check(name: str, runtime: node_config.Runtime) -> Check:

@@ -10,6 +10,8 @@ Environment:
   HOTRESTART_E2E_CONTAINERD   "2" (default) or "1.7": containerd of the session
   HOTRESTART_E2E_LOG_LEVEL    containerd log level (default "info")
   HOTRESTART_E2E_SHIM_DIR     where containerd finds the shim (default: this venv's bin)
+  HOTRESTART_E2E_CGROUP_DRIVER  containerd's cgroup driver: "cgroupfs" (default) or "systemd"
+  HOTRESTART_E2E_MEMHOG       a static build of hack/memhog.c (default: built with gcc)
 """
 
 from __future__ import annotations
@@ -196,6 +198,9 @@ def empty_store(inst: ContainerdInstance) -> None:
 def memhog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """hack/memhog.c built static: it fills its memory with half-compressible bytes, prints
     a counter and a checksum over all of it, and on SIGUSR1 rewrites MEMHOG_CHURN percent."""
+    prebuilt = os.environ.get("HOTRESTART_E2E_MEMHOG")  # built by the host for a node VM
+    if prebuilt:
+        return Path(prebuilt)
     binary = tmp_path_factory.mktemp("memhog") / "memhog"
     subprocess.run(["gcc", "-static", "-O2", "-pthread", "-o", str(binary), str(MEMHOG_SOURCE)], check=True)
     return binary

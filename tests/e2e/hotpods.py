@@ -8,6 +8,7 @@ from where it stopped with the same checksum; a cold start begins again at 1 wit
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +16,10 @@ from typing import Any
 
 from cri import CONTAINER_EXITED, CONTAINER_RUNNING, CRIClient, parse_cri_log
 from testbed import BUSYBOX_IMAGE, ContainerdInstance, host
+
+# How much slower than a real node this one is: a node VM under software emulation (hack/vm.py)
+# takes seconds to start a Python helper. Stop grace periods and waits are scaled by it.
+TIME_SCALE = float(os.environ.get("HOTRESTART_E2E_TIME_SCALE", "1"))
 
 STATEFUL = [
     "awk",
@@ -84,7 +89,7 @@ class Incarnation:
 
     def state(self, timeout: float = 10) -> tuple[int, int, int]:
         """The newest (counter, checksum at start, checksum now) the workload printed."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * TIME_SCALE
         while True:
             rows = [r.split() for r in self.lines() if not r.startswith("hotrestart:")]
             rows = [r for r in rows if len(r) == 3 and all(x.isdigit() for x in r)]
@@ -100,8 +105,8 @@ class Incarnation:
         return int(row[0]), int(row[1]), int(row[2])
 
     def stop(self, grace: int = 10) -> Any:
-        self.client.stop_container(self.cid, timeout=grace)
-        return self.client.wait_container_exit(self.cid)
+        self.client.stop_container(self.cid, timeout=round(grace * TIME_SCALE))
+        return self.client.wait_container_exit(self.cid, timeout=30 * TIME_SCALE)
 
     def remove(self) -> None:
         for c in self.client.list_containers(pod_id=self.pod):
@@ -134,7 +139,7 @@ def chunk_files(inst: ContainerdInstance, ckpt: Path, prefix: str = "images/page
 
 
 def wait_published(inst: ContainerdInstance, count: int = 1, timeout: float = 30) -> list[Path]:
-    assert host.wait_until(lambda: len(stored(inst)) >= count, timeout), "checkpoint never published"
+    assert host.wait_until(lambda: len(stored(inst)) >= count, timeout * TIME_SCALE), "checkpoint never published"
     return stored(inst)
 
 

@@ -8,6 +8,7 @@ on its own. The module runs against containerd 2.x and 1.7.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from testbed.pods import make_pod_config
 pytestmark = pytest.mark.e2e
 
 HANDLERS = ("runc", "hotrestart")
+V2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")  # the unified hierarchy only
 # The count is replaced atomically so that a reader never sees the file empty.
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done"
 
@@ -152,8 +154,10 @@ def test_stats_and_resource_update(client: CRIClient, inst: ContainerdInstance, 
         time.sleep(0.5)
         stats = pod.client.container_stats(cid)
         pod.client.update_container_resources(cid, memory_limit=96 << 20, cpu_shares=512)
-        limit = pod.client.exec_sync(cid, ["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]).stdout.strip()
-        shares = pod.client.exec_sync(cid, ["cat", "/sys/fs/cgroup/cpu/cpu.shares"]).stdout.strip()
+        # The container's own view of its limits: v1 files, or v2 ones on a unified node (there
+        # runc turns the shares into a cpu.weight).
+        files = ("memory.max", "cpu.weight") if V2 else ("memory/memory.limit_in_bytes", "cpu/cpu.shares")
+        limit, shares = (pod.client.exec_sync(cid, ["cat", f"/sys/fs/cgroup/{f}"]).stdout.strip() for f in files)
         return {
             "has_cpu": stats.cpu.usage_core_nano_seconds.value > 0,
             "has_memory": stats.memory.working_set_bytes.value > 0 and stats.memory.usage_bytes.value > 0,
@@ -163,7 +167,9 @@ def test_stats_and_resource_update(client: CRIClient, inst: ContainerdInstance, 
         }
 
     seen = both(client, inst, tmp_path, "stats", scenario)
-    assert seen == {"has_cpu": True, "has_memory": True, "id": True, "limit": 96 << 20, "shares": 512}
+    # runc 1.3's shares-to-weight mapping (1024 shares give the default weight, 100).
+    weight = math.ceil(10 ** ((math.log2(512) ** 2 + 125 * math.log2(512)) / 612 - 7 / 34))
+    assert seen == {"has_cpu": True, "has_memory": True, "id": True, "limit": 96 << 20, "shares": weight if V2 else 512}
 
 
 def test_pause_resume(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:

@@ -15,7 +15,9 @@ from google.protobuf import any_pb2
 from hotrestart.api.containerd.task.v2 import shim_pb2 as task
 from hotrestart.api.containerd.v1.types import task_pb2 as types
 from hotrestart.api.io.containerd.cgroups.v1 import metrics_pb2
+from hotrestart.api.io.containerd.cgroups.v2 import metrics_pb2 as metrics_v2_pb2
 from hotrestart.errors import Code
+from hotrestart.runtime import cgroups
 from hotrestart.ttrpc.client import StatusError
 
 from .conftest import make_bundle, process_alive, start_shim, wait_gone
@@ -126,10 +128,7 @@ async def test_running_container_calls(shim_env: tuple[Path, object, dict[str, s
 
     pids = await shim.call("Pids", task.PidsRequest(id="c2"), task.PidsResponse)
     assert len(pids.processes) >= 1
-    stats = await shim.call("Stats", task.StatsRequest(id="c2"), task.StatsResponse)
-    assert stats.stats.type_url == "io.containerd.cgroups.v1.Metrics"
-    metrics = metrics_pb2.Metrics.FromString(stats.stats.value)
-    assert metrics.memory.usage.usage > 0 and metrics.cpu.usage.total > 0
+    assert min(_usage(await shim.call("Stats", task.StatsRequest(id="c2"), task.StatsResponse))) > 0
 
     await shim.call(
         "Update",
@@ -137,11 +136,7 @@ async def test_running_container_calls(shim_env: tuple[Path, object, dict[str, s
             id="c2", resources=any_pb2.Any(value=json.dumps({"memory": {"limit": 64 << 20}}).encode())
         ),
     )
-    assert (
-        metrics_pb2.Metrics.FromString(
-            (await shim.call("Stats", task.StatsRequest(id="c2"), task.StatsResponse)).stats.value
-        ).memory.usage.limit
-    ) == 64 << 20
+    assert _limit(await shim.call("Stats", task.StatsRequest(id="c2"), task.StatsResponse)) == 64 << 20
     await expect_code(
         shim.call("Update", task.UpdateTaskRequest(id="c2", resources=any_pb2.Any(value=b"{bad"))),
         Code.INVALID_ARGUMENT,
@@ -313,3 +308,28 @@ async def test_zygote_warm_up_runs_the_shim_machinery_cleanly() -> None:
     before = set(os.listdir(tempfile.gettempdir()))
     await zygote._exercise()
     assert set(os.listdir(tempfile.gettempdir())) <= before, "the warm-up leaves no temporary files"
+
+
+def _v2(stats: task.StatsResponse) -> metrics_v2_pb2.Metrics:
+    # As containerd's runc shim: v2 Metrics on a node with the unified hierarchy only.
+    assert stats.stats.type_url == "io.containerd.cgroups.v2.Metrics"
+    return metrics_v2_pb2.Metrics.FromString(stats.stats.value)
+
+
+def _v1(stats: task.StatsResponse) -> metrics_pb2.Metrics:
+    assert stats.stats.type_url == "io.containerd.cgroups.v1.Metrics"
+    return metrics_pb2.Metrics.FromString(stats.stats.value)
+
+
+def _usage(stats: task.StatsResponse) -> tuple[int, int]:
+    """(memory in use, CPU time used), each in the unit its Metrics has."""
+    if cgroups.unified_host():
+        m2 = _v2(stats)
+        assert m2.memory.anon > 0 and m2.memory_events.oom_kill == 0
+        return m2.memory.usage, m2.cpu.usage_usec
+    m1 = _v1(stats)
+    return m1.memory.usage.usage, m1.cpu.usage.total
+
+
+def _limit(stats: task.StatsResponse) -> int:
+    return _v2(stats).memory.usage_limit if cgroups.unified_host() else _v1(stats).memory.usage.limit

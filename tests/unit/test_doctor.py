@@ -184,3 +184,21 @@ def test_work_folders_in_memory_are_reported() -> None:
     assert "up to 1024 MiB each" in ok.detail
     bad = doctor.work_check({"HOTRESTART_WORK_DIR": "/dev/shm/hotrestart-work"})
     assert not bad.ok and "HOTRESTART_WORK_DIR" in bad.fix
+
+
+def test_the_cgroup_setup_is_judged_with_the_node(tmp_path: Path) -> None:
+    v1, v2, systemd, bare = tmp_path / "v1", tmp_path / "v2", tmp_path / "systemd", tmp_path / "none"
+    for d in (v1, v2, systemd):
+        d.mkdir()
+    (v2 / "cgroup.controllers").write_text("cpu memory\n")
+
+    def judge(driver: bool, root: Path, init: Path) -> doctor.Check:
+        return doctor.driver_support("hot", driver, str(root), str(init))
+
+    refused = judge(True, v2, bare)
+    assert not refused.ok and refused.fix.startswith("the systemd driver needs systemd as init")
+    assert judge(True, v2, systemd).detail == "cgroup v2, systemd as init, systemd driver: tested (node VM)"
+    assert judge(True, v1, systemd).detail.endswith("not tested on v1")
+    assert "kubeadm's default here is the systemd driver" in judge(False, v2, systemd).detail
+    assert judge(False, v1, bare).detail == "cgroup v1, no systemd as init, cgroupfs driver: tested"
+    assert all(judge(d, r, i).ok for d, r, i in ((True, v2, systemd), (False, v2, systemd), (False, v1, bare)))

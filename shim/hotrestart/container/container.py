@@ -202,6 +202,11 @@ class Container:
             work_path=work,
             no_pivot=self.cfg.no_pivot,
             shell_job=self.cfg.stdio.terminal,
+            # runc has made this container's cgroup from the live spec (under the systemd
+            # driver a new scope in the new pod's slice) and hands it to CRIU as the root: soft
+            # leaves its limits as the spec set them and only recreates cgroups the workload had
+            # made inside its own. Full or strict would write the old pod's values over them.
+            manage_cgroups_mode="soft",
         )
 
     async def _runc_restore(self, opts: RestoreOpts, console_socket: str, *, close_tcp: bool = False) -> None:
@@ -321,6 +326,9 @@ class Container:
 
     async def _on_exit(self, proc: Process, since: float) -> None:
         status = await self._reaper.wait_for(proc.pid, since)
+        if proc is self.init and self._oom is not None:
+            # At once: under the systemd driver the emptied cgroup goes away soon.
+            self._oom.poll(killed=status == 128 + signal.SIGKILL)
         if proc is self.init:
             if self._stopping is not None:
                 # The exit may come from CRIU ending a dumped container: report it as the stop
@@ -334,7 +342,7 @@ class Container:
         await proc.io.drained(2.0)
         if proc is self.init:
             if self._oom is not None:
-                self._oom.poll()
+                self._oom.poll()  # a kill noticed while the output drained still goes first
             await self._end_execs()
         proc.set_exited(status)
         proc.io.close()

@@ -69,6 +69,12 @@ def unified_dir(memberships: list[Membership], root: str = ROOT) -> str | None:
     return None
 
 
+def unified_host(root: str = ROOT) -> bool:
+    """Only the v2 hierarchy on this node (at the root): containerd's "unified" mode. A
+    hybrid node (v2 at root/unified beside v1 controllers) is not."""
+    return _is_v2_mount(root)
+
+
 def _is_v2_mount(path: str) -> bool:
     return os.path.exists(os.path.join(path, "cgroup.controllers"))
 

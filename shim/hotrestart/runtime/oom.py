@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 from collections.abc import Callable
@@ -30,24 +31,43 @@ class OOMWatcher:
 
     The kill counter (v1 `memory.oom_control` oom_kill, v2 `memory.events` oom_kill) is the
     source of truth: some kernels never signal the v1 eventfd for a kill, so the counter is
-    also read just before an exit is reported. The eventfd, where it fires, only makes the
-    event arrive earlier.
+    also read just before an exit is reported. The notification (the v1 eventfd; on v2 an
+    inotify watch, since the kernel marks memory.events modified when a counter moves) makes
+    the event arrive while the container runs: a kill of one of its processes is reported
+    then, as containerd's runc shim does, and under the systemd driver the cgroup may be gone
+    by the time the init's exit is handled (systemd removes an emptied scope).
+
+    When that removal still wins (the kill, the exit and systemd's cleanup all came before
+    this process could look), the pod's cgroup answers: v2 counters are hierarchical, so the
+    kills the pod's counter gained since this container started, less those this shim has
+    already put down to the pod's containers (a pod's containers share one shim under the
+    CRI), were this container's if its init died by SIGKILL (`poll(killed=True)`). A
+    sibling's kill that its own watcher has not read yet, in that same moment, would be
+    counted here; containerd's runc shim has no better source.
     """
 
     def __init__(self, cgroup_dir: str, on_oom: Callable[[], None]) -> None:
         self._dir = cgroup_dir
+        self._pod = os.path.dirname(cgroup_dir)
         self._on_oom = on_oom
         self._efd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._kills = 0
+        # v2: the pod's counter and the kills put down to its containers, when this started.
+        self._pod_base: tuple[int, int] | None = None
 
     @property
     def _v1(self) -> bool:
         return os.path.exists(os.path.join(self._dir, "memory.oom_control"))
 
     def start(self) -> None:
-        self._kills = self._read_kills()
+        self._kills = self._read_kills() or 0
         if not self._v1:
+            pod = _kills_in(os.path.join(self._pod, "memory.events"))
+            self._pod_base = None if pod is None else (pod, _PUT_DOWN.get(self._pod, 0))
+            self._efd = _watch_modified(os.path.join(self._dir, "memory.events"))
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._efd, self.poll)
             return
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         cfd = os.open(os.path.join(self._dir, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
@@ -63,27 +83,35 @@ class OOMWatcher:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(efd, self.poll)
 
-    def poll(self) -> None:
-        """Report kills that happened since the last look."""
+    def poll(self, *, killed: bool = False) -> None:
+        """Report kills that happened since the last look; `killed`: the init has just died
+        by SIGKILL (its cgroup may be gone already)."""
         if self._efd >= 0:
-            with contextlib.suppress(OSError):
-                os.eventfd_read(self._efd)
+            with contextlib.suppress(OSError):  # an eventfd's counter, or inotify's events
+                os.read(self._efd, 4096)
         kills = self._read_kills()
+        if kills is None:
+            if killed and self._unexplained_pod_kills() > 0:
+                self._report(1)
+            self._pod_base = None  # one exit, at most one report
+            return
         if kills > self._kills:
+            self._report(kills - self._kills)
             self._kills = kills
-            self._on_oom()
 
-    def _read_kills(self) -> int:
-        name = "memory.oom_control" if self._v1 else "memory.events"
-        try:
-            with open(os.path.join(self._dir, name)) as f:
-                for line in f:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
-                        return int(value)
-        except (OSError, ValueError):
-            pass
-        return 0
+    def _unexplained_pod_kills(self) -> int:
+        if self._pod_base is None:
+            return 0
+        now = _kills_in(os.path.join(self._pod, "memory.events"))
+        pod, put_down = self._pod_base
+        return 0 if now is None else (now - pod) - (_PUT_DOWN.get(self._pod, 0) - put_down)
+
+    def _report(self, kills: int) -> None:
+        _PUT_DOWN[self._pod] = _PUT_DOWN.get(self._pod, 0) + kills
+        self._on_oom()
+
+    def _read_kills(self) -> int | None:
+        return _kills_in(os.path.join(self._dir, "memory.oom_control" if self._v1 else "memory.events"))
 
     def stop(self) -> None:
         if self._efd >= 0:
@@ -93,3 +121,38 @@ class OOMWatcher:
             with contextlib.suppress(OSError):
                 os.close(self._efd)
             self._efd = -1
+
+
+# Per pod cgroup: the kills this process has reported for the containers in it.
+_PUT_DOWN: dict[str, int] = {}
+
+
+def _kills_in(path: str) -> int | None:
+    """The oom_kill counter of a memory.oom_control or memory.events file; None when it
+    cannot be read (the cgroup is gone)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    except (OSError, ValueError):
+        return None
+    return 0
+
+
+_IN_MODIFY = 0x2
+
+
+def _watch_modified(path: str) -> int:
+    """An inotify descriptor (non-blocking) that turns readable when `path` is modified."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+    if libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}")
+    return fd

@@ -1,14 +1,25 @@
-"""Turn `runc events --stats` output into containerd's cgroup v1 Metrics message.
+"""Turn `runc events --stats` output into containerd's cgroup Metrics message: v1 on a node
+with v1 hierarchies (hybrid included), v2 on a node with the unified hierarchy only, as
+containerd's runc shim decides (the CRI computes the working set from either).
 
-runc already reads every cgroup file; we only rename. The field mapping follows what
-containerd's runc shim reports, so CRI ContainerStats (usage, working set, CPU) match.
+runc already reads every cgroup file; we only rename, and on v2 add memory.events, which
+runc does not report. The field mapping follows what containerd's runc shim reports, so CRI
+ContainerStats (usage, working set, CPU) match.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any
 
+from google.protobuf.message import Message
+
 from hotrestart.api.io.containerd.cgroups.v1 import metrics_pb2
+from hotrestart.api.io.containerd.cgroups.v2 import metrics_pb2 as metrics_v2_pb2
+from hotrestart.runtime import cgroups
+
+_NO_LIMIT = (1 << 64) - 1  # runc's (and containerd's) "max"
 
 _BLKIO = {
     "ioServiceBytesRecursive": "io_service_bytes_recursive",
@@ -107,4 +118,81 @@ def metrics_v1(stats: dict[str, Any]) -> metrics_pb2.Metrics:
         entry.usage = int(h.get("usage", 0))
         entry.max = int(h.get("max", 0))
         entry.failcnt = int(h.get("failcnt", 0))
+    return m
+
+
+# MemoryStat fields that are not memory.stat keys (the rest are, by the same name).
+_V2_NOT_RAW = {"usage", "usage_limit", "swap_usage", "swap_limit", "max_usage", "swap_max_usage", "psi"}
+_V2_RAW = [f.name for f in metrics_v2_pb2.MemoryStat.DESCRIPTOR.fields if f.name not in _V2_NOT_RAW]
+_V2_EVENTS = [f.name for f in metrics_v2_pb2.MemoryEvents.DESCRIPTOR.fields]
+
+
+def metrics(stats: dict[str, Any], pid: int) -> Message:
+    """The Metrics containerd's runc shim would give for the container whose init is `pid`."""
+    if not cgroups.unified_host():
+        return metrics_v1(stats)
+    directory = cgroups.unified_dir(cgroups.of_pid(pid)) if pid > 0 else None
+    return metrics_v2(stats, memory_events(directory) if directory else {})
+
+
+def memory_events(directory: str) -> dict[str, int]:
+    """memory.events of a v2 cgroup ({} when it cannot be read: the container is gone)."""
+    found: dict[str, int] = {}
+    with contextlib.suppress(OSError), open(os.path.join(directory, "memory.events")) as f:
+        for line in f.read(4096).splitlines():
+            key, _, value = line.partition(" ")
+            if value.strip().isdecimal():
+                found[key] = int(value)
+    return found
+
+
+def metrics_v2(stats: dict[str, Any], events: dict[str, int]) -> metrics_v2_pb2.Metrics:
+    m = metrics_v2_pb2.Metrics()
+    cpu = stats.get("cpu") or {}
+    usage = cpu.get("usage") or {}
+    # runc reports nanoseconds (v1's unit); cpu.stat has microseconds.
+    m.cpu.usage_usec = int(usage.get("total", 0)) // 1000
+    m.cpu.user_usec = int(usage.get("user", 0)) // 1000
+    m.cpu.system_usec = int(usage.get("kernel", 0)) // 1000
+    throttling = cpu.get("throttling") or {}
+    m.cpu.nr_periods = int(throttling.get("periods", 0))
+    m.cpu.nr_throttled = int(throttling.get("throttled_periods", 0))
+    m.cpu.throttled_usec = int(throttling.get("throttled_time", 0)) // 1000
+
+    memory = stats.get("memory") or {}
+    raw = memory.get("raw") or {}
+    for field in _V2_RAW:
+        setattr(m.memory, field, int(raw.get(field, 0)))
+    current = memory.get("usage") or {}
+    m.memory.usage = int(current.get("usage", 0))
+    m.memory.usage_limit = int(current.get("limit", 0))
+    m.memory.max_usage = int(current.get("max", 0))
+    # runc adds memory to swap, as v1's memsw counts them together; v2 reports swap alone.
+    swap = memory.get("swap") or {}
+    m.memory.swap_usage = max(int(swap.get("usage", 0)) - m.memory.usage, 0)
+    swap_limit = int(swap.get("limit", 0))
+    m.memory.swap_limit = swap_limit if swap_limit in (0, _NO_LIMIT) else max(swap_limit - m.memory.usage_limit, 0)
+    for field in _V2_EVENTS:
+        setattr(m.memory_events, field, events.get(field, 0))
+
+    pids = stats.get("pids") or {}
+    m.pids.current = int(pids.get("current", 0))
+    m.pids.limit = int(pids.get("limit", 0))
+
+    # runc turns each io.stat line into Read/Write entries of the v1 lists.
+    blkio = stats.get("blkio") or {}
+    devices: dict[tuple[int, int], metrics_v2_pb2.IOEntry] = {}
+    for key, names in (("ioServiceBytesRecursive", ("rbytes", "wbytes")), ("ioServicedRecursive", ("rios", "wios"))):
+        for item in blkio.get(key) or []:
+            op = str(item.get("op", "")).lower()
+            if op not in ("read", "write"):
+                continue
+            device = (int(item.get("major", 0)), int(item.get("minor", 0)))
+            entry = devices.get(device)
+            if entry is None:
+                entry = devices[device] = m.io.usage.add(major=device[0], minor=device[1])
+            setattr(entry, names[0] if op == "read" else names[1], int(item.get("value", 0)))
+
+    for pagesize, h in sorted((stats.get("hugetlb") or {}).items()):
+        m.hugetlb.add(pagesize=pagesize, current=int(h.get("usage", 0)), max=int(h.get("max", 0)))
     return m

@@ -40,7 +40,7 @@ from hotrestart.reaper import Reaper
 from hotrestart.runtime import mounts
 from hotrestart.runtime.command import CommandRunner
 from hotrestart.runtime.runc import Runc
-from hotrestart.runtime.stats import metrics_v1
+from hotrestart.runtime.stats import metrics
 from hotrestart.store.config import StoreSource, key_ring
 from hotrestart.store.seal import SealError
 from hotrestart.store.store import DEFAULT_ROOT as DEFAULT_STORE
@@ -265,8 +265,9 @@ class TaskService:
         return reply
 
     async def Stats(self, r: task.StatsRequest, ctx: CallContext) -> task.StatsResponse:
-        data = await self._get(r.id).stats()
-        return task.StatsResponse(stats=pack(metrics_v1(data)))
+        ctr = self._get(r.id)
+        data = await ctr.stats()
+        return task.StatsResponse(stats=pack(metrics(data, ctr.state("").pid)))
 
     async def State(self, r: task.StateRequest, ctx: CallContext) -> task.StateResponse:
         s = self._get(r.id).state(r.exec_id)

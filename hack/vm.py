@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""The test bed's node VM: cgroup v2 only, systemd as init (hack/vm/build-image.sh).
+
+    python hack/vm.py build                    build the image (once; cached)
+    python hack/vm.py run -- CMD...            boot, run CMD as root, power off; CMD's status
+    python hack/vm.py test [--driver D] [--full] [-- PYTEST ARGS]
+                                               the end-to-end tests in the VM, with containerd's
+                                               cgroup driver D (systemd, the kubeadm default, or
+                                               cgroupfs): the smoke subset, --full every
+                                               integration and end-to-end test, or those named
+
+The machine shares this checkout, its virtual environment's Python and the test bed's
+sysroot with the host, read-only and at the same paths (9p), so it runs exactly what the
+host's suite runs; everything it writes stays in a throwaway overlay of the image (qemu
+-snapshot) except the output share. The host reads the serial console and the output share:
+nothing listens on a network.
+
+KVM is used where it works. Where /dev/kvm exists but cannot run a guest (nested
+virtualization that starts vCPUs and then never runs the kernel, as on Firecracker VMs),
+the probe below says so and the machine runs under software emulation (TCG), several
+times slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+# The image's recipe version, as build-image.sh states it (a new one builds a new image).
+RECIPE = next(
+    line.split("=", 1)[1].strip()
+    for line in (HERE / "vm" / "build-image.sh").read_text().splitlines()
+    if line.startswith("RECIPE=")
+)
+CACHE = Path(os.environ.get("HOTRESTART_VM_CACHE", f"/var/cache/hotrestart-vm/r{RECIPE}"))
+TESTBED = Path(os.environ.get("HOTRESTART_TESTBED", "/opt/hotrestart-testbed"))
+KVM_VERDICT = Path("/run/hotrestart-vm-kvm")  # the probe's answer, once per host boot
+MEMORY_MIB = int(os.environ.get("HOTRESTART_VM_MEMORY_MIB", "6144"))
+BOOT_ALLOWANCE = 300.0  # seconds for boot and power-off on top of the command's own limit
+# What CI runs in the VM (`make test-vm-smoke`): the test bed's own pods, every Task call
+# against the shim directly (v2 Stats, OOM before exit, pause/resume, restore into a new
+# container), the same scenarios under runc and the shim through the CRI (stats and resource
+# updates, pause/resume, OOM kills, the stop signal), hot restart, a periodic checkpoint then an
+# OOM kill, and the CRI checkpoint archive.
+# The first two do not depend on containerd's cgroup driver (the integration tier drives runc
+# itself, with cgroup paths): they run with the systemd driver only.
+SMOKE_ONCE = ["tests/e2e/test_testbed_smoke.py", "tests/integration/test_shim_runc.py"]
+SMOKE = [
+    "tests/e2e/test_differential.py::test_stats_and_resource_update",
+    "tests/e2e/test_differential.py::test_pause_resume",
+    "tests/e2e/test_differential.py::test_oom_kill_reported",
+    "tests/e2e/test_differential.py::test_stop_delivers_sigterm",
+    "tests/e2e/test_hot_restart.py::test_stop_and_create_again_continues",
+    "tests/e2e/test_checkpoint_api.py::test_periodic_checkpoint_restores_after_an_oom_kill",
+    "tests/e2e/test_checkpoint_api.py::test_cri_checkpoint_gives_an_archive_and_a_restore_point",
+]
+# `make test-vm`: everything the host's suite runs that a node runs (not the unit tier, not
+# the VM's own test).
+FULL = [
+    "tests/integration",
+    "tests/e2e",
+    "--ignore=tests/e2e/test_node_vm.py",
+    # The machine has no network: the test bed's Ceph cannot be installed there.
+    "--ignore=tests/e2e/test_object_store.py",
+    "--ignore=tests/integration/test_object_store.py",
+]
+# Under emulation only: a shim waits 5 s for the node's zygote to come up, and a Python
+# process takes longer than that to start there, so shims start without it (by design).
+TCG_DESELECT = ["tests/integration/test_shim_runc.py::test_shims_fork_from_one_zygote"]
+# How much slower than a real node a machine under emulation is, for the tests' grace periods.
+TCG_TIME_SCALE = "4"
+
+
+def log(msg: str) -> None:
+    print(f"==> [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build(force: bool = False) -> None:
+    cmd = ["bash", str(HERE / "vm" / "build-image.sh"), *(["--force"] if force else [])]
+    subprocess.run(cmd, check=True, env={**os.environ, "HOTRESTART_VM_CACHE": str(CACHE)})
+
+
+def _qemu_base(accel: str) -> list[str]:
+    cpu = "host,-arch-capabilities" if accel == "kvm" else "max"
+    return [
+        "qemu-system-x86_64",
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-smp",
+        str(min(os.cpu_count() or 1, 4)),
+        "-nographic",
+        "-no-reboot",
+        "-nic",
+        "none",
+        "-kernel",
+        str(CACHE / "vmlinuz"),
+        "-initrd",
+        str(CACHE / "initrd.img"),
+    ]
+
+
+def accelerator() -> str:
+    """'kvm' when a guest kernel gets as far as its panic under KVM within 30 s, else 'tcg'."""
+    if KVM_VERDICT.exists():
+        return KVM_VERDICT.read_text().strip()
+    verdict = "tcg"
+    if os.access("/dev/kvm", os.R_OK | os.W_OK):
+        cmd = [*_qemu_base("kvm"), "-m", "512", "-append", "console=ttyS0 panic=-1 rdinit=/hotrestart-no-init"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, timeout=30).stdout
+            verdict = "kvm" if b"Kernel panic" in out else "tcg"
+        except subprocess.TimeoutExpired:
+            pass
+        log(f"KVM {'runs a guest' if verdict == 'kvm' else 'does not run a guest here'}: using {verdict}")
+    KVM_VERDICT.write_text(verdict + "\n")
+    return verdict
+
+
+def _shares() -> list[Path]:
+    """What the machine sees at the host's paths: the checkout, the Python its virtual
+    environment was made from, the test bed."""
+    python_home = Path(os.path.realpath(REPO / ".venv" / "bin" / "python")).parents[1]
+    found = [REPO, python_home, TESTBED]
+    return [p for p in found if p.is_dir()]
+
+
+def run(command: str, timeout: float, out: Path, files: dict[str, Path] | None = None) -> int:
+    """Boot the machine, run `command` (bash) as root there, power off; its exit status
+    (124 when it ran past `timeout`, 125 when the machine never reported)."""
+    if not (CACHE / ".built").exists():
+        build()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.sh").write_text(command + "\n")
+    (out / "timeout").write_text(f"{int(timeout)}\n")
+    for name, src in (files or {}).items():
+        shutil.copy2(src, out / name)
+    (out / "rc").unlink(missing_ok=True)
+    accel = accelerator()
+    args = [*_qemu_base(accel), "-m", str(MEMORY_MIB), "-snapshot"]
+    args += ["-drive", f"file={CACHE / 'rootfs.img'},if=virtio,format=raw"]
+    cmdline = [
+        "root=/dev/vda",
+        "rw",
+        "console=ttyS0",
+        "panic=-1",
+        # The node shape under test: the unified hierarchy only, no v1 controller anywhere.
+        "systemd.unified_cgroup_hierarchy=1",
+        "cgroup_no_v1=all",
+        "systemd.show_status=0",
+    ]
+    for i, path in enumerate(_shares()):
+        tag = f"s{i}"
+        args += ["-fsdev", f"local,id={tag},path={path},security_model=passthrough,readonly=on"]
+        args += ["-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}"]
+        cmdline.append(f"hotrestart.share={tag}:{path}")
+    args += ["-fsdev", f"local,id=out,path={out},security_model=passthrough"]
+    args += ["-device", "virtio-9p-pci,fsdev=out,mount_tag=out"]
+    cmdline.append("hotrestart.out=out")
+    args += ["-append", " ".join(cmdline)]
+    console = out / "console.log"
+    log(f"booting the VM ({accel}, {MEMORY_MIB} MiB); console in {console}")
+    t0 = time.monotonic()
+    with open(console, "wb") as sink:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=timeout + BOOT_ALLOWANCE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            log("the VM did not power off in time; killed")
+    took = time.monotonic() - t0
+    if not (out / "rc").exists():
+        tail = console.read_bytes()[-3000:].decode(errors="replace")
+        log(f"the VM never reported an exit status after {took:.0f}s; console tail:\n{tail}")
+        return 125
+    rc = int((out / "rc").read_text().strip() or "125")
+    rc = 124 if rc == 137 else rc  # timeout --signal=KILL
+    log(f"the VM ran the command: exit {rc} after {took:.0f}s")
+    return rc
+
+
+def memhog(dst: Path) -> Path:
+    """hack/memhog.c built static here: the VM has no compiler."""
+    binary = dst / "memhog"
+    subprocess.run(
+        ["gcc", "-static", "-O2", "-pthread", "-o", str(binary), str(HERE / "memhog.c")],
+        check=True,
+    )
+    return binary
+
+
+def test(driver: str, pytest_args: list[str], timeout: float, out: Path) -> int:
+    shared_out = "/run/hotrestart-vm-out"
+    emulated = accelerator() == "tcg"
+    env = {
+        "CI": os.environ.get("CI", "true"),
+        "HOTRESTART_E2E_CGROUP_DRIVER": driver,
+        "HOTRESTART_E2E_MEMHOG": f"{shared_out}/memhog",
+        "HOTRESTART_E2E_TIME_SCALE": TCG_TIME_SCALE if emulated else "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    exports = " ".join(f"{k}={_quote(v)}" for k, v in env.items())
+    selected = pytest_args or SMOKE
+    if emulated:
+        selected = [*selected, *(x for t in TCG_DESELECT for x in ("--deselect", t))]
+    args = " ".join(_quote(a) for a in selected)
+    # The logs of the run (containerd's, the shims', CRIU's) come back in logs.tgz.
+    command = (
+        f"cd {_quote(str(REPO))} && export {exports} && "
+        f"echo v1mounts $(grep -c ' cgroup ' /proc/mounts) >> {shared_out}/node.txt; cat {shared_out}/node.txt && "
+        f".venv/bin/python -m pytest -q -p no:cacheprovider -o addopts= --timeout=900 {args}; rc=$?; "
+        f"find /tmp -name '*.log' -size -20M -print0 | tar -czf {shared_out}/logs.tgz --null -T - 2>/dev/null; "
+        "exit $rc"
+    )
+    with tempfile.TemporaryDirectory() as build_dir:
+        files = {"memhog": memhog(Path(build_dir))}
+        rc = run(command, timeout, out, files)
+    output = out / "output.log"
+    if output.exists():
+        sys.stdout.write(output.read_text(errors="replace"))
+    return rc
+
+
+def _quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="verb", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--force", action="store_true")
+    r = sub.add_parser("run")
+    r.add_argument("--timeout", type=float, default=1800)
+    r.add_argument("--out", type=Path, default=None)
+    r.add_argument("command", nargs=argparse.REMAINDER)
+    t = sub.add_parser("test")
+    t.add_argument("--driver", choices=("systemd", "cgroupfs"), default="systemd")
+    t.add_argument("--full", action="store_true", help="every integration and end-to-end test, not the smoke subset")
+    t.add_argument("--timeout", type=float, default=3000)
+    t.add_argument("--out", type=Path, default=None)
+    t.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    ns = parser.parse_args()
+    if os.geteuid() != 0:
+        print("vm: run as root (9p passthrough shares, the image in /var/cache)", file=sys.stderr)
+        return 2
+    if ns.verb == "build":
+        build(ns.force)
+        return 0
+    out = ns.out or Path(tempfile.mkdtemp(prefix="hotrestart-vm-"))
+    rest = [a for a in (ns.command if ns.verb == "run" else ns.pytest_args) if a != "--"] if ns.verb != "build" else []
+    if ns.verb == "run":
+        rc = run(" ".join(_quote(a) for a in rest), ns.timeout, out)
+        output = out / "output.log"
+        if output.exists():
+            sys.stdout.write(output.read_text(errors="replace"))
+        return rc
+    smoke = [*SMOKE_ONCE, *SMOKE] if ns.driver == "systemd" else SMOKE
+    return test(ns.driver, rest or (FULL if ns.full else smoke), ns.timeout, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
