@@ -52,7 +52,7 @@ vm-image:
 
 # The integration and end-to-end tiers on that node, under containerd's systemd cgroup driver
 # (the kubeadm default) and then the cgroupfs one. Under emulation (no usable KVM) this takes
-# hours; `test-vm-smoke` is the subset CI runs (tests/e2e/test_node_vm.py).
+# hours; `test-vm-smoke` is the smoke subset (README, *Node support*).
 test-vm: setup bytecode
 	$(PY) hack/vm.py test --driver systemd --full --timeout 21600
 	$(PY) hack/vm.py test --driver cgroupfs --full --timeout 21600

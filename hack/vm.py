@@ -50,9 +50,13 @@ BOOT_ALLOWANCE = 300.0  # seconds for boot and power-off on top of the command's
 # container), the same scenarios under runc and the shim through the CRI (stats and resource
 # updates, pause/resume, OOM kills, the stop signal), hot restart, a periodic checkpoint then an
 # OOM kill, and the CRI checkpoint archive.
-# The first two do not depend on containerd's cgroup driver (the integration tier drives runc
-# itself, with cgroup paths): they run with the systemd driver only.
-SMOKE_ONCE = ["tests/e2e/test_testbed_smoke.py", "tests/integration/test_shim_runc.py"]
+# These do not depend on containerd's cgroup driver (the integration tier drives runc and the
+# freezer itself, with cgroup paths): they run with the systemd driver only.
+SMOKE_ONCE = [
+    "tests/e2e/test_testbed_smoke.py",
+    "tests/integration/test_shim_runc.py",
+    "tests/integration/test_cgroups.py",  # the vfork-safe freeze, on cgroup.freeze
+]
 SMOKE = [
     "tests/e2e/test_differential.py::test_stats_and_resource_update",
     "tests/e2e/test_differential.py::test_pause_resume",
@@ -67,7 +71,6 @@ SMOKE = [
 FULL = [
     "tests/integration",
     "tests/e2e",
-    "--ignore=tests/e2e/test_node_vm.py",
     # The machine has no network: the test bed's Ceph cannot be installed there.
     "--ignore=tests/e2e/test_object_store.py",
     "--ignore=tests/integration/test_object_store.py",

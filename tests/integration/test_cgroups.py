@@ -1,4 +1,5 @@
-"""The freeze handed to CRIU: never with a process caught inside vfork() (a real cgroup v1 freezer)."""
+"""The freeze handed to CRIU: never with a process caught inside vfork() (a real freezer: the
+v1 freezer controller, or a v2 cgroup's cgroup.freeze on a node with the unified hierarchy)."""
 
 from __future__ import annotations
 
@@ -27,18 +28,24 @@ if libc.vfork() == 0:
 """
 
 
+V2 = cgroups.unified_host()
+
+
 @pytest.fixture
 def freezer() -> Iterator[Path]:
-    if os.geteuid() != 0 or not FREEZER.is_dir():
+    if os.geteuid() != 0 or not (V2 or FREEZER.is_dir()):
         if os.environ.get("CI"):
-            pytest.fail("needs root and a cgroup v1 freezer")
-        pytest.skip("needs root and a cgroup v1 freezer")
-    path = FREEZER / f"hotrestart-test-{secrets.token_hex(4)}"
+            pytest.fail("needs root and a cgroup freezer")
+        pytest.skip("needs root and a cgroup freezer")
+    path = (Path(cgroups.ROOT) if V2 else FREEZER) / f"hotrestart-test-{secrets.token_hex(4)}"
     path.mkdir()
     try:
         yield path
     finally:
-        (path / "freezer.state").write_text("THAWED")
+        if V2:
+            (path / "cgroup.freeze").write_text("0")
+        else:
+            (path / "freezer.state").write_text("THAWED")
         for pid in (path / "cgroup.procs").read_text().split():
             os.kill(int(pid), signal.SIGKILL)
         deadline = time.monotonic() + 5
@@ -48,6 +55,8 @@ def freezer() -> Iterator[Path]:
 
 
 def _state(path: Path) -> str:
+    if V2:
+        return "FROZEN" if "frozen 1" in (path / "cgroup.events").read_text() else "THAWED"
     return (path / "freezer.state").read_text().strip()
 
 
