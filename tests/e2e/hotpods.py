@@ -20,6 +20,10 @@ from testbed import BUSYBOX_IMAGE, ContainerdInstance, host
 # How much slower than a real node this one is: a node VM under software emulation (hack/vm.py)
 # takes seconds to start a Python helper. Stop grace periods and waits are scaled by it.
 TIME_SCALE = float(os.environ.get("HOTRESTART_E2E_TIME_SCALE", "1"))
+# There the stop-time checkpoint gets the scaled grace period too (less a margin for the signal).
+SLOW_NODE_ANNOTATIONS = (
+    {"hotrestart.io/checkpoint-timeout": f"{round(10 * TIME_SCALE * 0.9)}s"} if TIME_SCALE > 1 else {}
+)
 
 STATEFUL = [
     "awk",
@@ -54,7 +58,7 @@ class Incarnation:
             name,
             namespace,
             self.uid,
-            annotations=annotations or {},
+            annotations={**SLOW_NODE_ANNOTATIONS, **(annotations or {})},
             labels=labels or {},
             log_directory=logs,
             cgroup_parent=inst.pod_cgroup_parent(self.uid),

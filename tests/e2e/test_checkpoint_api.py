@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from hotpods import Incarnation, stored, wait_published
+from hotpods import TIME_SCALE, Incarnation, stored, wait_published
 
 from cri import CONTAINER_RUNNING, CRIClient
 from testbed import BIN_DIR, ContainerdInstance, host
@@ -131,7 +131,7 @@ def test_periodic_checkpoint_restores_after_an_oom_kill(
     _, checksum, _ = pod.state()
     wait_published(inst, timeout=30)
     os.kill(client.container_pid(pod.cid), signal.SIGUSR1)
-    st = client.wait_container_exit(pod.cid)
+    st = client.wait_container_exit(pod.cid, timeout=30 * TIME_SCALE)
     assert (st.exit_code, st.reason) == (137, "OOMKilled")
     killed_at = pod.state()[0]
     pod.create(oomable, attempt=1, memory_limit=64 << 20)

@@ -92,3 +92,21 @@ def test_procs_lists_the_container(freezer: Path) -> None:
     for p in procs:
         p.kill()
         p.wait()
+
+
+def test_a_freeze_is_undone_after_its_process_is_gone(freezer: Path) -> None:
+    """A process that dies frozen (an OOM kill during a dump) leaves its cgroup frozen on v2,
+    and runc would call the container paused forever: the thaw goes by the cgroup found
+    before the freeze, not by the pid."""
+    proc = subprocess.Popen(["sleep", "60"])
+    (freezer / "cgroup.procs").write_text(str(proc.pid))
+    where = cgroups.freezer_of(proc.pid)
+    assert where is not None and Path(where[1]) == freezer
+    assert cgroups.freeze_quiescent(proc.pid)
+    gone = 1 << 22  # above pid_max's default: no such process
+    cgroups.thaw(gone)
+    assert _state(freezer) == "FROZEN", "nothing to find by a pid that is gone"
+    cgroups.thaw(gone, where)
+    assert _state(freezer) == "THAWED"
+    proc.kill()
+    proc.wait()

@@ -62,7 +62,7 @@ def new_container(
 ) -> NewContainer:
     # The fake's processes share the test's cgroup: the freezer is left alone.
     monkeypatch.setattr(cgroups, "freeze_quiescent", lambda pid, *_: True)
-    monkeypatch.setattr(cgroups, "thaw", lambda pid: None)
+    monkeypatch.setattr(cgroups, "thaw", lambda pid, *_: None)
     monkeypatch.setattr(cgroups, "procs", lambda pid: [pid])
     monkeypatch.setattr(dump, "memory_usage", lambda pid: 1 << 20)
     engine = Engine(StandInRunner(), store, work=workarea.Places.under(str(tmp_path / "work")), node="n1")  # type: ignore[arg-type]

@@ -111,7 +111,7 @@ def freezer(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return True
 
     monkeypatch.setattr(cgroups, "freeze_quiescent", freeze)
-    monkeypatch.setattr(cgroups, "thaw", lambda pid: calls.append("thaw"))
+    monkeypatch.setattr(cgroups, "thaw", lambda pid, *_: calls.append("thaw"))
     monkeypatch.setattr(cgroups, "procs", lambda pid: [pid])
     monkeypatch.setattr(dump, "memory_usage", lambda pid: 1 << 20)
     return calls

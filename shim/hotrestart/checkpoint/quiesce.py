@@ -70,6 +70,7 @@ async def quiesced(view: View, *, exits: bool, keep_frozen: bool) -> AsyncIterat
     A freeze, CRIU's own or containerd's pause, can catch a process in the middle of
     vfork(); CRIU then waits out its whole timeout and fails. See cgroups.freeze_quiescent."""
     pid = view.pid
+    where = cgroups.freezer_of(pid)  # the thaw must find it if the process dies meanwhile
     freezing = asyncio.ensure_future(asyncio.to_thread(cgroups.freeze_quiescent, pid))
     try:
         if not await asyncio.shield(freezing):
@@ -77,13 +78,13 @@ async def quiesced(view: View, *, exits: bool, keep_frozen: bool) -> AsyncIterat
     except asyncio.CancelledError:
         # The freezing thread runs on; never leave its freeze behind.
         await asyncio.wait([freezing])
-        cgroups.thaw(pid)
+        cgroups.thaw(pid, where)
         raise
     try:
         yield
     finally:
         if exits or not keep_frozen:
-            cgroups.thaw(pid)
+            cgroups.thaw(pid, where)
 
 
 @contextlib.asynccontextmanager

@@ -86,8 +86,18 @@ def _beneath(mount: str, path: str) -> str | None:
     return full if full == mount or full.startswith(mount + "/") else None
 
 
-def thaw(pid: int) -> None:
-    """Thaw the freezer cgroup of `pid` (v1 freezer.state, v2 cgroup.freeze); best effort."""
+def thaw(pid: int, where: tuple[str, str] | None = None) -> None:
+    """Thaw the freezer cgroup of `pid` (v1 freezer.state, v2 cgroup.freeze); best effort.
+    `where` (from `freezer_of`, taken before the freeze) serves when `pid` may have died
+    meanwhile: on v2 an emptied cgroup stays frozen, and runc then calls its container
+    paused and refuses to delete it."""
+    if where is not None:
+        with contextlib.suppress(OSError):
+            if where[0] == "v1":
+                _write(os.path.join(where[1], "freezer.state"), "THAWED")
+            else:
+                _write(os.path.join(where[1], "cgroup.freeze"), "0")
+        return
     memberships = of_pid(pid)
     v1 = controller_dir(memberships, "freezer")
     if v1 is not None:
@@ -99,7 +109,7 @@ def thaw(pid: int) -> None:
             _write(os.path.join(v2, "cgroup.freeze"), "0")
 
 
-def _freezer(pid: int) -> tuple[str, str] | None:
+def freezer_of(pid: int) -> tuple[str, str] | None:
     """("v1", freezer dir) or ("v2", cgroup dir) of `pid`."""
     memberships = of_pid(pid)
     v1 = controller_dir(memberships, "freezer")
@@ -111,7 +121,7 @@ def _freezer(pid: int) -> tuple[str, str] | None:
 
 def procs(pid: int) -> list[int]:
     """Every process in the container of `pid` (its freezer cgroup; v2: its cgroup)."""
-    found = _freezer(pid)
+    found = freezer_of(pid)
     if found is None:
         return [pid]
     try:
@@ -156,8 +166,8 @@ def freeze_quiescent(pid: int, attempts: int = 50, delay: float = 0.02) -> bool:
     Thawing and freezing again a moment later lets the child exec. CRIU keeps a cgroup that
     was frozen before it started frozen after a leave-running dump.
     """
-    found = _freezer(pid)
-    if found is None or found == _freezer(os.getpid()):
+    found = freezer_of(pid)
+    if found is None or found == freezer_of(os.getpid()):
         return False  # no cgroup of its own: freezing it would freeze the shim too
     version, path = found
     state_file = os.path.join(path, "freezer.state" if version == "v1" else "cgroup.freeze")
