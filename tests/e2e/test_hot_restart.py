@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hotpods import Incarnation, chunk_files, run_and_stop, stored, wait_published
+from hotpods import TIME_SCALE, Incarnation, chunk_files, run_and_stop, stored, wait_published
 
 from cri import CRIClient
 from testbed import ContainerdInstance, host
@@ -34,8 +34,9 @@ def test_stop_and_create_again_continues(client: CRIClient, inst: ContainerdInst
     time.sleep(0.5)
     first = again.first()
     assert first[0] == counter + 1 and first[1] == checksum, (first, counter, checksum)
-    n, s, t = again.state()
-    assert n > counter + 1 and s == t == checksum
+    assert host.wait_until(lambda: again.state()[0] > counter + 1, 10 * TIME_SCALE), "it counts on"
+    _, s, t = again.state()
+    assert s == t == checksum
     assert any(line.startswith("hotrestart: restoring from checkpoint") for line in again.lines())
     assert not stored(inst), "a checkpoint is used once"
     assert not host.mounts_under("/run/hotrestart/work")
