@@ -133,7 +133,9 @@ def _shares() -> list[Path]:
     """What the machine sees at the host's paths: the checkout, the Python its virtual
     environment was made from, the test bed."""
     python_home = Path(os.path.realpath(REPO / ".venv" / "bin" / "python")).parents[1]
-    found = [REPO, python_home, TESTBED]
+    # A venv of the system's Python needs nothing shared: the image has the same Debian Python
+    # (and mounting the host's /usr over the machine's would replace the whole system).
+    found = [REPO, TESTBED] if python_home == Path("/usr") else [REPO, python_home, TESTBED]
     return [p for p in found if p.is_dir()]
 
 

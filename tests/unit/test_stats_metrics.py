@@ -103,7 +103,7 @@ async def test_a_v2_oom_kill_is_reported_when_memory_events_changes(tmp_path: Pa
 
 
 def test_a_kill_is_still_seen_when_systemd_removed_the_containers_cgroup_first(tmp_path: Path) -> None:
-    pod = tmp_path / "pod.slice"
+    pod = tmp_path / "hrtb1-pod1.slice"
     app, pause = pod / "cri-containerd-app.scope", pod / "cri-containerd-pause.scope"
     for d in (app, pause):
         d.mkdir(parents=True)
@@ -136,11 +136,19 @@ def test_a_kill_is_still_seen_when_systemd_removed_the_containers_cgroup_first(t
     w_again._pod_base = (3, oom._PUT_DOWN[str(pod)])
     (again / "memory.events").unlink()
     again.rmdir()
-    (pod / "memory.events").write_text("oom 2\noom_kill 4\n")
-    w_again.poll(killed=False)
-    assert seen == [app.name], "an init that did not die by SIGKILL was not OOM-killed"
-    w_again = watcher(pod / "cri-containerd-again.scope")
-    w_again._pod_base = (3, oom._PUT_DOWN[str(pod)])
+    (pod / "memory.events").write_text("oom 2\noom_kill 5\n")  # two processes of it killed
+    w_again.poll(killed=False)  # the inotify wake-up, the scope already gone: leaves it to the exit
+    assert seen == [app.name]
     w_again.poll(killed=True)
     w_again.poll(killed=True)
-    assert seen == [app.name, "cri-containerd-again.scope"]
+    assert seen == [app.name, "cri-containerd-again.scope"], "one report for the exit"
+    assert oom._PUT_DOWN[str(pod)] == 3, "both kills put down to it: none left for a sibling"
+
+
+def test_the_swap_limit_is_read_from_the_cgroup_when_it_can_be(tmp_path: Path) -> None:
+    (tmp_path / "memory.swap.max").write_text("0\n")  # the kubelet's NoSwap
+    assert stats.swap_limit(str(tmp_path)) == 0
+    assert stats.metrics_v2(RUNC_V2, {}, stats.swap_limit(str(tmp_path))).memory.swap_limit == 0
+    (tmp_path / "memory.swap.max").write_text("max\n")
+    assert stats.swap_limit(str(tmp_path)) == (1 << 64) - 1
+    assert stats.swap_limit(str(tmp_path / "gone")) is None

@@ -34,13 +34,14 @@ async def prepared(
     view: View, gpu: GpuState | None, *, exits: bool, lock_timeout: float | None = None
 ) -> AsyncIterator[Prepared]:
     paused = view.paused
+    where = cgroups.freezer_of(view.pid)  # found now: the process may die before the thaw
     # The cgroup's list, not `runc ps`: this runs before every dump, stops included.
     suspension = await gpu.find(cgroups.procs(view.pid)) if gpu is not None else None
     if suspension is None or gpu is None:
         yield Prepared({}, lambda: quiesced(view, exits=exits, keep_frozen=paused))
         return
     if paused:
-        cgroups.thaw(view.pid)
+        cgroups.thaw(view.pid, where)
     try:
         await gpu.suspend(suspension, int(lock_timeout * 1000) if lock_timeout is not None else None)
     except BaseException:
@@ -56,7 +57,7 @@ async def prepared(
         ok = True
     finally:
         if not (exits and ok):
-            cgroups.thaw(view.pid)
+            cgroups.thaw(view.pid, where)
             await gpu.resume(suspension, quiet=True)
             if paused:
                 await asyncio.to_thread(cgroups.freeze_quiescent, view.pid)

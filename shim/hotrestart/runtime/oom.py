@@ -63,8 +63,11 @@ class OOMWatcher:
     def start(self) -> None:
         self._kills = self._read_kills() or 0
         if not self._v1:
+            # The fallback needs a pod's cgroup above (kubelet's `...-pod<uid>.slice` or
+            # `pod<uid>`): a container outside a pod shares its parent with anything at all.
             pod = _kills_in(os.path.join(self._pod, "memory.events"))
-            self._pod_base = None if pod is None else (pod, _PUT_DOWN.get(self._pod, 0))
+            if pod is not None and "pod" in os.path.basename(self._pod):
+                self._pod_base = (pod, _PUT_DOWN.get(self._pod, 0))
             self._efd = _watch_modified(os.path.join(self._dir, "memory.events"))
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self._efd, self.poll)
@@ -91,9 +94,13 @@ class OOMWatcher:
                 os.read(self._efd, 4096)
         kills = self._read_kills()
         if kills is None:
-            if killed and self._unexplained_pod_kills() > 0:
-                self._report(1)
-            self._pod_base = None  # one exit, at most one report
+            # Only the exit's own look may use the pod's counter (the inotify wake-up that
+            # finds the cgroup gone must leave it for that look), and only once.
+            if killed:
+                unexplained = self._unexplained_pod_kills()
+                self._pod_base = None
+                if unexplained > 0:
+                    self._report(unexplained)  # every process of the container may have gone
             return
         if kills > self._kills:
             self._report(kills - self._kills)

@@ -132,7 +132,21 @@ def metrics(stats: dict[str, Any], pid: int) -> Message:
     if not cgroups.unified_host():
         return metrics_v1(stats)
     directory = cgroups.unified_dir(cgroups.of_pid(pid)) if pid > 0 else None
-    return metrics_v2(stats, memory_events(directory) if directory else {})
+    if directory is None:
+        return metrics_v2(stats, {})
+    return metrics_v2(stats, memory_events(directory), swap_limit(directory))
+
+
+def swap_limit(directory: str) -> int | None:
+    """memory.swap.max of a v2 cgroup ("max": no limit); None when it cannot be read."""
+    try:
+        with open(os.path.join(directory, "memory.swap.max")) as f:
+            text = f.read(64).strip()
+    except OSError:
+        return None
+    if text == "max":
+        return _NO_LIMIT
+    return int(text) if text.isdecimal() else None
 
 
 def memory_events(directory: str) -> dict[str, int]:
@@ -146,7 +160,7 @@ def memory_events(directory: str) -> dict[str, int]:
     return found
 
 
-def metrics_v2(stats: dict[str, Any], events: dict[str, int]) -> metrics_v2_pb2.Metrics:
+def metrics_v2(stats: dict[str, Any], events: dict[str, int], swap_max: int | None = None) -> metrics_v2_pb2.Metrics:
     m = metrics_v2_pb2.Metrics()
     cpu = stats.get("cpu") or {}
     usage = cpu.get("usage") or {}
@@ -170,8 +184,11 @@ def metrics_v2(stats: dict[str, Any], events: dict[str, int]) -> metrics_v2_pb2.
     # runc adds memory to swap, as v1's memsw counts them together; v2 reports swap alone.
     swap = memory.get("swap") or {}
     m.memory.swap_usage = max(int(swap.get("usage", 0)) - m.memory.usage, 0)
-    swap_limit = int(swap.get("limit", 0))
-    m.memory.swap_limit = swap_limit if swap_limit in (0, _NO_LIMIT) else max(swap_limit - m.memory.usage_limit, 0)
+    if swap_max is not None:  # read from the cgroup: runc's sum cannot be undone past "max"
+        m.memory.swap_limit = swap_max
+    else:
+        summed = int(swap.get("limit", 0))
+        m.memory.swap_limit = summed if summed in (0, _NO_LIMIT) else max(summed - m.memory.usage_limit, 0)
     for field in _V2_EVENTS:
         setattr(m.memory_events, field, events.get(field, 0))
 
