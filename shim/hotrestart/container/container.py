@@ -65,6 +65,10 @@ class Container:
         self._reaper = reaper
         self._events = events
         self._lock = asyncio.Lock()
+        # Cleared while Start runs: an init that exits before its start event is out holds
+        # its exit event back (containerd must see start, then exit).
+        self._not_starting = asyncio.Event()
+        self._not_starting.set()
         self.spec = load_spec(cfg.bundle)
         initial = State.CREATED_CHECKPOINT if cfg.checkpoint else State.CREATED
         self.init = Process(
@@ -147,12 +151,16 @@ class Container:
             return await self._start_exec(exec_id)
         async with self._lock:
             self.init.sm.check(Action.START)
-            await BEHAVIOUR[self.init.state](self).start()
-            if not self.init.exited:
-                self.init.sm.advance(Action.START)
-                self._moved()
-                self.checkpointing.started()
-            self._events.start(self.id, self.init.pid)
+            self._not_starting.clear()
+            try:
+                await BEHAVIOUR[self.init.state](self).start()
+                if not self.init.exited:
+                    self.init.sm.advance(Action.START)
+                    self._moved()
+                    self.checkpointing.started()
+                self._events.start(self.id, self.init.pid)
+            finally:
+                self._not_starting.set()
             return self.init.pid
 
     async def _runc_create(self, console_socket: str) -> None:
@@ -344,6 +352,8 @@ class Container:
             if self._oom is not None:
                 self._oom.poll()  # a kill noticed while the output drained still goes first
             await self._end_execs()
+        if proc is self.init:
+            await self._not_starting.wait()
         proc.set_exited(status)
         proc.io.close()
         self._events.exit(self.id, proc.id, proc.pid, status, proc.exited_at_ns)
