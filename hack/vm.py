@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -214,14 +215,14 @@ def test(driver: str, pytest_args: list[str], timeout: float, out: Path) -> int:
         "HOTRESTART_E2E_TIME_SCALE": TCG_TIME_SCALE if emulated else "1",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    exports = " ".join(f"{k}={_quote(v)}" for k, v in env.items())
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     selected = pytest_args or SMOKE
     if emulated:
         selected = [*selected, *(x for t in TCG_DESELECT for x in ("--deselect", t))]
-    args = " ".join(_quote(a) for a in selected)
+    args = " ".join(shlex.quote(a) for a in selected)
     # The logs of the run (containerd's, the shims', CRIU's) come back in logs.tgz.
     command = (
-        f"cd {_quote(str(REPO))} && export {exports} && "
+        f"cd {shlex.quote(str(REPO))} && export {exports} && "
         f"echo v1mounts $(grep -c ' cgroup ' /proc/mounts) >> {shared_out}/node.txt; cat {shared_out}/node.txt && "
         f".venv/bin/python -m pytest -q -p no:cacheprovider -o addopts= --timeout=900 {args}; rc=$?; "
         f"find /tmp -name '*.log' -size -20M -print0 | tar -czf {shared_out}/logs.tgz --null -T - 2>/dev/null; "
@@ -234,12 +235,6 @@ def test(driver: str, pytest_args: list[str], timeout: float, out: Path) -> int:
     if output.exists():
         sys.stdout.write(output.read_text(errors="replace"))
     return rc
-
-
-def _quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
 
 
 def main() -> int:
@@ -267,7 +262,7 @@ def main() -> int:
     out = ns.out or Path(tempfile.mkdtemp(prefix="hotrestart-vm-"))
     rest = [a for a in (ns.command if ns.verb == "run" else ns.pytest_args) if a != "--"] if ns.verb != "build" else []
     if ns.verb == "run":
-        rc = run(" ".join(_quote(a) for a in rest), ns.timeout, out)
+        rc = run(" ".join(shlex.quote(a) for a in rest), ns.timeout, out)
         output = out / "output.log"
         if output.exists():
             sys.stdout.write(output.read_text(errors="replace"))
