@@ -53,11 +53,11 @@ vm-image:
 # The integration and end-to-end tiers on that node, under containerd's systemd cgroup driver
 # (the kubeadm default) and then the cgroupfs one. Under emulation (no usable KVM) this takes
 # hours; `test-vm-smoke` is the smoke subset (README, *Node support*).
-test-vm: setup bytecode
+test-vm: setup bytecode installer
 	$(PY) hack/vm.py test --driver systemd --full --timeout 21600
 	$(PY) hack/vm.py test --driver cgroupfs --full --timeout 21600
 
-test-vm-smoke: setup bytecode
+test-vm-smoke: setup bytecode installer
 	$(PY) hack/vm.py test --driver systemd
 	$(PY) hack/vm.py test --driver cgroupfs
 

@@ -66,6 +66,9 @@ SMOKE = [
     "tests/e2e/test_hot_restart.py::test_stop_and_create_again_continues",
     "tests/e2e/test_checkpoint_api.py::test_periodic_checkpoint_restores_after_an_oom_kill",
     "tests/e2e/test_checkpoint_api.py::test_cri_checkpoint_gives_an_archive_and_a_restore_point",
+    # Last: it sets up the machine's own containerd as a kubeadm node and installs the bundle
+    # with the installer's DaemonSet.
+    "tests/e2e/test_node_install.py",
 ]
 # `make test-vm`: everything the host's suite runs that a node runs (not the unit tier, not
 # the VM's own test).
@@ -149,6 +152,7 @@ def run(command: str, timeout: float, out: Path, files: dict[str, Path] | None =
     (out / "command.sh").write_text(command + "\n")
     (out / "timeout").write_text(f"{int(timeout)}\n")
     for name, src in (files or {}).items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, out / name)
     (out / "rc").unlink(missing_ok=True)
     accel = accelerator()
@@ -211,6 +215,7 @@ def test(driver: str, pytest_args: list[str], timeout: float, out: Path) -> int:
     env = {
         "CI": os.environ.get("CI", "true"),
         "HOTRESTART_E2E_CGROUP_DRIVER": driver,
+        "HOTRESTART_E2E_NODE_VM": "1",  # tests/e2e/test_node_install.py may set the machine up
         "HOTRESTART_E2E_MEMHOG": f"{shared_out}/memhog",
         "HOTRESTART_E2E_TIME_SCALE": TCG_TIME_SCALE if emulated else "1",
         "PYTHONDONTWRITEBYTECODE": "1",
@@ -222,14 +227,18 @@ def test(driver: str, pytest_args: list[str], timeout: float, out: Path) -> int:
     args = " ".join(shlex.quote(a) for a in selected)
     # The logs of the run (containerd's, the shims', CRIU's) come back in logs.tgz.
     command = (
-        f"cd {shlex.quote(str(REPO))} && export {exports} && "
+        f"cd {shlex.quote(str(REPO))} && export {exports} PATH={shared_out}/bin:$PATH && "
         f"echo v1mounts $(grep -c ' cgroup ' /proc/mounts) >> {shared_out}/node.txt; cat {shared_out}/node.txt && "
         f".venv/bin/python -m pytest -q -p no:cacheprovider -o addopts= --timeout=900 {args}; rc=$?; "
+        "journalctl --no-pager -u containerd > /tmp/node-containerd.log 2>&1; "
         f"find /tmp -name '*.log' -size -20M -print0 | tar -czf {shared_out}/logs.tgz --null -T - 2>/dev/null; "
         "exit $rc"
     )
     with tempfile.TemporaryDirectory() as build_dir:
         files = {"memhog": memhog(Path(build_dir))}
+        # The installer's DaemonSet is rendered with kustomize, which Debian 12 does not carry.
+        if kustomize := shutil.which("kustomize"):
+            files["bin/kustomize"] = Path(kustomize)
         rc = run(command, timeout, out, files)
     output = out / "output.log"
     if output.exists():

@@ -5,11 +5,15 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import Path
-from typing import Any
-
-from .containerd import ContainerdInstance
+from typing import Any, Protocol
 
 POD_NAMESPACE = "hotrestart-e2e"
+
+
+class PodHost(Protocol):
+    """Where pods go: a ContainerdInstance, or the node's own containerd (testbed.node)."""
+
+    def pod_cgroup_parent(self, uid: str) -> str: ...
 
 
 def unique_pod_name(base: str) -> str:
@@ -20,7 +24,7 @@ def unique_pod_name(base: str) -> str:
 
 def make_pod_config(
     client: Any,
-    instance: ContainerdInstance,
+    instance: PodHost,
     log_root: str | Path,
     name: str = "pod",
     **kwargs: Any,

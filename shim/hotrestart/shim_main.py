@@ -9,6 +9,7 @@ which verb runs: `start` is on every pod's start path.
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -75,6 +76,11 @@ def parse(argv: list[str]) -> Flags:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # containerd runs as a systemd notify service, and its shims inherit its NOTIFY_SOCKET. It is
+    # containerd's: runc given one takes the container for a notify service and binds a proxy
+    # socket under its state folder (past the length a socket path may have, for a pod's id
+    # under /run/containerd/runc), so every start fails. containerd's runc shim drops it too.
+    os.environ.pop("NOTIFY_SOCKET", None)
     flags = parse(sys.argv[1:] if argv is None else argv)
     if flags.version:
         from hotrestart import __version__

@@ -22,21 +22,17 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
+import daemonset
 import pytest
-import yaml
 from conftest import in_ci
 from hotpods import Incarnation, run_and_stop, wait_published
 
-from cri import CRIClient
 from testbed import BIN_DIR, TESTBED, ContainerdInstance, host
-from testbed.pods import make_pod_config
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-NODE = "node-a"
 SYSTEMCTL_LOG = "var/log/systemctl-calls"
 # What the install puts on a host, besides the import line in containerd's main config.
 ADDED = ("etc/containerd/conf.d/hotrestart.toml", "opt/hotrestart", "var/lib/hotrestart")
@@ -58,16 +54,6 @@ def _installer_image() -> Path:
     return archive
 
 
-def _daemonset(overlay: str) -> dict[str, Any]:
-    kustomize = shutil.which("kustomize")
-    assert kustomize, "kustomize is missing (hack/install-testbed.sh installs it)"
-    out = subprocess.run(
-        [kustomize, "build", str(REPO / "runtime-class" / overlay)], capture_output=True, text=True, check=True
-    ).stdout
-    [ds] = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "DaemonSet"]
-    return ds
-
-
 def _scratch_host(where: Path, main_config: bytes) -> Path:
     """A host root with containerd (the binary, the C library it links and its config), a
     shell and a recording `systemctl`."""
@@ -84,58 +70,6 @@ def _scratch_host(where: Path, main_config: bytes) -> Path:
     systemctl.write_text(f'#!/bin/sh\necho "$*" >> /{SYSTEMCTL_LOG}\n')
     systemctl.chmod(0o755)
     return where
-
-
-def _run_installer(
-    client: CRIClient, inst: ContainerdInstance, tmp: Path, ds: dict[str, Any], host_root: Path, done: str
-) -> tuple[str, str]:
-    """Run the DaemonSet's container for this node until it logs `done`; returns (its log, pod id)."""
-    spec = ds["spec"]["template"]["spec"]
-    [container] = spec["containers"]
-    a = client.api
-    env = {}
-    for item in container.get("env", []):
-        if "valueFrom" in item:
-            assert item["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName", item
-            env[item["name"]] = NODE
-        else:
-            env[item["name"]] = item.get("value", "")
-    volumes = {v["name"]: v for v in spec["volumes"]}
-    mounts = []
-    for m in container["volumeMounts"]:
-        source = volumes[m["name"]]["hostPath"]["path"]
-        assert source == "/", f"only the host's root is expected: {source}"
-        mounts.append((str(host_root), m["mountPath"], m.get("mountPropagation", "None")))
-    privileged = bool(container.get("securityContext", {}).get("privileged"))
-
-    pod = make_pod_config(client, inst, tmp / "installer-pods", "hotrestart-installer", namespace="hotrestart-system")
-    pod.linux.security_context.privileged = privileged
-    pod_id = client.run_pod_sandbox(config=pod, runtime_handler="runc")
-    config = client.container_config(
-        container["name"],
-        container["image"],
-        command=container.get("command"),
-        args=container.get("args"),
-        env=env,
-        mounts=[(src, dst) for src, dst, _ in mounts],
-        privileged=privileged,
-    )
-    for msg, (_, _, propagation) in zip(config.mounts, mounts, strict=True):
-        msg.propagation = {
-            "HostToContainer": a.PROPAGATION_HOST_TO_CONTAINER,
-            "Bidirectional": a.PROPAGATION_BIDIRECTIONAL,
-        }.get(propagation, a.PROPAGATION_PRIVATE)
-    cid = client.create_container(pod_id, pod, config=config)
-    client.start_container(cid)
-    assert host.wait_until(lambda: done in client.read_log(cid), 120, interval=0.2), client.read_log(cid)
-    log = client.read_log(cid)
-    client.stop_container(cid, timeout=30)  # --wait ends on SIGTERM, undoing nothing
-    status = client.wait_container_exit(cid)
-    assert status.exit_code == 0, (status.exit_code, client.read_log(cid))
-    client.remove_container(cid)
-    client.stop_pod_sandbox(pod_id)
-    client.remove_pod_sandbox(pod_id)
-    return log, pod_id
 
 
 def _calls(host_root: Path) -> list[str]:
@@ -217,7 +151,7 @@ def test_cluster_install_runs_hot_restart_and_uninstalls_cleanly(
     containerd_factory: Callable[..., ContainerdInstance], tmp_path: Path
 ) -> None:
     archive = _installer_image()
-    install, uninstall = _daemonset("kustomize/base"), _daemonset("kustomize/uninstall")
+    install, uninstall = daemonset.render("kustomize/base"), daemonset.render("kustomize/uninstall")
     inst = containerd_factory("2", register_hotrestart=False)
     inst.ctr("images", "import", "--local", str(archive))
     original = inst.config_path.read_bytes()
@@ -227,7 +161,7 @@ def test_cluster_install_runs_hot_restart_and_uninstalls_cleanly(
     try:
         with _mounted_as_host(host_root), _host_dirs():
             # Install: the drop-in lands, one import is added, containerd is restarted once.
-            log, _ = _run_installer(client, inst, tmp_path, install, host_root, "hotrestart: installed")
+            log = daemonset.run_until_logged(client, inst, tmp_path, install, host_root, "hotrestart: installed")
             main = (host_root / "etc/containerd/config.toml").read_bytes()
             assert main != original and main.startswith(original.split(b"\n")[0]), main[:200]
             dropin = (host_root / "etc/containerd/conf.d/hotrestart.toml").read_text()
@@ -241,7 +175,7 @@ def test_cluster_install_runs_hot_restart_and_uninstalls_cleanly(
 
             # A second run changes nothing and restarts nothing.
             installed = _snapshot(host_root)
-            _run_installer(client, inst, tmp_path, install, host_root, "hotrestart: installed")
+            daemonset.run_until_logged(client, inst, tmp_path, install, host_root, "hotrestart: installed")
             assert _snapshot(host_root) == installed
             assert _calls(host_root) == ["restart containerd"]
 
@@ -268,7 +202,7 @@ def test_cluster_install_runs_hot_restart_and_uninstalls_cleanly(
             assert host.wait_until(lambda: not _using("/opt/hotrestart/"), 20), _using("/opt/hotrestart/")
 
             # Uninstall: the original config byte for byte, and nothing of ours left.
-            ulog, _ = _run_installer(client, inst, tmp_path, uninstall, host_root, "hotrestart: uninstalled")
+            ulog = daemonset.run_until_logged(client, inst, tmp_path, uninstall, host_root, "hotrestart: uninstalled")
         assert (host_root / "etc/containerd/config.toml").read_bytes() == original
         for rel in ADDED[:2]:
             assert not (host_root / rel).exists(), (rel, ulog)

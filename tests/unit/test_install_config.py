@@ -98,6 +98,13 @@ def test_an_import_is_added_to_a_one_line_array() -> None:
     assert trailing is not None and tomllib.loads(trailing)["imports"] == ["/a.toml", DROPIN]
 
 
+def test_the_imports_line_stays_when_asked() -> None:
+    only_ours = f'version = 3\nimports = ["{DROPIN}"]\n[plugins]\n'
+    assert remove(only_ours) == "version = 3\n[plugins]\n"
+    kept = config_edit.remove_import(only_ours, DROPIN, config_path=MAIN, keep_line=True)
+    assert kept == "version = 3\nimports = []\n[plugins]\n"
+
+
 def test_an_import_is_added_to_an_array_over_several_lines() -> None:
     original = (
         "version = 3\n"

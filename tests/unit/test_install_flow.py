@@ -401,6 +401,22 @@ def test_uninstall_after_the_admin_edited_the_file_removes_only_the_import(
     assert any("was changed since the install: took out only what we added" in line for line in out)
 
 
+def test_an_empty_imports_line_comes_back_as_it_was(
+    host: Host, bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `containerd config default` writes `imports = []`: the uninstall empties it again rather
+    # than taking the line out (which made a kubeadm node's file differ from its original).
+    original = b"version = 3\nroot = '/var/lib/containerd'\nimports = []\n\n[grpc]\n  address = '/run/c.sock'\n"
+    for admin_edit in (b"", b"\n[metrics]\n  address = '127.0.0.1:1338'\n"):
+        host.config.write_bytes(original)
+        assert hotrestart(capsys, "install", "--bundle", str(bundle))[0] == 0
+        assert b'imports = ["/etc/containerd/conf.d/hotrestart.toml"]\n' in host.config.read_bytes()
+        host.config.write_bytes(host.config.read_bytes() + admin_edit)
+        code, out = hotrestart(capsys, "uninstall")
+        assert code == 0, out
+        assert host.config.read_bytes() == original + admin_edit, out
+
+
 def test_an_admin_edit_survives_a_later_install_run_and_the_uninstall(
     host: Host, bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

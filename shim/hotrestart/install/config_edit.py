@@ -61,15 +61,16 @@ def add_import(text: str | None, dropin: str, *, version: int, config_path: str)
     return edited
 
 
-def remove_import(text: str, dropin: str, *, config_path: str) -> str | None:
+def remove_import(text: str, dropin: str, *, config_path: str, keep_line: bool = False) -> str | None:
     """The main file without the `imports` entry naming exactly `dropin`; None when it has none.
-    When that was the only entry, the whole `imports` line goes."""
+    When that was the only entry, the whole `imports` line goes, unless `keep_line` (the file
+    had one before the install, as `containerd config default` writes `imports = []`)."""
     before = toml_text.parse(text, config_path)
     imports = _imports(before, config_path)
     if not imports or dropin not in imports:
         return None
     kept = [i for i in imports if i != dropin]
-    if not kept:
+    if not kept and not keep_line:
         found = toml_text.statement(text, "imports")
         assert found is not None  # tomllib found a top-level `imports`
         start = text.rfind("\n", 0, found[0]) + 1

@@ -196,7 +196,7 @@ def _undo_main(fs: HostFS, settings: Settings, recorded: State | None, original:
         and sha256(current) == recorded.config_written
         # Byte for byte only when the original is what the file is without our edit: an
         # admin's change made since must survive the uninstall.
-        and (not recorded.config_existed or _without_us(current, dropin, main_path) == original)
+        and (not recorded.config_existed or _without_us(current, dropin, main_path, original) == original)
     ):
         if not recorded.config_existed:
             fs.remove(main_path)
@@ -214,7 +214,7 @@ def _undo_main(fs: HostFS, settings: Settings, recorded: State | None, original:
         say(f"containerd config: {main_path} does not exist, nothing to undo")
         return False
     text = toml_text.decode(current, main_path)
-    edited = _without_us(current, dropin, main_path).decode()
+    edited = _without_us(current, dropin, main_path, original).decode()
     if edited == text:
         say(f"containerd config: {main_path} has nothing of ours, left as it is")
         return False
@@ -224,12 +224,21 @@ def _undo_main(fs: HostFS, settings: Settings, recorded: State | None, original:
     return True
 
 
-def _without_us(data: bytes, dropin: str, main_path: str) -> bytes:
-    """The main file with our import and our block taken out (each only if there)."""
+def _without_us(data: bytes, dropin: str, main_path: str, original: bytes | None) -> bytes:
+    """The main file with our import and our block taken out (each only if there); an
+    `imports` line the original had stays, emptied."""
     text = toml_text.decode(data, main_path)
     if dropin:
-        text = config_edit.remove_import(text, dropin, config_path=main_path) or text
+        keep_line = original is not None and _has_imports(original, main_path)
+        text = config_edit.remove_import(text, dropin, config_path=main_path, keep_line=keep_line) or text
     return (config_edit.remove_block(text, config_path=main_path) or text).encode()
+
+
+def _has_imports(data: bytes, main_path: str) -> bool:
+    try:
+        return "imports" in toml_text.parse(toml_text.decode(data, main_path), main_path)
+    except InstallError:
+        return False
 
 
 def _remove_dropin(fs: HostFS, settings: Settings, recorded: State | None, say: Say) -> bool:
