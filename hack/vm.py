@@ -229,7 +229,7 @@ def test(driver: str, pytest_args: list[str], timeout: float, out: Path) -> int:
     command = (
         f"cd {shlex.quote(str(REPO))} && export {exports} PATH={shared_out}/bin:$PATH && "
         f"echo v1mounts $(grep -c ' cgroup ' /proc/mounts) >> {shared_out}/node.txt; cat {shared_out}/node.txt && "
-        f".venv/bin/python -m pytest -q -p no:cacheprovider -o addopts= --timeout=900 {args}; rc=$?; "
+        f".venv/bin/python -m pytest -q -p no:cacheprovider -o addopts= --timeout=900 --durations=15 {args}; rc=$?; "
         "journalctl --no-pager -u containerd > /tmp/node-containerd.log 2>&1; "
         f"find /tmp -name '*.log' -size -20M -print0 | tar -czf {shared_out}/logs.tgz --null -T - 2>/dev/null; "
         "exit $rc"

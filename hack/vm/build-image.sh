@@ -64,7 +64,19 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 if ((${#need[@]})); then
     log "installing ${need[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+    for attempt in 1 2 3; do
+        # The package mirrors may be out of reach for a while.
+        if DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null; then
+            break
+        fi
+        ((attempt < 3)) || {
+            echo "build-image: could not install ${need[*]}" >&2
+            exit 1
+        }
+        log "apt-get install failed; again in 30s"
+        sleep 30
+        apt-get update -q >/dev/null || true
+    done
 fi
 
 started=$SECONDS

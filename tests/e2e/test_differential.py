@@ -73,6 +73,20 @@ def both(
     annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run `scenario` under each handler; assert equal observations and return one."""
+    seen = each(client, inst, tmp, name, scenario, annotations)
+    assert seen["hotrestart"] == seen["runc"], seen
+    return seen["runc"]
+
+
+def each(
+    client: CRIClient,
+    inst: ContainerdInstance,
+    tmp: Path,
+    name: str,
+    scenario: Callable[[Pod], dict[str, Any]],
+    annotations: dict[str, str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run `scenario` under each handler; the observations by handler."""
     seen = {}
     for handler in HANDLERS:
         pod = Pod(client, inst, tmp, handler, name, annotations)
@@ -80,8 +94,7 @@ def both(
             seen[handler] = scenario(pod)
         finally:
             pod.close()
-    assert seen["hotrestart"] == seen["runc"], seen
-    return seen["runc"]
+    return seen
 
 
 def log_of(client: CRIClient, cid: str) -> list[tuple[str, str, str]]:
@@ -200,7 +213,17 @@ def test_oom_kill_reported(client: CRIClient, inst: ContainerdInstance, tmp_path
         st = pod.client.wait_container_exit(cid)
         return {"exit": st.exit_code, "reason": st.reason}
 
-    assert both(client, inst, tmp_path, "oom", scenario) == {"exit": 137, "reason": "OOMKilled"}
+    killed = {"exit": 137, "reason": "OOMKilled"}
+    if not inst.systemd:
+        assert both(client, inst, tmp_path, "oom", scenario) == killed
+        return
+    # Under the systemd driver containerd's runc shim misses some kills: systemd removes the
+    # emptied scope before the shim reads its memory.events, and the pod shows Error
+    # (containerd#8180; containerd skips critest's OOMKilled case for that driver, #12714). The
+    # shim reads the counter while the container runs and the pod's after (runtime/oom.py).
+    seen = each(client, inst, tmp_path, "oom", scenario)
+    assert seen["hotrestart"] == killed, seen
+    assert seen["runc"] in (killed, {"exit": 137, "reason": "Error"}), seen
 
 
 def test_log_reopen(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:
