@@ -143,7 +143,15 @@ def _shares() -> list[Path]:
     return [p for p in found if p.is_dir()]
 
 
-def run(command: str, timeout: float, out: Path, files: dict[str, Path] | None = None) -> int:
+# The node shapes: the unified hierarchy only with no v1 controller anywhere (what current
+# distributions boot), or systemd's hybrid layout (v1 controllers, systemd's own tree on v2).
+CGROUP_CMDLINE = {
+    "v2": ["systemd.unified_cgroup_hierarchy=1", "cgroup_no_v1=all"],
+    "v1": ["systemd.unified_cgroup_hierarchy=0"],
+}
+
+
+def run(command: str, timeout: float, out: Path, files: dict[str, Path] | None = None, cgroup: str = "v2") -> int:
     """Boot the machine, run `command` (bash) as root there, power off; its exit status
     (124 when it ran past `timeout`, 125 when the machine never reported)."""
     if not (CACHE / ".built").exists():
@@ -163,9 +171,7 @@ def run(command: str, timeout: float, out: Path, files: dict[str, Path] | None =
         "rw",
         "console=ttyS0",
         "panic=-1",
-        # The node shape under test: the unified hierarchy only, no v1 controller anywhere.
-        "systemd.unified_cgroup_hierarchy=1",
-        "cgroup_no_v1=all",
+        *CGROUP_CMDLINE[cgroup],
         "systemd.show_status=0",
     ]
     for i, path in enumerate(_shares()):
@@ -209,7 +215,7 @@ def memhog(dst: Path) -> Path:
     return binary
 
 
-def test(driver: str, pytest_args: list[str], timeout: float, out: Path) -> int:
+def test(driver: str, pytest_args: list[str], timeout: float, out: Path, cgroup: str = "v2") -> int:
     shared_out = "/run/hotrestart-vm-out"
     emulated = accelerator() == "tcg"
     env = {
@@ -239,7 +245,7 @@ def test(driver: str, pytest_args: list[str], timeout: float, out: Path) -> int:
         # The installer's DaemonSet is rendered with kustomize, which Debian 12 does not carry.
         if kustomize := shutil.which("kustomize"):
             files["bin/kustomize"] = Path(kustomize)
-        rc = run(command, timeout, out, files)
+        rc = run(command, timeout, out, files, cgroup)
     output = out / "output.log"
     if output.exists():
         sys.stdout.write(output.read_text(errors="replace"))
@@ -258,6 +264,7 @@ def main() -> int:
     t = sub.add_parser("test")
     t.add_argument("--driver", choices=("systemd", "cgroupfs"), default="systemd")
     t.add_argument("--full", action="store_true", help="every integration and end-to-end test, not the smoke subset")
+    t.add_argument("--cgroup", choices=tuple(CGROUP_CMDLINE), default="v2", help="v2 only, or systemd's hybrid v1")
     t.add_argument("--timeout", type=float, default=3000)
     t.add_argument("--out", type=Path, default=None)
     t.add_argument("pytest_args", nargs=argparse.REMAINDER)
@@ -277,7 +284,7 @@ def main() -> int:
             sys.stdout.write(output.read_text(errors="replace"))
         return rc
     smoke = [*SMOKE_ONCE, *SMOKE] if ns.driver == "systemd" else SMOKE
-    return test(ns.driver, rest or (FULL if ns.full else smoke), ns.timeout, out)
+    return test(ns.driver, rest or (FULL if ns.full else smoke), ns.timeout, out, ns.cgroup)
 
 
 if __name__ == "__main__":

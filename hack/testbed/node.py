@@ -46,8 +46,11 @@ BINARIES = {
     Path("/usr/local/bin/containerd-shim-runc-v2"): BIN_DIR / "containerd-shim-runc-v2",
     Path("/usr/local/sbin/runc"): BIN_DIR / "runc",
 }
-# What containerd and its pods leave on the node.
-STATE = (Path("/var/lib/containerd"), Path("/run/containerd"), Path("/var/lib/cni"))
+# What containerd and its pods leave on the node, and what the installer adds.
+STATE = (Path("/var/lib/containerd"), Path("/run/containerd"))
+OURS = (Path("/opt/hotrestart"), Path("/etc/hotrestart"))
+STORE_ROOT = Path("/var/lib/hotrestart")  # the installer's default store; removed if it made it
+CNI_STATE = (Path("/var/lib/cni/networks/containerd-net"),)
 # The kubelet's pod cgroups under either driver.
 KUBEPODS = ("/kubepods.slice", "/kubepods")
 
@@ -74,13 +77,17 @@ WantedBy=multi-user.target
 """
 
 
+def in_node_vm() -> bool:
+    return os.environ.get(NODE_VM_ENV) == "1"
+
+
 def usable() -> str:
     """Why this machine may not be set up as a node ("" when it may)."""
-    if os.environ.get(NODE_VM_ENV) != "1":
+    if not in_node_vm():
         return f"not the node VM ({NODE_VM_ENV} is not 1; `make test-vm-smoke` runs it)"
     if not Path("/run/systemd/system").is_dir():
         return "systemd is not init here"
-    taken = [str(p) for p in (CONFIG.parent, UNIT_FILE, *BINARIES) if p.exists() or p.is_symlink()]
+    taken = [str(p) for p in (CONFIG.parent, UNIT_FILE, *BINARIES, *OURS) if p.exists() or p.is_symlink()]
     return f"this machine has a containerd of its own: {taken}" if taken else ""
 
 
@@ -102,8 +109,15 @@ class KubeadmNode:
         self.address = ADDRESS
         # The installer's default store (runtime-class/kustomize/base).
         self.store = Path("/var/lib/hotrestart/checkpoints")
+        self._owned = False  # set once the machine passed usable(): only then is anything removed
+        self._made_store_root = False
 
     def __enter__(self) -> KubeadmNode:
+        why = usable()
+        if why:
+            raise TestbedError(why)
+        self._owned = True
+        self._made_store_root = not STORE_ROOT.exists()
         try:
             self.setup()
         except BaseException:
@@ -119,9 +133,6 @@ class KubeadmNode:
     # -- setup ------------------------------------------------------------------------
 
     def setup(self) -> None:
-        why = usable()
-        if why:
-            raise TestbedError(why)
         for link, target in BINARIES.items():
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(target)
@@ -190,6 +201,8 @@ class KubeadmNode:
 
     def teardown(self) -> list[str]:
         """Pods, containerd and everything set up or left on the node go; the problems met."""
+        if not self._owned:
+            return ["not torn down: this machine was never set up as the node"]
         problems: list[str] = []
         if ADDRESS.exists():
             problems += cleanup.cri_teardown(ADDRESS, set())
@@ -220,10 +233,12 @@ class KubeadmNode:
         for path in (UNIT_FILE, CNI_CONF, *BINARIES):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        for cached in Path("/var/lib/cni/results").glob("containerd-net-*"):
+            cached.unlink(missing_ok=True)
         if UNIT_FILE.parent.is_dir():
             with contextlib.suppress(Exception):
                 _run("systemctl", "daemon-reload")
-        for path in (CONFIG.parent, *STATE, Path("/var/lib/hotrestart"), Path("/opt/hotrestart")):
+        for path in (CONFIG.parent, *STATE, *OURS, *CNI_STATE, *([STORE_ROOT] if self._made_store_root else [])):
             shutil.rmtree(path, ignore_errors=True)
             if path.exists():
                 problems.append(f"could not remove {path}")

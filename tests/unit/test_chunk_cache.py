@@ -4,6 +4,7 @@ again when the copy they were given is wrong."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,32 @@ def test_the_writing_thread_ends_when_idle_and_comes_back_for_the_next_copy(
         assert cache.flush(10) and cache.get(SPACE, digest, len(stored)) == stored
         writer.join(5)
         assert not writer.is_alive() and cache._writer is None
+
+
+def test_a_copy_dropped_while_it_is_being_written_is_not_left_behind(tmp_path: Path) -> None:
+    # A restore proves a chunk corrupt and drops it while the writer is putting the same bytes
+    # (fetched a moment before) on disk: the drop waits for that write, then removes it.
+    cache = ChunkCache(str(tmp_path / "c"), 1 << 30)
+    digest, stored = _chunk(Codec(level=1), os.urandom(20_000))
+    writing, release = threading.Event(), threading.Event()
+    real_put = cache._chunks.put
+
+    def slow_put(space: str, digest: str, data: bytes) -> None:
+        writing.set()
+        assert release.wait(10)
+        real_put(space, digest, data)
+
+    cache._chunks.put = slow_put  # type: ignore[method-assign]
+    cache.keep(SPACE, digest, stored)
+    assert writing.wait(10)
+    dropper = threading.Thread(target=cache.drop, args=(SPACE, digest))
+    dropper.start()
+    dropper.join(0.2)
+    assert dropper.is_alive(), "the drop waits for the write under way"
+    release.set()
+    dropper.join(10)
+    assert cache.flush(10)
+    assert not _copy(cache, digest).exists() and cache.get(SPACE, digest, len(stored)) is None
 
 
 def test_what_is_not_a_plain_copy_is_a_miss(tmp_path: Path) -> None:

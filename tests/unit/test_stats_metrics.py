@@ -152,3 +152,12 @@ def test_the_swap_limit_is_read_from_the_cgroup_when_it_can_be(tmp_path: Path) -
     (tmp_path / "memory.swap.max").write_text("max\n")
     assert stats.swap_limit(str(tmp_path)) == (1 << 64) - 1
     assert stats.swap_limit(str(tmp_path / "gone")) is None
+
+
+def test_the_pids_limit_is_read_from_the_cgroup_as_containerd_reads_it(tmp_path: Path) -> None:
+    (tmp_path / "pids.max").write_text("max\n")
+    assert stats.limit_of(str(tmp_path), "pids.max") == (1 << 64) - 1
+    assert stats.metrics_v2(RUNC_V2, {}, None, stats.limit_of(str(tmp_path), "pids.max")).pids.limit == (1 << 64) - 1
+    (tmp_path / "pids.max").write_text("100\n")
+    assert stats.metrics_v2(RUNC_V2, {}, None, stats.limit_of(str(tmp_path), "pids.max")).pids.limit == 100
+    assert stats.limit_of(str(tmp_path / "gone"), "pids.max") is None

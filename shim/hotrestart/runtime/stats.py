@@ -134,13 +134,19 @@ def metrics(stats: dict[str, Any], pid: int) -> Message:
     directory = cgroups.unified_dir(cgroups.of_pid(pid)) if pid > 0 else None
     if directory is None:
         return metrics_v2(stats, {})
-    return metrics_v2(stats, memory_events(directory), swap_limit(directory))
+    return metrics_v2(stats, memory_events(directory), swap_limit(directory), limit_of(directory, "pids.max"))
 
 
 def swap_limit(directory: str) -> int | None:
     """memory.swap.max of a v2 cgroup ("max": no limit); None when it cannot be read."""
+    return limit_of(directory, "memory.swap.max")
+
+
+def limit_of(directory: str, name: str) -> int | None:
+    """A v2 limit file ("max": no limit, as containerd's cgroup2 reads it); None when it cannot
+    be read."""
     try:
-        with open(os.path.join(directory, "memory.swap.max")) as f:
+        with open(os.path.join(directory, name)) as f:
             text = f.read(64).strip()
     except OSError:
         return None
@@ -160,7 +166,9 @@ def memory_events(directory: str) -> dict[str, int]:
     return found
 
 
-def metrics_v2(stats: dict[str, Any], events: dict[str, int], swap_max: int | None = None) -> metrics_v2_pb2.Metrics:
+def metrics_v2(
+    stats: dict[str, Any], events: dict[str, int], swap_max: int | None = None, pids_max: int | None = None
+) -> metrics_v2_pb2.Metrics:
     m = metrics_v2_pb2.Metrics()
     cpu = stats.get("cpu") or {}
     usage = cpu.get("usage") or {}
@@ -194,7 +202,8 @@ def metrics_v2(stats: dict[str, Any], events: dict[str, int], swap_max: int | No
 
     pids = stats.get("pids") or {}
     m.pids.current = int(pids.get("current", 0))
-    m.pids.limit = int(pids.get("limit", 0))
+    # runc reports no limit as 0 (v1's way); containerd's cgroup2 gives "max" as 2^64-1.
+    m.pids.limit = pids_max if pids_max is not None else int(pids.get("limit", 0))
 
     # runc turns each io.stat line into Read/Write entries of the v1 lists.
     blkio = stats.get("blkio") or {}

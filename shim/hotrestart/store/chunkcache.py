@@ -57,6 +57,10 @@ class ChunkCache:
         self._dropped: dict[tuple[str, str], int] = {}  # chunk -> `_seq` when dropped
         self._idle = threading.Condition(self._lock)
         self._writer: threading.Thread | None = None
+        # Held by the writer from its look at `_dropped` until the copy is on disk, and by
+        # `drop`: a copy proven corrupt is never written back after its removal. Taken before
+        # `_lock` when both are held.
+        self._writing = threading.Lock()
 
     def get(self, space: str, digest: str, size: int) -> bytes | None:
         """The cached copy of a chunk stored as `size` bytes, or None."""
@@ -101,11 +105,12 @@ class ChunkCache:
                         return
                 continue
             try:
-                with self._lock:
-                    # Dropped since it was handed over (proven corrupt): not written back.
-                    stale = self._dropped.get((space, digest), 0) >= seq
-                if not stale:
-                    self.put(space, digest, data)
+                with self._writing:
+                    with self._lock:
+                        # Dropped since it was handed over (proven corrupt): not written back.
+                        stale = self._dropped.get((space, digest), 0) >= seq
+                    if not stale:
+                        self.put(space, digest, data)
             except Exception:  # never let the thread die: copies would pile up unwritten
                 log.exception("chunk %s not cached", digest[:16])
             finally:
@@ -134,9 +139,10 @@ class ChunkCache:
 
     def drop(self, space: str, digest: str) -> None:
         """Remove a copy proven corrupt, and any copy of it still waiting to be written."""
-        with self._lock:
-            self._dropped[(space, digest)] = self._seq
-        self._remove(space, digest)
+        with self._writing:
+            with self._lock:
+                self._dropped[(space, digest)] = self._seq
+            self._remove(space, digest)
 
     def _remove(self, space: str, digest: str) -> None:
         with contextlib.suppress(OSError, UnsafeEntryError):
