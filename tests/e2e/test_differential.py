@@ -214,13 +214,16 @@ def test_oom_kill_reported(client: CRIClient, inst: ContainerdInstance, tmp_path
         return {"exit": st.exit_code, "reason": st.reason}
 
     killed = {"exit": 137, "reason": "OOMKilled"}
-    if not inst.systemd:
+    if not Path("/sys/fs/cgroup/cgroup.controllers").exists():
         assert both(client, inst, tmp_path, "oom", scenario) == killed
         return
-    # Under the systemd driver containerd's runc shim misses some kills: systemd removes the
-    # emptied scope before the shim reads its memory.events, and the pod shows Error
-    # (containerd#8180; containerd skips critest's OOMKilled case for that driver, #12714). The
-    # shim reads the counter while the container runs and the pod's after (runtime/oom.py).
+    # On cgroup v2 the test bed's containerd (2.1, 1.7) and its runc shim miss some kills of a
+    # container that dies right after its start: the exit can be handled before the kill is
+    # read from memory.events (the cgroup may be gone by then: systemd removes an emptied
+    # scope), and the pod shows Error (containerd#8180; fixed upstream after these releases by
+    # containerd#12714, which sends the OOM event before the exit and, for the systemd driver,
+    # skips critest's OOMKilled case). The shim reads the counter while the container runs and
+    # again at the exit (runtime/oom.py): it must say OOMKilled every time.
     seen = each(client, inst, tmp_path, "oom", scenario)
     assert seen["hotrestart"] == killed, seen
     assert seen["runc"] in (killed, {"exit": 137, "reason": "Error"}), seen
