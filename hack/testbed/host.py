@@ -95,6 +95,16 @@ def descendants(roots: Iterable[int], procs: list[Proc] | None = None) -> set[in
     return seen
 
 
+def mapping(prefix: str) -> list[int]:
+    """The processes that have a file under `prefix` mapped (or run one from there)."""
+    found = []
+    for p in processes():
+        with contextlib.suppress(OSError), open(f"/proc/{p.pid}/maps") as f:
+            if prefix in f.read():
+                found.append(p.pid)
+    return found
+
+
 def environ(pid: int) -> dict[str, str]:
     """The environment a process was exec'd with ({} when unreadable)."""
     try:

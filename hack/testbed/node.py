@@ -211,7 +211,7 @@ class KubeadmNode:
         # Shims (started with containerd's address), the bundle's zygote (it maps the install
         # folder), and whatever is left in the pods' cgroups.
         victims = {p.pid for p in host.processes() if p.arg_after("-address") == str(ADDRESS)}
-        victims |= {p.pid for p in host.processes() if _maps_under(p.pid, "/opt/hotrestart/")}
+        victims |= set(host.mapping("/opt/hotrestart/"))
         victims |= {
             p.pid for p in host.processes() if any(path.startswith(KUBEPODS) for _, path in host.cgroups_of(p.pid))
         }
@@ -243,14 +243,6 @@ class KubeadmNode:
             if path.exists():
                 problems.append(f"could not remove {path}")
         return problems
-
-
-def _maps_under(pid: int, prefix: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            return prefix in f.read()
-    except OSError:
-        return False
 
 
 def kubeadm_config(default: str, systemd: bool) -> str:

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import pytest
 import yaml
+from conftest import in_ci
 
 from cri import NS_NODE, NS_POD, CRIClient
 from testbed import host
@@ -25,6 +27,19 @@ from testbed.pods import PodHost, make_pod_config
 REPO = Path(__file__).resolve().parents[2]
 NODE_NAME = "node-a"
 T = TypeVar("T")
+
+
+def installer_image() -> Path:
+    """dist/hotrestart-installer-<version>.oci.tar (`make installer`); a failure under CI."""
+    from hotrestart import __version__
+
+    archive = REPO / "dist" / f"hotrestart-installer-{__version__}.oci.tar"
+    if not archive.is_file():
+        message = f"no installer image at {archive} (run `make installer`)"
+        if in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return archive
 
 
 def render(overlay: str) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import daemonset
 import pytest
-from conftest import in_ci
 from hotpods import Incarnation, run_and_stop, wait_published
 
 from testbed import BIN_DIR, TESTBED, ContainerdInstance, host
@@ -40,18 +39,6 @@ ADDED = ("etc/containerd/conf.d/hotrestart.toml", "opt/hotrestart", "var/lib/hot
 MOUNTED = ("proc", "sys", "dev", TESTBED.relative_to("/").as_posix())
 # The host paths a containerd started with the installed config must find in place.
 HOST_DIRS = ("etc/containerd", "opt/hotrestart", "var/lib/hotrestart")
-
-
-def _installer_image() -> Path:
-    from hotrestart import __version__
-
-    archive = REPO / "dist" / f"hotrestart-installer-{__version__}.oci.tar"
-    if not archive.is_file():
-        message = f"no installer image at {archive} (run `make installer`)"
-        if in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return archive
 
 
 def _scratch_host(where: Path, main_config: bytes) -> Path:
@@ -124,17 +111,6 @@ def _host_dirs() -> Iterator[None]:
                 path.rmdir()
 
 
-def _using(prefix: str) -> list[int]:
-    """The processes that have a file under `prefix` mapped (shims exit a moment after their pod)."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry.name}/maps") as f:
-                if prefix in f.read():
-                    found.append(int(entry.name))
-    return found
-
-
 def _kill_processes_naming(text: str) -> None:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -150,7 +126,7 @@ def _kill_processes_naming(text: str) -> None:
 def test_cluster_install_runs_hot_restart_and_uninstalls_cleanly(
     containerd_factory: Callable[..., ContainerdInstance], tmp_path: Path
 ) -> None:
-    archive = _installer_image()
+    archive = daemonset.installer_image()
     install, uninstall = daemonset.render("kustomize/base"), daemonset.render("kustomize/uninstall")
     inst = containerd_factory("2", register_hotrestart=False)
     inst.ctr("images", "import", "--local", str(archive))
@@ -199,7 +175,7 @@ def test_cluster_install_runs_hot_restart_and_uninstalls_cleanly(
             inst.config_path.write_bytes(original)
             inst.restart()
             _kill_processes_naming(str(inst.zygote_socket))
-            assert host.wait_until(lambda: not _using("/opt/hotrestart/"), 20), _using("/opt/hotrestart/")
+            assert host.wait_until(lambda: not host.mapping("/opt/hotrestart/"), 20), host.mapping("/opt/hotrestart/")
 
             # Uninstall: the original config byte for byte, and nothing of ours left.
             ulog = daemonset.run_until_logged(client, inst, tmp_path, uninstall, host_root, "hotrestart: uninstalled")

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import daemonset
 import pytest
-from conftest import in_ci
 from hotpods import Incarnation, run_and_stop, wait_published
 
 from testbed import host
@@ -38,18 +37,6 @@ DROPIN = Path("/etc/containerd/conf.d/hotrestart.toml")
 INSTALLED_SHIM = Path("/opt/hotrestart/current/bin/containerd-shim-hotrestart-v2")
 
 
-def _installer_image() -> Path:
-    from hotrestart import __version__
-
-    archive = REPO / "dist" / f"hotrestart-installer-{__version__}.oci.tar"
-    if not archive.is_file():
-        message = f"no installer image at {archive} (run `make installer`)"
-        if in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return archive
-
-
 V2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
 
 
@@ -59,29 +46,17 @@ def _cgroup_of(pid: int) -> str:
     return path
 
 
-def _bundle_processes() -> list[int]:
-    found = []
-    for p in host.processes():
-        try:
-            with open(f"/proc/{p.pid}/maps") as f:
-                if "/opt/hotrestart/" in f.read():
-                    found.append(p.pid)
-        except OSError:
-            continue
-    return found
-
-
 def _stop_bundle_processes() -> None:
     """The bundle's zygote outlives the pods, as on a drained node: SIGTERM ends it (and any
     shim still on its way out), so that the uninstall may remove the version."""
-    for pid in _bundle_processes():
+    for pid in host.mapping("/opt/hotrestart/"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    assert host.wait_until(lambda: not _bundle_processes(), 30), _bundle_processes()
+    assert host.wait_until(lambda: not host.mapping("/opt/hotrestart/"), 30), host.mapping("/opt/hotrestart/")
 
 
 def test_installer_on_a_kubeadm_node_hot_restarts_and_uninstalls(tmp_path: Path) -> None:
-    archive = _installer_image()
+    archive = daemonset.installer_image()
     driver = os.environ.get(CGROUP_DRIVER_ENV) or "systemd"
     install, uninstall = daemonset.render("kustomize/base"), daemonset.render("kustomize/uninstall")
     with KubeadmNode(driver, tmp_path) as node, node.cri() as client:
