@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import sys
 from collections.abc import Callable
 
 from hotrestart.runtime import cgroups
@@ -44,6 +45,14 @@ class OOMWatcher:
     CRI), were this container's if its init died by SIGKILL (`poll(killed=True)`). A
     sibling's kill that its own watcher has not read yet, in that same moment, would be
     counted here; containerd's runc shim has no better source.
+
+    v1 counters are not hierarchical, but the eventfd counts: the kernel signals it once
+    per OOM (before the kill) and once more when the cgroup is removed. Signals read while
+    the cgroup still existed are OOMs; of those read once it is gone, one is the removal's.
+    Notifications the counter never explained are reported when the cgroup goes. One read
+    in the instant between the removal and its signal is taken for the removal's; a
+    notification without a kill (oom_kill_disable) counts as one, as containerd's runc
+    shim counts every notification.
     """
 
     def __init__(self, cgroup_dir: str, on_oom: Callable[[], None]) -> None:
@@ -53,12 +62,11 @@ class OOMWatcher:
         self._efd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._kills = 0
+        self._v1 = os.path.exists(os.path.join(cgroup_dir, "memory.oom_control"))
+        # v1: OOM notifications read while the cgroup existed that no counted kill explains.
+        self._notified = 0
         # v2: the pod's counter and the kills put down to its containers, when this started.
         self._pod_base: tuple[int, int] | None = None
-
-    @property
-    def _v1(self) -> bool:
-        return os.path.exists(os.path.join(self._dir, "memory.oom_control"))
 
     def start(self) -> None:
         self._kills = self._read_kills() or 0
@@ -89,22 +97,42 @@ class OOMWatcher:
     def poll(self, *, killed: bool = False) -> None:
         """Report kills that happened since the last look; `killed`: the init has just died
         by SIGKILL (its cgroup may be gone already)."""
-        if self._efd >= 0:
-            with contextlib.suppress(OSError):  # an eventfd's counter, or inotify's events
-                os.read(self._efd, 4096)
+        signals = self._drain()
         kills = self._read_kills()
         if kills is None:
-            # Only the exit's own look may use the pod's counter (the inotify wake-up that
-            # finds the cgroup gone must leave it for that look), and only once.
-            if killed:
+            if self._v1:
+                self._v1_gone(signals)
+            elif killed:
+                # Only the exit's own look may use the pod's counter (the inotify wake-up
+                # that finds the cgroup gone must leave it for that look), and only once.
                 unexplained = self._unexplained_pod_kills()
                 self._pod_base = None
                 if unexplained > 0:
                     self._report(unexplained)  # every process of the container may have gone
             return
+        if self._v1:
+            self._notified += signals  # the removal signals only once the cgroup is gone
         if kills > self._kills:
             self._report(kills - self._kills)
+            self._notified = max(0, self._notified - (kills - self._kills))
             self._kills = kills
+
+    def _drain(self) -> int:
+        """Consume the notification; on v1 the number of eventfd signals it held."""
+        if self._efd < 0:
+            return 0
+        try:
+            data = os.read(self._efd, 4096)
+        except OSError:  # nothing pending
+            return 0
+        return int.from_bytes(data[:8], sys.byteorder) if self._v1 and len(data) >= 8 else 0
+
+    def _v1_gone(self, signals: int) -> None:
+        unexplained = self._notified + max(0, signals - 1)
+        self._notified = 0
+        self.stop()  # nothing more to learn: a later signal could only be the removal's
+        if unexplained > 0:
+            self._report(unexplained)
 
     def _unexplained_pod_kills(self) -> int:
         if self._pod_base is None:
