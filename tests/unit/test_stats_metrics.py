@@ -161,3 +161,16 @@ def test_the_pids_limit_is_read_from_the_cgroup_as_containerd_reads_it(tmp_path:
     (tmp_path / "pids.max").write_text("100\n")
     assert stats.metrics_v2(RUNC_V2, {}, None, stats.limit_of(str(tmp_path), "pids.max")).pids.limit == 100
     assert stats.limit_of(str(tmp_path / "gone"), "pids.max") is None
+
+
+def test_the_hugetlb_limit_is_read_from_the_cgroup_as_containerd_reads_it(tmp_path: Path) -> None:
+    # runc's v2 stats carry no hugetlb limit (its "max" is 0 there).
+    (tmp_path / "hugetlb.2MB.max").write_text("max\n")
+    limit = {"2MB": stats.limit_of(str(tmp_path), "hugetlb.2MB.max")}
+    assert [(h.pagesize, h.max) for h in stats.metrics_v2(RUNC_V2, {}, hugetlb_max=limit).hugetlb] == [
+        ("2MB", (1 << 64) - 1)
+    ]
+    (tmp_path / "hugetlb.2MB.max").write_text(f"{4 << 21}\n")
+    limit = {"2MB": stats.limit_of(str(tmp_path), "hugetlb.2MB.max")}
+    assert stats.metrics_v2(RUNC_V2, {}, hugetlb_max=limit).hugetlb[0].max == 4 << 21
+    assert stats.metrics_v2(RUNC_V2, {}).hugetlb[0].max == 0  # the cgroup gone: runc's figure

@@ -134,7 +134,10 @@ def metrics(stats: dict[str, Any], pid: int) -> Message:
     directory = cgroups.unified_dir(cgroups.of_pid(pid)) if pid > 0 else None
     if directory is None:
         return metrics_v2(stats, {})
-    return metrics_v2(stats, memory_events(directory), swap_limit(directory), limit_of(directory, "pids.max"))
+    hugetlb_max = {size: limit_of(directory, f"hugetlb.{size}.max") for size in stats.get("hugetlb") or {}}
+    return metrics_v2(
+        stats, memory_events(directory), swap_limit(directory), limit_of(directory, "pids.max"), hugetlb_max
+    )
 
 
 def swap_limit(directory: str) -> int | None:
@@ -167,7 +170,11 @@ def memory_events(directory: str) -> dict[str, int]:
 
 
 def metrics_v2(
-    stats: dict[str, Any], events: dict[str, int], swap_max: int | None = None, pids_max: int | None = None
+    stats: dict[str, Any],
+    events: dict[str, int],
+    swap_max: int | None = None,
+    pids_max: int | None = None,
+    hugetlb_max: dict[str, int | None] | None = None,
 ) -> metrics_v2_pb2.Metrics:
     m = metrics_v2_pb2.Metrics()
     cpu = stats.get("cpu") or {}
@@ -219,6 +226,13 @@ def metrics_v2(
                 entry = devices[device] = m.io.usage.add(major=device[0], minor=device[1])
             setattr(entry, names[0] if op == "read" else names[1], int(item.get("value", 0)))
 
+    # runc's v2 stats have no hugetlb limit; containerd's cgroup2 reads hugetlb.<size>.max.
     for pagesize, h in sorted((stats.get("hugetlb") or {}).items()):
-        m.hugetlb.add(pagesize=pagesize, current=int(h.get("usage", 0)), max=int(h.get("max", 0)))
+        limit = (hugetlb_max or {}).get(pagesize)
+        m.hugetlb.add(
+            pagesize=pagesize,
+            current=int(h.get("usage", 0)),
+            max=limit if limit is not None else int(h.get("max", 0)),
+            failcnt=int(h.get("failcnt", 0)),
+        )
     return m
