@@ -115,13 +115,27 @@ def test_an_import_is_added_to_an_array_over_several_lines() -> None:
         "[plugins]\n"
     )
     edited = add(original, 3)
-    assert edited == original.replace("b.toml'\n]", f'b.toml\',\n    "{DROPIN}",\n]'), (
-        "the admin's lines untouched but for a comma; ours like theirs"
+    assert edited == original.replace("b.toml'\n]", f'b.toml\',\n    "{DROPIN}"\n]'), (
+        "the admin's lines untouched but for a comma; ours like theirs, with no trailing comma"
     )
     assert tomllib.loads(edited or "")["imports"] == ["/etc/containerd/a.toml", "/etc/containerd/b.toml", DROPIN]
-    back = remove(edited or "")
-    assert back is not None and tomllib.loads(back) == tomllib.loads(original)
-    assert "# a comment" in back and "b.toml'," in back
+    assert remove(edited or "") == original, "byte for byte"
+    trailing = original.replace("b.toml'\n]", "b.toml',\n]")
+    edited = add(trailing, 3)
+    assert edited == trailing.replace("b.toml',\n]", f'b.toml\',\n    "{DROPIN}",\n]')
+    assert remove(edited or "") == trailing, "byte for byte"
+
+
+def test_a_file_without_a_final_newline_comes_back_without_one() -> None:
+    for original in ("version = 2", 'version = 2\nimports = ["/a.toml"]', "version = 2\n[plugins]\n  x = 1"):
+        edited = add(original)
+        assert edited is not None and tomllib.loads(edited)["imports"][-1] == DROPIN
+        assert remove(edited) == original, original
+        block = config_edit.add_block(original, BLOCK, version=2, config_path=MAIN)
+        assert block is not None and block.startswith(original + "\n" + BLOCK[:10])
+        assert config_edit.remove_block(block, config_path=MAIN) == original, original
+        again = config_edit.add_block(block, BLOCK, version=2, config_path=MAIN)
+        assert again is None, "there already"
 
 
 def test_an_import_that_covers_the_dropin_is_enough() -> None:

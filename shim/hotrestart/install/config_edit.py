@@ -76,7 +76,10 @@ def remove_import(text: str, dropin: str, *, config_path: str, keep_line: bool =
         start = text.rfind("\n", 0, found[0]) + 1
         if text[start : found[0]].strip():
             raise InstallError(f"{config_path}: `imports` does not start its line; refusing to edit it")
-        edited = toml_text.cut(text, start, found[1] + 1 if found[1] < len(text) else found[1])
+        if found[1] < len(text):
+            edited = toml_text.cut(text, start, found[1] + 1)
+        else:  # the last line, with no newline after: the one before it was ours too
+            edited = toml_text.cut(text, max(start - 1, 0), found[1])
         expected = {k: v for k, v in before.items() if k != "imports"}
     else:
         edited = text
@@ -92,7 +95,8 @@ def remove_import(text: str, dropin: str, *, config_path: str, keep_line: bool =
 
 
 def _block_span(text: str) -> tuple[int, int] | None:
-    """Where our block is: from the blank line before BEGIN to the newline after END."""
+    """Where our block is: from the blank line before BEGIN (or, at the end of a file that
+    had no final newline, the newline added before it) to the newline after END."""
     begin = text.find(BEGIN + "\n")
     if begin == -1 or (begin > 0 and text[begin - 1] != "\n"):
         return None
@@ -101,8 +105,9 @@ def _block_span(text: str) -> tuple[int, int] | None:
         return None
     end += len(END) + 1
     end = end + 1 if text[end : end + 1] == "\n" else end
-    start = begin - 1 if text[begin - 2 : begin] == "\n\n" else begin
-    return start, end
+    if text[max(begin - 2, 0) : begin] == "\n\n" or begin == 1 or (begin > 0 and end == len(text)):
+        return begin - 1, end
+    return begin, end
 
 
 def without_block(text: str) -> str:
@@ -122,7 +127,9 @@ def add_block(text: str | None, block: str, *, version: int, config_path: str) -
     if span is not None:
         edited = text[: span[0]] + ("\n" if span[0] > 0 else "") + block + text[span[1] :]
     else:
-        edited = base + ("" if base.endswith("\n") or not base else "\n") + "\n" + block
+        # After a blank line; straight after the last line when the file had no final
+        # newline, so that the removal can tell and give back the same bytes.
+        edited = base + "\n" + block
     expected = _merged(toml_text.parse(base, config_path), toml_text.parse(block, "our block"), config_path)
     _check(edited, expected, config_path, "adding our runtime's tables at its end")
     return edited

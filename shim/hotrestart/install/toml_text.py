@@ -188,8 +188,10 @@ def append_entry(text: str, array: Array, entry: str) -> str:
         last_line = text.rfind("\n", 0, items[-1][0]) + 1
         indent = text[last_line : items[-1][0]]
         indent = indent if not indent.strip() else "  "
-        edited = text[:line_start] + f"{indent}{quoted},\n" + text[line_start:]
-        return edited if trailing_comma else insert(edited, items[-1][1], ",")
+        # Ours ends with a comma only if theirs did, so the removal gives back their bytes.
+        if trailing_comma:
+            return text[:line_start] + f"{indent}{quoted},\n" + text[line_start:]
+        return insert(text[:line_start] + f"{indent}{quoted}\n" + text[line_start:], items[-1][1], ",")
     if not items:
         return insert(text, array.open_at + 1, quoted)
     if trailing_comma:
