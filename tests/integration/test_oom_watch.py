@@ -95,12 +95,12 @@ async def test_a_kill_is_reported_once_while_the_cgroup_lives(container_cgroup: 
         await asyncio.to_thread(hog.wait)  # the loop runs the watcher meanwhile
         assert hog.returncode == -signal.SIGKILL
         await _settle()
-        watcher.poll(killed=True)  # the exit's own look
+        await watcher.at_exit(killed=True)  # the exit's own look
         assert len(kills) == 1
         # The removal (runc delete, or systemd emptying a scope) is not a second kill.
         _remove_blocking(container_cgroup)
         await _settle()
-        watcher.poll(killed=True)
+        watcher.poll()
         assert len(kills) == 1
     finally:
         watcher.stop()
@@ -118,7 +118,27 @@ async def test_a_kill_is_reported_when_the_cgroup_went_before_the_shim_looked(co
         assert hog.returncode == -signal.SIGKILL
         _remove_blocking(container_cgroup)
         await _settle()
-        watcher.poll(killed=True)
+        await watcher.at_exit(killed=True)
+        assert len(kills) == 1
+    finally:
+        watcher.stop()
+
+
+async def test_a_kill_is_reported_when_the_exit_looks_before_the_removal_signalled(container_cgroup: Path) -> None:
+    """The cgroup is gone but the kernel has not signalled its removal yet (it does so from a
+    work queue): the one signal read is the OOM's, and the exit waits to tell."""
+    kills: list[int] = []
+    watcher = OOMWatcher(str(container_cgroup), lambda: kills.append(1))
+    watcher.start()
+    try:
+        hog = _hog_in(container_cgroup)
+        hog.wait()
+        assert hog.returncode == -signal.SIGKILL
+        container_cgroup.rmdir()
+        await watcher.at_exit(killed=True)  # at once, before the loop ran the reader
+        assert len(kills) == 1
+        await _settle()
+        watcher.poll()
         assert len(kills) == 1
     finally:
         watcher.stop()
@@ -135,7 +155,7 @@ async def test_a_cgroup_removed_without_a_kill_reports_nothing(container_cgroup:
         quiet.wait()
         _remove_blocking(container_cgroup)
         await _settle()
-        watcher.poll(killed=True)  # died by SIGKILL, but not the OOM killer's
+        await watcher.at_exit(killed=True)  # died by SIGKILL, but not the OOM killer's
         assert kills == []
     finally:
         watcher.stop()

@@ -334,9 +334,10 @@ class Container:
 
     async def _on_exit(self, proc: Process, since: float) -> None:
         status = await self._reaper.wait_for(proc.pid, since)
-        if proc is self.init and self._oom is not None:
+        oom = self._oom
+        if proc is self.init and oom is not None:
             # At once: under the systemd driver the emptied cgroup goes away soon.
-            self._oom.poll(killed=status == 128 + signal.SIGKILL)
+            await oom.at_exit(killed=status == 128 + signal.SIGKILL)
         if proc is self.init:
             if self._stopping is not None:
                 # The exit may come from CRIU ending a dumped container: report it as the stop

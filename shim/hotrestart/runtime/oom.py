@@ -8,11 +8,15 @@ import ctypes
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from hotrestart.runtime import cgroups
 
 log = logging.getLogger(__name__)
+
+# How long an init's exit may wait, on v1, to tell the removal's signal from an OOM's.
+REMOVAL_WAIT = 0.25
 
 
 def memory_cgroup_dir(pid: int) -> str | None:
@@ -42,17 +46,20 @@ class OOMWatcher:
     this process could look), the pod's cgroup answers: v2 counters are hierarchical, so the
     kills the pod's counter gained since this container started, less those this shim has
     already put down to the pod's containers (a pod's containers share one shim under the
-    CRI), were this container's if its init died by SIGKILL (`poll(killed=True)`). A
+    CRI), were this container's if its init died by SIGKILL (`at_exit(killed=True)`). A
     sibling's kill that its own watcher has not read yet, in that same moment, would be
     counted here; containerd's runc shim has no better source.
 
     v1 counters are not hierarchical, but the eventfd counts: the kernel signals it once
-    per OOM (before the kill) and once more when the cgroup is removed. Signals read while
-    the cgroup still existed are OOMs; of those read once it is gone, one is the removal's.
-    Notifications the counter never explained are reported when the cgroup goes. One read
-    in the instant between the removal and its signal is taken for the removal's; a
-    notification without a kill (oom_kill_disable) counts as one, as containerd's runc
-    shim counts every notification.
+    per OOM (before the kill; also for an OOM of a cgroup above) and once more when the
+    cgroup is removed, from a work queue a few milliseconds after the rmdir. Signals read
+    while the cgroup still existed were OOMs; of those read once it is gone, one is the
+    removal's when it has come. At the exit of an init killed by SIGKILL (`at_exit`), the
+    notifications no counted kill explains are reported as kills; when which of the
+    signals read is the removal's cannot be told yet, the exit waits up to `REMOVAL_WAIT`
+    for one more. An OOM notification without a kill (oom_kill_disable, an OOM above
+    resolved elsewhere) followed by a SIGKILL of the init counts as a kill, as containerd's
+    runc shim counts every notification.
     """
 
     def __init__(self, cgroup_dir: str, on_oom: Callable[[], None]) -> None:
@@ -63,8 +70,11 @@ class OOMWatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._kills = 0
         self._v1 = os.path.exists(os.path.join(cgroup_dir, "memory.oom_control"))
-        # v1: OOM notifications read while the cgroup existed that no counted kill explains.
-        self._notified = 0
+        # v1, all since the start: kills counted, signals read while the cgroup existed
+        # (OOMs), and signals read once it was gone (the removal's among them, once it came).
+        self._counted = 0
+        self._signalled = 0
+        self._after = 0
         # v2: the pod's counter and the kills put down to its containers, when this started.
         self._pod_base: tuple[int, int] | None = None
 
@@ -97,25 +107,53 @@ class OOMWatcher:
     def poll(self, *, killed: bool = False) -> None:
         """Report kills that happened since the last look; `killed`: the init has just died
         by SIGKILL (its cgroup may be gone already)."""
+        kills = self._read_kills()  # before the eventfd: a notification comes before its kill
         signals = self._drain()
-        kills = self._read_kills()
-        if kills is None:
-            if self._v1:
-                self._v1_gone(signals)
-            elif killed:
-                # Only the exit's own look may use the pod's counter (the inotify wake-up
-                # that finds the cgroup gone must leave it for that look), and only once.
-                unexplained = self._unexplained_pod_kills()
-                self._pod_base = None
-                if unexplained > 0:
-                    self._report(unexplained)  # every process of the container may have gone
-            return
+        there = os.path.isdir(self._dir)  # after the drain: the removal signals only once it is gone
         if self._v1:
-            self._notified += signals  # the removal signals only once the cgroup is gone
-        if kills > self._kills:
+            if there:
+                self._signalled += signals
+            else:
+                self._after += signals
+        if kills is not None and kills > self._kills:
             self._report(kills - self._kills)
-            self._notified = max(0, self._notified - (kills - self._kills))
+            self._counted += kills - self._kills
             self._kills = kills
+        if there or self._v1 or not killed:
+            return
+        # v2, gone: only the exit's own look may use the pod's counter (the inotify wake-up
+        # that finds the cgroup gone must leave it for that look), and only once.
+        unexplained = self._unexplained_pod_kills()
+        self._pod_base = None
+        if unexplained > 0:
+            self._report(unexplained)  # every process of the container may have gone
+
+    async def at_exit(self, *, killed: bool) -> None:
+        """The look at the init's exit, before it is reported; `killed`: it died by SIGKILL."""
+        self.poll(killed=killed)
+        if not self._v1 or not killed or self._efd < 0 or os.path.isdir(self._dir):
+            return
+        # v1, the cgroup gone. Were every signal read since an OOM's, would any be unexplained?
+        if self._after and self._signalled + self._after - self._counted > 0:
+            more = await self._next_signals(REMOVAL_WAIT)
+            if more:  # the removal's came only now: those before were all OOMs
+                self._after += more - 1
+            else:
+                self._after -= 1  # one of them was the removal's
+        unexplained = self._signalled + self._after - self._counted
+        self.stop()  # nothing more to learn
+        if unexplained > 0:
+            self._counted += unexplained
+            self._report(unexplained)
+
+    async def _next_signals(self, timeout: float) -> int:
+        """Wait up to `timeout` for the eventfd to be signalled again; how many times it was."""
+        deadline = time.monotonic() + timeout
+        while True:
+            n = self._drain()
+            if n or time.monotonic() >= deadline:
+                return n
+            await asyncio.sleep(0.01)
 
     def _drain(self) -> int:
         """Consume the notification; on v1 the number of eventfd signals it held."""
@@ -126,13 +164,6 @@ class OOMWatcher:
         except OSError:  # nothing pending
             return 0
         return int.from_bytes(data[:8], sys.byteorder) if self._v1 and len(data) >= 8 else 0
-
-    def _v1_gone(self, signals: int) -> None:
-        unexplained = self._notified + max(0, signals - 1)
-        self._notified = 0
-        self.stop()  # nothing more to learn: a later signal could only be the removal's
-        if unexplained > 0:
-            self._report(unexplained)
 
     def _unexplained_pod_kills(self) -> int:
         if self._pod_base is None:
