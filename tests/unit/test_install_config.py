@@ -126,6 +126,19 @@ def test_an_import_is_added_to_an_array_over_several_lines() -> None:
     assert remove(edited or "") == trailing, "byte for byte"
 
 
+def test_an_array_over_several_lines_comes_back_with_its_comments_and_line_endings() -> None:
+    for original in (
+        "version = 3\nimports = [\n  'a' # c\n]\n",
+        "version = 3\r\nimports = [\r\n  'a'\r\n]\r\n",
+        "version = 3\r\nimports = [\r\n  'a' # c\r\n]\r\n",
+        "version = 3\nimports = [ # why\n  'a', # c\n  'b' # d\n  ]\n",
+    ):
+        edited = add(original, 3)
+        assert edited is not None and tomllib.loads(edited)["imports"][-1] == DROPIN
+        assert ("\r\n" in original) == ('hotrestart.toml"\r\n' in edited), "ours ends its line as theirs do"
+        assert remove(edited) == original, original
+
+
 def test_a_file_without_a_final_newline_comes_back_without_one() -> None:
     for original in ("version = 2", 'version = 2\nimports = ["/a.toml"]', "version = 2\n[plugins]\n  x = 1"):
         edited = add(original)

@@ -88,7 +88,8 @@ def remove_import(text: str, dropin: str, *, config_path: str, keep_line: bool =
             ours = [item for item in array.items if toml_text.value(edited[item[0] : item[1]]) == dropin]
             if not ours:
                 break
-            edited = toml_text.cut(edited, *toml_text.entry_span(edited, array, ours[0]))
+            for span in toml_text.entry_cuts(edited, array, ours[0]):
+                edited = toml_text.cut(edited, *span)
         expected = {**before, "imports": kept}
     _check(edited, expected, config_path, f"removing {dropin} from its imports")
     return edited

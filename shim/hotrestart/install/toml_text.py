@@ -188,10 +188,12 @@ def append_entry(text: str, array: Array, entry: str) -> str:
         last_line = text.rfind("\n", 0, items[-1][0]) + 1
         indent = text[last_line : items[-1][0]]
         indent = indent if not indent.strip() else "  "
-        # Ours ends with a comma only if theirs did, so the removal gives back their bytes.
+        # Ours ends with a comma only if theirs did, and with their line ending, so that the
+        # removal gives back their bytes.
+        eol = "\r\n" if text[line_start - 2 : line_start] == "\r\n" else "\n"
         if trailing_comma:
-            return text[:line_start] + f"{indent}{quoted},\n" + text[line_start:]
-        return insert(text[:line_start] + f"{indent}{quoted}\n" + text[line_start:], items[-1][1], ",")
+            return text[:line_start] + f"{indent}{quoted},{eol}" + text[line_start:]
+        return insert(text[:line_start] + f"{indent}{quoted}{eol}" + text[line_start:], items[-1][1], ",")
     if not items:
         return insert(text, array.open_at + 1, quoted)
     if trailing_comma:
@@ -199,12 +201,20 @@ def append_entry(text: str, array: Array, entry: str) -> str:
     return insert(text, items[-1][1], f", {quoted}")
 
 
-def entry_span(text: str, array: Array, item: tuple[int, int]) -> tuple[int, int]:
-    """What to cut to remove `item`: with the comma after it, or else the one before it, and
-    with the whole line when nothing else is on it."""
+def entry_cuts(text: str, array: Array, item: tuple[int, int]) -> list[tuple[int, int]]:
+    """What to cut to remove `item`, last first: with the comma after it, or else the one
+    before it, and with the whole line when nothing else is on it. An item alone on its line
+    whose comma is on the line before takes only that comma with it (a comment after the
+    comma stays)."""
     start, end = item
     after = [c for c in array.commas if c >= end and all(not (end <= s < c) for s, _ in array.items)]
     before = [c for c in array.commas if c < start and all(not (c < s < start) for s, _ in array.items)]
+    line_start = text.rfind("\n", 0, start) + 1
+    line_end = text.find("\n", end)
+    line_end = len(text) if line_end == -1 else line_end
+    alone = not text[line_start:start].strip() and line_end < array.close_at
+    if not after and before and before[-1] < line_start and alone and not text[end:line_end].strip():
+        return [(line_start, line_end + 1), (before[-1], before[-1] + 1)]
     if after:
         end = after[0] + 1
     elif before:
@@ -213,10 +223,10 @@ def entry_span(text: str, array: Array, item: tuple[int, int]) -> tuple[int, int
     line_end = text.find("\n", end)
     line_end = len(text) if line_end == -1 else line_end
     if not text[line_start:start].strip() and not text[end:line_end].strip() and line_end < array.close_at:
-        return line_start, line_end + 1
+        return [(line_start, line_end + 1)]
     while after and end < len(text) and text[end] in " \t":
         end += 1
-    return start, end
+    return [(start, end)]
 
 
 def insert(text: str, at: int, what: str) -> str:
