@@ -156,6 +156,8 @@ def test_doctor_says_which_mode_each_node_is_in(nodes: tuple[ContainerdInstance,
             env=env,
             check=False,
         )
-        said.append(next(line for line in run.stdout.splitlines() if "archive restore (hotrestart)" in line))
+        line = next((line for line in run.stdout.splitlines() if "archive restore (hotrestart)" in line), None)
+        assert line is not None, run.stdout + run.stderr
+        said.append(line)
     assert "off (the default)" in said[0], said
     assert "on, archives attested with the store key only" in said[1], said

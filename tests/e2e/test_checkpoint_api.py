@@ -142,10 +142,12 @@ def test_periodic_checkpoint_restores_after_an_oom_kill(
 
 def test_clean_exit_retires_periodic_checkpoints(client: CRIClient, inst: ContainerdInstance, tmp_path: Path) -> None:
     pod = Incarnation(client, inst, tmp_path, "job-0", annotations={"hotrestart.io/checkpoint-interval": "1s"})
-    pod.create(["sh", "-c", "i=0; while [ $i -lt 40 ]; do i=$((i+1)); echo $i 1 1; sleep 0.1; done"])
+    # Under emulation a dump takes longer than the job's 4 s of work: it works for longer.
+    steps = round(40 * TIME_SCALE)
+    pod.create(["sh", "-c", f"i=0; while [ $i -lt {steps} ]; do i=$((i+1)); echo $i 1 1; sleep 0.1; done"])
     wait_published(inst, timeout=20)
-    assert client.wait_container_exit(pod.cid, timeout=30).exit_code == 0
-    assert host.wait_until(lambda: not stored(inst), 10), "a finished job leaves no restore point"
+    assert client.wait_container_exit(pod.cid, timeout=30 * TIME_SCALE).exit_code == 0
+    assert host.wait_until(lambda: not stored(inst), 10 * TIME_SCALE), "a finished job leaves no restore point"
     pod.remove()
 
 

@@ -221,8 +221,10 @@ def test_restored_container_that_keeps_dying_is_not_restored_again(
     client: CRIClient, inst: ContainerdInstance, tmp_path: Path
 ) -> None:
     # Counts to 25 and exits on its own: stopped at about 10 the first time, every restore
-    # then dies within the restore window, as a crash loop would.
-    limited = ["sh", "-c", "i=0; while [ $i -lt 25 ]; do i=$((i+1)); echo $i 1 1; sleep 0.1; done"]
+    # then dies within the restore window, as a crash loop would. Under emulation the stop's
+    # dump takes seconds to begin: twice as many steps, still well inside the window.
+    steps = round(25 * min(TIME_SCALE, 2))
+    limited = ["sh", "-c", f"i=0; while [ $i -lt {steps} ]; do i=$((i+1)); echo $i 1 1; sleep 0.1; done"]
     first = Incarnation(client, inst, tmp_path, "loop-0")
     first.create(limited)
     time.sleep(1.0)
@@ -234,8 +236,8 @@ def test_restored_container_that_keeps_dying_is_not_restored_again(
     for attempt in range(3):
         pod.create(limited, attempt=attempt)
         assert pod.first()[0] == counter + 1, f"restore {attempt + 1} continues from the checkpoint"
-        assert client.wait_container_exit(pod.cid, timeout=30).exit_code == 0
-        assert host.wait_until(lambda: bool(stored(inst) or stored(inst, "quarantine")), 10)
+        assert client.wait_container_exit(pod.cid, timeout=30 * TIME_SCALE).exit_code == 0
+        assert host.wait_until(lambda: bool(stored(inst) or stored(inst, "quarantine")), 10 * TIME_SCALE)
     assert not stored(inst) and len(stored(inst, "quarantine")) == 1
     assert "died within" in (stored(inst, "quarantine")[0] / "reason.txt").read_text()
     pod.create(limited, attempt=3)

@@ -82,13 +82,19 @@ def _snapshot(root: Path) -> dict[str, bytes | str]:
 def _mounted_as_host(host_root: Path) -> Iterator[None]:
     """The scratch host root as a node's / is: a shared mount (HostToContainer needs one),
     with the host's /proc (so that the installer sees which bundle versions run), /sys, /dev
-    and the test bed's runc and CRIU (for the doctor's checks)."""
+    and the test bed's runc and CRIU (for the doctor's checks).
+
+    On a host whose / is shared (systemd makes it so), a copy of a shared mount joins its
+    peer group, and unmounting the copy would unmount the original: the scratch root gets a
+    peer group of its own, and the copies of the host's mounts are made its slaves."""
     subprocess.run(["mount", "--bind", str(host_root), str(host_root)], check=True)
     try:
+        subprocess.run(["mount", "--make-private", str(host_root)], check=True)
         subprocess.run(["mount", "--make-rshared", str(host_root)], check=True)
         subprocess.run(["mount", "-t", "proc", "proc", str(host_root / "proc")], check=True)
         for rel in MOUNTED[1:]:
             subprocess.run(["mount", "--rbind", f"/{rel}", str(host_root / rel)], check=True)
+            subprocess.run(["mount", "--make-rslave", str(host_root / rel)], check=True)
         yield
     finally:
         subprocess.run(["umount", "-R", "-l", str(host_root)], check=False)

@@ -138,6 +138,41 @@ def test_exactly_one_of_many_concurrent_claimers_wins(env: dict[str, str], tmp_p
         assert wins.count(True) == 1, wins
 
 
+def test_a_conditional_put_whose_answer_was_lost_is_settled_by_reading_back(
+    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client's retry of a PUT that had landed is refused (412), and a timeout says
+    nothing: the claimer reads the object back and keeps what is its own, and only that."""
+    import obstore
+    import obstore.exceptions
+
+    store = _store(env, tmp_path)
+    bucket = store.bucket
+    assert bucket.create("v1/probe/a", b"mine 1")
+    assert bucket.create("v1/probe/a", b"mine 1"), "a refused retry of our own PUT: ours"
+    assert not bucket.create("v1/probe/a", b"mine 2"), "someone else's"
+    assert not bucket.create("v1/probe/a", b"mine"), "someone else's, larger than ours"
+
+    entry, _ = _publish(store, tmp_path, os.urandom(64 << 10))
+    assert entry is not None
+    real_put = obstore.put
+
+    def landed_then_lost(*args: Any, **kwargs: Any) -> Any:
+        real_put(*args, **kwargs)
+        raise obstore.exceptions.GenericError("the connection was reset")
+
+    monkeypatch.setattr(obstore, "put", landed_then_lost)
+    assert bucket.create("v1/probe/b", b"mine 3"), "a timeout after the PUT landed: ours"
+    assert not bucket.create("v1/probe/b", b"mine 4")
+    claimed = store.claim(entry)
+    assert claimed is not None, "the claim landed, its answer lost: still ours"
+    assert store.claim(entry) is None, "and no one else's"
+    monkeypatch.setattr(obstore, "put", real_put)
+    store.remove(claimed)
+    bucket.delete(["v1/probe/a", "v1/probe/b"])
+    assert list(store.entries()) == []
+
+
 def test_a_claim_loses_to_a_consumed_checkpoint(env: dict[str, str], tmp_path: Path) -> None:
     """A restorer that listed a checkpoint before another consumed it does not get it."""
     store = _store(env, tmp_path)

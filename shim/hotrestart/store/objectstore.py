@@ -6,7 +6,7 @@ offers: a PUT is atomic, a LIST sees every PUT that returned, and a conditional 
 
     v1/chunks/<space>/<digest>              a chunk (as in the directory store)
     v1/checkpoints/<key>/<id>/manifest.json published when this is written, after its chunks
-    v1/claimed/<id>                         a restore's claim: "<host> <pid> <since>"
+    v1/claimed/<id>                         a restore's claim: "<host> <pid> <since> <token>"
     v1/quarantine/<id>/reason.txt           set aside (restore.log beside it)
     v1/pending/<key>/<id>                   a checkpoint of the identity is being taken
     v1/restores/<id>                        what its last restore noted (`restores`)
@@ -383,11 +383,13 @@ class ObjectStore:
         if entry.manifest is None or not entry.key:
             return None
         mine = f"v1/claimed/{entry.id}"
+        body = _claim_body()
         try:
-            if not self.bucket.create(mine, owner_line(time.time()).encode()):
+            if not self.bucket.create(mine, body):
                 return None
         except OSError as exc:
             log.warning("checkpoint %s not claimed: %s", entry.id, exc)
+            self._drop_if_mine(mine, body)  # a claim that landed after all would hold it
             return None
         try:
             # Consumed (manifest gone) or set aside between the listing and the claim: not ours.
@@ -404,6 +406,13 @@ class ObjectStore:
                 self.bucket.delete([mine])  # never left holding what it did not get
             return None
         return Entry("claimed", entry.id, entry.path, fresh.manifest, key=entry.key, mtime=claimed.mtime)
+
+    def _drop_if_mine(self, key: str, body: bytes) -> None:
+        """Remove `key` if it holds `body`. A PUT still in flight and landing later cannot be
+        helped: such a claim holds its checkpoint until this process is gone (`owner_alive`)."""
+        with contextlib.suppress(OSError):
+            if self.bucket.get(key, len(body)) == body:
+                self.bucket.delete([key])
 
     def release(self, entry: Entry, manifest: Manifest) -> Entry:
         key = identity_key(manifest.identity)
@@ -429,9 +438,7 @@ class ObjectStore:
         published checkpoint is claimed first (FileExistsError when a restore holds it): one
         being restored elsewhere is never taken from under it."""
         safefs.check_name(entry.id)
-        if entry.state == "checkpoints" and not self.bucket.create(
-            f"v1/claimed/{entry.id}", owner_line(time.time()).encode()
-        ):
+        if entry.state == "checkpoints" and not self.bucket.create(f"v1/claimed/{entry.id}", _claim_body()):
             raise FileExistsError(f"checkpoint {entry.id} is being restored; not removed")
         if entry.key:
             self.bucket.delete([f"v1/checkpoints/{entry.key}/{entry.id}/{MANIFEST}"])
@@ -525,10 +532,6 @@ class ObjectStore:
             if not self._take_lock(token):
                 log.info("chunks not collected: another collection is running")
                 return 0, 0
-        except OSError as exc:
-            log.warning("chunks not collected: %s", exc)
-            return 0, 0
-        try:
             return self._collect(min_age, token)
         except (chunkgc.Unknown, OSError) as exc:
             log.warning("chunks not collected: %s", exc)
@@ -677,6 +680,12 @@ class _NoJournal:
 
     def close(self) -> None:
         pass
+
+
+def _claim_body() -> bytes:
+    """A claim: "<host> <pid> <since> <token>", the token so that a claimer can tell its own
+    claim from another's when the answer to its PUT was lost (`Bucket.create`)."""
+    return f"{owner_line(time.time()).strip()} {secrets.token_hex(8)}\n".encode()
 
 
 def _chunk_key(space: str, digest: str) -> str:

@@ -227,14 +227,36 @@ class Bucket:
         self._call("PUT", key, lambda: obstore.put(self._store, key, data, use_multipart=False))
 
     def create(self, key: str, data: bytes) -> bool:
-        """Write `key` only if nothing is there (If-None-Match: *); False when something was."""
+        """Write `key` only if nothing is there (If-None-Match: *); False when something else was.
+
+        A PUT whose answer was lost may still have landed: a timeout, or the client's retry
+        refused (412) because its first attempt had. Both are settled by reading the object
+        back, so `data` must be unique to the caller (a token or a checkpoint id in it):
+        whoever finds its own bytes there won. When the read-back cannot tell either (the
+        store out of reach, or the PUT still in flight), the first error is raised, and the
+        caller removes what may have landed where it can."""
         import obstore
 
+        unclear: OSError | None = None
         try:
             self._call("PUT", key, lambda: obstore.put(self._store, key, data, mode="create", use_multipart=False))
+            return True
         except FileExistsError:
-            return False
-        return True
+            pass
+        except PermissionError:
+            raise
+        except OSError as exc:
+            unclear = exc
+        try:
+            return self.get(key, len(data)) == data
+        except FileNotFoundError:
+            if unclear is not None:
+                raise unclear from None
+            return False  # someone else's, removed since
+        except OSError as exc:
+            if exc.errno == errno.EFBIG:
+                return False  # larger than ours: someone else's
+            raise (unclear or exc) from None
 
     def head(self, key: str) -> Meta | None:
         import obstore
