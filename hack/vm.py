@@ -219,6 +219,12 @@ def memhog(dst: Path) -> Path:
 
 def test(driver: str, pytest_args: list[str], timeout: float, out: Path, cgroup: str = "v2") -> int:
     shared_out = "/run/hotrestart-vm-out"
+    # The checkout is read-only in the machine: the CRI client's stubs, which the tests
+    # generate on first use, are made here (a fresh clone has none).
+    sys.path.insert(0, str(HERE))
+    from cri._gen import ensure_generated
+
+    ensure_generated()
     emulated = accelerator() == "tcg"
     env = {
         "CI": os.environ.get("CI", "true"),
