@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from hotrestart.runtime import cgroups
+from integration.cgroupdirs import empty_and_remove
 
 FREEZER = Path("/sys/fs/cgroup/freezer")
 
@@ -46,12 +46,7 @@ def freezer() -> Iterator[Path]:
             (path / "cgroup.freeze").write_text("0")
         else:
             (path / "freezer.state").write_text("THAWED")
-        for pid in (path / "cgroup.procs").read_text().split():
-            os.kill(int(pid), signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while (path / "cgroup.procs").read_text().split() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        path.rmdir()
+        empty_and_remove(path)
 
 
 def _state(path: Path) -> str:

@@ -17,6 +17,7 @@ import pytest
 
 from hotrestart.runtime import cgroups
 from hotrestart.runtime.oom import OOMWatcher, memory_cgroup_dir
+from integration.cgroupdirs import empty_and_remove
 
 V2 = cgroups.unified_host()
 V1_MEMORY = Path(cgroups.ROOT) / "memory"
@@ -30,17 +31,6 @@ def _require() -> None:
         if os.environ.get("CI"):
             pytest.fail("needs root and a memory cgroup")
         pytest.skip("needs root and a memory cgroup")
-
-
-def _empty_and_remove(path: Path) -> None:
-    if not path.exists():
-        return
-    for pid in (path / "cgroup.procs").read_text().split():
-        os.kill(int(pid), signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while (path / "cgroup.procs").read_text().split() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    path.rmdir()
 
 
 @pytest.fixture
@@ -63,8 +53,8 @@ def container_cgroup() -> Iterator[Path]:
             (ctr / "memory.swappiness").write_text("0")
         yield ctr
     finally:
-        _empty_and_remove(ctr)
-        _empty_and_remove(pod)
+        empty_and_remove(ctr)
+        empty_and_remove(pod)
 
 
 def _hog_in(cgroup: Path) -> subprocess.Popen[bytes]:
