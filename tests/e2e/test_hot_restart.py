@@ -220,28 +220,34 @@ def test_sigkill_during_checkpoint_leaves_nothing(client: CRIClient, inst: Conta
 def test_restored_container_that_keeps_dying_is_not_restored_again(
     client: CRIClient, inst: ContainerdInstance, tmp_path: Path
 ) -> None:
-    # Counts to 25 and exits on its own: stopped at about 10 the first time, every restore
-    # then dies within the restore window, as a crash loop would. Under emulation the stop's
-    # dump takes seconds to begin: twice as many steps, still well inside the window.
-    steps = round(25 * min(TIME_SCALE, 2))
-    limited = ["sh", "-c", f"i=0; while [ $i -lt {steps} ]; do i=$((i+1)); echo $i 1 1; sleep 0.1; done"]
+    # Counts until a flag in a host folder appears, then exits: the first run is stopped
+    # (checkpointed) with no flag, and every restore after the flag is set dies at once, as a
+    # crash loop would. No race between the first stop and the workload's own end.
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    loop = "i=0; while true; do i=$((i+1)); echo $i 1 1; [ -e /flags/die ] && exit 0; sleep 0.1; done"
+    command, mounts = ["sh", "-c", loop], [(str(flags), "/flags", True)]
     first = Incarnation(client, inst, tmp_path, "loop-0")
-    first.create(limited)
-    time.sleep(1.0)
+    first.create(command, mounts=mounts)
+    first.state()
     assert first.stop().exit_code == 143
     counter = first.state()[0]
     first.remove()
     wait_published(inst)
+    (flags / "die").touch()
     pod = Incarnation(client, inst, tmp_path, "loop-0")
     for attempt in range(3):
-        pod.create(limited, attempt=attempt)
+        pod.create(command, mounts=mounts, attempt=attempt)
         assert pod.first()[0] == counter + 1, f"restore {attempt + 1} continues from the checkpoint"
         assert client.wait_container_exit(pod.cid, timeout=30 * TIME_SCALE).exit_code == 0
         assert host.wait_until(lambda: bool(stored(inst) or stored(inst, "quarantine")), 10 * TIME_SCALE)
     assert not stored(inst) and len(stored(inst, "quarantine")) == 1
     assert "died within" in (stored(inst, "quarantine")[0] / "reason.txt").read_text()
-    pod.create(limited, attempt=3)
+    pod.create(command, mounts=mounts, attempt=3)
     assert pod.first()[0] == 1, "after three early deaths the container starts cold"
+    # As a kubelet does, remove it once it has exited: a stop that races containerd's own
+    # handling of the exit can return before the exit is recorded.
+    assert client.wait_container_exit(pod.cid, timeout=30 * TIME_SCALE).exit_code == 0
     pod.remove()
 
 
