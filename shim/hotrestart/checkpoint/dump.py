@@ -24,6 +24,7 @@ from hotrestart.checkpoint.compat import image_of, spec_digest
 from hotrestart.checkpoint.dumped import Dumped, DumpRequest
 from hotrestart.checkpoint.engine import Engine
 from hotrestart.checkpoint.policy import Policy
+from hotrestart.checkpoint.tracking import PARENT_LINK, Tracking
 from hotrestart.container.seam import View
 from hotrestart.errors import CheckpointError
 from hotrestart.runtime import netinfo
@@ -44,10 +45,15 @@ async def dump(
     *,
     around: Around | None = None,
     gpu: dict[str, Any] | None = None,
+    tracking: Tracking | None = None,
+    incremental: bool = True,
 ) -> Dumped:
     """CRIU-dump `view`'s container and capture its files within `budget` seconds. The
     process tree is frozen only for the dump itself (`around` wraps exactly the capture and
-    `runc checkpoint`: the caller's freeze). Raises on failure, leaving nothing behind."""
+    `runc checkpoint`: the caller's freeze). With `tracking` (the container's chain of
+    dumps, where the kernel tracks soft-dirty pages), the dump is taken with memory tracking
+    and, when `incremental` and there is a parent, holds only what changed since it (made
+    whole when published). Raises on failure, leaving nothing behind."""
     t0 = time.monotonic()
     runtime = await engine.runtime_info(view.runc)
     if not runtime.get("criu"):
@@ -60,11 +66,13 @@ async def dump(
     work, tmpfs = workarea.make(engine.work, cid, usage, prefault=req.leave_running)
     net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(view.spec)))
     timings: dict[str, float] = {}
+    link = tracking.begin(incremental) if tracking is not None else None
     try:
         images = os.path.join(work, "images")
         opts = CheckpointOpts(
             image_path=images,
             work_path=os.path.join(work, "criu"),
+            parent_path=tracking.parent_path(link, images) if tracking is not None and link is not None else "",
             leave_running=req.leave_running,
             tcp_established=req.tcp_established,
             ext_unix_sk=req.ext_unix_sk,
@@ -98,7 +106,9 @@ async def dump(
                 timings["dump"] = time.monotonic() - t0
                 log.info("%s: dump %s (%s) ends: %s after %.2fs", view.id, cid, req.reason, outcome, timings["dump"])
         engine.publisher.dumped(policy.identity)
-        dumped_files = [(os.path.join(images, name), f"images/{name}.zst") for name in sorted(os.listdir(images))]
+        # CRIU's link to the parent dump is not stored: a stored checkpoint is whole.
+        names = sorted(n for n in os.listdir(images) if n != PARENT_LINK)
+        dumped_files = [(os.path.join(images, name), f"images/{name}.zst") for name in names]
         dumped_files += captured
     except BaseException:
         net.cancel()
@@ -128,7 +138,9 @@ async def dump(
         tcp=policy.tcp,
         gpu=gpu or {},
     )
-    return Dumped(cid, staging, work, tmpfs, dumped_files, manifest, t0, images, sealer)
+    if link is not None and link.parent is not None:
+        log.info("%s: dump %s holds what changed since %s", view.id, cid, link.parent.entry.id)
+    return Dumped(cid, staging, work, tmpfs, dumped_files, manifest, t0, images, sealer, tracking, link)
 
 
 def memory_usage(pid: int) -> int:

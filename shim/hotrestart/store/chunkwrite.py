@@ -150,6 +150,11 @@ class ChunkWriter:
             self.raw_new += len(raw)
         return len(data)
 
+    def pin(self, space: str, digest: str) -> None:
+        """Record a chunk this checkpoint is about to read (its parent's pages), so that no
+        collection removes it meanwhile (see chunkgc)."""
+        self._journal.add(space, digest)
+
     @property
     def space(self) -> str:
         return self._codec.space

@@ -1,0 +1,146 @@
+"""A container's chain of dumps under memory tracking: a dump holding only what changed is
+published whole, and becomes the next parent only when nothing came between."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from hotrestart.checkpoint.dumped import Dumped
+from hotrestart.checkpoint.publish import Publisher
+from hotrestart.checkpoint.storecalls import StoreCalls
+from hotrestart.checkpoint.tracking import Link, Tracking
+from hotrestart.store import pagemap
+from hotrestart.store.entry import Entry as StoreEntry
+from hotrestart.store.manifest import Identity, Manifest
+from hotrestart.store.pagemap import PAGE, PE_PARENT, PE_PRESENT, Entry, Pagemap
+from hotrestart.store.store import Store
+
+IDENT = Identity("ns", "pod", "app")
+# CRIU's inventory of a dump with tracking on; only kept and handed back, never read here.
+INVENTORY = b"inventory with the dump's uptime"
+
+
+def page(tag: str, vaddr: int) -> bytes:
+    return f"{tag}@{vaddr:#x}".encode().ljust(PAGE, b".")
+
+
+def _dump(store: Store, tmp: Path, tracking: Tracking, pm: Pagemap, tag: str, *, link: Link | None = None) -> Dumped:
+    """What dump.dump hands the publisher: CRIU's images of one task in a work folder."""
+    cid, staging = store.new_staging()
+    work = tmp / f"work-{cid}"
+    images = work / "images"
+    images.mkdir(parents=True)
+    (images / "pagemap-1.img").write_bytes(pagemap.write(pm))
+    pages = b"".join(page(tag, e.vaddr + i * PAGE) for e in pm.present for i in range(e.pages))
+    (images / f"pages-{pm.pages_id}.img").write_bytes(pages)
+    (images / "inventory.img").write_bytes(INVENTORY)
+    if link is None:
+        link = tracking.begin()
+    if link.parent is not None:
+        os.symlink(os.path.relpath(link.parent.maps, images), images / "parent")
+    files = [(str(images / n), f"images/{n}.zst") for n in sorted(os.listdir(images)) if n != "parent"]
+    manifest = Manifest(
+        id=cid,
+        identity=IDENT,
+        created_at=time.time(),
+        node="n1",
+        reason="periodic",
+        image="img",
+        spec_digest="d",
+        runtime={},
+        network={},
+        files=[],
+        timings={},
+    )
+    return Dumped(cid, staging, str(work), False, files, manifest, time.monotonic(), str(images), None, tracking, link)
+
+
+async def _publish(store: Store, dumped: Dumped) -> StoreEntry | None:
+    publisher = Publisher(store, StoreCalls(store))
+    publisher.publish_later(dumped)
+    await publisher.drain(60)
+    return store.latest(IDENT)
+
+
+def _pages(store: Store, entry: StoreEntry, pages_id: int, tmp: Path) -> bytes:
+    out = tmp / f"restored-{entry.id}"
+    store.restore_file(entry, f"images/pages-{pages_id}.img.zst", str(out))
+    return out.read_bytes()
+
+
+FULL = Pagemap(3, (Entry(0x10000, 4, PE_PRESENT), Entry(0x40000, 2, PE_PRESENT)))
+# Since FULL: one page rewritten, one new run; the rest is in the parent.
+DELTA = Pagemap(
+    5,
+    (
+        Entry(0x10000, 2, PE_PARENT),
+        Entry(0x12000, 1, PE_PRESENT),
+        Entry(0x13000, 1, PE_PARENT),
+        Entry(0x40000, 2, PE_PARENT),
+        Entry(0x90000, 1, PE_PRESENT),
+    ),
+)
+
+
+async def test_a_dump_of_what_changed_is_stored_whole_and_the_chain_goes_on(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "store"))
+    tracking = Tracking(str(tmp_path / "track"))
+    first = await _publish(store, _dump(store, tmp_path, tracking, FULL, "first"))
+    assert first is not None
+    link = tracking.begin()
+    assert link.parent is not None and link.parent.entry.id == first.id
+    assert sorted(os.listdir(link.parent.maps)) == ["inventory.img", "pagemap-1.img"]
+    assert os.path.relpath(link.parent.maps, tmp_path / "w" / "images").startswith("../../track/")
+
+    second = await _publish(store, _dump(store, tmp_path, tracking, DELTA, "second", link=link))
+    assert second is not None and second.id != first.id and second.manifest is not None
+    names = sorted(f.path for f in second.manifest.files)
+    assert names == ["images/inventory.img.zst", "images/pagemap-1.img.zst", "images/pages-5.img.zst"]
+    want = [page("first", 0x10000), page("first", 0x11000), page("second", 0x12000), page("first", 0x13000)]
+    want += [page("first", 0x40000), page("first", 0x41000), page("second", 0x90000)]
+    assert _pages(store, second, 5, tmp_path) == b"".join(want)
+    out = tmp_path / "pagemap"
+    store.restore_file(second, "images/pagemap-1.img.zst", str(out))
+    assert pagemap.read(out.read_bytes()) == Pagemap(
+        5, (Entry(0x10000, 4, PE_PRESENT), Entry(0x40000, 2, PE_PRESENT), Entry(0x90000, 1, PE_PRESENT))
+    )
+    assert store.verify(second) == []
+    # The second is the next parent, with its pagemap whole; the first's folder is gone.
+    after = tracking.begin()
+    assert after.parent is not None and after.parent.entry.id == second.id
+    assert pagemap.read((Path(after.parent.maps) / "pagemap-1.img").read_bytes()).has_parent_pages is False
+    assert os.listdir(tmp_path / "track") == [os.path.basename(after.parent.maps)]
+    tracking.close()
+    assert not (tmp_path / "track").exists()
+
+
+async def test_a_dump_that_began_later_keeps_an_earlier_one_from_becoming_the_parent(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "store"))
+    tracking = Tracking(str(tmp_path / "track"))
+    earlier = _dump(store, tmp_path, tracking, FULL, "first")
+    later = tracking.begin()  # a stop's dump, say, began while the first was being published
+    assert later.parent is None
+    assert await _publish(store, earlier) is not None
+    assert tracking.begin().parent is None, "the later dump cleared the tracking: the next reads all"
+
+
+async def test_a_dump_that_cannot_be_made_whole_is_not_published_and_ends_the_chain(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "store"))
+    tracking = Tracking(str(tmp_path / "track"))
+    first = await _publish(store, _dump(store, tmp_path, tracking, FULL, "first"))
+    assert first is not None
+    link = tracking.begin()
+    beyond = Pagemap(5, (Entry(0x10000, 1, PE_PRESENT), Entry(0x80000, 1, PE_PARENT)))  # not in the parent
+    assert await _publish(store, _dump(store, tmp_path, tracking, beyond, "second", link=link)) == first
+    assert tracking.begin().parent is None
+    assert not os.listdir(tmp_path / "store" / "v1" / "staging")
+
+
+def test_a_first_dump_gets_an_empty_parent_so_that_tracking_is_on(tmp_path: Path) -> None:
+    tracking = Tracking(str(tmp_path / "track"))
+    images = tmp_path / "work" / "images"
+    assert tracking.parent_path(tracking.begin(), str(images)) == "../no-parent"
+    assert (tmp_path / "work" / "no-parent").is_dir()
+    assert tracking.begin(incremental=False).parent is None
