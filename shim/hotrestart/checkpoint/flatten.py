@@ -7,6 +7,11 @@ so before it is stored each such pagemap is rewritten without parent runs, and i
 image is rebuilt with the parent's pages for them, in address order, as a full dump would
 have written it. Where the parent does not hold a page the child says it does, the dump
 is refused: a restore must never run on memory that is not the process's.
+
+Pages put in from the parent are restored eagerly (no `PE_LAZY`), as CRIU restores the
+parent pages of a chain itself: whether a page may be left to userfaultfd depends on the
+child's mappings and threads (a locked mapping, a thread's stack page), which the parent's
+flags do not tell.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ import contextlib
 import os
 import re
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol
 
 from hotrestart.store import pagemap
-from hotrestart.store.pagemap import PAGE, PE_LAZY, PE_PRESENT, Entry, Pagemap
+from hotrestart.store.pagemap import PAGE, PE_PRESENT, Entry, Pagemap
 
 PIECE = 4 << 20  # bytes copied at a time
 _PAGEMAP = re.compile(r"pagemap-(?:shmem-)?[0-9]{1,20}\.img")
@@ -57,8 +63,8 @@ class _ParentIndex:
             self.offsets.append(at)
             at += e.pages * PAGE
 
-    def pieces(self, start: int, end: int) -> list[tuple[int, int, int, int]]:
-        """(vaddr, bytes, offset in the parent's image, flags) covering [start, end); ValueError
+    def pieces(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """(vaddr, bytes, offset in the parent's image) covering [start, end); ValueError
         where the parent has no page."""
         out = []
         i = bisect.bisect_right(self.starts, start) - 1
@@ -68,15 +74,23 @@ class _ParentIndex:
                 raise ValueError(f"the parent has no page at {at:#x}")
             run = self.runs[i]
             upto = min(end, run.end)
-            out.append((at, upto - at, self.offsets[i] + (at - run.vaddr), run.flags))
+            out.append((at, upto - at, self.offsets[i] + (at - run.vaddr)))
             at = upto
             i += 1
         return out
 
 
-def flatten(child: Pagemap, child_pages: Reader, parent: Pagemap, parent_pages: Reader, out: BinaryIO) -> Pagemap:
+def flatten(
+    child: Pagemap,
+    child_pages: Reader,
+    parent: Pagemap,
+    parent_pages: Reader,
+    out: BinaryIO,
+    progress: Callable[[], None] = lambda: None,
+) -> Pagemap:
     """Write to `out` the page image of `child` with the parent's pages where it has
-    `PE_PARENT` runs, and return the pagemap that describes it (no parent runs)."""
+    `PE_PARENT` runs, and return the pagemap that describes it (no parent runs).
+    `progress` is called after every piece copied."""
     index = _ParentIndex(parent)
     entries: list[Entry] = []
     at = 0  # in the child's page image
@@ -92,19 +106,19 @@ def flatten(child: Pagemap, child_pages: Reader, parent: Pagemap, parent_pages: 
     for e in child.entries:
         size = e.pages * PAGE
         if e.present:
-            _copy(child_pages, at, size, out)
+            _copy(child_pages, at, size, out, progress)
             at += size
             emit(e.vaddr, size, e.flags)
         elif e.in_parent:
-            for vaddr, length, offset, flags in index.pieces(e.vaddr, e.end):
-                _copy(parent_pages, offset, length, out)
-                emit(vaddr, length, PE_PRESENT | (flags & PE_LAZY))
+            for vaddr, length, offset in index.pieces(e.vaddr, e.end):
+                _copy(parent_pages, offset, length, out, progress)
+                emit(vaddr, length, PE_PRESENT)
         else:
             raise ValueError(f"a pagemap entry at {e.vaddr:#x} whose pages are nowhere here (flags {e.flags:#x})")
     return Pagemap(child.pages_id, tuple(entries))
 
 
-def _copy(source: Reader, offset: int, size: int, out: BinaryIO) -> None:
+def _copy(source: Reader, offset: int, size: int, out: BinaryIO, progress: Callable[[], None]) -> None:
     done = 0
     while done < size:
         n = min(PIECE, size - done)
@@ -113,18 +127,20 @@ def _copy(source: Reader, offset: int, size: int, out: BinaryIO) -> None:
             raise ValueError(f"a page image ends short of {offset + done + n}")
         out.write(data)
         done += n
+        progress()
 
 
-ParentPages = Callable[[str, int], Reader]  # (pagemap file name, pages id) -> the parent's page image
+# (pagemap file name, pages id) -> the parent's page image, open for as long as it is used
+ParentPages = Callable[[str, int], AbstractContextManager[Reader]]
 
 
-def flatten_images(images: str, parent_maps: str, parent_pages: ParentPages) -> int:
+def flatten_images(
+    images: str, parent_maps: str, parent_pages: ParentPages, progress: Callable[[], None] = lambda: None
+) -> int:
     """Make every pagemap in the folder `images` with parent runs whole, taking the parent's
-    pagemaps from the folder `parent_maps` and its page images from `parent_pages`; the
-    `parent` link CRIU left goes too. Returns the bytes taken from the parent."""
+    pagemaps from the folder `parent_maps` and its page images from `parent_pages`. Returns
+    the bytes taken from the parent."""
     taken = 0
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(images, "parent"))
     for name in sorted(os.listdir(images)):
         if not _PAGEMAP.fullmatch(name):
             continue
@@ -135,11 +151,14 @@ def flatten_images(images: str, parent_maps: str, parent_pages: ParentPages) -> 
             parent = pagemap.read(read_capped(os.path.join(parent_maps, name)))
         except FileNotFoundError:
             raise ValueError(f"{name}: parent runs, and no parent pagemap") from None
-        taken += _flatten_one(images, name, child, parent, parent_pages(name, parent.pages_id))
+        with parent_pages(name, parent.pages_id) as reader:
+            taken += _flatten_one(images, name, child, parent, reader, progress)
     return taken
 
 
-def _flatten_one(images: str, name: str, child: Pagemap, parent: Pagemap, parent_pages: Reader) -> int:
+def _flatten_one(
+    images: str, name: str, child: Pagemap, parent: Pagemap, parent_pages: Reader, progress: Callable[[], None]
+) -> int:
     pages_name = f"pages-{child.pages_id}.img"
     src = os.path.join(images, pages_name)
     tmp = src + ".whole"
@@ -153,7 +172,7 @@ def _flatten_one(images: str, name: str, child: Pagemap, parent: Pagemap, parent
         if os.fstat(fd).st_size != child.present_bytes:
             raise ValueError(f"{pages_name} does not hold the pages its pagemap lists")
         with open(tmp, "xb") as out:
-            whole = flatten(child, FileSource(fd), parent, parent_pages, out)
+            whole = flatten(child, FileSource(fd), parent, parent_pages, out, progress)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -342,6 +342,8 @@ class HotRestart(PlainCheckpoints):
 
     async def _chain(self) -> Tracking | None:
         """The container's chain of dumps, where the node tracks the pages written to."""
+        if not self.policy.incremental:
+            return None
         return self._tracking if await self.engine.memory_tracking(self.view.runc) else None
 
     async def _resident(self, budget: float | None) -> None:
@@ -390,9 +392,12 @@ class HotRestart(PlainCheckpoints):
             self._identify_later = None
 
     async def _identify_after(self, delay: float) -> None:
-        """Off the stop's path: a pod that lives a while has its identity settled by its stop."""
+        """Off the stop's path: a pod that lives a while has its identity settled by its stop,
+        and what the node's runtime can do asked."""
         await self.clock.sleep(delay)
         await self.identify()
+        await self.engine.runtime_info(self.view.runc)
+        await self.engine.memory_tracking(self.view.runc)
 
 
 def _copy_images(src: str, dst: str) -> None:

@@ -70,6 +70,9 @@ class Publisher:
 
     def discard(self, dumped: Dumped) -> None:
         """Throw a dump away unpublished."""
+        if dumped.writer is not None:
+            dumped.writer.close()
+            dumped.writer = None
         workarea.drop(dumped.work, dumped.tmpfs)
         self._calls.later("staging not removed", self._store.discard, dumped.staging)
         self._calls.later("pending marker not cleared", self._store.clear_pending, dumped.manifest.identity, dumped.id)
@@ -128,13 +131,16 @@ class Publisher:
             self._calls.later("staging not removed", self._store.discard, dumped.staging)
         finally:
             self._in_flight.pop(dumped.id, None)
+            if dumped.writer is not None:  # never got as far as storing
+                dumped.writer.close()
+                dumped.writer = None
             workarea.drop(dumped.work, dumped.tmpfs)
             self._calls.later("pending marker not cleared", self._store.clear_pending, manifest.identity, dumped.id)
 
     def _store_all(self, dumped: Dumped) -> None:
         """Store every dumped file as chunks (new ones only) and fill in the manifest."""
         manifest = dumped.manifest
-        writer = self._store.chunk_writer(dumped.staging)
+        writer, dumped.writer = dumped.writer or self._store.chunk_writer(dumped.staging), None
         try:
             parent = dumped.link.parent if dumped.link is not None else None
             if parent is not None:
@@ -159,26 +165,17 @@ class Publisher:
         shutil.rmtree(os.path.join(dumped.staging, RAW), ignore_errors=True)
 
     def _make_whole(self, images: str, parent: Parent, writer: ChunkWriter) -> int:
-        """Put the parent's pages into a dump that holds only what changed since it; the
-        parent's chunks are pinned first, so that none goes while they are read."""
-        stored = parent.entry.manifest
-        if stored is None:
-            raise CheckpointError(f"the parent checkpoint {parent.entry.id} has no manifest")
-        for fe in stored.files:
-            if fe.path.startswith("images/pages-"):
-                for chunk in fe.chunks:
-                    writer.pin(stored.space, chunk.digest)
-        with contextlib.ExitStack() as readers:
+        """Put the parent's pages (pinned in `writer` before the dump) into a dump that holds
+        only what changed since it."""
 
-            def pages_of(name: str, pages_id: int) -> flatten.Reader:
-                reader = self._store.file_reader(parent.entry, f"images/pages-{pages_id}.img.zst")
-                readers.callback(reader.close)
-                return reader
+        def pages_of(name: str, pages_id: int) -> contextlib.AbstractContextManager[flatten.Reader]:
+            return contextlib.closing(self._store.file_reader(parent.entry, f"images/pages-{pages_id}.img.zst"))
 
-            try:
-                return flatten.flatten_images(images, parent.maps, pages_of)
-            except ValueError as exc:
-                raise CheckpointError(f"cannot be made whole from {parent.entry.id}: {exc}") from None
+        try:
+            # Reading the parent can take a while from a bucket: the writer keeps its lease.
+            return flatten.flatten_images(images, parent.maps, pages_of, progress=writer.keepalive)
+        except ValueError as exc:
+            raise CheckpointError(f"cannot be made whole from {parent.entry.id}: {exc}") from None
 
 
 def _listed(dumped: Dumped) -> list[tuple[str, str]]:

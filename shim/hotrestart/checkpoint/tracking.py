@@ -4,9 +4,10 @@ Where the kernel tracks soft-dirty pages, every dump is taken with CRIU's memory
 CRIU clears the tracking once the dump has read the memory, and a later dump given that
 one as its parent writes only the pages written to since, marking the rest as in the
 parent. A parent here is what CRIU reads of it (its inventory, with the time of the dump,
-and its pagemaps, already made whole: no page in them is in a parent of theirs) kept in a
+and its pagemaps, already made whole: no page in them is in a parent of theirs), kept in a
 small folder, and the published checkpoint that holds its pages, from which the child is
-made whole before it is stored (`flatten`).
+made whole before it is stored (`flatten`). Each dump gets its own copy of that folder in
+its work area, so that nothing the container's end removes is still needed by a publish.
 
 A parent serves one dump only: whatever becomes of that dump, it has cleared the tracking,
 so the pages written to before it are no longer told apart. It becomes the next parent
@@ -28,8 +29,11 @@ from hotrestart.store.entry import Entry
 log = logging.getLogger(__name__)
 
 _KEPT = re.compile(r"inventory\.img|pagemap-(?:shmem-)?[0-9]{1,20}\.img")
-NO_PARENT = "no-parent"  # an empty folder: CRIU then dumps everything, with tracking on
+PARENT = "parent-maps"  # in a dump's work folder: its parent's maps, or nothing
 PARENT_LINK = "parent"  # what CRIU names its link to the parent in the images folder
+# A parent whose pagemaps are larger than this is not used: the child's, made whole from
+# it, could outgrow what `flatten` reads (millions of scattered runs).
+MAX_PARENT_MAPS = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,10 +44,23 @@ class Parent:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Link:
-    """What one dump of the chain was given: its place in the chain and its parent, if any."""
+    """What one dump of the chain was given: its place in the chain, the folder it hands
+    CRIU as the parent (empty when it has none: tracking is on either way), and its parent."""
 
     generation: int
+    folder: str
     parent: Parent | None
+
+    def parent_path(self, images: str) -> str:
+        """`runc checkpoint --parent-path`: relative to the images folder, as runc requires."""
+        return os.path.relpath(self.folder, images)
+
+    def without_parent(self) -> Link:
+        """This dump, taken whole after all (its parent's pages could not be secured)."""
+        if self.parent is not None:
+            for name in os.listdir(self.folder):
+                os.unlink(os.path.join(self.folder, name))
+        return Link(self.generation, self.folder, None)
 
 
 class Tracking:
@@ -56,21 +73,24 @@ class Tracking:
         self._parent: Parent | None = None
         self._closed = False
 
-    def begin(self, incremental: bool = True) -> Link:
-        """A dump begins: it gets the parent, if there is one and it is to be `incremental`,
-        and ends the chain before it either way."""
+    def has_parent(self) -> bool:
+        return self._parent is not None
+
+    def begin(self, work: str, incremental: bool = True) -> Link:
+        """A dump into the work folder `work` begins: it gets a copy of the parent, if there
+        is one and it is to be `incremental`, and ends the chain before it either way."""
         self._generation += 1
         parent, self._parent = self._parent, None
-        return Link(self._generation, parent if incremental else None)
-
-    def parent_path(self, link: Link, images: str) -> str:
-        """The parent folder for `runc checkpoint --parent-path` (relative to `images`, as
-        runc requires): the parent's, or an empty folder, so that tracking is on either way."""
-        if link.parent is not None:
-            return os.path.relpath(link.parent.maps, images)
-        empty = os.path.join(os.path.dirname(images), NO_PARENT)
-        os.makedirs(empty, mode=0o700, exist_ok=True)
-        return os.path.relpath(empty, images)
+        folder = os.path.join(work, PARENT)
+        os.mkdir(folder, 0o700)
+        if parent is None or not incremental:
+            return Link(self._generation, folder, None)
+        try:
+            _copy_maps(parent.maps, folder)
+        except OSError as exc:
+            log.warning("memory tracking: this dump reads all memory (the parent could not be read: %s)", exc)
+            return Link(self._generation, folder, None).without_parent()
+        return Link(self._generation, folder, Parent(folder, parent.entry))
 
     def published(self, link: Link, images: str, entry: Entry) -> None:
         """The dump of `link`, its images made whole, is published as `entry`: it is the next
@@ -81,11 +101,10 @@ class Tracking:
         try:
             os.makedirs(self._folder, mode=0o700, exist_ok=True)
             os.mkdir(maps, 0o700)
-            for name in os.listdir(images):
-                if _KEPT.fullmatch(name):
-                    shutil.copyfile(os.path.join(images, name), os.path.join(maps, name), follow_symlinks=False)
+            if _copy_maps(images, maps) > MAX_PARENT_MAPS:
+                raise OSError(f"pagemaps larger than {MAX_PARENT_MAPS} bytes")
         except OSError as exc:
-            log.warning("memory tracking: the next dump reads all memory (could not keep the parent: %s)", exc)
+            log.warning("memory tracking: the next dump reads all memory (not kept as a parent: %s)", exc)
             shutil.rmtree(maps, ignore_errors=True)
             return
         self._drop_older(keep=str(link.generation))
@@ -101,3 +120,13 @@ class Tracking:
             for name in os.listdir(self._folder):
                 if name != keep:
                     shutil.rmtree(os.path.join(self._folder, name), ignore_errors=True)
+
+
+def _copy_maps(src: str, dst: str) -> int:
+    """Copy the inventory and pagemaps of the images folder `src` into `dst`; their size."""
+    size = 0
+    for name in os.listdir(src):
+        if _KEPT.fullmatch(name) and not os.path.islink(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name), follow_symlinks=False)
+            size += os.path.getsize(os.path.join(dst, name))
+    return size
