@@ -134,7 +134,9 @@ def test_with_soft_dirty_pages_a_stop_after_a_periodic_checkpoint_dumps_only_wha
     log = inst.read_log()
     assert "holds what changed since" in log, inst.log_tail()
     taken = [
-        int(n) for cid, n in re.findall(r"checkpoint (\w+): (\d+) bytes of pages taken from", log) if cid == stop["id"]
+        int(n)
+        for cid, n in re.findall(r"checkpoint ([\w-]+): (\d+) bytes of pages taken from", log)
+        if cid == stop["id"]
     ]
     assert taken and taken[0] > 0.5 * (mib << 20), (taken, inst.log_tail())
     assert "whole" in stop["timings"] and periodic["id"] != stop["id"]
