@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from hotrestart.checkpoint import flatten
+from hotrestart.checkpoint.lazyrule import LazyRule
 from hotrestart.store import pagemap
 from hotrestart.store.pagemap import PAGE, PE_LAZY, PE_PARENT, PE_PRESENT, Entry, Pagemap
 
@@ -55,18 +56,21 @@ def test_the_parents_pages_go_where_the_child_says_in_address_order() -> None:
         ),
     )
     out = io.BytesIO()
-    whole = flatten.flatten(
-        child, Bytes(image("child", list(child.entries))), PARENT, Bytes(image("parent", list(PARENT.entries))), out
-    )
+    parent_pages = Bytes(image("parent", list(PARENT.entries)))
+    # 0x10000-0x18000 is a mapping CRIU may leave to userfaultfd, 0x13000 a thread's stack page.
+    rule = LazyRule([(0x10000, 0x18000)], {0x13000})
+    whole = flatten.flatten(child, Bytes(image("child", list(child.entries))), PARENT, parent_pages, out, rule)
     assert whole.pages_id == 9 and not whole.has_parent_pages
     want = [page("child", 0x10000)] + [page("parent", 0x11000 + i * PAGE) for i in range(4)] + [page("child", 0x15000)]
     want += [page("parent", 0x40000), page("parent", 0x41000), page("child", 0x90000)]
     assert out.getvalue() == b"".join(want)
-    # Pages from the parent are restored eagerly, whatever the parent said; the child's
-    # keep their flags; runs that continue one another with the same flags are one entry.
+    # Pages from the parent are lazy as CRIU would mark them now, not as the parent said;
+    # the child's keep their marks; runs that continue one another alike are one entry.
     assert whole.entries == (
-        Entry(0x10000, 5, PE_PRESENT),
-        Entry(0x15000, 1, PE_PRESENT | PE_LAZY),
+        Entry(0x10000, 1, PE_PRESENT),
+        Entry(0x11000, 2, PE_PRESENT | PE_LAZY),
+        Entry(0x13000, 1, PE_PRESENT),
+        Entry(0x14000, 2, PE_PRESENT | PE_LAZY),
         Entry(0x40000, 2, PE_PRESENT),
         Entry(0x90000, 1, PE_PRESENT),
     )
@@ -81,19 +85,23 @@ def test_the_parents_pages_go_where_the_child_says_in_address_order() -> None:
 def test_a_page_the_parent_does_not_hold_refuses_the_dump(entry: Entry) -> None:
     child = Pagemap(9, (entry,))
     with pytest.raises(ValueError, match="the parent has no page"):
-        flatten.flatten(child, Bytes(b""), PARENT, Bytes(image("parent", list(PARENT.entries))), io.BytesIO())
+        flatten.flatten(
+            child, Bytes(b""), PARENT, Bytes(image("parent", list(PARENT.entries))), io.BytesIO(), LazyRule.none()
+        )
 
 
 def test_a_parent_that_is_not_whole_is_refused() -> None:
     parent = Pagemap(3, (Entry(0x10000, 1, PE_PARENT),))
     with pytest.raises(ValueError, match="not whole"):
-        flatten.flatten(Pagemap(9, (Entry(0x10000, 1, PE_PARENT),)), Bytes(b""), parent, Bytes(b""), io.BytesIO())
+        flatten.flatten(
+            Pagemap(9, (Entry(0x10000, 1, PE_PARENT),)), Bytes(b""), parent, Bytes(b""), io.BytesIO(), LazyRule.none()
+        )
 
 
 def test_a_short_page_image_is_refused() -> None:
     child = Pagemap(9, (Entry(0x10000, 2, PE_PRESENT),))
     with pytest.raises(ValueError, match="ends short"):
-        flatten.flatten(child, Bytes(page("child", 0x10000)), PARENT, Bytes(b""), io.BytesIO())
+        flatten.flatten(child, Bytes(page("child", 0x10000)), PARENT, Bytes(b""), io.BytesIO(), LazyRule.none())
 
 
 def test_a_pagemap_image_reads_back_as_written() -> None:
@@ -175,3 +183,11 @@ def test_a_child_all_of_whose_pages_are_in_the_parent_needs_no_page_image_of_its
     _dump(parent_maps, "pagemap-1.img", PARENT, None)
     flatten.flatten_images(str(images), str(parent_maps), _parent_pages)
     assert (images / "pages-4.img").read_bytes() == page("parent", 0x40000) + page("parent", 0x41000)
+
+
+def test_where_the_lazy_marks_cannot_be_told_no_page_stays_lazy() -> None:
+    child = Pagemap(9, (Entry(0x10000, 1, PE_PARENT), Entry(0x11000, 1, PE_PRESENT | PE_LAZY)))
+    out = io.BytesIO()
+    parent_pages = Bytes(image("parent", list(PARENT.entries)))
+    whole = flatten.flatten(child, Bytes(page("child", 0x11000)), PARENT, parent_pages, out, LazyRule.none())
+    assert whole.entries == (Entry(0x10000, 2, PE_PRESENT),)

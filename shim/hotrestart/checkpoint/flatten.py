@@ -8,10 +8,9 @@ image is rebuilt with the parent's pages for them, in address order, as a full d
 have written it. Where the parent does not hold a page the child says it does, the dump
 is refused: a restore must never run on memory that is not the process's.
 
-Pages put in from the parent are restored eagerly (no `PE_LAZY`), as CRIU restores the
-parent pages of a chain itself: whether a page may be left to userfaultfd depends on the
-child's mappings and threads (a locked mapping, a thread's stack page), which the parent's
-flags do not tell.
+Pages put in from the parent are marked lazy or not as CRIU would have marked them in a
+full dump at the child's time (`lazyrule`: the child's mappings and stack pointers, not the
+parent's flags); where that cannot be told, no page of the task stays lazy.
 """
 
 from __future__ import annotations
@@ -24,11 +23,14 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol
 
+from hotrestart.checkpoint import lazyrule
+from hotrestart.checkpoint.lazyrule import LazyRule
 from hotrestart.store import pagemap
-from hotrestart.store.pagemap import PAGE, PE_PRESENT, Entry, Pagemap
+from hotrestart.store.pagemap import PAGE, PE_LAZY, PE_PRESENT, Entry, Pagemap
 
 PIECE = 4 << 20  # bytes copied at a time
 _PAGEMAP = re.compile(r"pagemap-(?:shmem-)?[0-9]{1,20}\.img")
+_TASK_PAGEMAP = re.compile(r"pagemap-([0-9]{1,10})\.img")
 _MAX_PAGEMAP = 64 << 20
 
 
@@ -86,11 +88,12 @@ def flatten(
     parent: Pagemap,
     parent_pages: Reader,
     out: BinaryIO,
+    lazy: LazyRule,
     progress: Callable[[], None] = lambda: None,
 ) -> Pagemap:
     """Write to `out` the page image of `child` with the parent's pages where it has
-    `PE_PARENT` runs, and return the pagemap that describes it (no parent runs).
-    `progress` is called after every piece copied."""
+    `PE_PARENT` runs, and return the pagemap that describes it (no parent runs), lazy
+    marks by `lazy`. `progress` is called after every piece copied."""
     index = _ParentIndex(parent)
     entries: list[Entry] = []
     at = 0  # in the child's page image
@@ -108,11 +111,12 @@ def flatten(
         if e.present:
             _copy(child_pages, at, size, out, progress)
             at += size
-            emit(e.vaddr, size, e.flags)
+            emit(e.vaddr, size, e.flags if lazy.known else e.flags & ~PE_LAZY)
         elif e.in_parent:
             for vaddr, length, offset in index.pieces(e.vaddr, e.end):
                 _copy(parent_pages, offset, length, out, progress)
-                emit(vaddr, length, PE_PRESENT)
+                for start, end, is_lazy in lazy.split(vaddr, vaddr + length):
+                    emit(start, end - start, PE_PRESENT | (PE_LAZY if is_lazy else 0))
         else:
             raise ValueError(f"a pagemap entry at {e.vaddr:#x} whose pages are nowhere here (flags {e.flags:#x})")
     return Pagemap(child.pages_id, tuple(entries))
@@ -151,13 +155,21 @@ def flatten_images(
             parent = pagemap.read(read_capped(os.path.join(parent_maps, name)))
         except FileNotFoundError:
             raise ValueError(f"{name}: parent runs, and no parent pagemap") from None
+        task = _TASK_PAGEMAP.fullmatch(name)
+        rule = lazyrule.for_task(images, int(task.group(1))) if task else LazyRule.none()
         with parent_pages(name, parent.pages_id) as reader:
-            taken += _flatten_one(images, name, child, parent, reader, progress)
+            taken += _flatten_one(images, name, child, parent, reader, rule, progress)
     return taken
 
 
 def _flatten_one(
-    images: str, name: str, child: Pagemap, parent: Pagemap, parent_pages: Reader, progress: Callable[[], None]
+    images: str,
+    name: str,
+    child: Pagemap,
+    parent: Pagemap,
+    parent_pages: Reader,
+    lazy: LazyRule,
+    progress: Callable[[], None],
 ) -> int:
     pages_name = f"pages-{child.pages_id}.img"
     src = os.path.join(images, pages_name)
@@ -172,7 +184,7 @@ def _flatten_one(
         if os.fstat(fd).st_size != child.present_bytes:
             raise ValueError(f"{pages_name} does not hold the pages its pagemap lists")
         with open(tmp, "xb") as out:
-            whole = flatten(child, FileSource(fd), parent, parent_pages, out, progress)
+            whole = flatten(child, FileSource(fd), parent, parent_pages, out, lazy, progress)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
