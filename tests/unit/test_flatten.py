@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from criuimages import plain_task
 
 from hotrestart.checkpoint import flatten
 from hotrestart.checkpoint.lazyrule import LazyRule
@@ -133,6 +134,7 @@ def _parent_pages(name: str, pages_id: int) -> contextlib.AbstractContextManager
 
 def _dump(folder: Path, name: str, pm: Pagemap, pages: bytes | None) -> None:
     folder.mkdir(exist_ok=True)
+    plain_task(folder)
     (folder / name).write_bytes(pagemap.write(pm))
     if pages is not None:
         (folder / f"pages-{pm.pages_id}.img").write_bytes(pages)
@@ -153,7 +155,12 @@ def test_a_folder_is_made_whole(tmp_path: Path) -> None:
 
     assert flatten.flatten_images(str(images), str(parent_maps), parent_pages) == 2 * PAGE
     assert asked == [("pagemap-1.img", 3)]
-    assert sorted(os.listdir(images)) == ["pagemap-1.img", "pagemap-8.img", "pages-1.img", "pages-2.img"]
+    assert sorted(n for n in os.listdir(images) if n.startswith("pag")) == [
+        "pagemap-1.img",
+        "pagemap-8.img",
+        "pages-1.img",
+        "pages-2.img",
+    ]
     whole = pagemap.read((images / "pagemap-1.img").read_bytes())
     assert whole.entries == (Entry(0x10000, 3, PE_PRESENT),)
     assert (images / "pages-1.img").read_bytes() == page("parent", 0x10000) + page("parent", 0x11000) + page(
@@ -191,3 +198,23 @@ def test_where_the_lazy_marks_cannot_be_told_no_page_stays_lazy() -> None:
     parent_pages = Bytes(image("parent", list(PARENT.entries)))
     whole = flatten.flatten(child, Bytes(page("child", 0x11000)), PARENT, parent_pages, out, LazyRule.none())
     assert whole.entries == (Entry(0x10000, 2, PE_PRESENT),)
+
+
+def test_a_folder_made_whole_marks_the_parents_pages_lazy_by_the_childs_mappings(tmp_path: Path) -> None:
+    images, parent_maps = tmp_path / "images", tmp_path / "parent"
+    _dump(images, "pagemap-1.img", Pagemap(4, (Entry(0x10000, 3, PE_PARENT),)), None)
+    plain_task(images, lazy=True, sp=0x11008)  # the child's thread has its stack pointer at 0x11008
+    _dump(parent_maps, "pagemap-1.img", PARENT, None)
+    flatten.flatten_images(str(images), str(parent_maps), _parent_pages)
+    whole = pagemap.read((images / "pagemap-1.img").read_bytes())
+    assert whole.entries == (
+        Entry(0x10000, 1, PE_PRESENT | PE_LAZY),
+        Entry(0x11000, 1, PE_PRESENT),
+        Entry(0x12000, 1, PE_PRESENT | PE_LAZY),
+    )
+    # Without the child's mappings there is no telling: the dump is refused.
+    (images / "mm-1.img").unlink()
+    _dump(images, "pagemap-1.img", Pagemap(4, (Entry(0x10000, 3, PE_PARENT),)), None)
+    (images / "mm-1.img").unlink()
+    with pytest.raises(ValueError, match="which pages are lazy cannot be told"):
+        flatten.flatten_images(str(images), str(parent_maps), _parent_pages)

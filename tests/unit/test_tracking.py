@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from criuimages import plain_task
+
 from hotrestart.checkpoint.dump import secure_parent
 from hotrestart.checkpoint.dumped import Dumped
 from hotrestart.checkpoint.publish import Publisher
@@ -37,6 +39,7 @@ def _dump(store: Store, tmp: Path, tracking: Tracking, pm: Pagemap, tag: str, *,
     pages = b"".join(page(tag, e.vaddr + i * PAGE) for e in pm.present for i in range(e.pages))
     (images / f"pages-{pm.pages_id}.img").write_bytes(pages)
     (images / "inventory.img").write_bytes(INVENTORY)
+    plain_task(images)
     if link is None:
         link = tracking.begin(str(work))
     files = [(str(images / n), f"images/{n}.zst") for n in sorted(os.listdir(images))]
@@ -111,7 +114,7 @@ async def test_a_dump_of_what_changed_is_stored_whole_and_the_chain_goes_on(tmp_
     second = await _publish(store, dumped)
     assert second is not None and second.id != first.id and second.manifest is not None
     names = sorted(f.path for f in second.manifest.files)
-    assert names == ["images/inventory.img.zst", "images/pagemap-1.img.zst", "images/pages-5.img.zst"]
+    assert names == [f"images/{n}.img.zst" for n in ("core-1", "inventory", "mm-1", "pagemap-1", "pages-5")]
     want = [page("first", 0x10000), page("first", 0x11000), page("second", 0x12000), page("first", 0x13000)]
     want += [page("first", 0x40000), page("first", 0x41000), page("second", 0x90000)]
     assert _pages(store, second, 5, tmp_path) == b"".join(want)

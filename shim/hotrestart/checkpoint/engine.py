@@ -81,7 +81,11 @@ class Engine:
         """Whether CRIU and the kernel here track the pages written to between dumps
         (soft-dirty), so that a dump can write only those; asked once."""
         if self._tracking is None:
-            self._tracking = await self._criu_has(runc, "mem_dirty_track", "every dump reads all memory here")
+            if platform.machine() != "x86_64":  # a dump is made whole by reading x86-64 registers
+                log.info("every dump reads all memory here (incremental dumps are made on x86-64 only)")
+                self._tracking = False
+            else:
+                self._tracking = await self._criu_has(runc, "mem_dirty_track", "every dump reads all memory here")
         return self._tracking
 
     async def _criu_has(self, runc: Runc, feature: str, without: str) -> bool:

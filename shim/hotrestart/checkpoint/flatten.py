@@ -10,7 +10,7 @@ is refused: a restore must never run on memory that is not the process's.
 
 Pages put in from the parent are marked lazy or not as CRIU would have marked them in a
 full dump at the child's time (`lazyrule`: the child's mappings and stack pointers, not the
-parent's flags); where that cannot be told, no page of the task stays lazy.
+parent's flags); where that cannot be told, the dump is refused.
 """
 
 from __future__ import annotations
@@ -156,7 +156,11 @@ def flatten_images(
         except FileNotFoundError:
             raise ValueError(f"{name}: parent runs, and no parent pagemap") from None
         task = _TASK_PAGEMAP.fullmatch(name)
-        rule = lazyrule.for_task(images, int(task.group(1))) if task else LazyRule.none()
+        try:
+            # Shared memory is never restored lazily: nothing there to mark.
+            rule = lazyrule.for_task(images, int(task.group(1))) if task else LazyRule.none()
+        except OSError as exc:
+            raise ValueError(f"{name}: which pages are lazy cannot be told: {exc}") from None
         with parent_pages(name, parent.pages_id) as reader:
             taken += _flatten_one(images, name, child, parent, reader, rule, progress)
     return taken

@@ -3,13 +3,15 @@
 A page is lazy when its mapping can be (private anonymous memory, not locked, not huge
 pages, not the vDSO, vvar or vsyscall area) and it does not hold a thread's stack pointer
 (criu/mem.c, `vma_entry_can_be_lazy` and `is_stack`). A dump made whole (`flatten`) must
-mark the pages it takes from its parent the same way: a lazy mapping whose pages are in
-part put in place at restore and in part left to the daemon is what CRIU avoids
-everywhere but at stack pointers, since the kernel may collapse such a range into a huge
-page, zero-filling the pages still to come, before the daemon is registered for it.
+mark the pages it takes from its parent the same way. Marked eager instead, they made lazy
+restores come back with wrong memory in the node VM (full restores of the same checkpoints
+were right): CRIU's restore is built for lazy mappings whose only eager pages are stack
+pages, and registers a lazy mapping with userfaultfd before it reads the eager pages of
+mappings it did not map in advance.
 
 Read from the dump's own images: its mm image (the task's mappings) and the core images
-of its threads (their registers, x86-64 only). Where they cannot be read, nothing is lazy.
+of its threads (their registers, x86-64 only, where incremental dumps are taken). Where they
+cannot be read the dump cannot be made whole: marking every page eager would not do either.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class LazyRule:
         self._vmas = sorted(lazy_vmas)
         self._starts = [s for s, _ in self._vmas]
         self._stack = stack_pages
-        self.known = known  # False: the dump's own lazy marks cannot be matched either; none stay
+        self.known = known  # False: no page is lazy, the dump's own marks dropped (shared memory)
 
     @classmethod
     def none(cls) -> LazyRule:
@@ -72,14 +74,9 @@ class LazyRule:
 
 
 def for_task(images: str, task: int) -> LazyRule:
-    """The rule for the task whose mm image is `mm-<task>.img`; nothing lazy if its images
-    cannot be read."""
-    try:
-        vmas = lazy_vmas(_read(os.path.join(images, f"mm-{task}.img")))
-        stacks = stack_pages(images)
-    except (OSError, ValueError):
-        return LazyRule.none()
-    return LazyRule(vmas, stacks)
+    """The rule for the task whose mm image is `mm-<task>.img` (OSError, ValueError if its
+    images cannot be read)."""
+    return LazyRule(lazy_vmas(_read(os.path.join(images, f"mm-{task}.img"))), stack_pages(images))
 
 
 def lazy_vmas(data: bytes) -> list[tuple[int, int]]:
