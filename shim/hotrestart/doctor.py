@@ -49,6 +49,8 @@ ANNOTATIONS = tuple(
         "snapshot-marker",
         "snapshot-signal",
         "snapshot-ttl",
+        "restore",
+        "dump",
     )
 )
 

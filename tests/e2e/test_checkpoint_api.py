@@ -119,11 +119,13 @@ def test_periodic_checkpoint_restores_after_a_crash(
 def test_periodic_checkpoint_restores_after_an_oom_kill(
     client: CRIClient, inst: ContainerdInstance, tmp_path: Path
 ) -> None:
-    # SIGUSR1 makes the workload's init exec a 256 MiB allocation under a 64 MiB limit.
+    # SIGUSR1 makes the workload's init exec a 256 MiB allocation under a 64 MiB limit. A
+    # periodic dump can interrupt dd's read part-way, which dd would take as its whole block
+    # and exit 0: fullblock reads on until the block is full.
     oomable = [
         "sh",
         "-c",
-        "trap 'exec dd if=/dev/zero of=/dev/null bs=256M count=1' USR1; s=$RANDOM$RANDOM; i=0; "
+        "trap 'exec dd if=/dev/zero of=/dev/null bs=256M count=1 iflag=fullblock' USR1; s=$RANDOM$RANDOM; i=0; "
         "while :; do i=$((i+1)); echo $i $s $s; sleep 0.1; done",
     ]
     pod = Incarnation(client, inst, tmp_path, "oom-0", annotations={"hotrestart.io/checkpoint-interval": "2s"})

@@ -8,14 +8,17 @@ counter and a checksum over all of it, and on SIGUSR1 rewrites a share of it (ME
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hotpods import Incarnation, run_memhog, stored
+from hotpods import TIME_SCALE, Incarnation, run_memhog, stored
 
 from testbed import ContainerdInstance, host
+from testbed.layout import BIN_DIR
 
 pytestmark = [pytest.mark.e2e]
 
@@ -97,4 +100,49 @@ def test_pods_of_two_identities_holding_the_same_data_store_it_once(
     again = Incarnation(client, inst, tmp_path, "same-b")
     run_memhog(again, memhog, 256, env)
     assert again.first()[0] > 1, "the second identity restores from the shared chunks"
+    again.remove()
+
+
+def _soft_dirty() -> bool:
+    return (
+        subprocess.run([str(BIN_DIR / "criu"), "check", "--feature", "mem_dirty_track"], capture_output=True).returncode
+        == 0
+    )
+
+
+@pytest.mark.skipif(not _soft_dirty(), reason="the kernel tracks no soft-dirty pages (the node VM's does)")
+def test_with_soft_dirty_pages_a_stop_after_a_periodic_checkpoint_dumps_only_what_changed(
+    client: Any, inst: ContainerdInstance, tmp_path: Path, memhog: Path, empty_store: None
+) -> None:
+    mib = 128
+    # Long enough that the stop comes before the next periodic dump: a stop while one is
+    # being published has no parent (that dump ended the chain) and dumps everything.
+    annotations = {"hotrestart.io/checkpoint-interval": f"{round(15 * TIME_SCALE)}s"}
+    env = {"MEMHOG_CHURN": "10"}
+    pod = Incarnation(client, inst, tmp_path, "tracked-0", annotations=annotations)
+    run_memhog(pod, memhog, mib, env)
+    pod.state(timeout=60)
+    periodic = _wait_manifest(inst, "periodic", "tracked-0", 40 * TIME_SCALE)
+    client.exec_sync(pod.cid, ["kill", "-USR1", "1"])
+    assert host.wait_until(lambda: any(x.startswith("rewrote") for x in pod.lines()), 30), pod.lines()
+    time.sleep(0.5)  # a row printed after the rewrite
+    counter, checksum, _ = pod.state()
+    assert pod.stop().exit_code == 143
+    stop = _wait_manifest(inst, "stop", "tracked-0", 40 * TIME_SCALE)
+    # CRIU wrote the rewritten pages (and what the periodic dumps since touched); the rest
+    # was taken from the newest periodic checkpoint before the stop's was stored.
+    log = inst.read_log()
+    assert "holds what changed since" in log, inst.log_tail()
+    taken = [
+        int(n)
+        for cid, n in re.findall(r"checkpoint ([\w-]+): (\d+) bytes of pages taken from", log)
+        if cid == stop["id"]
+    ]
+    assert taken and taken[0] > 0.5 * (mib << 20), (taken, inst.log_tail())
+    assert "whole" in stop["timings"] and periodic["id"] != stop["id"]
+    pod.remove()
+    again = Incarnation(client, inst, tmp_path, "tracked-0")
+    run_memhog(again, memhog, mib, env)
+    n, same, _ = again.state(timeout=60)
+    assert same == checksum and n > counter, (counter, checksum, again.lines()[:5])
     again.remove()

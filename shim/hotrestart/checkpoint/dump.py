@@ -24,10 +24,13 @@ from hotrestart.checkpoint.compat import image_of, spec_digest
 from hotrestart.checkpoint.dumped import Dumped, DumpRequest
 from hotrestart.checkpoint.engine import Engine
 from hotrestart.checkpoint.policy import Policy
+from hotrestart.checkpoint.tracking import PARENT_LINK, Link, Tracking
 from hotrestart.container.seam import View
 from hotrestart.errors import CheckpointError
 from hotrestart.runtime import netinfo
 from hotrestart.runtime.runc import CheckpointOpts
+from hotrestart.store.backend import Backend
+from hotrestart.store.chunkwrite import ChunkWriter
 from hotrestart.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -44,10 +47,15 @@ async def dump(
     *,
     around: Around | None = None,
     gpu: dict[str, Any] | None = None,
+    tracking: Tracking | None = None,
+    incremental: bool = True,
 ) -> Dumped:
     """CRIU-dump `view`'s container and capture its files within `budget` seconds. The
     process tree is frozen only for the dump itself (`around` wraps exactly the capture and
-    `runc checkpoint`: the caller's freeze). Raises on failure, leaving nothing behind."""
+    `runc checkpoint`: the caller's freeze). With `tracking` (the container's chain of
+    dumps, where the kernel tracks soft-dirty pages), the dump is taken with memory tracking
+    and, when `incremental` and there is a parent, holds only what changed since it (made
+    whole when published). Raises on failure, leaving nothing behind."""
     t0 = time.monotonic()
     runtime = await engine.runtime_info(view.runc)
     if not runtime.get("criu"):
@@ -57,14 +65,27 @@ async def dump(
     sealer = store.sealer(cid)
     engine.calls.later("pending marker not set", store.mark_pending, policy.identity, cid)
     usage = memory_usage(view.pid)
-    work, tmpfs = workarea.make(engine.work, cid, usage, prefault=req.leave_running)
+    # GPU state reaches host memory through DMA, which soft-dirty tracking may not see.
+    incremental = incremental and tracking is not None and tracking.has_parent() and not (gpu or {}).get("processes")
+    # Made whole, a dump holds all of the memory again beside the changes CRIU wrote: room
+    # for both. CRIU writes only the changes while the process is frozen: nothing to prefault.
+    work, tmpfs = workarea.make(
+        engine.work, cid, usage, prefault=req.leave_running and not incremental, extra=usage if incremental else 0
+    )
     net = asyncio.ensure_future(asyncio.to_thread(netinfo.addresses, netinfo.netns_path(view.spec)))
     timings: dict[str, float] = {}
+    link: Link | None = None
+    writer: ChunkWriter | None = None
     try:
+        if tracking is not None:
+            link = tracking.begin(work, incremental)
+            if link.parent is not None:
+                writer, link = await asyncio.to_thread(secure_parent, store, staging, link)
         images = os.path.join(work, "images")
         opts = CheckpointOpts(
             image_path=images,
             work_path=os.path.join(work, "criu"),
+            parent_path=link.parent_path(images) if link is not None else "",
             leave_running=req.leave_running,
             tcp_established=req.tcp_established,
             ext_unix_sk=req.ext_unix_sk,
@@ -98,10 +119,17 @@ async def dump(
                 timings["dump"] = time.monotonic() - t0
                 log.info("%s: dump %s (%s) ends: %s after %.2fs", view.id, cid, req.reason, outcome, timings["dump"])
         engine.publisher.dumped(policy.identity)
-        dumped_files = [(os.path.join(images, name), f"images/{name}.zst") for name in sorted(os.listdir(images))]
+        # CRIU's link to the parent is neither stored nor handed to containerd: what leaves
+        # here is whole (a stored checkpoint once `publish` has made it so).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(images, PARENT_LINK))
+        names = sorted(os.listdir(images))
+        dumped_files = [(os.path.join(images, name), f"images/{name}.zst") for name in names]
         dumped_files += captured
     except BaseException:
         net.cancel()
+        if writer is not None:
+            writer.close()
         _keep_dump_log(view, work)
         workarea.drop(work, tmpfs)
         engine.calls.later("staging not removed", store.discard, staging)
@@ -128,7 +156,34 @@ async def dump(
         tcp=policy.tcp,
         gpu=gpu or {},
     )
-    return Dumped(cid, staging, work, tmpfs, dumped_files, manifest, t0, images, sealer)
+    if link is not None and link.parent is not None:
+        log.info("%s: dump %s holds what changed since %s", view.id, cid, link.parent.entry.id)
+    return Dumped(cid, staging, work, tmpfs, dumped_files, manifest, t0, images, sealer, tracking, link, writer)
+
+
+def secure_parent(store: Backend, staging: str, link: Link) -> tuple[ChunkWriter, Link]:
+    """The writer of this checkpoint, with the parent's page chunks recorded in it before
+    the dump, so that no collection removes them until it is made whole; and the link, without
+    its parent if the parent checkpoint is gone from the store (its chunks may be gone too).
+    Recorded first, then looked for: a collection either sees the record or ran before the
+    checkpoint was gone."""
+    assert link.parent is not None
+    writer = store.chunk_writer(staging)
+    try:
+        stored = link.parent.entry.manifest
+        if stored is None:
+            return writer, link.without_parent()
+        for fe in stored.files:
+            if fe.path.startswith("images/pages-"):
+                for chunk in fe.chunks:
+                    writer.pin(stored.space, chunk.digest)
+        if not any(e.id == link.parent.entry.id for e in store.published(stored.identity)):
+            log.info("the parent checkpoint %s is gone: this dump reads all memory", link.parent.entry.id)
+            return writer, link.without_parent()
+    except BaseException:
+        writer.close()
+        raise
+    return writer, link
 
 
 def memory_usage(pid: int) -> int:

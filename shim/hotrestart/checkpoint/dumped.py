@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from hotrestart.checkpoint.tracking import Link, Tracking
+from hotrestart.store.chunkwrite import ChunkWriter
 from hotrestart.store.manifest import Manifest
 from hotrestart.store.seal import Sealer
 
@@ -36,3 +38,6 @@ class Dumped:
     started: float
     images: str  # the raw CRIU images, until published
     sealer: Sealer | None = None  # signs the manifest, with a store key
+    tracking: Tracking | None = None  # the container's chain of dumps, under memory tracking
+    link: Link | None = None  # this dump's place in it (and its parent, whose pages it lacks)
+    writer: ChunkWriter | None = None  # made at the dump when the parent's chunks had to be pinned

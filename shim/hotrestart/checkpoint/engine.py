@@ -47,6 +47,7 @@ class Engine:
         self.publisher = Publisher(store, self.calls)
         self._runtime: dict[str, str] | None = None
         self._lazy: bool | None = None
+        self._tracking: bool | None = None
         self._winding_down: set[asyncio.Future[None]] = set()
         # Work folders of shims that were killed hold process memory, often on tmpfs.
         workarea.sweep_all(self.work)
@@ -73,15 +74,30 @@ class Engine:
         if self.source is None:
             return False  # no way for a page server to open the store
         if self._lazy is None:
-            try:
-                result = await self.runner.run(criu.check_argv(runc.criu, "uffd-noncoop"), timeout=30)
-                self._lazy = result.returncode == 0
-                why = (result.stdout + result.stderr).decode(errors="replace").strip().splitlines()[-1:]
-            except (OSError, TimeoutError) as exc:
-                self._lazy, why = False, [str(exc)]
-            if not self._lazy:
-                log.info("restores are full ones here: no lazy pages (%s)", "; ".join(why) or "criu check failed")
+            self._lazy = await self._criu_has(runc, "uffd-noncoop", "restores are full ones here: no lazy pages")
         return self._lazy
+
+    async def memory_tracking(self, runc: Runc) -> bool:
+        """Whether CRIU and the kernel here track the pages written to between dumps
+        (soft-dirty), so that a dump can write only those; asked once."""
+        if self._tracking is None:
+            if platform.machine() != "x86_64":  # a dump is made whole by reading x86-64 registers
+                log.info("every dump reads all memory here (incremental dumps are made on x86-64 only)")
+                self._tracking = False
+            else:
+                self._tracking = await self._criu_has(runc, "mem_dirty_track", "every dump reads all memory here")
+        return self._tracking
+
+    async def _criu_has(self, runc: Runc, feature: str, without: str) -> bool:
+        try:
+            result = await self.runner.run(criu.check_argv(runc.criu, feature), timeout=30)
+            found = result.returncode == 0
+            why = (result.stdout + result.stderr).decode(errors="replace").strip().splitlines()[-1:]
+        except (OSError, TimeoutError) as exc:
+            found, why = False, [str(exc)]
+        if not found:
+            log.info("%s (%s)", without, "; ".join(why) or "criu check failed")
+        return found
 
     def wind_down(self, task: asyncio.Future[None]) -> None:
         """Cancel `task` and have `drain` wait for it: a dump cancelled part-way still has

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import shutil
@@ -26,6 +27,7 @@ from hotrestart.checkpoint.dumped import DumpRequest
 from hotrestart.checkpoint.engine import Engine
 from hotrestart.checkpoint.plain import PlainCheckpoints
 from hotrestart.checkpoint.policy import Policy, policy_for
+from hotrestart.checkpoint.tracking import Tracking
 from hotrestart.container.seam import CheckpointConfig, Checkpointing, RestoreImages, RestorePlan, View
 from hotrestart.errors import FailedPreconditionError, InvalidArgumentError
 from hotrestart.gpu.state import GpuState
@@ -73,6 +75,9 @@ class HotRestart(PlainCheckpoints):
         self._periodic: asyncio.Task[None] | None = None
         self._template: asyncio.Task[None] | None = None  # waits for warm, then snapshots
         self._from_template = False  # restored from its template's snapshot
+        # Named after the shim, like the work folders, so that one left by a killed shim is swept.
+        tag = hashlib.sha256(view.id.encode()).hexdigest()[:16]
+        self._tracking = Tracking(os.path.join(engine.work.memory, f"{os.getpid()}-track-{tag}"))
 
     @property
     def hot(self) -> bool:
@@ -208,6 +213,7 @@ class HotRestart(PlainCheckpoints):
                         self.policy.timeout,
                         around=prep.freeze,
                         gpu=prep.gpu,
+                        tracking=await self._chain(),
                     )
             self.engine.publisher.publish_later(dumped)
             log.info("%s: template snapshot %s taken for %s", self.view.id, dumped.id, snap.canonical())
@@ -241,6 +247,7 @@ class HotRestart(PlainCheckpoints):
                         left,
                         around=prep.freeze,
                         gpu=prep.gpu,
+                        tracking=await self._chain(),
                     )
             except Exception as exc:
                 log.warning("%s: checkpoint on stop failed: %s", self.view.id, exc)
@@ -276,7 +283,18 @@ class HotRestart(PlainCheckpoints):
         async with self.dump_lock:
             await self._resident(None)
             async with self.prepared(cfg.exit) as prep:
-                dumped = await dump.dump(self.engine, self.view, policy, req, None, around=prep.freeze, gpu=prep.gpu)
+                # Whole: containerd gets these images as they are, with no parent to read.
+                dumped = await dump.dump(
+                    self.engine,
+                    self.view,
+                    policy,
+                    req,
+                    None,
+                    around=prep.freeze,
+                    gpu=prep.gpu,
+                    tracking=await self._chain(),
+                    incremental=False,
+                )
         try:
             await asyncio.to_thread(_copy_images, dumped.images, cfg.path)
             await self.attest(cfg.path, os.listdir(dumped.images))
@@ -316,10 +334,17 @@ class HotRestart(PlainCheckpoints):
                             max(self.policy.timeout, interval),
                             around=prep.freeze,
                             gpu=prep.gpu,
+                            tracking=await self._chain(),
                         )
                 self.engine.publisher.publish_later(dumped)
             except Exception as exc:
                 log.warning("%s: periodic checkpoint failed (next in %.0fs): %s", self.view.id, interval, exc)
+
+    async def _chain(self) -> Tracking | None:
+        """The container's chain of dumps, where the node tracks the pages written to."""
+        if not self.policy.incremental:
+            return None
+        return self._tracking if await self.engine.memory_tracking(self.view.runc) else None
 
     async def _resident(self, budget: float | None) -> None:
         """Return once a lazily restored container has all of its memory back (TimeoutError
@@ -352,6 +377,7 @@ class HotRestart(PlainCheckpoints):
 
     def closed(self) -> None:
         self._stop_periodic()
+        self._tracking.close()
         super().closed()
 
     def _stop_periodic(self) -> None:
@@ -366,9 +392,12 @@ class HotRestart(PlainCheckpoints):
             self._identify_later = None
 
     async def _identify_after(self, delay: float) -> None:
-        """Off the stop's path: a pod that lives a while has its identity settled by its stop."""
+        """Off the stop's path: a pod that lives a while has its identity settled by its stop,
+        and what the node's runtime can do asked."""
         await self.clock.sleep(delay)
         await self.identify()
+        await self.engine.runtime_info(self.view.runc)
+        await self.engine.memory_tracking(self.view.runc)
 
 
 def _copy_images(src: str, dst: str) -> None:

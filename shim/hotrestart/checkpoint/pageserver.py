@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from hotrestart.errors import ShimError
 from hotrestart.store import chunking
+from hotrestart.store import pagemap as pagemaps
 from hotrestart.store.archive import FileReader
 from hotrestart.store.config import StoreSource
 from hotrestart.store.entry import Entry
@@ -83,16 +84,17 @@ class TaskPages:
 
 
 def task_pages(pagemap: bytes) -> TaskPages:
-    """A task's runs from its pagemap image (ValueError if it cannot be read)."""
-    pages_id, entries = chunking.pagemap_entries(pagemap)
+    """A task's runs from its pagemap image (ValueError if it cannot be read, or if pages
+    are in a parent: a stored checkpoint is whole)."""
+    found = pagemaps.read(pagemap)
+    if found.has_parent_pages:
+        raise ValueError("a pagemap with pages in a parent dump")
     runs = []
     at = 0
-    for vaddr, pages, flags in entries:
-        if vaddr % PAGE or pages <= 0:
-            raise ValueError("a pagemap entry not on page boundaries")
-        runs.append(Run(vaddr, pages, at, bool(flags & chunking.PE_LAZY)))
-        at += pages * PAGE
-    return TaskPages(pages_id, tuple(runs))
+    for e in found.present:
+        runs.append(Run(e.vaddr, e.pages, at, bool(e.flags & pagemaps.PE_LAZY)))
+        at += e.pages * PAGE
+    return TaskPages(found.pages_id, tuple(runs))
 
 
 class Served:

@@ -30,6 +30,10 @@ the runtime's `pod_annotations` lists `hotrestart.io/*`) tune it:
 - `hotrestart.io/restore`: `lazy` (default) lets a restored process run before all of its
   memory is back, its pages arriving on demand and in the background (where the node has
   userfaultfd, and the container no GPU state); `full` restores all memory first.
+- `hotrestart.io/dump`: `incremental` (default) has each dump after the first write only the
+  pages written to since the one before, where the kernel tracks soft-dirty pages (the
+  stored checkpoint is whole all the same); `full` has every dump read all memory, for
+  programs that clear their own soft-dirty bits (a garbage collector using them, say).
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class Policy:
     gpu_lock_timeout: float = 10.0
     snapshot: Snapshot | None = None
     lazy: bool = True  # restore memory on demand where the node can (see lazy.py)
+    incremental: bool = True  # dump only what changed since the last dump where the node can (tracking.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +153,9 @@ def policy_for(spec: Mapping[str, Any]) -> Policy:
     restore = annotations.get(PREFIX + "restore", "lazy").strip().lower()
     if restore not in ("lazy", "full"):
         raise InvalidArgumentError(f"hotrestart.io/restore must be lazy or full, not {restore!r}")
+    dump = annotations.get(PREFIX + "dump", "incremental").strip().lower()
+    if dump not in ("incremental", "full"):
+        raise InvalidArgumentError(f"hotrestart.io/dump must be incremental or full, not {dump!r}")
     return Policy(
         True,
         identity,
@@ -158,4 +166,5 @@ def policy_for(spec: Mapping[str, Any]) -> Policy:
         gpu_lock_timeout=gpu_lock,
         snapshot=snapshot_for(annotations),
         lazy=restore == "lazy",
+        incremental=dump == "incremental",
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import shutil
@@ -17,12 +18,15 @@ from collections.abc import Coroutine
 from typing import Any
 
 from hotrestart import telemetry
-from hotrestart.checkpoint import workarea
+from hotrestart.checkpoint import flatten, workarea
 from hotrestart.checkpoint.dumped import Dumped
 from hotrestart.checkpoint.files import RAW
 from hotrestart.checkpoint.storecalls import StoreCalls
+from hotrestart.checkpoint.tracking import PARENT_LINK, Parent
+from hotrestart.errors import CheckpointError
 from hotrestart.store import chunking
 from hotrestart.store.backend import Backend
+from hotrestart.store.chunkwrite import ChunkWriter
 from hotrestart.store.manifest import Identity
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,9 @@ class Publisher:
 
     def discard(self, dumped: Dumped) -> None:
         """Throw a dump away unpublished."""
+        if dumped.writer is not None:
+            dumped.writer.close()
+            dumped.writer = None
         workarea.drop(dumped.work, dumped.tmpfs)
         self._calls.later("staging not removed", self._store.discard, dumped.staging)
         self._calls.later("pending marker not cleared", self._store.clear_pending, dumped.manifest.identity, dumped.id)
@@ -106,6 +113,8 @@ class Publisher:
                 log.info("checkpoint %s of %s is older than the published one; dropped", dumped.id, identity)
                 return
             manifest.timings["publish"] = time.monotonic() - t1
+            if dumped.tracking is not None and dumped.link is not None:
+                dumped.tracking.published(dumped.link, dumped.images, published)
             log.info(
                 "checkpoint %s of %s published: %d bytes (%d raw), %d of them new, in %.2fs",
                 dumped.id,
@@ -122,18 +131,27 @@ class Publisher:
             self._calls.later("staging not removed", self._store.discard, dumped.staging)
         finally:
             self._in_flight.pop(dumped.id, None)
+            if dumped.writer is not None:  # never got as far as storing
+                dumped.writer.close()
+                dumped.writer = None
             workarea.drop(dumped.work, dumped.tmpfs)
             self._calls.later("pending marker not cleared", self._store.clear_pending, manifest.identity, dumped.id)
 
     def _store_all(self, dumped: Dumped) -> None:
         """Store every dumped file as chunks (new ones only) and fill in the manifest."""
         manifest = dumped.manifest
-        runs = chunking.page_runs(dumped.images)
-        writer = self._store.chunk_writer(dumped.staging)
+        writer, dumped.writer = dumped.writer or self._store.chunk_writer(dumped.staging), None
         try:
+            parent = dumped.link.parent if dumped.link is not None else None
+            if parent is not None:
+                t0 = time.monotonic()
+                taken = self._make_whole(dumped.images, parent, writer)
+                manifest.timings["whole"] = time.monotonic() - t0
+                log.info("checkpoint %s: %d bytes of pages taken from %s", dumped.id, taken, parent.entry.id)
+            runs = chunking.page_runs(dumped.images)
             with concurrent.futures.ThreadPoolExecutor(writer.threads) as pool:
                 files = []
-                for src, rel in dumped.files:
+                for src, rel in _listed(dumped) if parent is not None else dumped.files:
                     size = os.path.getsize(src)
                     inside = os.path.dirname(src) == dumped.images
                     spans = chunking.spans(os.path.basename(src), size, runs) if inside else chunking.fixed(size)
@@ -145,3 +163,24 @@ class Publisher:
         manifest.space = writer.space
         manifest.new_bytes = writer.new_bytes
         shutil.rmtree(os.path.join(dumped.staging, RAW), ignore_errors=True)
+
+    def _make_whole(self, images: str, parent: Parent, writer: ChunkWriter) -> int:
+        """Put the parent's pages (pinned in `writer` before the dump) into a dump that holds
+        only what changed since it."""
+
+        def pages_of(name: str, pages_id: int) -> contextlib.AbstractContextManager[flatten.Reader]:
+            return contextlib.closing(self._store.file_reader(parent.entry, f"images/pages-{pages_id}.img.zst"))
+
+        try:
+            # Reading the parent can take a while from a bucket: the writer keeps its lease.
+            return flatten.flatten_images(images, parent.maps, pages_of, progress=writer.keepalive)
+        except ValueError as exc:
+            raise CheckpointError(f"cannot be made whole from {parent.entry.id}: {exc}") from None
+
+
+def _listed(dumped: Dumped) -> list[tuple[str, str]]:
+    """The dump's files as they are now: making it whole may have written a page image
+    CRIU had no page of its own for."""
+    names = sorted(n for n in os.listdir(dumped.images) if n != PARENT_LINK)
+    others = [(src, rel) for src, rel in dumped.files if os.path.dirname(src) != dumped.images]
+    return [(os.path.join(dumped.images, n), f"images/{n}.zst") for n in names] + others

@@ -70,16 +70,17 @@ class Places:
         return size * 1.25 + (256 << 20) < meminfo.available()
 
 
-def make(places: Places, name: str, size: int, *, prefault: bool = False) -> tuple[str, bool]:
-    """A private work folder for `size` bytes of images: on tmpfs when they fit in memory,
-    on disk otherwise. Returns the folder and whether it is a tmpfs.
+def make(places: Places, name: str, size: int, *, prefault: bool = False, extra: int = 0) -> tuple[str, bool]:
+    """A private work folder for `size` bytes of images and `extra` bytes beside them: on
+    tmpfs when they fit in memory, on disk otherwise. Returns the folder and whether it is
+    a tmpfs.
 
     `prefault` is for dumps that leave the process running: what counts there is how long
     it is frozen, not how long the whole checkpoint takes (a stop wants the latter). A
     folder of the same name left by this very process (a cancelled restore) is replaced."""
-    if size and places.fits_in_memory(size):
+    if size and places.fits_in_memory(size + extra):
         path = _fresh(places.memory, name)
-        limit = int(size * 1.25) + (64 << 20)
+        limit = int((size + extra) * 1.25) + (64 << 20)
         # Small pages: huge ones (huge=always) are no faster at 1 GiB and slower beyond it,
         # 4x at 4 GiB here (20.7 s against 5.1 s for a `runc checkpoint`), as the kernel
         # compacts memory to find them while the process is frozen.
@@ -92,7 +93,7 @@ def make(places: Places, name: str, size: int, *, prefault: bool = False) -> tup
             log.info("no tmpfs for %s (%s)", path, exc)
             drop(path, False)
     path = _fresh(places.disk, name)
-    log.info("work folder %s on disk (%d MiB of images)", path, size >> 20)
+    log.info("work folder %s on disk (%d MiB of images)", path, (size + extra) >> 20)
     return path, False
 
 

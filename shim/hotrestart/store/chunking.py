@@ -18,20 +18,20 @@ import os
 import re
 import struct
 
+from hotrestart.store import pagemap
+
 WINDOW = 4 << 20  # of virtual address space: a chunk of a page image covers at most this
 CHUNK = 4 << 20  # of file, for every other file
 MIN_CHUNK = 1 << 20  # windows are merged until a chunk holds this much
-PAGE = 4096
+PAGE = pagemap.PAGE
 
 _PAGES = re.compile(r"pages-([0-9]{1,10})\.img")
 _PAGEMAP = re.compile(r"pagemap-([0-9]{1,10})\.img")
-# CRIU image magics (criu/include/magic.h): the common prefix and the pagemap's own.
-_IMG_COMMON = 0x54564319
-_PAGEMAP_MAGIC = 0x56084025
+# CRIU's mm image magic (criu/include/magic.h).
 _MM_MAGIC = 0x57492820
 _MM_VMAS = 14  # mm_entry.vmas: repeated vma_entry {start = 1; end = 2; ...}
-PE_LAZY = 1 << 1
-PE_PRESENT = 1 << 2
+PE_LAZY = pagemap.PE_LAZY
+PE_PRESENT = pagemap.PE_PRESENT
 _MAX_PAGEMAP = 64 << 20
 
 Span = tuple[int, int]  # (offset, length) in the file
@@ -126,47 +126,19 @@ def split_at(runs: list[tuple[int, int]], starts: list[int]) -> list[tuple[int, 
 def vma_starts(data: bytes) -> list[int]:
     """The sorted start addresses of the mappings in an mm image (a magic pair, then one
     length-prefixed MmEntry whose field 14 holds the VmaEntries)."""
-    if len(data) < 12 or struct.unpack_from("<II", data) != (_IMG_COMMON, _MM_MAGIC):
+    if len(data) < 12 or struct.unpack_from("<II", data) != (pagemap.IMG_COMMON, _MM_MAGIC):
         raise ValueError("not an mm image")
     (n,) = struct.unpack_from("<I", data, 8)
     if 12 + n > len(data):
         raise ValueError("truncated record")
     starts: list[int] = []
-    for number, value in _any_fields(data[12 : 12 + n]):
+    for number, value in pagemap.any_fields(data[12 : 12 + n]):
         if number == _MM_VMAS and isinstance(value, bytes):
-            start = next((v for k, v in _any_fields(value) if k == 1 and isinstance(v, int)), None)
+            start = next((v for k, v in pagemap.any_fields(value) if k == 1 and isinstance(v, int)), None)
             if start is None or start % PAGE:
                 raise ValueError("a mapping without a page-aligned start")
             starts.append(start)
     return sorted(starts)
-
-
-def _any_fields(msg: bytes) -> list[tuple[int, int | bytes]]:
-    """(field number, value) of every field of a protobuf message: varints as ints, any
-    other (length-delimited, fixed-width) as its bytes."""
-    out: list[tuple[int, int | bytes]] = []
-    at = 0
-    while at < len(msg):
-        key, at = _varint(msg, at)
-        kind = key & 7
-        if kind == 0:
-            value, at = _varint(msg, at)
-            out.append((key >> 3, value))
-        elif kind == 2:
-            n, at = _varint(msg, at)
-            if at + n > len(msg):
-                raise ValueError("truncated field")
-            out.append((key >> 3, msg[at : at + n]))
-            at += n
-        elif kind in (1, 5):
-            n = 8 if kind == 1 else 4
-            if at + n > len(msg):
-                raise ValueError("truncated field")
-            out.append((key >> 3, msg[at : at + n]))
-            at += n
-        else:
-            raise ValueError(f"protobuf wire type {kind}")
-    return out
 
 
 def parse_pagemap(data: bytes) -> tuple[int, list[tuple[int, int]]]:
@@ -186,56 +158,7 @@ def parse_pagemap(data: bytes) -> tuple[int, list[tuple[int, int]]]:
 
 def pagemap_entries(data: bytes) -> tuple[int, list[tuple[int, int, int]]]:
     """(pages id, [(vaddr, pages, flags) of each run present in the page image]) of a
-    pagemap image: a magic pair, then length-prefixed protobuf records, a PagemapHead and
-    PagemapEntries. Runs are in page image order; `flags & PE_LAZY` marks those CRIU can
-    leave to userfaultfd."""
-    if len(data) < 8 or struct.unpack_from("<II", data) != (_IMG_COMMON, _PAGEMAP_MAGIC):
-        raise ValueError("not a pagemap image")
-    records = []
-    at = 8
-    while at < len(data):
-        if at + 4 > len(data):
-            raise ValueError("truncated record")
-        (n,) = struct.unpack_from("<I", data, at)
-        at += 4
-        if at + n > len(data):
-            raise ValueError("truncated record")
-        records.append(_fields(data[at : at + n]))
-        at += n
-    if not records or 1 not in records[0]:
-        raise ValueError("no pagemap head")
-    entries = []
-    for fields in records[1:]:
-        # nr_pages (5) since CRIU 3.17 took over from the 32-bit compat_nr_pages (2), now 0.
-        vaddr, pages = fields.get(1), fields.get(5, fields.get(2))
-        if vaddr is None or pages is None:
-            raise ValueError("a pagemap entry without address or size")
-        flags = fields.get(4)
-        if flags is None:  # written before flags existed: in_parent or present
-            flags = 0 if fields.get(3, 0) else PE_PRESENT
-        if flags & PE_PRESENT and pages:
-            entries.append((vaddr, pages, flags))
-    return records[0][1], entries
-
-
-def _fields(msg: bytes) -> dict[int, int]:
-    """The varint fields of a protobuf message (the only kind a pagemap record holds)."""
-    out: dict[int, int] = {}
-    for number, value in _any_fields(msg):
-        if not isinstance(value, int):
-            raise ValueError("a pagemap record field that is not a varint")
-        out[number] = value
-    return out
-
-
-def _varint(buf: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if at >= len(buf) or shift > 63:
-            raise ValueError("bad varint")
-        b = buf[at]
-        at += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, at
+    pagemap image, in page image order; `flags & PE_LAZY` marks those CRIU can leave to
+    userfaultfd."""
+    found = pagemap.read(data)
+    return found.pages_id, [(e.vaddr, e.pages, e.flags) for e in found.present]

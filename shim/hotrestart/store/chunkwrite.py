@@ -29,6 +29,7 @@ class ChunkSink(Protocol):
     def stored_size(self, space: str, digest: str) -> int | None: ...
     def put(self, space: str, digest: str, data: bytes) -> None: ...
     def sync(self, space: str, fans: set[str]) -> None: ...
+    def renew(self) -> None: ...
 
 
 class RefJournal(Protocol):
@@ -149,6 +150,16 @@ class ChunkWriter:
             self.new_bytes += len(data)
             self.raw_new += len(raw)
         return len(data)
+
+    def pin(self, space: str, digest: str) -> None:
+        """Record a chunk this checkpoint is about to read (its parent's pages), so that no
+        collection removes it meanwhile (see chunkgc)."""
+        self._journal.add(space, digest)
+
+    def keepalive(self) -> None:
+        """Tell the store this writer is still at work (a bucket's writer holds a lease that
+        lapses when neither `put` nor this renews it)."""
+        self._chunks.renew()
 
     @property
     def space(self) -> str:

@@ -642,7 +642,7 @@ class _BucketChunks:
         self._cid = cid
         self._lock = threading.Lock()
 
-    def _renew(self) -> None:
+    def renew(self) -> None:
         with self._lock:
             since = time.monotonic() - self._leases.get(self._cid, 0.0)
             if since < LEASE_RENEW:
@@ -654,7 +654,7 @@ class _BucketChunks:
             self._leases[self._cid] = renewed
 
     def stored_size(self, space: str, digest: str) -> int | None:
-        self._renew()
+        self.renew()
         check(space, digest)
         meta = self._bucket.head(_chunk_key(space, digest))
         if meta is None or not 0 < meta.size <= MAX_CHUNK_STORED:
@@ -662,7 +662,7 @@ class _BucketChunks:
         return meta.size
 
     def put(self, space: str, digest: str, data: bytes) -> None:
-        self._renew()
+        self.renew()
         check(space, digest)
         self._bucket.put(_chunk_key(space, digest), data)
         if self._cache is not None:  # restored here next, most likely
