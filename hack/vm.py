@@ -80,6 +80,9 @@ FULL = [
     "--ignore=tests/e2e/test_object_store.py",
     "--ignore=tests/integration/test_object_store.py",
     "--deselect=tests/e2e/test_bundle.py::test_bundle_runs_on_an_older_glibc_without_python",
+    # A 4 GiB container in a 6 GiB machine: its memory and the dump's work folder do not fit
+    # (the host's run keeps it).
+    "--deselect=tests/e2e/test_scale.py::test_a_4gib_container_checkpointed_periodically_then_stopped_writes_what_changed_and_continues",
 ]
 # Under emulation only: a shim waits 5 s for the node's zygote to come up, and a Python
 # process takes longer than that to start there, so shims start without it (by design).
