@@ -396,8 +396,11 @@ class HotRestart(PlainCheckpoints):
         and what the node's runtime can do asked."""
         await self.clock.sleep(delay)
         await self.identify()
-        await self.engine.runtime_info(self.view.runc)
-        await self.engine.memory_tracking(self.view.runc)
+        try:
+            await self.engine.runtime_info(self.view.runc)
+            await self.engine.memory_tracking(self.view.runc)
+        except Exception as exc:  # asked again by the first dump, which reports it
+            log.info("%s: the node's runtime could not be asked yet: %s", self.view.id, exc)
 
 
 def _copy_images(src: str, dst: str) -> None:
