@@ -31,7 +31,6 @@ from hotrestart.store.pagemap import PAGE, PE_LAZY, PE_PRESENT, Entry, Pagemap
 PIECE = 4 << 20  # bytes copied at a time
 _PAGEMAP = re.compile(r"pagemap-(?:shmem-)?[0-9]{1,20}\.img")
 _TASK_PAGEMAP = re.compile(r"pagemap-([0-9]{1,10})\.img")
-_MAX_PAGEMAP = 64 << 20
 
 
 class Reader(Protocol):
@@ -148,11 +147,11 @@ def flatten_images(
     for name in sorted(os.listdir(images)):
         if not _PAGEMAP.fullmatch(name):
             continue
-        child = pagemap.read(read_capped(os.path.join(images, name)))
+        child = pagemap.read(pagemap.read_image(os.path.join(images, name)))
         if not child.has_parent_pages:
             continue
         try:
-            parent = pagemap.read(read_capped(os.path.join(parent_maps, name)))
+            parent = pagemap.read(pagemap.read_image(os.path.join(parent_maps, name)))
         except FileNotFoundError:
             raise ValueError(f"{name}: parent runs, and no parent pagemap") from None
         task = _TASK_PAGEMAP.fullmatch(name)
@@ -201,11 +200,3 @@ def _flatten_one(
         f.write(pagemap.write(whole))
     os.replace(map_tmp, os.path.join(images, name))
     return whole.present_bytes - child.present_bytes
-
-
-def read_capped(path: str) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read(_MAX_PAGEMAP + 1)
-    if len(data) > _MAX_PAGEMAP:
-        raise ValueError(f"{path}: larger than {_MAX_PAGEMAP} bytes")
-    return data

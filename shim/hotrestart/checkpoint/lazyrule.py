@@ -32,7 +32,6 @@ _MAP_PRIVATE, _MAP_ANONYMOUS, _MAP_LOCKED, _MAP_HUGETLB = 0x02, 0x20, 0x2000, 0x
 _VSYSCALL, _VDSO, _VVAR = 1 << 2, 1 << 3, 1 << 12
 _X86_64 = 1
 _CORE = re.compile(r"core-[0-9]{1,10}\.img")
-_MAX_IMAGE = 64 << 20
 
 
 class LazyRule:
@@ -76,7 +75,7 @@ class LazyRule:
 def for_task(images: str, task: int) -> LazyRule:
     """The rule for the task whose mm image is `mm-<task>.img` (OSError, ValueError if its
     images cannot be read)."""
-    return LazyRule(lazy_vmas(_read(os.path.join(images, f"mm-{task}.img"))), stack_pages(images))
+    return LazyRule(lazy_vmas(pagemap.read_image(os.path.join(images, f"mm-{task}.img"))), stack_pages(images))
 
 
 def lazy_vmas(data: bytes) -> list[tuple[int, int]]:
@@ -102,7 +101,7 @@ def stack_pages(images: str) -> set[int]:
     for name in os.listdir(images):
         if not _CORE.fullmatch(name):
             continue
-        core = _message(_read(os.path.join(images, name)), _CORE_MAGIC)
+        core = _message(pagemap.read_image(os.path.join(images, name)), _CORE_MAGIC)
         fields = pagemap.any_fields(core)
         if dict((k, v) for k, v in fields if k == 1).get(1) != _X86_64:
             raise ValueError(f"{name}: not an x86-64 thread")
@@ -129,11 +128,3 @@ def _message(data: bytes, magic: int) -> bytes:
     if 12 + n > len(data):
         raise ValueError("truncated record")
     return data[12 : 12 + n]
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read(_MAX_IMAGE + 1)
-    if len(data) > _MAX_IMAGE:
-        raise ValueError(f"{path}: larger than {_MAX_IMAGE} bytes")
-    return data

@@ -32,7 +32,6 @@ _MM_MAGIC = 0x57492820
 _MM_VMAS = 14  # mm_entry.vmas: repeated vma_entry {start = 1; end = 2; ...}
 PE_LAZY = pagemap.PE_LAZY
 PE_PRESENT = pagemap.PE_PRESENT
-_MAX_PAGEMAP = 64 << 20
 
 Span = tuple[int, int]  # (offset, length) in the file
 
@@ -85,23 +84,15 @@ def page_runs(images: str) -> dict[int, list[tuple[int, int]]]:
         if not match:
             continue
         try:
-            pages_id, runs = parse_pagemap(_read_capped(os.path.join(images, name)))
+            pages_id, runs = parse_pagemap(pagemap.read_image(os.path.join(images, name)))
         except (OSError, ValueError):
             continue
         try:
-            starts = vma_starts(_read_capped(os.path.join(images, f"mm-{match.group(1)}.img")))
+            starts = vma_starts(pagemap.read_image(os.path.join(images, f"mm-{match.group(1)}.img")))
         except (OSError, ValueError):
             starts = []
         found[pages_id] = split_at(runs, starts)
     return found
-
-
-def _read_capped(path: str) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read(_MAX_PAGEMAP + 1)
-    if len(data) > _MAX_PAGEMAP:
-        raise ValueError(f"{path}: larger than {_MAX_PAGEMAP} bytes")
-    return data
 
 
 def split_at(runs: list[tuple[int, int]], starts: list[int]) -> list[tuple[int, int]]:

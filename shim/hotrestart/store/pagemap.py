@@ -28,6 +28,7 @@ IMG_COMMON = 0x54564319
 PAGEMAP_MAGIC = 0x56084025
 _MAGICS = struct.pack("<II", IMG_COMMON, PAGEMAP_MAGIC)
 _TOP = 1 << 64  # no address at or past this
+MAX_IMAGE = 64 << 20  # a CRIU image read whole (pagemap, mm, core) is refused past this
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -103,6 +104,15 @@ def read(data: bytes) -> Pagemap:
             raise ValueError(f"pagemap entry at {vaddr:#x} out of place")
         entries.append(entry)
     return Pagemap(records[0][1], tuple(entries))
+
+
+def read_image(path: str) -> bytes:
+    """A small CRIU image of a dump, read whole; ValueError past `MAX_IMAGE`."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_IMAGE + 1)
+    if len(data) > MAX_IMAGE:
+        raise ValueError(f"{path}: larger than {MAX_IMAGE} bytes")
+    return data
 
 
 def write(pagemap: Pagemap) -> bytes:
