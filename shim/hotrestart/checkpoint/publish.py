@@ -152,10 +152,9 @@ class Publisher:
             with concurrent.futures.ThreadPoolExecutor(writer.threads) as pool:
                 files = []
                 for src, rel in _listed(dumped) if parent is not None else dumped.files:
-                    size = os.path.getsize(src)
                     inside = os.path.dirname(src) == dumped.images
-                    spans = chunking.spans(os.path.basename(src), size, runs) if inside else chunking.fixed(size)
-                    files.append(writer.store_file(src, rel, spans, pool))
+                    cut = chunking.cutter(os.path.basename(src), runs if inside else {})
+                    files.append(writer.store_file(src, rel, cut, pool))
             writer.finish()
         finally:
             writer.close()

@@ -3,13 +3,22 @@
 A CRIU page image (`pages-<n>.img`) holds a process's present pages in address order, and
 its pagemap (`pagemap-<pid>.img`) lists them as runs of contiguous pages. Cut at fixed
 offsets of the file, one page more or fewer anywhere early (a heap grown by 4 KiB) would
-shift every later chunk and make all of them new. So page images are cut where each run
-of pages begins and every `WINDOW` bytes into it: a region of memory that did not change
-gives the same chunks in every dump, wherever it lies in the file, and, cut relative to
-its own start rather than at absolute addresses, also in another process that holds the
-same bytes at another (randomised) address. Small runs (the scattered pages of libraries)
-are merged up to `MIN_CHUNK`. Any other file, or a page image whose pagemap cannot be read
-or does not add up, is cut at fixed offsets.
+shift every later chunk and make all of them new. Cut relative to where a run begins, a
+run whose first pages come and go moves all of its chunks: that happens whenever two
+mappings are merged into one by the kernel (before Linux 6.7, a thread's stack mapped right
+below a buffer joins it, and the stack's present pages vary with how deep the thread last
+went), or when an allocator hands a page back in the middle of a buffer.
+
+So page images are cut where their content says (content-defined chunking at page
+granularity): a page whose fingerprint matches begins a chunk, once the chunk holds
+`MIN_CHUNK`; a chunk ends at `MAX_PAGE_CHUNK` at the latest. The same pages give the same
+cuts wherever they lie, in this dump or the next, or in another process holding the same
+bytes at another (randomised) address; after a change, the cuts are back in step at the
+next marked page. A run of `ANCHOR_RUN` or more (a mapping's worth of data) also begins a
+chunk, so two copies of one buffer start their chunks at the same page. A page's
+fingerprint is two bytes folded from two of its words: it costs one pass over two cache
+lines per page, not a hash of every byte. Any other file, or a page image whose pagemap
+cannot be read or does not add up, is cut at fixed offsets.
 """
 
 from __future__ import annotations
@@ -17,13 +26,21 @@ from __future__ import annotations
 import os
 import re
 import struct
+from collections.abc import Callable
 
 from hotrestart.store import pagemap
 
-WINDOW = 4 << 20  # of virtual address space: a chunk of a page image covers at most this
 CHUNK = 4 << 20  # of file, for every other file
-MIN_CHUNK = 1 << 20  # windows are merged until a chunk holds this much
+MIN_CHUNK = 1 << 20  # a page image's chunk holds at least this (but at a run of `ANCHOR_RUN`)
+MAX_PAGE_CHUNK = 8 << 20  # and at most this
+ANCHOR_RUN = 4 << 20  # a run of present pages this long begins a chunk
 PAGE = pagemap.PAGE
+
+# Past `MIN_CHUNK`, one page in 768 begins a chunk (the first folded word equals `_MARK`,
+# the second is below `_BELOW`): chunks of about 4 MiB on average, 8 MiB at most.
+_WORDS = (65, 193)  # which 8-byte words of a page are folded (byte offsets 520 and 1544)
+_MARK = 0x5C  # not 0: runs of zero pages are cut at `MAX_PAGE_CHUNK`, into equal chunks
+_BELOW = 85
 
 _PAGES = re.compile(r"pages-([0-9]{1,10})\.img")
 _PAGEMAP = re.compile(r"pagemap-([0-9]{1,10})\.img")
@@ -34,44 +51,86 @@ PE_LAZY = pagemap.PE_LAZY
 PE_PRESENT = pagemap.PE_PRESENT
 
 Span = tuple[int, int]  # (offset, length) in the file
+Cutter = Callable[[memoryview], list[Span]]  # a file's bytes -> where to cut it
 
 
 def fixed(size: int, chunk: int = CHUNK) -> list[Span]:
     return [(at, min(chunk, size - at)) for at in range(0, size, chunk)]
 
 
-def spans(name: str, size: int, runs: dict[int, list[tuple[int, int]]]) -> list[Span]:
-    """How to cut the image `name` (`size` bytes long), given its folder's `page_runs`."""
+def cutter(name: str, runs: dict[int, list[tuple[int, int]]]) -> Cutter:
+    """How to cut the image `name`, given its folder's `page_runs`: by content for a page
+    image whose pagemap adds up to its size, at fixed offsets otherwise."""
     match = _PAGES.fullmatch(name)
-    if match:
-        found = runs.get(int(match.group(1)))
-        if found is not None and sum(n for _, n in found) * PAGE == size:
-            return by_run(found)
-    return fixed(size)
+    found = runs.get(int(match.group(1))) if match else None
+
+    def cut(data: memoryview) -> list[Span]:
+        if found is not None and sum(n for _, n in found) * PAGE == len(data):
+            return by_content(data, found)
+        return fixed(len(data))
+
+    return cut
 
 
-def by_run(runs: list[tuple[int, int]]) -> list[Span]:
-    """Spans of a page image from its runs of present pages (virtual address, pages), in
-    file order: a run of a window or more starts a chunk and is cut every `WINDOW` bytes
-    from its start; smaller runs are gathered until a chunk holds `MIN_CHUNK`."""
+def by_content(data: memoryview, runs: list[tuple[int, int]]) -> list[Span]:
+    """Spans of the page image `data`, whose runs of present pages are `runs` (virtual
+    address, pages) in file order: a chunk begins at a marked page once it holds
+    `MIN_CHUNK`, at a run of `ANCHOR_RUN` or more, and after `MAX_PAGE_CHUNK`."""
+    pages = len(data) // PAGE
+    if pages * PAGE != len(data) or data.format != "B" or data.ndim != 1:
+        raise ValueError("a page image is a whole number of pages, as bytes")
+    anchors, at = [], 0
+    for _, n in runs:
+        if n * PAGE >= ANCHOR_RUN:
+            anchors.append(at)
+        at += n
+    marked = marked_pages(data)
+    least, most = MIN_CHUNK // PAGE, MAX_PAGE_CHUNK // PAGE
     out: list[Span] = []
-    start = at = 0
-    for _, pages in runs:
-        length = pages * PAGE
-        if at > start and (length >= WINDOW or at - start >= MIN_CHUNK):
-            out.append((start, at - start))
-            start = at
-        if length < WINDOW:
-            at += length
-            continue
-        for off in range(0, length, WINDOW):
-            piece = min(WINDOW, length - off)
-            out.append((at, piece))
-            at += piece
-        start = at
-    if at > start:
-        out.append((start, at - start))
+    start = 0
+    for page, anchored in sorted([(p, False) for p in marked] + [(p, True) for p in anchors]):
+        while page - start > most:
+            out.append((start * PAGE, most * PAGE))
+            start += most
+        if page > start and (anchored or page - start >= least):
+            out.append((start * PAGE, (page - start) * PAGE))
+            start = page
+    while pages - start > most:
+        out.append((start * PAGE, most * PAGE))
+        start += most
+    if pages > start:
+        out.append((start * PAGE, (pages - start) * PAGE))
     return out
+
+
+def marked_pages(data: memoryview) -> list[int]:
+    """The pages of `data` (a whole number of pages) whose fingerprint begins a chunk."""
+    pages = len(data) // PAGE
+    if not pages:
+        return []
+    folded = []
+    with data.cast("Q") as words:
+        for w in _WORDS:
+            with words[w :: PAGE // 8] as column:
+                folded.append(_folded(bytes(column)))
+    first, second = folded
+    found = []
+    page = first.find(_MARK)
+    while page >= 0:
+        if second[page] < _BELOW:
+            found.append(page)
+        page = first.find(_MARK, page + 1)
+    return found
+
+
+def _folded(words: bytes) -> bytes:
+    """Each 8-byte word of `words` XOR-folded into one byte (one big-integer pass, not a
+    Python loop per page)."""
+    value = int.from_bytes(words, "big")
+    value ^= value >> 32
+    value ^= value >> 16
+    value ^= value >> 8
+    return value.to_bytes(len(words), "big")[7::8]
 
 
 def page_runs(images: str) -> dict[int, list[tuple[int, int]]]:

@@ -19,7 +19,7 @@ from collections import deque
 from typing import Protocol
 
 from hotrestart.store.chunkcodec import Codec
-from hotrestart.store.chunking import Span
+from hotrestart.store.chunking import Cutter, Span
 from hotrestart.store.manifest import Chunk, FileEntry, chunk_root
 
 
@@ -61,20 +61,28 @@ class ChunkWriter:
         self.shared_bytes = 0  # stored bytes of chunks found in the store (or earlier in this checkpoint)
         self.raw_new = 0  # raw bytes of the chunks written
 
-    def store_file(self, src: str, rel: str, spans: list[Span], pool: concurrent.futures.Executor) -> FileEntry:
-        """Store the file `src` cut at `spans`, as the manifest entry `rel`."""
+    def store_file(
+        self, src: str, rel: str, spans: list[Span] | Cutter, pool: concurrent.futures.Executor
+    ) -> FileEntry:
+        """Store the file `src` as the manifest entry `rel`, cut at `spans` (or where the
+        cutter, given its bytes, says)."""
         fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            if sum(n for _, n in spans) != size:
-                raise ValueError(f"{rel}: the chunks do not cover the file")
             chunks: list[Chunk] = []
             if size:
                 source = mmap.mmap(fd, size, prot=mmap.PROT_READ)
                 try:
+                    if callable(spans):
+                        with memoryview(source) as data:
+                            spans = spans(data)
+                    if sum(n for _, n in spans) != size:
+                        raise ValueError(f"{rel}: the chunks do not cover the file")
                     chunks = self._store_spans(source, spans, pool)
                 finally:
                     source.close()
+            elif not callable(spans) and spans:
+                raise ValueError(f"{rel}: the chunks do not cover the file")
         finally:
             os.close(fd)
         return FileEntry(
