@@ -64,7 +64,7 @@ def _image(runs: list[tuple[int, int]], memory: dict[int, bytes]) -> bytes:
 
 
 def _cut(image: bytes, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    spans = chunking.by_content(memoryview(image), runs)
+    spans = list(chunking.by_content(memoryview(image), runs))
     at = 0
     for start, n in spans:
         assert start == at and 0 < n <= MAX_PAGE_CHUNK and n % PAGE == 0
@@ -131,6 +131,16 @@ def test_chunks_of_random_memory_are_about_four_mib() -> None:
     assert 2 << 20 <= len(image) / len(spans) <= 6 << 20
 
 
+def test_cuts_do_not_depend_on_how_much_is_fingerprinted_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    n = (48 << 20) // PAGE
+    image = b"".join(_pages(n, 5))
+    runs = [(0x10000, 3), (0x7F0000000000, n - 3)]
+    whole = _cut(image, runs)
+    for segment in (PAGE, 1 << 20, 5 << 20):
+        monkeypatch.setattr(chunking, "SEGMENT", segment)
+        assert _cut(image, runs) == whole
+
+
 def test_zero_pages_are_cut_into_equal_chunks() -> None:
     image = bytes(20 << 20)
     spans = _cut(image, [(0x7F0000000000, len(image) // PAGE)])
@@ -185,10 +195,10 @@ def test_small_runs_are_gathered_and_a_large_run_begins_a_chunk() -> None:
 def test_a_page_image_whose_pagemap_does_not_add_up_is_cut_at_fixed_offsets() -> None:
     runs = {3: [(0x400000, 10)]}
     ten, eleven = memoryview(bytes(10 * PAGE)), memoryview(bytes(11 * PAGE))
-    assert chunking.cutter("pages-3.img", runs)(ten) == chunking.by_content(ten, runs[3])
-    assert chunking.cutter("pages-3.img", runs)(eleven) == chunking.fixed(11 * PAGE)
-    assert chunking.cutter("pages-4.img", runs)(ten) == chunking.fixed(10 * PAGE)
-    assert chunking.cutter("core-1.img", runs)(ten) == chunking.fixed(10 * PAGE)
+    assert list(chunking.cutter("pages-3.img", runs)(ten)) == list(chunking.by_content(ten, runs[3]))
+    assert list(chunking.cutter("pages-3.img", runs)(eleven)) == chunking.fixed(11 * PAGE)
+    assert list(chunking.cutter("pages-4.img", runs)(ten)) == chunking.fixed(10 * PAGE)
+    assert list(chunking.cutter("core-1.img", runs)(ten)) == chunking.fixed(10 * PAGE)
 
 
 def test_page_runs_reads_every_pagemap_of_a_folder_and_skips_bad_ones(tmp_path: os.PathLike[str]) -> None:

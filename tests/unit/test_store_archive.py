@@ -175,6 +175,31 @@ def test_a_chunk_repeated_within_a_file_is_stored_once(tmp_path: Path, workers: 
     assert (tmp_path / "out").read_bytes() == payload
 
 
+def test_a_page_image_is_stored_as_its_cutter_cuts_it_and_a_cutter_that_leaves_a_gap_is_refused(
+    tmp_path: Path,
+) -> None:
+    pages = (12 << 20) // chunking.PAGE
+    payload = b"".join(os.urandom(chunking.PAGE // 2) + bytes(chunking.PAGE // 2) for _ in range(pages))
+    src = tmp_path / "pages-1.img"
+    src.write_bytes(payload)
+    store = Store(str(tmp_path / "s"))
+    _cid, staging = store.new_staging()
+    writer = store.chunk_writer(staging)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            fe = writer.store_file(str(src), REL, chunking.cutter(src.name, {1: [(0x7F0000000000, pages)]}), pool)
+            expected = list(chunking.by_content(memoryview(payload), [(0x7F0000000000, pages)]))
+            assert [c.raw for c in fe.chunks] == [n for _, n in expected] and len(expected) > 1
+            for gap in ([(0, 1 << 20), (2 << 20, len(payload) - (2 << 20))], [(0, 1 << 20)], [(0, 0)]):
+                with pytest.raises(ValueError, match="do not cover"):
+                    writer.store_file(str(src), REL, lambda _data, spans=gap: iter(spans), pool)
+        writer.finish()
+    finally:
+        writer.close()
+    archive.restore_file(fe, str(tmp_path / "out"), plain_reader(store), Codec())
+    assert (tmp_path / "out").read_bytes() == payload
+
+
 # -- shared chunks --------------------------------------------------------------------------------
 
 

@@ -23,10 +23,11 @@ cannot be read or does not add up, is cut at fixed offsets.
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from hotrestart.store import pagemap
 
@@ -34,6 +35,7 @@ CHUNK = 4 << 20  # of file, for every other file
 MIN_CHUNK = 1 << 20  # a page image's chunk holds at least this (but at a run of `ANCHOR_RUN`)
 MAX_PAGE_CHUNK = 8 << 20  # and at most this
 ANCHOR_RUN = 4 << 20  # a run of present pages this long begins a chunk
+SEGMENT = 256 << 20  # page images are fingerprinted this much at a time
 PAGE = pagemap.PAGE
 
 # Past `MIN_CHUNK`, one page in 768 begins a chunk (the first folded word equals `_MARK`,
@@ -51,7 +53,7 @@ PE_LAZY = pagemap.PE_LAZY
 PE_PRESENT = pagemap.PE_PRESENT
 
 Span = tuple[int, int]  # (offset, length) in the file
-Cutter = Callable[[memoryview], list[Span]]  # a file's bytes -> where to cut it
+Cutter = Callable[[memoryview], Iterable[Span]]  # a file's bytes -> where to cut it, in order
 
 
 def fixed(size: int, chunk: int = CHUNK) -> list[Span]:
@@ -64,7 +66,7 @@ def cutter(name: str, runs: dict[int, list[tuple[int, int]]]) -> Cutter:
     match = _PAGES.fullmatch(name)
     found = runs.get(int(match.group(1))) if match else None
 
-    def cut(data: memoryview) -> list[Span]:
+    def cut(data: memoryview) -> Iterable[Span]:
         if found is not None and sum(n for _, n in found) * PAGE == len(data):
             return by_content(data, found)
         return fixed(len(data))
@@ -72,10 +74,12 @@ def cutter(name: str, runs: dict[int, list[tuple[int, int]]]) -> Cutter:
     return cut
 
 
-def by_content(data: memoryview, runs: list[tuple[int, int]]) -> list[Span]:
+def by_content(data: memoryview, runs: list[tuple[int, int]]) -> Iterator[Span]:
     """Spans of the page image `data`, whose runs of present pages are `runs` (virtual
     address, pages) in file order: a chunk begins at a marked page once it holds
-    `MIN_CHUNK`, at a run of `ANCHOR_RUN` or more, and after `MAX_PAGE_CHUNK`."""
+    `MIN_CHUNK`, at a run of `ANCHOR_RUN` or more, and after `MAX_PAGE_CHUNK`. Produced a
+    `SEGMENT` at a time, so that pages are fingerprinted just before they are hashed (a page
+    image on disk larger than the page cache is read once, not twice)."""
     pages = len(data) // PAGE
     if pages * PAGE != len(data) or data.format != "B" or data.ndim != 1:
         raise ValueError("a page image is a whole number of pages, as bytes")
@@ -84,23 +88,25 @@ def by_content(data: memoryview, runs: list[tuple[int, int]]) -> list[Span]:
         if n * PAGE >= ANCHOR_RUN:
             anchors.append(at)
         at += n
-    marked = marked_pages(data)
-    least, most = MIN_CHUNK // PAGE, MAX_PAGE_CHUNK // PAGE
-    out: list[Span] = []
+    least, most, step = MIN_CHUNK // PAGE, MAX_PAGE_CHUNK // PAGE, SEGMENT // PAGE
     start = 0
-    for page, anchored in sorted([(p, False) for p in marked] + [(p, True) for p in anchors]):
-        while page - start > most:
-            out.append((start * PAGE, most * PAGE))
-            start += most
-        if page > start and (anchored or page - start >= least):
-            out.append((start * PAGE, (page - start) * PAGE))
-            start = page
+    for first in range(0, pages, step):
+        last = min(pages, first + step)
+        with data[first * PAGE : last * PAGE] as part:
+            marked = [(first + p, False) for p in marked_pages(part)]
+        anchored_here = anchors[bisect.bisect_left(anchors, first) : bisect.bisect_left(anchors, last)]
+        for page, anchored in sorted(marked + [(p, True) for p in anchored_here]):
+            while page - start > most:
+                yield (start * PAGE, most * PAGE)
+                start += most
+            if page > start and (anchored or page - start >= least):
+                yield (start * PAGE, (page - start) * PAGE)
+                start = page
     while pages - start > most:
-        out.append((start * PAGE, most * PAGE))
+        yield (start * PAGE, most * PAGE)
         start += most
     if pages > start:
-        out.append((start * PAGE, (pages - start) * PAGE))
-    return out
+        yield (start * PAGE, (pages - start) * PAGE)
 
 
 def marked_pages(data: memoryview) -> list[int]:

@@ -16,6 +16,7 @@ import mmap
 import os
 import threading
 from collections import deque
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from hotrestart.store.chunkcodec import Codec
@@ -69,20 +70,17 @@ class ChunkWriter:
         fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
+            if not callable(spans) and sum(n for _, n in spans) != size:
+                raise ValueError(f"{rel}: the chunks do not cover the file")
             chunks: list[Chunk] = []
             if size:
                 source = mmap.mmap(fd, size, prot=mmap.PROT_READ)
                 try:
-                    if callable(spans):
-                        with memoryview(source) as data:
-                            spans = spans(data)
-                    if sum(n for _, n in spans) != size:
-                        raise ValueError(f"{rel}: the chunks do not cover the file")
-                    chunks = self._store_spans(source, spans, pool)
+                    with memoryview(source) as data:
+                        cut = spans(data) if callable(spans) else spans
+                        chunks = self._store_spans(source, _covering(cut, size, rel), pool)
                 finally:
                     source.close()
-            elif not callable(spans) and spans:
-                raise ValueError(f"{rel}: the chunks do not cover the file")
         finally:
             os.close(fd)
         return FileEntry(
@@ -93,7 +91,7 @@ class ChunkWriter:
             chunks=chunks,
         )
 
-    def _store_spans(self, source: mmap.mmap, spans: list[Span], pool: concurrent.futures.Executor) -> list[Chunk]:
+    def _store_spans(self, source: mmap.mmap, spans: Iterable[Span], pool: concurrent.futures.Executor) -> list[Chunk]:
         window = 2 * self.threads  # bounds the frames held in memory at once
         pending: deque[concurrent.futures.Future[Chunk]] = deque()
         out: list[Chunk] = []
@@ -180,3 +178,16 @@ class ChunkWriter:
 
     def close(self) -> None:
         self._journal.close()
+
+
+def _covering(spans: Iterable[Span], size: int, rel: str) -> Iterator[Span]:
+    """`spans`, checked as they come to follow one another without gaps and to end with the
+    file: a cutter's spans are known only as the file is read."""
+    at = 0
+    for start, length in spans:
+        if start != at or length <= 0 or start + length > size:
+            raise ValueError(f"{rel}: the chunks do not cover the file")
+        at += length
+        yield start, length
+    if at != size:
+        raise ValueError(f"{rel}: the chunks do not cover the file")
