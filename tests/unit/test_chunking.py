@@ -90,7 +90,7 @@ def test_unchanged_memory_cuts_the_same_when_pages_before_it_come_and_go() -> No
     big_pages = 64 << 20 >> 12
     heap = 0x600000
     memory = {heap + i * PAGE: os.urandom(16) * 256 for i in range(40)}
-    memory.update({big + i * PAGE: (i.to_bytes(8, "little") * 512) for i in range(big_pages)})
+    memory.update({big + i * PAGE: d for i, d in enumerate(_pages(big_pages, 6))})
     before = [(heap, 30), (big, big_pages)]
     after = [(heap, 37), (big, big_pages)]
     a, b = _chunk_digests(before, memory), _chunk_digests(after, memory)
@@ -100,14 +100,15 @@ def test_unchanged_memory_cuts_the_same_when_pages_before_it_come_and_go() -> No
 def test_a_stack_merged_into_a_buffers_mapping_does_not_move_its_chunks() -> None:
     """Before Linux 6.7 a thread's stack mapped right below a buffer is one mapping with it,
     so nothing marks where the buffer begins; how many stack pages are present changes from
-    dump to dump. Cut by content, only the chunk holding the stack's pages changes."""
+    dump to dump. Cut by content, only the chunk holding the stack's pages changes, and the
+    one after it where that chunk ended at the size cap (which moves with the stack)."""
     buf, n = 0x7F0000100000, (64 << 20) // PAGE
     data = _pages(n + 8, 1)
     memory = {buf - 8 * PAGE + i * PAGE: d for i, d in enumerate(data)}
     one = _chunk_digests([(buf - 2 * PAGE, 2 + n)], memory)
     two = _chunk_digests([(buf - 7 * PAGE, 7 + n)], memory)
     assert len(one) >= 8
-    assert len(one - two) == 1 and len(two - one) == 1
+    assert 1 <= len(one - two) <= 2 and len(one & two) >= len(one) - 2
 
 
 def test_a_page_handed_back_inside_a_buffer_changes_only_the_chunks_around_it() -> None:
@@ -118,8 +119,9 @@ def test_a_page_handed_back_inside_a_buffer_changes_only_the_chunks_around_it() 
     hole = n // 3
     whole = _chunk_digests([(buf, n)], memory)
     holed = _chunk_digests([(buf, hole), (buf + (hole + 1) * PAGE, n - hole - 1)], memory)
-    assert len(whole - holed) <= 3
-    assert len(whole & holed) >= len(whole) - 3
+    assert len(whole) >= 16
+    assert len(whole - holed) <= 4, "chunks lost: the one with the hole, and those before the cuts are back in step"
+    assert len(holed - whole) <= 5, "chunks new: the same, split at the hole"
 
 
 def test_chunks_of_random_memory_are_about_four_mib() -> None:
@@ -128,7 +130,16 @@ def test_chunks_of_random_memory_are_about_four_mib() -> None:
     spans = _cut(image, [(0x7F0000000000, n)])
     sizes = [length for _, length in spans]
     assert all(MIN_CHUNK <= size <= MAX_PAGE_CHUNK for size in sizes[:-1])
-    assert 2 << 20 <= len(image) / len(spans) <= 6 << 20
+    assert 2 << 20 <= len(image) / len(spans) <= 4 << 20
+
+
+def test_the_small_runs_after_a_large_one_begin_a_chunk_of_their_own() -> None:
+    """A lazy restore brings back the small (eager) runs first: they must not share a chunk
+    with the tail of the large lazy run before them."""
+    big = (9 << 20) // PAGE + 5
+    runs = [(0x7F0000000000, big), (0x7FF000000000, 3), (0x7FF100000000, 2)]
+    spans = _cut(b"".join(_pages(big + 5, 9)), runs)
+    assert spans[-1] == (big * PAGE, 5 * PAGE)
 
 
 def test_cuts_do_not_depend_on_how_much_is_fingerprinted_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,7 +155,7 @@ def test_cuts_do_not_depend_on_how_much_is_fingerprinted_at_a_time(monkeypatch: 
 def test_zero_pages_are_cut_into_equal_chunks() -> None:
     image = bytes(20 << 20)
     spans = _cut(image, [(0x7F0000000000, len(image) // PAGE)])
-    assert [n for _, n in spans] == [MAX_PAGE_CHUNK, MAX_PAGE_CHUNK, 4 << 20]
+    assert [n for _, n in spans] == [MAX_PAGE_CHUNK] * 5
 
 
 def test_the_fingerprint_folds_two_words_of_each_page() -> None:
@@ -173,7 +184,7 @@ def test_fixed_offsets_would_have_changed_everything() -> None:
 
 def test_the_same_bytes_at_another_address_cut_the_same() -> None:
     """Two processes holding the same data at randomised addresses (ASLR) share its chunks."""
-    data = [os.urandom(64) * 64 for _ in range((16 << 20) // PAGE)]
+    data = _pages((16 << 20) // PAGE, 7)
     libs = 0x7F1000000000
     a_base, b_base = 0x7F0000000000 + 37 * PAGE, 0x7E0000000000 + 911 * PAGE
     memory = {a_base + i * PAGE: d for i, d in enumerate(data)} | {b_base + i * PAGE: d for i, d in enumerate(data)}
@@ -193,12 +204,15 @@ def test_small_runs_are_gathered_and_a_large_run_begins_a_chunk() -> None:
 
 
 def test_a_page_image_whose_pagemap_does_not_add_up_is_cut_at_fixed_offsets() -> None:
-    runs = {3: [(0x400000, 10)]}
-    ten, eleven = memoryview(bytes(10 * PAGE)), memoryview(bytes(11 * PAGE))
+    n = (24 << 20) // PAGE
+    runs = {3: [(0x400000, n)]}
+    image = b"".join(_pages(n + 1, 8))
+    ten, eleven = memoryview(image[: n * PAGE]), memoryview(image)
+    assert list(chunking.by_content(ten, runs[3])) != chunking.fixed(n * PAGE)
     assert list(chunking.cutter("pages-3.img", runs)(ten)) == list(chunking.by_content(ten, runs[3]))
-    assert list(chunking.cutter("pages-3.img", runs)(eleven)) == chunking.fixed(11 * PAGE)
-    assert list(chunking.cutter("pages-4.img", runs)(ten)) == chunking.fixed(10 * PAGE)
-    assert list(chunking.cutter("core-1.img", runs)(ten)) == chunking.fixed(10 * PAGE)
+    assert list(chunking.cutter("pages-3.img", runs)(eleven)) == chunking.fixed((n + 1) * PAGE)
+    assert list(chunking.cutter("pages-4.img", runs)(ten)) == chunking.fixed(n * PAGE)
+    assert list(chunking.cutter("core-1.img", runs)(ten)) == chunking.fixed(n * PAGE)
 
 
 def test_page_runs_reads_every_pagemap_of_a_folder_and_skips_bad_ones(tmp_path: os.PathLike[str]) -> None:

@@ -24,6 +24,7 @@ from hotrestart.store.entry import Entry, Fault, identity_key
 from hotrestart.store.manifest import (
     MAX_CHUNK_RAW,
     MAX_CHUNK_STORED,
+    MAX_MANIFEST,
     SCHEMA,
     Chunk,
     FileEntry,
@@ -517,3 +518,13 @@ def test_a_chunk_store_read_is_bounded_by_the_manifest(tmp_path: Path) -> None:
     with pytest.raises(archive.IntegrityError, match="the manifest says"):
         store.chunks.read("plain", c.digest, c.stored - 1)
     assert len(store.chunks.read("plain", c.digest, c.stored)) == c.stored
+
+
+def test_a_manifest_too_large_to_be_read_back_is_refused_when_written() -> None:
+    """Published, it would only be refused at the next create, which would start cold."""
+    chunk = Chunk(100, 6000, "ab" * 32)
+    chunks = [chunk] * (MAX_MANIFEST // 150)
+    files = [FileEntry("images/pages-1.img.zst", chunk_root(chunks), 100 * len(chunks), 6000 * len(chunks), chunks)]
+    manifest = Manifest("c-1", IDENT, 1000.0, "n1", "stop", "img", "d", {"criu": "4.2"}, {}, files, {"dump": 1.0})
+    with pytest.raises(ManifestError, match="larger than"):
+        manifest.to_json()

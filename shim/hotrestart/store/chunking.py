@@ -15,7 +15,9 @@ granularity): a page whose fingerprint matches begins a chunk, once the chunk ho
 cuts wherever they lie, in this dump or the next, or in another process holding the same
 bytes at another (randomised) address; after a change, the cuts are back in step at the
 next marked page. A run of `ANCHOR_RUN` or more (a mapping's worth of data) also begins a
-chunk, so two copies of one buffer start their chunks at the same page. A page's
+chunk, and so does what follows it: two copies of one buffer start their chunks at the same
+page, and the small runs after a large one (stacks, which a lazy restore brings back first)
+do not share a chunk with its tail. A page's
 fingerprint is two bytes folded from two of its words: it costs one pass over two cache
 lines per page, not a hash of every byte. Any other file, or a page image whose pagemap
 cannot be read or does not add up, is cut at fixed offsets.
@@ -32,17 +34,20 @@ from collections.abc import Callable, Iterable, Iterator
 from hotrestart.store import pagemap
 
 CHUNK = 4 << 20  # of file, for every other file
-MIN_CHUNK = 1 << 20  # a page image's chunk holds at least this (but at a run of `ANCHOR_RUN`)
-MAX_PAGE_CHUNK = 8 << 20  # and at most this
-ANCHOR_RUN = 4 << 20  # a run of present pages this long begins a chunk
+MIN_CHUNK = 1 << 20  # a page image's chunk holds at least this (but next to a run of `ANCHOR_RUN`)
+MAX_PAGE_CHUNK = 4 << 20  # and at most this (what readers hold per chunk stays as it was)
+ANCHOR_RUN = 4 << 20  # a run of present pages this long begins a chunk, and so does what follows it
 SEGMENT = 256 << 20  # page images are fingerprinted this much at a time
 PAGE = pagemap.PAGE
 
-# Past `MIN_CHUNK`, one page in 768 begins a chunk (the first folded word equals `_MARK`,
-# the second is below `_BELOW`): chunks of about 4 MiB on average, 8 MiB at most.
+# Past `MIN_CHUNK`, one page in 683 begins a chunk (the first folded word equals `_MARK`,
+# the second is below `_BELOW`): chunks of about 2.7 MiB on average, 4 MiB at most (one in
+# ten reaches it). A larger minimum or a rarer mark would leave more chunks cut at the
+# maximum, whose place depends on the cut before, and the cuts would take longer to get
+# back in step after a change.
 _WORDS = (65, 193)  # which 8-byte words of a page are folded (byte offsets 520 and 1544)
 _MARK = 0x5C  # not 0: runs of zero pages are cut at `MAX_PAGE_CHUNK`, into equal chunks
-_BELOW = 85
+_BELOW = 96
 
 _PAGES = re.compile(r"pages-([0-9]{1,10})\.img")
 _PAGEMAP = re.compile(r"pagemap-([0-9]{1,10})\.img")
@@ -87,6 +92,10 @@ def by_content(data: memoryview, runs: list[tuple[int, int]]) -> Iterator[Span]:
     for _, n in runs:
         if n * PAGE >= ANCHOR_RUN:
             anchors.append(at)
+            if at + n < pages:
+                # Also where it ends: the small (often eager) runs after a large lazy one
+                # must not share a chunk with its tail, or a lazy restore fetches the tail first.
+                anchors.append(at + n)
         at += n
     least, most, step = MIN_CHUNK // PAGE, MAX_PAGE_CHUNK // PAGE, SEGMENT // PAGE
     start = 0
@@ -102,6 +111,9 @@ def by_content(data: memoryview, runs: list[tuple[int, int]]) -> Iterator[Span]:
             if page > start and (anchored or page - start >= least):
                 yield (start * PAGE, (page - start) * PAGE)
                 start = page
+        while last - start > most:  # no later page can cut before these (unmarked memory)
+            yield (start * PAGE, most * PAGE)
+            start += most
     while pages - start > most:
         yield (start * PAGE, most * PAGE)
         start += most

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from hotrestart.store.chunkcodec import Codec
 from hotrestart.store.chunking import Cutter, Span
-from hotrestart.store.manifest import Chunk, FileEntry, chunk_root
+from hotrestart.store.manifest import MAX_CHUNK_RAW, Chunk, FileEntry, chunk_root
 
 
 class ChunkSink(Protocol):
@@ -185,8 +185,8 @@ def _covering(spans: Iterable[Span], size: int, rel: str) -> Iterator[Span]:
     file: a cutter's spans are known only as the file is read."""
     at = 0
     for start, length in spans:
-        if start != at or length <= 0 or start + length > size:
-            raise ValueError(f"{rel}: the chunks do not cover the file")
+        if start != at or not 0 < length <= MAX_CHUNK_RAW or start + length > size:
+            raise ValueError(f"{rel}: the chunks do not cover the file in pieces the store takes")
         at += length
         yield start, length
     if at != size:

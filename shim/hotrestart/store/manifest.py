@@ -34,8 +34,8 @@ KNOWN_SCHEMAS = frozenset({SCHEMA})
 OLDER_SCHEMAS = frozenset({"hotrestart.io/checkpoint/v1"})
 _SCHEMA_FAMILY = re.compile(r"hotrestart\.io/checkpoint/v[0-9]{1,6}")
 
-MAX_MANIFEST = 16 << 20  # bytes; about 100,000 chunks, so some 800 GiB of memory
-MAX_CHUNK_RAW = 64 << 20  # chunks are written at 4-5 MiB; a larger one is refused
+MAX_MANIFEST = 16 << 20  # bytes; about 100,000 chunks, so some 200-400 GiB of memory
+MAX_CHUNK_RAW = 64 << 20  # chunks are written at 2-4 MiB (other files' at 4 MiB); a larger one is refused
 # zstd's compress bound of the largest chunk: no honest frame of it is larger.
 MAX_CHUNK_STORED = MAX_CHUNK_RAW + (MAX_CHUNK_RAW >> 8) + 4096
 MAX_FILE_BYTES = 1 << 50
@@ -155,7 +155,11 @@ class Manifest:
         return sum(f.raw_bytes for f in self.files)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        text = json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        if len(text) > MAX_MANIFEST:
+            # Refused when written, not only when read: published, it would only start cold.
+            raise ManifestError(f"manifest is larger than {MAX_MANIFEST} bytes ({len(self.files)} files)")
+        return text
 
     @classmethod
     def from_json(cls, text: str | bytes, *, now: float | None = None) -> Manifest:
