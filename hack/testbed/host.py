@@ -359,8 +359,14 @@ def delete_link(name: str) -> None:
 # -- misc ----------------------------------------------------------------------
 
 
+# How much slower than a real node this machine is (hack/vm.py sets it under emulation):
+# every wait of the test bed and the tests is that much longer.
+TIME_SCALE = float(os.environ.get("HOTRESTART_E2E_TIME_SCALE", "1"))
+
+
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
+    """Whether `pred` came true within `timeout` seconds (times `TIME_SCALE`)."""
+    deadline = time.monotonic() + timeout * TIME_SCALE
     while True:
         if pred():
             return True

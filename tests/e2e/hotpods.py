@@ -8,7 +8,6 @@ from where it stopped with the same checksum; a cold start begins again at 1 wit
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +18,7 @@ from testbed import BUSYBOX_IMAGE, ContainerdInstance, host
 
 # How much slower than a real node this one is: a node VM under software emulation (hack/vm.py)
 # takes seconds to start a Python helper. Stop grace periods and waits are scaled by it.
-TIME_SCALE = float(os.environ.get("HOTRESTART_E2E_TIME_SCALE", "1"))
+TIME_SCALE = host.TIME_SCALE
 # There the stop-time checkpoint gets the scaled grace period too (less a margin for the signal).
 SLOW_NODE_ANNOTATIONS = (
     {"hotrestart.io/checkpoint-timeout": f"{round(10 * TIME_SCALE * 0.9)}s"} if TIME_SCALE > 1 else {}
@@ -143,7 +142,7 @@ def chunk_files(inst: ContainerdInstance, ckpt: Path, prefix: str = "images/page
 
 
 def wait_published(inst: ContainerdInstance, count: int = 1, timeout: float = 30) -> list[Path]:
-    assert host.wait_until(lambda: len(stored(inst)) >= count, timeout * TIME_SCALE), "checkpoint never published"
+    assert host.wait_until(lambda: len(stored(inst)) >= count, timeout), "checkpoint never published"
     return stored(inst)
 
 

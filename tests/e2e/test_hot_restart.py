@@ -34,7 +34,7 @@ def test_stop_and_create_again_continues(client: CRIClient, inst: ContainerdInst
     time.sleep(0.5)
     first = again.first()
     assert first[0] == counter + 1 and first[1] == checksum, (first, counter, checksum)
-    assert host.wait_until(lambda: again.state()[0] > counter + 1, 10 * TIME_SCALE), "it counts on"
+    assert host.wait_until(lambda: again.state()[0] > counter + 1, 10), "it counts on"
     _, s, t = again.state()
     assert s == t == checksum
     assert any(line.startswith("hotrestart: restoring from checkpoint") for line in again.lines())
@@ -240,7 +240,7 @@ def test_restored_container_that_keeps_dying_is_not_restored_again(
         pod.create(command, mounts=mounts, attempt=attempt)
         assert pod.first()[0] == counter + 1, f"restore {attempt + 1} continues from the checkpoint"
         assert client.wait_container_exit(pod.cid, timeout=30 * TIME_SCALE).exit_code == 0
-        assert host.wait_until(lambda: bool(stored(inst) or stored(inst, "quarantine")), 10 * TIME_SCALE)
+        assert host.wait_until(lambda: bool(stored(inst) or stored(inst, "quarantine")), 10)
     assert not stored(inst) and len(stored(inst, "quarantine")) == 1
     assert "died within" in (stored(inst, "quarantine")[0] / "reason.txt").read_text()
     pod.create(command, mounts=mounts, attempt=3)

@@ -159,7 +159,7 @@ def test_a_pool_shared_by_two_nodes_is_never_double_claimed(
 
 
 def _first_row(client: CRIClient, cid: str) -> tuple[int, int]:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 10 * host.TIME_SCALE
     while True:
         rows = [line.message.split() for line in parse_cri_log(client.read_log(cid))]
         rows = [r for r in rows if len(r) == 3 and all(x.isdigit() for x in r)]
