@@ -235,6 +235,8 @@ def test(driver: str, pytest_args: list[str], timeout: float, out: Path, cgroup:
         "HOTRESTART_E2E_NODE_VM": "1",  # tests/e2e/test_node_install.py may set the machine up
         "HOTRESTART_E2E_MEMHOG": f"{shared_out}/memhog",
         "HOTRESTART_E2E_TIME_SCALE": TCG_TIME_SCALE if emulated else "1",
+        # The shims' label lookup starts a Python helper, which takes seconds under emulation.
+        **({"HOTRESTART_LABEL_LOOKUP_TIMEOUT": "60"} if emulated else {}),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())

@@ -105,7 +105,13 @@ async def _serve(flags: Flags, sock: socket.socket) -> None:
         reaper=reaper,
         events=TaskEvents(publisher),
         on_idle=stop.set,
-        pod_labels=functools.partial(lookup.pod_labels, CommandRunner(reaper), flags.address, flags.namespace),
+        pod_labels=functools.partial(
+            lookup.pod_labels,
+            CommandRunner(reaper),
+            flags.address,
+            flags.namespace,
+            timeout=lookup.lookup_timeout(),
+        ),
     )
     server = Server()
     for name in SERVICES:

@@ -181,8 +181,8 @@ def test_each_container_of_a_pod_has_its_own_checkpoint(
     time.sleep(1.0)
     before = {}
     for cid in (app, side):
-        client.stop_container(cid, timeout=10)
-        assert client.wait_container_exit(cid).exit_code == 143
+        client.stop_container(cid, timeout=round(10 * host.TIME_SCALE))
+        assert client.wait_container_exit(cid, timeout=30 * host.TIME_SCALE).exit_code == 143
         before[cid] = _first_row(client, cid)[1]
     old.remove()
     wait_published(inst, 2)

@@ -22,6 +22,12 @@ if TYPE_CHECKING:  # the helper itself imports as little as it can
     from hotrestart.runtime.command import CommandRunner
 
 MAX_ANSWER = 1 << 20  # the helper's own caps keep it far below this
+CALL_TIMEOUT = 3.0  # the helper's call to containerd
+# The whole lookup, the helper's start included (well under a second on a node). A node
+# much slower than that (a machine under emulation) sets HOTRESTART_LABEL_LOOKUP_TIMEOUT in
+# containerd's environment: past it, the pod's identity falls back to its name.
+TIMEOUT_ENV = "HOTRESTART_LABEL_LOOKUP_TIMEOUT"
+DEFAULT_TIMEOUT = 8.0
 
 
 # The helper imports this very copy of the package, wherever it is installed: -I (no user
@@ -37,13 +43,26 @@ def argv(address: str, namespace: str, container_id: str, timeout: float) -> lis
     return [sys.executable, "-I", "-c", _RUN, _PACKAGE_ROOT, address, namespace, container_id, str(timeout)]
 
 
-async def pod_labels(
-    runner: CommandRunner, address: str, namespace: str, sandbox_id: str, *, timeout: float = 3.0
-) -> dict[str, str]:
-    """The labels of the pod whose sandbox is `sandbox_id`; ContainerdAPIError on any failure."""
+def lookup_timeout(environ: dict[str, str] | None = None) -> float:
+    """The whole lookup's time limit: HOTRESTART_LABEL_LOOKUP_TIMEOUT seconds, or the default."""
+    value = (os.environ if environ is None else environ).get(TIMEOUT_ENV, "")
     try:
-        result = await runner.run(argv(address, namespace, sandbox_id, timeout), timeout=timeout + 5.0)
-    except (OSError, TimeoutError) as exc:
+        seconds = float(value) if value else DEFAULT_TIMEOUT
+    except ValueError:
+        return DEFAULT_TIMEOUT
+    return min(max(seconds, CALL_TIMEOUT + 0.5), 600.0) if seconds == seconds else DEFAULT_TIMEOUT
+
+
+async def pod_labels(
+    runner: CommandRunner, address: str, namespace: str, sandbox_id: str, *, timeout: float = DEFAULT_TIMEOUT
+) -> dict[str, str]:
+    """The labels of the pod whose sandbox is `sandbox_id`, within `timeout` seconds in all;
+    ContainerdAPIError on any failure."""
+    try:
+        result = await runner.run(argv(address, namespace, sandbox_id, CALL_TIMEOUT), timeout=timeout)
+    except TimeoutError:
+        raise ContainerdAPIError(f"the label lookup did not answer within {timeout:g}s ({TIMEOUT_ENV})") from None
+    except OSError as exc:
         raise ContainerdAPIError(f"the label lookup could not run: {exc}") from exc
     if result.returncode != 0:
         why = result.stderr.decode(errors="replace").strip().splitlines()
