@@ -195,7 +195,11 @@ def test_collection_under_concurrent_publishes_and_claims_never_loses_a_chunk(tm
     threads += [threading.Thread(target=collector)]
     for t in threads:
         t.start()
+    # At least a few seconds of it, and on a loaded machine until there was enough of it.
+    deadline = time.monotonic() + 60
     time.sleep(4 + rng.random())
+    while (restored[0] <= 20 or not collected[0]) and not failures and time.monotonic() < deadline:
+        time.sleep(0.2)
     stop.set()
     for t in threads:
         t.join()
