@@ -13,14 +13,14 @@ So page images are cut where their content says (content-defined chunking at pag
 granularity): a page whose fingerprint matches begins a chunk, once the chunk holds
 `MIN_CHUNK`; a chunk ends at `MAX_PAGE_CHUNK` at the latest. The same pages give the same
 cuts wherever they lie, in this dump or the next, or in another process holding the same
-bytes at another (randomised) address; after a change, the cuts are back in step at the
-next marked page. A run of `ANCHOR_RUN` or more (a mapping's worth of data) also begins a
-chunk, and so does what follows it: two copies of one buffer start their chunks at the same
-page, and the small runs after a large one (stacks, which a lazy restore brings back first)
-do not share a chunk with its tail. A page's
-fingerprint is two bytes folded from two of its words: it costs one pass over two cache
-lines per page, not a hash of every byte. Any other file, or a page image whose pagemap
-cannot be read or does not add up, is cut at fixed offsets.
+bytes at another (randomised) address; after a change, the cuts are back in step within a
+few chunks. A run of `ANCHOR_RUN` or more (a mapping's worth of data) also begins a chunk,
+and so does what follows it: two copies of one buffer start their chunks at the same page,
+and the small runs after a large one (stacks, which a lazy restore brings back first) do
+not share a chunk with its tail. A page's fingerprint is two bytes folded from two of its
+words: it costs one pass over two cache lines per page, not a hash of every byte. Any
+other file, or a page image whose pagemap cannot be read or does not add up, is cut at
+fixed offsets.
 """
 
 from __future__ import annotations
@@ -114,9 +114,6 @@ def by_content(data: memoryview, runs: list[tuple[int, int]]) -> Iterator[Span]:
         while last - start > most:  # no later page can cut before these (unmarked memory)
             yield (start * PAGE, most * PAGE)
             start += most
-    while pages - start > most:
-        yield (start * PAGE, most * PAGE)
-        start += most
     if pages > start:
         yield (start * PAGE, (pages - start) * PAGE)
 
