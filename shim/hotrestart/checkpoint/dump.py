@@ -23,6 +23,7 @@ from hotrestart.checkpoint import files, workarea
 from hotrestart.checkpoint.compat import image_of, spec_digest
 from hotrestart.checkpoint.dumped import Dumped, DumpRequest
 from hotrestart.checkpoint.engine import Engine
+from hotrestart.checkpoint.follow import Follower
 from hotrestart.checkpoint.policy import Policy
 from hotrestart.checkpoint.tracking import PARENT_LINK, Link, Tracking
 from hotrestart.container.seam import View
@@ -76,6 +77,7 @@ async def dump(
     timings: dict[str, float] = {}
     link: Link | None = None
     writer: ChunkWriter | None = None
+    follower: Follower | None = None
     try:
         if tracking is not None:
             link = tracking.begin(work, incremental)
@@ -94,6 +96,9 @@ async def dump(
             empty_ns=req.empty_ns,
             manage_cgroups_mode=req.cgroups_mode,
         )
+        if not req.leave_running and (link is None or link.parent is None):
+            # A stop: what counts is when the checkpoint is durable (see `follow`).
+            follower = Follower(store, staging, images).start()
         log.info("%s: dump %s (%s) begins", view.id, cid, req.reason)
         with telemetry.span("hotrestart.checkpoint.dump", container=view.id, reason=req.reason) as sp:
             outcome = "failed"
@@ -130,6 +135,8 @@ async def dump(
         net.cancel()
         if writer is not None:
             writer.close()
+        if follower is not None:
+            follower.abandon()  # before its files go
         _keep_dump_log(view, work)
         workarea.drop(work, tmpfs)
         engine.calls.later("staging not removed", store.discard, staging)
@@ -158,7 +165,9 @@ async def dump(
     )
     if link is not None and link.parent is not None:
         log.info("%s: dump %s holds what changed since %s", view.id, cid, link.parent.entry.id)
-    return Dumped(cid, staging, work, tmpfs, dumped_files, manifest, t0, images, sealer, tracking, link, writer)
+    return Dumped(
+        cid, staging, work, tmpfs, dumped_files, manifest, t0, images, sealer, tracking, link, writer, follower
+    )
 
 
 def secure_parent(store: Backend, staging: str, link: Link) -> tuple[ChunkWriter, Link]:

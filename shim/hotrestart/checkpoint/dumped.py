@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from hotrestart.checkpoint.follow import Follower
 from hotrestart.checkpoint.tracking import Link, Tracking
 from hotrestart.store.chunkwrite import ChunkWriter
 from hotrestart.store.manifest import Manifest
@@ -41,3 +42,4 @@ class Dumped:
     tracking: Tracking | None = None  # the container's chain of dumps, under memory tracking
     link: Link | None = None  # this dump's place in it (and its parent, whose pages it lacks)
     writer: ChunkWriter | None = None  # made at the dump when the parent's chunks had to be pinned
+    follower: Follower | None = None  # what stored page images while CRIU wrote them

@@ -14,20 +14,22 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from hotrestart import telemetry
 from hotrestart.checkpoint import flatten, workarea
 from hotrestart.checkpoint.dumped import Dumped
 from hotrestart.checkpoint.files import RAW
+from hotrestart.checkpoint.follow import Followed
 from hotrestart.checkpoint.storecalls import StoreCalls
 from hotrestart.checkpoint.tracking import PARENT_LINK, Parent
 from hotrestart.errors import CheckpointError
 from hotrestart.store import chunking
 from hotrestart.store.backend import Backend
+from hotrestart.store.chunking import Span
 from hotrestart.store.chunkwrite import ChunkWriter
-from hotrestart.store.manifest import Identity
+from hotrestart.store.manifest import Chunk, FileEntry, Identity
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,9 @@ class Publisher:
 
     def discard(self, dumped: Dumped) -> None:
         """Throw a dump away unpublished."""
+        if dumped.follower is not None:
+            dumped.follower.abandon()
+            dumped.follower = None
         if dumped.writer is not None:
             dumped.writer.close()
             dumped.writer = None
@@ -131,7 +136,10 @@ class Publisher:
             self._calls.later("staging not removed", self._store.discard, dumped.staging)
         finally:
             self._in_flight.pop(dumped.id, None)
-            if dumped.writer is not None:  # never got as far as storing
+            if dumped.follower is not None:  # never got as far as storing
+                dumped.follower.abandon()
+                dumped.follower = None
+            if dumped.writer is not None:
                 dumped.writer.close()
                 dumped.writer = None
             workarea.drop(dumped.work, dumped.tmpfs)
@@ -140,6 +148,11 @@ class Publisher:
     def _store_all(self, dumped: Dumped) -> None:
         """Store every dumped file as chunks (new ones only) and fill in the manifest."""
         manifest = dumped.manifest
+        followed: dict[str, Followed] = {}
+        if dumped.follower is not None:
+            follower, dumped.follower = dumped.follower, None
+            writer, followed = follower.finish()
+            dumped.writer = dumped.writer or writer
         writer, dumped.writer = dumped.writer or self._store.chunk_writer(dumped.staging), None
         try:
             parent = dumped.link.parent if dumped.link is not None else None
@@ -149,13 +162,19 @@ class Publisher:
                 manifest.timings["whole"] = time.monotonic() - t0
                 log.info("checkpoint %s: %d bytes of pages taken from %s", dumped.id, taken, parent.entry.id)
             runs = chunking.page_runs(dumped.images)
+            reused = 0
             with concurrent.futures.ThreadPoolExecutor(writer.threads) as pool:
                 files = []
                 for src, rel in _listed(dumped) if parent is not None else dumped.files:
                     inside = os.path.dirname(src) == dumped.images
-                    cut = chunking.cutter(os.path.basename(src), runs if inside else {})
-                    files.append(writer.store_file(src, rel, cut, pool))
+                    name = os.path.basename(src)
+                    marked, stored = followed[name].of(src) if inside and name in followed else (None, {})
+                    cut = chunking.cutter(name, runs if inside else {}, marked)
+                    files.append(writer.store_file(src, rel, cut, pool, stored))
+                    reused += _reused(files[-1], stored)
             writer.finish()
+            if followed:
+                log.info("checkpoint %s: %d bytes of pages stored while CRIU wrote them", dumped.id, reused)
         finally:
             writer.close()
         manifest.files = files
@@ -175,6 +194,16 @@ class Publisher:
             return flatten.flatten_images(images, parent.maps, pages_of, progress=writer.keepalive)
         except ValueError as exc:
             raise CheckpointError(f"cannot be made whole from {parent.entry.id}: {exc}") from None
+
+
+def _reused(entry: FileEntry, stored: Mapping[Span, Chunk]) -> int:
+    """Raw bytes of `entry` whose chunks were among `stored`."""
+    at, reused = 0, 0
+    for chunk in entry.chunks:
+        if stored.get((at, chunk.raw)) == chunk:
+            reused += chunk.raw
+        at += chunk.raw
+    return reused
 
 
 def _listed(dumped: Dumped) -> list[tuple[str, str]]:

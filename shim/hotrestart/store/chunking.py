@@ -26,6 +26,7 @@ fixed offsets.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import os
 import re
 import struct
@@ -65,26 +66,28 @@ def fixed(size: int, chunk: int = CHUNK) -> list[Span]:
     return [(at, min(chunk, size - at)) for at in range(0, size, chunk)]
 
 
-def cutter(name: str, runs: dict[int, list[tuple[int, int]]]) -> Cutter:
-    """How to cut the image `name`, given its folder's `page_runs`: by content for a page
-    image whose pagemap adds up to its size, at fixed offsets otherwise."""
+def cutter(name: str, runs: dict[int, list[tuple[int, int]]], marked: Marked | None = None) -> Cutter:
+    """How to cut the image `name`, given its folder's `page_runs` (and the marked pages
+    found while it was written): by content for a page image whose pagemap adds up to its
+    size, at fixed offsets otherwise."""
     match = _PAGES.fullmatch(name)
     found = runs.get(int(match.group(1))) if match else None
 
     def cut(data: memoryview) -> Iterable[Span]:
         if found is not None and sum(n for _, n in found) * PAGE == len(data):
-            return by_content(data, found)
+            return by_content(data, found, marked)
         return fixed(len(data))
 
     return cut
 
 
-def by_content(data: memoryview, runs: list[tuple[int, int]]) -> Iterator[Span]:
+def by_content(data: memoryview, runs: list[tuple[int, int]], marked: Marked | None = None) -> Iterator[Span]:
     """Spans of the page image `data`, whose runs of present pages are `runs` (virtual
     address, pages) in file order: a chunk begins at a marked page once it holds
     `MIN_CHUNK`, at a run of `ANCHOR_RUN` or more, and after `MAX_PAGE_CHUNK`. Produced a
     `SEGMENT` at a time, so that pages are fingerprinted just before they are hashed (a page
-    image on disk larger than the page cache is read once, not twice)."""
+    image on disk larger than the page cache is read once, not twice). `marked`: the marked
+    pages of a first part of `data`, already found (`Following`)."""
     pages = len(data) // PAGE
     if pages * PAGE != len(data) or data.format != "B" or data.ndim != 1:
         raise ValueError("a page image is a whole number of pages, as bytes")
@@ -97,25 +100,80 @@ def by_content(data: memoryview, runs: list[tuple[int, int]]) -> Iterator[Span]:
                 # must not share a chunk with its tail, or a lazy restore fetches the tail first.
                 anchors.append(at + n)
         at += n
-    least, most, step = MIN_CHUNK // PAGE, MAX_PAGE_CHUNK // PAGE, SEGMENT // PAGE
-    start = 0
-    for first in range(0, pages, step):
-        last = min(pages, first + step)
-        with data[first * PAGE : last * PAGE] as part:
-            marked = [(first + p, False) for p in marked_pages(part)]
+    known, upto = (marked.pages, min(marked.upto, pages)) if marked is not None else ([], 0)
+    cuts = Cuts()
+    for first in range(0, pages, SEGMENT // PAGE):
+        last = min(pages, first + SEGMENT // PAGE)
+        found = known[bisect.bisect_left(known, first) : bisect.bisect_left(known, min(last, upto))]
+        if last > upto:
+            with data[max(first, upto) * PAGE : last * PAGE] as part:
+                found += [max(first, upto) + p for p in marked_pages(part)]
         anchored_here = anchors[bisect.bisect_left(anchors, first) : bisect.bisect_left(anchors, last)]
-        for page, anchored in sorted(marked + [(p, True) for p in anchored_here]):
-            while page - start > most:
-                yield (start * PAGE, most * PAGE)
-                start += most
-            if page > start and (anchored or page - start >= least):
-                yield (start * PAGE, (page - start) * PAGE)
-                start = page
-        while last - start > most:  # no later page can cut before these (unmarked memory)
-            yield (start * PAGE, most * PAGE)
-            start += most
-    if pages > start:
-        yield (start * PAGE, (pages - start) * PAGE)
+        for page, anchored in sorted([(p, False) for p in found] + [(p, True) for p in anchored_here]):
+            yield from cuts.at(page, anchored)
+        yield from cuts.reach(last)
+    yield from cuts.end(pages)
+
+
+class Cuts:
+    """The cutting rules, given the marked and anchored pages of a page image in order."""
+
+    def __init__(self) -> None:
+        self.start = 0  # the first page of the chunk being filled
+
+    def at(self, page: int, anchored: bool) -> Iterator[Span]:
+        """The chunks that end before `page`, a marked or anchored page."""
+        while page - self.start > MAX_PAGE_CHUNK // PAGE:
+            yield from self._cut(self.start + MAX_PAGE_CHUNK // PAGE)
+        if page > self.start and (anchored or page - self.start >= MIN_CHUNK // PAGE):
+            yield from self._cut(page)
+
+    def reach(self, last: int) -> Iterator[Span]:
+        """The chunks that end before `last`, once every marked page before it was given:
+        no later page can cut them shorter."""
+        while last - self.start > MAX_PAGE_CHUNK // PAGE:
+            yield from self._cut(self.start + MAX_PAGE_CHUNK // PAGE)
+
+    def end(self, pages: int) -> Iterator[Span]:
+        """The last chunk of an image of `pages` pages."""
+        if pages > self.start:
+            yield from self._cut(pages)
+
+    def _cut(self, page: int) -> Iterator[Span]:
+        yield (self.start * PAGE, (page - self.start) * PAGE)
+        self.start = page
+
+
+@dataclasses.dataclass
+class Marked:
+    """The marked pages among the first `upto` pages of a page image."""
+
+    pages: list[int] = dataclasses.field(default_factory=list)
+    upto: int = 0
+
+
+class Following:
+    """Where to cut a page image that is still being written, by content alone: its
+    pagemap is not there yet, so no run anchors a chunk. The spans given are final on those
+    terms; once the pagemap is known (`by_content`, given `marked`), only the chunks around a
+    large run's two ends are cut differently, and the rest are the same spans."""
+
+    def __init__(self) -> None:
+        self.marked = Marked()
+        self._cuts = Cuts()
+
+    def grown(self, data: memoryview) -> list[Span]:
+        """The spans that the pages of `data` (the image so far, whole pages) add."""
+        pages = len(data) // PAGE
+        if pages <= self.marked.upto:
+            return []
+        first = self.marked.upto
+        with data[first * PAGE : pages * PAGE] as part:
+            found = [first + p for p in marked_pages(part)]
+        self.marked.pages += found
+        self.marked.upto = pages
+        spans = [span for page in found for span in self._cuts.at(page, False)]
+        return spans + list(self._cuts.reach(pages))
 
 
 def marked_pages(data: memoryview) -> list[int]:

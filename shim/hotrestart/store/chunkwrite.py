@@ -16,7 +16,7 @@ import mmap
 import os
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Protocol
 
 from hotrestart.store.chunkcodec import Codec
@@ -63,10 +63,16 @@ class ChunkWriter:
         self.raw_new = 0  # raw bytes of the chunks written
 
     def store_file(
-        self, src: str, rel: str, spans: list[Span] | Cutter, pool: concurrent.futures.Executor
+        self,
+        src: str,
+        rel: str,
+        spans: list[Span] | Cutter,
+        pool: concurrent.futures.Executor,
+        stored: Mapping[Span, Chunk] | None = None,
     ) -> FileEntry:
         """Store the file `src` as the manifest entry `rel`, cut at `spans` (or where the
-        cutter, given its bytes, says)."""
+        cutter, given its bytes, says). `stored`: spans of it this writer stored already
+        (`store_spans`, while the file was written), with their chunks."""
         fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
@@ -78,7 +84,7 @@ class ChunkWriter:
                 try:
                     with memoryview(source) as data:
                         cut = spans(data) if callable(spans) else spans
-                        chunks = self._store_spans(source, _covering(cut, size, rel), pool)
+                        chunks = self.store_spans(source, _covering(cut, size, rel), pool, stored or {})
                 finally:
                     source.close()
         finally:
@@ -91,12 +97,26 @@ class ChunkWriter:
             chunks=chunks,
         )
 
-    def _store_spans(self, source: mmap.mmap, spans: Iterable[Span], pool: concurrent.futures.Executor) -> list[Chunk]:
+    def store_spans(
+        self,
+        source: mmap.mmap,
+        spans: Iterable[Span],
+        pool: concurrent.futures.Executor,
+        stored: Mapping[Span, Chunk] | None = None,
+    ) -> list[Chunk]:
+        """The chunks of `source` at `spans`, stored on `pool` (those in `stored` are not
+        read again); `source` may be closed once this returns."""
         window = 2 * self.threads  # bounds the frames held in memory at once
         pending: deque[concurrent.futures.Future[Chunk]] = deque()
         out: list[Chunk] = []
         try:
             for start, length in spans:
+                known = (stored or {}).get((start, length))
+                if known is not None:
+                    done: concurrent.futures.Future[Chunk] = concurrent.futures.Future()
+                    done.set_result(known)
+                    pending.append(done)
+                    continue
                 pending.append(pool.submit(self._store_one, source, start, length))
                 if len(pending) > window:
                     out.append(pending.popleft().result())

@@ -1,0 +1,168 @@
+"""Store a stopping container's page images while CRIU is still writing them.
+
+A stop's checkpoint is durable only once every page is hashed and every new chunk is
+compressed and in the store; done after the dump, that work adds its whole time to the
+dump's. CRIU writes each page image once, from start to end, so what it has written is
+final: a follower thread cuts it by content (`chunking.Following`) and stores the chunks
+as they come, on part of the cores (CRIU works on the rest), and the publish afterwards
+reuses every chunk whose span the final cut (which also knows the pagemap's large runs)
+gives again. Only dumps without a parent are followed: an incremental dump's page images
+are rewritten when it is made whole. Periodic and API dumps are not followed: there the
+application is frozen while CRIU works, and that time counts, not the durable time.
+
+Nothing here can fail a dump: a follower that cannot go on stops, and the publish stores
+what it did not.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import mmap
+import os
+import re
+import stat
+import threading
+
+from hotrestart.store import chunking
+from hotrestart.store.backend import Backend
+from hotrestart.store.chunking import Span
+from hotrestart.store.chunkwrite import ChunkWriter, workers
+from hotrestart.store.manifest import Chunk
+
+log = logging.getLogger(__name__)
+
+POLL = 0.05  # seconds between looks at the images folder
+BATCH = 32 << 20  # bytes of one image taken at a time (bounds how long `finish` waits)
+THREADS = max(1, workers() // 2)  # CRIU has the other cores
+_PAGES = re.compile(r"pages-[0-9]{1,10}\.img")
+
+
+@dataclasses.dataclass
+class Followed:
+    """What was stored of one page image while it was written."""
+
+    inode: tuple[int, int]  # (st_dev, st_ino): the file followed, not one put in its place
+    marked: chunking.Marked
+    chunks: dict[Span, Chunk] = dataclasses.field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.marked.upto * chunking.PAGE
+
+    def of(self, path: str) -> tuple[chunking.Marked | None, dict[Span, Chunk]]:
+        """The marked pages and stored chunks that hold for the file at `path` now: none if
+        it is another file or shorter than what was followed (CRIU wrote it again)."""
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return None, {}
+        if (st.st_dev, st.st_ino) != self.inode or st.st_size < self.size:
+            return None, {}
+        return self.marked, self.chunks
+
+
+class Follower:
+    """Follows the page images CRIU writes into `images` and stores them in `staging`'s
+    writer; `finish` hands the writer and what was stored over to the publish."""
+
+    def __init__(self, store: Backend, staging: str, images: str, threads: int = THREADS) -> None:
+        self._store = store
+        self._staging = staging
+        self._images = images
+        self._threads = threads
+        self._stop = threading.Event()
+        self._files: dict[str, tuple[int, chunking.Following, Followed]] = {}  # name -> (fd, cuts, stored)
+        self._dir: int | None = None  # the images folder, once CRIU has made it
+        self._writer: ChunkWriter | None = None
+        self._handed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="checkpoint-follower", daemon=True)
+
+    def start(self) -> Follower:
+        self._thread.start()
+        return self
+
+    def finish(self) -> tuple[ChunkWriter | None, dict[str, Followed]]:
+        """Stop following; the writer (None if it never got one) and, per page image name,
+        what was stored of it. The caller closes the writer."""
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            self._handed = True
+            writer, self._writer = self._writer, None
+        return writer, {name: followed for name, (_, _, followed) in self._files.items()}
+
+    def abandon(self) -> None:
+        """Stop following and throw away the writer (the dump failed or is not published)."""
+        writer, _ = self.finish()
+        if writer is not None:
+            writer.close()
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(c.raw for _, _, f in self._files.values() for c in f.chunks.values())
+
+    def _run(self) -> None:
+        try:
+            # A bucket's writer may first wait out a collection: the dump goes on meanwhile.
+            writer = self._store.chunk_writer(self._staging)
+            with self._lock:
+                if self._handed:
+                    writer.close()
+                    return
+                self._writer = writer
+            with concurrent.futures.ThreadPoolExecutor(self._threads) as pool:
+                while not self._stop.is_set():
+                    busy = self._look(writer, pool)
+                    writer.keepalive()
+                    if not busy:
+                        self._stop.wait(POLL)
+        except Exception as exc:
+            # The publish stores whatever was not stored here.
+            log.warning("following the dump in %s stopped: %s", self._images, exc)
+        finally:
+            for fd in [f for f, _, _ in self._files.values()] + ([self._dir] if self._dir is not None else []):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _look(self, writer: ChunkWriter, pool: concurrent.futures.Executor) -> bool:
+        """Take the next batch of every page image that grew; whether any had grown."""
+        if self._dir is None:
+            try:
+                self._dir = os.open(self._images, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                return False  # CRIU has not begun
+        names = sorted(n for n in os.listdir(self._dir) if _PAGES.fullmatch(n))
+        busy = False
+        for name in names:
+            if self._stop.is_set():
+                break
+            busy = self._advance(name, writer, pool) or busy
+        return busy
+
+    def _advance(self, name: str, writer: ChunkWriter, pool: concurrent.futures.Executor) -> bool:
+        if name not in self._files:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self._dir)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise OSError(f"{name} is not a regular file")
+            cuts = chunking.Following()
+            self._files[name] = (fd, cuts, Followed((st.st_dev, st.st_ino), cuts.marked))
+        fd, cuts, followed = self._files[name]
+        size = os.fstat(fd).st_size
+        upto = min(size // chunking.PAGE * chunking.PAGE, followed.size + BATCH)
+        if upto <= followed.size:
+            return False
+        source = mmap.mmap(fd, upto, prot=mmap.PROT_READ)
+        try:
+            with memoryview(source) as data:
+                spans = cuts.grown(data)
+            chunks = writer.store_spans(source, spans, pool)
+        finally:
+            source.close()
+        followed.chunks.update(zip(spans, chunks, strict=True))
+        return True
