@@ -175,3 +175,20 @@ def test_a_follower_that_cannot_store_leaves_it_all_to_the_publish(tmp_path: Pat
     follower = Follower(store, staging, str(images), threads=1).start()
     time.sleep(0.1)
     assert follower.finish() == (None, {})
+
+
+def test_a_writer_the_dump_made_already_is_the_one_handed_back(tmp_path: Path) -> None:
+    """A dump whose parent was dropped keeps the writer that pinned its chunks: one writer."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "pages-1.img").write_bytes(memory(12, 5))
+    store = Store(str(tmp_path / "s"))
+    _cid, staging = store.new_staging()
+    made = store.chunk_writer(staging)
+    follower = Follower(store, staging, str(images), threads=1, writer=made).start()
+    deadline = time.monotonic() + 30
+    while follower.stored_bytes == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    writer, followed = follower.finish()
+    assert writer is made and set(followed) == {"pages-1.img"}
+    writer.close()

@@ -98,7 +98,8 @@ async def dump(
         )
         if not req.leave_running and (link is None or link.parent is None):
             # A stop: what counts is when the checkpoint is durable (see `follow`).
-            follower = Follower(store, staging, images).start()
+            # A parent dropped since (its checkpoint gone) leaves its writer: the follower takes it.
+            follower, writer = Follower(store, staging, images, writer=writer).start(), None
         log.info("%s: dump %s (%s) begins", view.id, cid, req.reason)
         with telemetry.span("hotrestart.checkpoint.dump", container=view.id, reason=req.reason) as sp:
             outcome = "failed"

@@ -68,7 +68,9 @@ class Follower:
     """Follows the page images CRIU writes into `images` and stores them in `staging`'s
     writer; `finish` hands the writer and what was stored over to the publish."""
 
-    def __init__(self, store: Backend, staging: str, images: str, threads: int = THREADS) -> None:
+    def __init__(
+        self, store: Backend, staging: str, images: str, threads: int = THREADS, writer: ChunkWriter | None = None
+    ) -> None:
         self._store = store
         self._staging = staging
         self._images = images
@@ -76,7 +78,7 @@ class Follower:
         self._stop = threading.Event()
         self._files: dict[str, tuple[int, chunking.Following, Followed]] = {}  # name -> (fd, cuts, stored)
         self._dir: int | None = None  # the images folder, once CRIU has made it
-        self._writer: ChunkWriter | None = None
+        self._writer = writer  # the checkpoint's, when the dump made it already
         self._handed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="checkpoint-follower", daemon=True)
@@ -103,17 +105,20 @@ class Follower:
 
     @property
     def stored_bytes(self) -> int:
-        return sum(c.raw for _, _, f in self._files.values() for c in f.chunks.values())
+        """Raw bytes stored so far (read from another thread: copies, not live views)."""
+        return sum(c.raw for _, _, f in list(self._files.values()) for c in list(f.chunks.values()))
 
     def _run(self) -> None:
         try:
-            # A bucket's writer may first wait out a collection: the dump goes on meanwhile.
-            writer = self._store.chunk_writer(self._staging)
-            with self._lock:
-                if self._handed:
-                    writer.close()
-                    return
-                self._writer = writer
+            writer = self._writer
+            if writer is None:
+                # A bucket's writer may first wait out a collection: the dump goes on meanwhile.
+                writer = self._store.chunk_writer(self._staging)
+                with self._lock:
+                    if self._handed:
+                        writer.close()
+                        return
+                    self._writer = writer
             with concurrent.futures.ThreadPoolExecutor(self._threads) as pool:
                 while not self._stop.is_set():
                     busy = self._look(writer, pool)
