@@ -224,6 +224,17 @@ def test_page_runs_reads_every_pagemap_of_a_folder_and_skips_bad_ones(tmp_path: 
     assert chunking.page_runs(folder) == {1: [(0x400000, 2)]}
 
 
+def test_a_shared_memory_segments_pagemap_cuts_its_page_image_by_content(tmp_path: os.PathLike[str]) -> None:
+    """CRIU names it after the segment (pagemap-shmem-<id>); no mm image splits its runs, not
+    even a process's whose pid equals the segment's id."""
+    folder = str(tmp_path)
+    with open(os.path.join(folder, "pagemap-shmem-77.img"), "wb") as f:
+        f.write(_pagemap(2, [(0x0, 3000, 4)]))
+    with open(os.path.join(folder, "mm-77.img"), "wb") as f:
+        f.write(_mm([(0x0, 0x1000), (0x1000, 3000 * PAGE)]))
+    assert chunking.page_runs(folder) == {2: [(0x0, 3000)]}
+
+
 def test_entries_split_anywhere_within_a_run_cut_the_same() -> None:
     """CRIU ends a pagemap entry where a pipe buffer fills up, which moves between dumps."""
     present = 4

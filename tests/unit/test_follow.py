@@ -4,6 +4,7 @@ but for a large run's two ends, and what was stored is reused, never trusted bli
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import random
 import threading
@@ -11,14 +12,21 @@ import time
 from pathlib import Path
 
 import pytest
+from criuimages import plain_task
 
+from hotrestart.checkpoint.dumped import Dumped
 from hotrestart.checkpoint.follow import Followed, Follower
-from hotrestart.store import archive, chunking
+from hotrestart.checkpoint.publish import Publisher
+from hotrestart.checkpoint.storecalls import StoreCalls
+from hotrestart.store import archive, chunking, pagemap
 from hotrestart.store.chunkcodec import Codec
+from hotrestart.store.manifest import Identity, Manifest
+from hotrestart.store.pagemap import PE_PRESENT, Entry, Pagemap
 from hotrestart.store.store import Store
 
 PAGE = chunking.PAGE
 VADDR = 0x7F0000000000
+IDENT = Identity("ns", "pod", "app")
 
 
 def memory(mib: int, seed: int) -> bytes:
@@ -148,18 +156,53 @@ def test_what_was_followed_does_not_hold_for_another_or_a_shorter_file(tmp_path:
     assert followed.of(str(tmp_path / "gone")) == (None, {})
 
 
-def test_an_abandoned_follower_closes_its_writer_and_files(tmp_path: Path) -> None:
+def test_an_abandoned_follower_lets_go_of_its_files_before_the_folder_is_removed(tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
     store = Store(str(tmp_path / "s"))
     _cid, staging = store.new_staging()
     fds = len(os.listdir("/proc/self/fd"))
     follower = Follower(store, staging, str(images), threads=1).start()
-    writing = grow(images / "pages-1.img", memory(16, 3), 1 << 20, 0.01)
-    time.sleep(0.1)
-    follower.abandon()
+    writing = grow(images / "pages-1.img", memory(24, 3), 1 << 20, 0.01)
+    deadline = time.monotonic() + 30
+    while follower.stored_bytes == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert follower.stored_bytes > 0
+    held: list[tuple[int, bool]] = []
+    removed = threading.Event()
+
+    def remove() -> None:
+        maps = Path("/proc/self/maps").read_text()
+        held.append((len(os.listdir("/proc/self/fd")), str(images / "pages-1.img") in maps))
+        removed.set()
+
+    follower.abandon(then=remove)  # does not wait for the batch in hand
     writing.join()
-    assert len(os.listdir("/proc/self/fd")) == fds
+    assert removed.wait(30)
+    assert held == [(fds + 1, False)]  # only the writing thread's file is open, nothing mapped
+    assert follower.finish() == (None, {})
+
+
+def test_a_follower_abandoned_while_it_waits_for_a_writer_removes_at_once_and_closes_it_later(tmp_path: Path) -> None:
+    closed = threading.Event()
+    got = threading.Event()
+
+    class Slow(Store):
+        def chunk_writer(self, staging: str):  # type: ignore[no-untyped-def]
+            got.wait(10)  # a bucket's writer waiting out a collection
+            writer = super().chunk_writer(staging)
+            close = writer.close
+            writer.close = lambda: (close(), closed.set())  # type: ignore[method-assign]
+            return writer
+
+    store = Slow(str(tmp_path / "s"))
+    _cid, staging = store.new_staging()
+    follower = Follower(store, staging, str(tmp_path / "images"), threads=1).start()
+    removed = []
+    follower.abandon(then=lambda: removed.append(True))
+    assert removed == [True]
+    got.set()
+    assert closed.wait(10)
 
 
 def test_a_follower_that_cannot_store_leaves_it_all_to_the_publish(tmp_path: Path) -> None:
@@ -175,6 +218,48 @@ def test_a_follower_that_cannot_store_leaves_it_all_to_the_publish(tmp_path: Pat
     follower = Follower(store, staging, str(images), threads=1).start()
     time.sleep(0.1)
     assert follower.finish() == (None, {})
+
+
+async def test_a_dump_followed_while_written_publishes_as_one_stored_after_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = memory(24, 13)
+    pages = len(data) // PAGE
+    pm = Pagemap(1, (Entry(0x400000, 100, PE_PRESENT), Entry(VADDR, pages - 100, PE_PRESENT)))
+
+    def dumped(store: Store, follow: bool) -> Dumped:
+        cid, staging = store.new_staging()
+        work = tmp_path / f"work-{cid}"
+        images = work / "images"
+        follower = Follower(store, staging, str(images), threads=2).start() if follow else None
+        images.mkdir(parents=True)
+        plain_task(images)
+        grow(images / "pages-1.img", data, 2 << 20, 0.01).join()
+        (images / "pagemap-1.img").write_bytes(pagemap.write(pm))  # CRIU writes it last
+        files = [(str(images / n), f"images/{n}.zst") for n in sorted(os.listdir(images))]
+        manifest = Manifest(cid, IDENT, time.time(), "n1", "stop", "img", "d", {}, {}, [], {})
+        return Dumped(cid, staging, str(work), False, files, manifest, time.monotonic(), str(images), follower=follower)
+
+    entries = []
+    for follow in (True, False):
+        store = Store(str(tmp_path / f"s-{follow}"))
+        publisher = Publisher(store, StoreCalls(store))
+        with caplog.at_level(logging.INFO):
+            task = publisher.publish_later(dumped(store, follow))
+            await publisher.drain(60)
+        assert task.done() and task.exception() is None
+        entry = store.latest(IDENT)
+        assert entry is not None and entry.manifest is not None
+        entries.append(entry.manifest)
+        store.restore_file(entry, "images/pages-1.img.zst", str(tmp_path / f"out-{follow}"))
+        assert (tmp_path / f"out-{follow}").read_bytes() == data
+        assert not any(p.name.startswith("work-") for p in tmp_path.iterdir())
+    followed, plain = ({f.path: f for f in m.files}["images/pages-1.img.zst"] for m in entries)
+    assert followed.digest == plain.digest  # the same chunks, whoever cut them
+    # What the checkpoint added: each chunk it uses once, not the ones cut on the way and dropped.
+    assert entries[0].new_bytes == entries[1].new_bytes
+    said = [r.getMessage() for r in caplog.records if "stored while CRIU wrote them" in r.getMessage()]
+    assert len(said) == 1 and int(said[0].split(": ")[1].split()[0]) > 0
 
 
 def test_a_writer_the_dump_made_already_is_the_one_handed_back(tmp_path: Path) -> None:

@@ -136,10 +136,11 @@ async def dump(
         net.cancel()
         if writer is not None:
             writer.close()
-        if follower is not None:
-            follower.abandon()  # before its files go
         _keep_dump_log(view, work)
-        workarea.drop(work, tmpfs)
+        if follower is not None:
+            follower.abandon(then=lambda: workarea.drop(work, tmpfs))  # once it holds none of its files
+        else:
+            workarea.drop(work, tmpfs)
         engine.calls.later("staging not removed", store.discard, staging)
         engine.calls.later("pending marker not cleared", store.clear_pending, policy.identity, cid)
         raise

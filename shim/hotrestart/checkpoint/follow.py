@@ -1,4 +1,4 @@
-"""Store a stopping container's page images while CRIU is still writing them.
+"""Store the page images of a dump that ends the container while CRIU still writes them.
 
 A stop's checkpoint is durable only once every page is hashed and every new chunk is
 compressed and in the store; done after the dump, that work adds its whole time to the
@@ -7,8 +7,13 @@ final: a follower thread cuts it by content (`chunking.Following`) and stores th
 as they come, on part of the cores (CRIU works on the rest), and the publish afterwards
 reuses every chunk whose span the final cut (which also knows the pagemap's large runs)
 gives again. Only dumps without a parent are followed: an incremental dump's page images
-are rewritten when it is made whole. Periodic and API dumps are not followed: there the
-application is frozen while CRIU works, and that time counts, not the durable time.
+are rewritten when it is made whole. Dumps that leave the container running (periodic, API)
+are not followed: there the application is frozen while CRIU works, and that time counts,
+not the durable time.
+
+What makes the reuse sound is how CRIU writes a page image: once, in order, never again, in
+the shim's private work folder, which nothing else writes. The publish still checks that an
+image is the file followed and no shorter than what was read of it.
 
 Nothing here can fail a dump: a follower that cannot go on stops, and the publish stores
 what it did not.
@@ -25,6 +30,7 @@ import os
 import re
 import stat
 import threading
+from collections.abc import Callable
 
 from hotrestart.store import chunking
 from hotrestart.store.backend import Backend
@@ -78,9 +84,11 @@ class Follower:
         self._stop = threading.Event()
         self._files: dict[str, tuple[int, chunking.Following, Followed]] = {}  # name -> (fd, cuts, stored)
         self._dir: int | None = None  # the images folder, once CRIU has made it
+        self._lock = threading.Lock()  # guards the four below
         self._writer = writer  # the checkpoint's, when the dump made it already
-        self._handed = False
-        self._lock = threading.Lock()
+        self._reading = False  # whether the follower may hold files of the work folder
+        self._abandoned = False
+        self._then: Callable[[], None] | None = None  # what `abandon` left for the follower to run
         self._thread = threading.Thread(target=self._run, name="checkpoint-follower", daemon=True)
 
     def start(self) -> Follower:
@@ -88,20 +96,32 @@ class Follower:
         return self
 
     def finish(self) -> tuple[ChunkWriter | None, dict[str, Followed]]:
-        """Stop following; the writer (None if it never got one) and, per page image name,
-        what was stored of it. The caller closes the writer."""
+        """Stop following (waiting for the batch in hand); the writer (None if it never got
+        one, or could not go on) and, per page image name, what was stored of it. The
+        caller closes the writer. Not from the event loop: this waits."""
         self._stop.set()
         self._thread.join()
         with self._lock:
-            self._handed = True
             writer, self._writer = self._writer, None
+        if writer is None:
+            return None, {}
         return writer, {name: followed for name, (_, _, followed) in self._files.items()}
 
-    def abandon(self) -> None:
-        """Stop following and throw away the writer (the dump failed or is not published)."""
-        writer, _ = self.finish()
+    def abandon(self, then: Callable[[], None]) -> None:
+        """Stop following and throw the writer away without waiting; `then` (the work
+        folder's removal) runs once the follower holds none of its files: now, or on the
+        follower's thread when it lets go of them."""
+        with self._lock:
+            self._stop.set()
+            self._abandoned = True
+            if self._reading:
+                self._then = then
+                return
+            # Not reading, yet or any more: a writer it gets later, it closes itself.
+            writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
+        then()
 
     @property
     def stored_bytes(self) -> int:
@@ -109,16 +129,17 @@ class Follower:
         return sum(c.raw for _, _, f in list(self._files.values()) for c in list(f.chunks.values()))
 
     def _run(self) -> None:
+        writer = None
         try:
             writer = self._writer
             if writer is None:
                 # A bucket's writer may first wait out a collection: the dump goes on meanwhile.
                 writer = self._store.chunk_writer(self._staging)
-                with self._lock:
-                    if self._handed:
-                        writer.close()
-                        return
-                    self._writer = writer
+            with self._lock:
+                self._writer = writer
+                if self._stop.is_set():
+                    return
+                self._reading = True
             with concurrent.futures.ThreadPoolExecutor(self._threads) as pool:
                 while not self._stop.is_set():
                     busy = self._look(writer, pool)
@@ -126,12 +147,37 @@ class Follower:
                     if not busy:
                         self._stop.wait(POLL)
         except Exception as exc:
-            # The publish stores whatever was not stored here.
+            # Nothing of this is handed on: the publish stores it all with a writer of its
+            # own (this one's lease in a bucket is no longer renewed).
             log.warning("following the dump in %s stopped: %s", self._images, exc)
+            with self._lock:
+                self._writer = None
+            if writer is not None:
+                with contextlib.suppress(Exception):
+                    writer.close()
         finally:
-            for fd in [f for f, _, _ in self._files.values()] + ([self._dir] if self._dir is not None else []):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Close the work folder's files; an abandoned follower also closes its writer and
+        runs what `abandon` left to it."""
+        for fd in [f for f, _, _ in self._files.values()] + ([self._dir] if self._dir is not None else []):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with self._lock:
+            self._reading = False
+            then, self._then = self._then, None
+            left = None
+            if self._abandoned:
+                left, self._writer = self._writer, None
+        if left is not None:
+            with contextlib.suppress(Exception):
+                left.close()
+        if then is not None:
+            try:
+                then()
+            except Exception as exc:
+                log.warning("after following the dump in %s: %s", self._images, exc)
 
     def _look(self, writer: ChunkWriter, pool: concurrent.futures.Executor) -> bool:
         """Take the next batch of every page image that grew; whether any had grown."""
@@ -151,10 +197,13 @@ class Follower:
     def _advance(self, name: str, writer: ChunkWriter, pool: concurrent.futures.Executor) -> bool:
         if name not in self._files:
             fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self._dir)
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise OSError(f"{name} is not a regular file")
+            except BaseException:
                 os.close(fd)
-                raise OSError(f"{name} is not a regular file")
+                raise
             cuts = chunking.Following()
             self._files[name] = (fd, cuts, Followed((st.st_dev, st.st_ino), cuts.marked))
         fd, cuts, followed = self._files[name]

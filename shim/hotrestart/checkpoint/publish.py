@@ -72,13 +72,10 @@ class Publisher:
 
     def discard(self, dumped: Dumped) -> None:
         """Throw a dump away unpublished."""
-        if dumped.follower is not None:
-            dumped.follower.abandon()
-            dumped.follower = None
         if dumped.writer is not None:
             dumped.writer.close()
             dumped.writer = None
-        workarea.drop(dumped.work, dumped.tmpfs)
+        _drop_work(dumped)
         self._calls.later("staging not removed", self._store.discard, dumped.staging)
         self._calls.later("pending marker not cleared", self._store.clear_pending, dumped.manifest.identity, dumped.id)
 
@@ -136,13 +133,10 @@ class Publisher:
             self._calls.later("staging not removed", self._store.discard, dumped.staging)
         finally:
             self._in_flight.pop(dumped.id, None)
-            if dumped.follower is not None:  # never got as far as storing
-                dumped.follower.abandon()
-                dumped.follower = None
-            if dumped.writer is not None:
+            if dumped.writer is not None:  # never got as far as storing
                 dumped.writer.close()
                 dumped.writer = None
-            workarea.drop(dumped.work, dumped.tmpfs)
+            _drop_work(dumped)
             self._calls.later("pending marker not cleared", self._store.clear_pending, manifest.identity, dumped.id)
 
     def _store_all(self, dumped: Dumped) -> None:
@@ -151,8 +145,12 @@ class Publisher:
         followed: dict[str, Followed] = {}
         if dumped.follower is not None:
             follower, dumped.follower = dumped.follower, None
-            writer, followed = follower.finish()
-            dumped.writer = dumped.writer or writer
+            handed, followed = follower.finish()
+            if handed is not None and dumped.writer is not None:  # never: the dump hands its writer over
+                handed.close()
+                followed = {}
+            elif handed is not None:
+                dumped.writer = handed
         writer, dumped.writer = dumped.writer or self._store.chunk_writer(dumped.staging), None
         try:
             parent = dumped.link.parent if dumped.link is not None else None
@@ -179,7 +177,9 @@ class Publisher:
             writer.close()
         manifest.files = files
         manifest.space = writer.space
-        manifest.new_bytes = writer.new_bytes
+        # What this checkpoint added: not the chunks cut on the way that the final cut did not keep.
+        used = {c.digest: c.stored for f in files for c in f.chunks}
+        manifest.new_bytes = sum(n for digest, n in used.items() if digest in writer.written)
         shutil.rmtree(os.path.join(dumped.staging, RAW), ignore_errors=True)
 
     def _make_whole(self, images: str, parent: Parent, writer: ChunkWriter) -> int:
@@ -194,6 +194,15 @@ class Publisher:
             return flatten.flatten_images(images, parent.maps, pages_of, progress=writer.keepalive)
         except ValueError as exc:
             raise CheckpointError(f"cannot be made whole from {parent.entry.id}: {exc}") from None
+
+
+def _drop_work(dumped: Dumped) -> None:
+    """Remove the dump's work folder, once a follower still at it has let go of its files."""
+    follower, dumped.follower = dumped.follower, None
+    if follower is not None:
+        follower.abandon(then=lambda: workarea.drop(dumped.work, dumped.tmpfs))
+    else:
+        workarea.drop(dumped.work, dumped.tmpfs)
 
 
 def _reused(entry: FileEntry, stored: Mapping[Span, Chunk]) -> int:

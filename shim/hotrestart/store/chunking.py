@@ -51,7 +51,9 @@ _MARK = 0x5C  # not 0: runs of zero pages are cut at `MAX_PAGE_CHUNK`, into equa
 _BELOW = 96
 
 _PAGES = re.compile(r"pages-([0-9]{1,10})\.img")
-_PAGEMAP = re.compile(r"pagemap-([0-9]{1,10})\.img")
+# A process's pagemap is named after its pid, a shared memory segment's (pagemap-shmem-<id>)
+# after the segment; both name their page image inside.
+_PAGEMAP = re.compile(r"pagemap-(shmem-)?([0-9]{1,10})\.img")
 # CRIU's mm image magic (criu/include/magic.h).
 _MM_MAGIC = 0x57492820
 _MM_VMAS = 14  # mm_entry.vmas: repeated vma_entry {start = 1; end = 2; ...}
@@ -207,9 +209,10 @@ def _folded(words: bytes) -> bytes:
 
 
 def page_runs(images: str) -> dict[int, list[tuple[int, int]]]:
-    """Per page image id, its runs of present pages from the pagemaps, split where a
-    mapping (VMA) begins; an unreadable pagemap is left out (its page image is then cut at
-    fixed offsets), an unreadable mm image only loses the split."""
+    """Per page image id, its runs of present pages from the pagemaps (of processes and of
+    shared memory), split where a process's mapping (VMA) begins; an unreadable pagemap is
+    left out (its page image is then cut at fixed offsets), an unreadable mm image only
+    loses the split."""
     found: dict[int, list[tuple[int, int]]] = {}
     for name in os.listdir(images):
         match = _PAGEMAP.fullmatch(name)
@@ -219,10 +222,12 @@ def page_runs(images: str) -> dict[int, list[tuple[int, int]]]:
             pages_id, runs = parse_pagemap(pagemap.read_image(os.path.join(images, name)))
         except (OSError, ValueError):
             continue
-        try:
-            starts = vma_starts(pagemap.read_image(os.path.join(images, f"mm-{match.group(1)}.img")))
-        except (OSError, ValueError):
-            starts = []
+        starts: list[int] = []
+        if not match.group(1):  # a process's: its mappings are in its mm image
+            try:
+                starts = vma_starts(pagemap.read_image(os.path.join(images, f"mm-{match.group(2)}.img")))
+            except (OSError, ValueError):
+                starts = []
         found[pages_id] = split_at(runs, starts)
     return found
 

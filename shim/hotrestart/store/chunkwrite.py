@@ -59,6 +59,7 @@ class ChunkWriter:
         self._failed: dict[str, BaseException] = {}  # why a digest could not be written
         self._fans: set[str] = set()
         self.new_bytes = 0  # stored bytes of the chunks written
+        self.written: set[str] = set()  # their digests
         self.shared_bytes = 0  # stored bytes of chunks found in the store (or earlier in this checkpoint)
         self.raw_new = 0  # raw bytes of the chunks written
 
@@ -173,6 +174,7 @@ class ChunkWriter:
         with self._lock:
             self._known[digest] = len(data)
             self._fans.add(digest[:2])
+            self.written.add(digest)
             self.new_bytes += len(data)
             self.raw_new += len(raw)
         return len(data)
