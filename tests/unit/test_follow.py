@@ -277,3 +277,19 @@ def test_a_writer_the_dump_made_already_is_the_one_handed_back(tmp_path: Path) -
     writer, followed = follower.finish()
     assert writer is made and set(followed) == {"pages-1.img"}
     writer.close()
+
+
+def test_the_followers_threads_yield_to_criu_and_no_other_thread_does() -> None:
+    from hotrestart.checkpoint import follow
+
+    seen: list[int] = []
+
+    def run() -> None:
+        follow._yield_to_criu()
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert seen == [follow.NICE]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < follow.NICE

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 POLL = 0.05  # seconds between looks at the images folder
 BATCH = 32 << 20  # bytes of one image taken at a time (bounds how long `finish` waits)
 THREADS = max(1, workers() // 2)  # CRIU has the other cores
+NICE = 10  # the follower's threads' nice value
 _PAGES = re.compile(r"pages-[0-9]{1,10}\.img")
 
 
@@ -140,7 +141,8 @@ class Follower:
                 if self._stop.is_set():
                     return
                 self._reading = True
-            with concurrent.futures.ThreadPoolExecutor(self._threads) as pool:
+            _yield_to_criu()
+            with concurrent.futures.ThreadPoolExecutor(self._threads, initializer=_yield_to_criu) as pool:
                 while not self._stop.is_set():
                     busy = self._look(writer, pool)
                     writer.keepalive()
@@ -220,3 +222,10 @@ class Follower:
             source.close()
         followed.chunks.update(zip(spans, chunks, strict=True))
         return True
+
+
+def _yield_to_criu() -> None:
+    """Lower the calling thread's priority: the dump, which the stop waits for, comes first,
+    and the follower takes what CPU it leaves (Linux sets a nice value per thread)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
