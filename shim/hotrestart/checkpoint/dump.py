@@ -23,7 +23,7 @@ from hotrestart.checkpoint import files, workarea
 from hotrestart.checkpoint.compat import image_of, spec_digest
 from hotrestart.checkpoint.dumped import Dumped, DumpRequest
 from hotrestart.checkpoint.engine import Engine
-from hotrestart.checkpoint.follow import Follower
+from hotrestart.checkpoint.follow import Follower, follow_threads
 from hotrestart.checkpoint.policy import Policy
 from hotrestart.checkpoint.tracking import PARENT_LINK, Link, Tracking
 from hotrestart.container.seam import View
@@ -99,7 +99,7 @@ async def dump(
         if not req.leave_running and (link is None or link.parent is None):
             # A stop: what counts is when the checkpoint is durable (see `follow`).
             # A parent dropped since (its checkpoint gone) leaves its writer: the follower takes it.
-            follower, writer = Follower(store, staging, images, writer=writer).start(), None
+            follower, writer = Follower(store, staging, images, follow_threads(store), writer=writer).start(), None
         log.info("%s: dump %s (%s) begins", view.id, cid, req.reason)
         with telemetry.span("hotrestart.checkpoint.dump", container=view.id, reason=req.reason) as sp:
             outcome = "failed"

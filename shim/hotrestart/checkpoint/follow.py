@@ -224,6 +224,13 @@ class Follower:
         return True
 
 
+def follow_threads(store: Backend) -> int:
+    """Half of the cores for a store on the node (hashing and compressing are the work);
+    a bucket's writer threads (the work is waiting on requests, and the threads' low
+    priority leaves CRIU the CPU)."""
+    return store.io_threads if store.remote else THREADS
+
+
 def _yield_to_criu() -> None:
     """Lower the calling thread's priority: the dump, which the stop waits for, comes first,
     and the follower takes what CPU it leaves (Linux sets a nice value per thread)."""
