@@ -145,12 +145,8 @@ class Publisher:
         followed: dict[str, Followed] = {}
         if dumped.follower is not None:
             follower, dumped.follower = dumped.follower, None
-            handed, followed = follower.finish()
-            if handed is not None and dumped.writer is not None:  # never: the dump hands its writer over
-                handed.close()
-                followed = {}
-            elif handed is not None:
-                dumped.writer = handed
+            # The dump handed the follower its writer, if it had made one: there is one writer.
+            dumped.writer, followed = follower.finish()
         writer, dumped.writer = dumped.writer or self._store.chunk_writer(dumped.staging), None
         try:
             parent = dumped.link.parent if dumped.link is not None else None

@@ -125,8 +125,7 @@ class Cuts:
 
     def at(self, page: int, anchored: bool) -> Iterator[Span]:
         """The chunks that end before `page`, a marked or anchored page."""
-        while page - self.start > MAX_PAGE_CHUNK // PAGE:
-            yield from self._cut(self.start + MAX_PAGE_CHUNK // PAGE)
+        yield from self.reach(page)
         if page > self.start and (anchored or page - self.start >= MIN_CHUNK // PAGE):
             yield from self._cut(page)
 
