@@ -87,7 +87,7 @@ class Follower:
         self._dir: int | None = None  # the images folder, once CRIU has made it
         self._lock = threading.Lock()  # guards the four below
         self._writer = writer  # the checkpoint's, when the dump made it already
-        self._reading = False  # whether the follower may hold files of the work folder
+        self._reading = False  # whether the follower may hold files of the work folder (from its first look)
         self._abandoned = False
         self._then: Callable[[], None] | None = None  # what `abandon` left for the follower to run
         self._thread = threading.Thread(target=self._run, name="checkpoint-follower", daemon=True)
@@ -138,9 +138,6 @@ class Follower:
                 writer = self._store.chunk_writer(self._staging)
             with self._lock:
                 self._writer = writer
-                if self._stop.is_set():
-                    return
-                self._reading = True
             _yield_to_criu()
             with concurrent.futures.ThreadPoolExecutor(self._threads, initializer=_yield_to_criu) as pool:
                 while not self._stop.is_set():
@@ -184,9 +181,15 @@ class Follower:
     def _look(self, writer: ChunkWriter, pool: concurrent.futures.Executor) -> bool:
         """Take the next batch of every page image that grew; whether any had grown."""
         if self._dir is None:
+            with self._lock:
+                if self._stop.is_set():  # abandoned: the folder may be going
+                    return False
+                self._reading = True  # from here on, `abandon` leaves the folder's removal to this thread
             try:
                 self._dir = os.open(self._images, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
             except FileNotFoundError:
+                with self._lock:
+                    self._reading = False
                 return False  # CRIU has not begun
         names = sorted(n for n in os.listdir(self._dir) if _PAGES.fullmatch(n))
         busy = False
