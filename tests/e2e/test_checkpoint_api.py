@@ -128,13 +128,22 @@ def test_periodic_checkpoint_restores_after_an_oom_kill(
         "trap 'exec dd if=/dev/zero of=/dev/null bs=256M count=1 iflag=fullblock' USR1; s=$RANDOM$RANDOM; i=0; "
         "while :; do i=$((i+1)); echo $i $s $s; sleep 0.1; done",
     ]
-    pod = Incarnation(client, inst, tmp_path, "oom-0", annotations={"hotrestart.io/checkpoint-interval": "2s"})
+    # A dump that runs between the signal and the kill keeps the signal pending in its images,
+    # and a restore of it is killed again, faithfully. The signal goes right after a
+    # checkpoint is published: the next dump begins a whole interval after the last one ended.
+    interval = round(5 * TIME_SCALE)
+    pod = Incarnation(
+        client, inst, tmp_path, "oom-0", annotations={"hotrestart.io/checkpoint-interval": f"{interval}s"}
+    )
     pod.create(oomable, memory_limit=64 << 20)
     _, checksum, _ = pod.state()
-    wait_published(inst, timeout=30)
+    wait_published(inst, timeout=30 + interval)
+    dumps = len(re.findall(rf"{pod.cid}: dump \S+ \(periodic\) begins", inst.read_log()))
     os.kill(client.container_pid(pod.cid), signal.SIGUSR1)
     st = client.wait_container_exit(pod.cid, timeout=30 * TIME_SCALE)
     assert (st.exit_code, st.reason) == (137, "OOMKilled")
+    later = len(re.findall(rf"{pod.cid}: dump \S+ \(periodic\) begins", inst.read_log()))
+    assert later == dumps, "a periodic dump began between the signal and the kill"
     killed_at = pod.state()[0]
     pod.create(oomable, attempt=1, memory_limit=64 << 20)
     first = pod.first()
