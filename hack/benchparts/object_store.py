@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import statistics
 import sys
 import time
@@ -39,7 +40,11 @@ def _s3_published(url: str, key: Path, local: Path) -> Published:
     def find(name: str) -> dict | None:
         for e in store.entries():
             if e.state == "checkpoints" and e.manifest is not None and e.manifest.identity.pod == name:
-                return {"files": [{"stored_bytes": f.stored_bytes, "raw_bytes": f.raw_bytes} for f in e.manifest.files]}
+                files = [
+                    {"stored_bytes": f.stored_bytes, "raw_bytes": f.raw_bytes, "chunks": f.chunks}
+                    for f in e.manifest.files
+                ]
+                return {"files": files, "timings": dict(e.manifest.timings), "new_bytes": e.manifest.new_bytes}
         return None
 
     return find
@@ -55,21 +60,54 @@ def _dir_published(inst: ContainerdInstance) -> Published:
     return find
 
 
+class _ShimLog:
+    """A node's log from here on: what its shims said since."""
+
+    def __init__(self, node: ContainerdInstance) -> None:
+        self._path = node.log_path
+        self._at = self._path.stat().st_size if self._path.exists() else 0
+        self._text = ""
+
+    def published(self, identity: str) -> float | None:
+        """Seconds from the dump's start to the checkpoint of `identity` published, once the
+        shim said it was."""
+        with self._path.open("rb") as f:
+            f.seek(self._at)
+            more = f.read()
+        self._at += len(more)
+        self._text += more.decode(errors="replace")
+        said = re.search(rf" of {re.escape(identity)} published: .* in ([0-9.]+)s", self._text)
+        return float(said.group(1)) if said is not None else None
+
+
 def _cycle(inst: ContainerdInstance, cri, published: Published, memhog: Path, mib: int, name: str) -> dict[str, float]:
     r: dict[str, float] = {}
     pod, cid = memhog_pod(cri, inst, "hotrestart", name, memhog, [str(mib)])
     cri.start_container(cid)
     wait_for_line(cri, cid, lambda x: x.startswith("ready"))
     before = wait_for_line(cri, cid, lambda x: x.split()[0] == "3")
+    said = _ShimLog(inst)
     t0 = time.monotonic()
     cri.stop_container(cid, timeout=60)
     r["stop"] = time.monotonic() - t0
-    while (manifest := published(name)) is None:
+    # The shim's own line, read from the node's log: polling the store instead (a listing and
+    # every manifest, fifty times a second) would load the gateway the upload runs on.
+    while (whole := said.published(f"bench/{name}/svc")) is None:
         if time.monotonic() - t0 > 300:
             raise SystemExit(f"no checkpoint of {name} was published")
         time.sleep(0.02)
     r["durable"] = time.monotonic() - t0
+    manifest = published(name)
+    if manifest is None:
+        raise SystemExit(f"the checkpoint of {name} is not in the store although its shim published it")
     r["stored"] = sum(f["stored_bytes"] for f in manifest["files"])
+    r["new"] = manifest.get("new_bytes", 0)
+    r["chunks"] = sum(len(f.get("chunks", [])) for f in manifest["files"])
+    # Where the time went, as the shim measured it from the dump's start.
+    timings = manifest.get("timings", {})
+    r["dump"] = timings.get("dump", 0.0)
+    r["after_dump"] = timings.get("compress", 0.0)
+    r["publish"] = whole - timings.get("durable", whole)
     remove_pod(cri, pod)
     for mode in ("lazy", "full"):
         pod, cid = memhog_pod(
@@ -88,13 +126,13 @@ def _cycle(inst: ContainerdInstance, cri, published: Published, memhog: Path, mi
             cri.stop_container(cid, timeout=60)
             deadline = time.monotonic() + 300
             while published(name) is None and time.monotonic() < deadline:
-                time.sleep(0.05)
+                time.sleep(0.2)
         else:
             cri.stop_container(cid, timeout=0)
         remove_pod(cri, pod)
     deadline = time.monotonic() + 60
     while published(name) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)  # a stopped restored container consumes its checkpoint
+        time.sleep(0.2)  # a stopped restored container consumes its checkpoint
     return r
 
 
@@ -135,10 +173,34 @@ def _bench(inst: ContainerdInstance, env: dict[str, str], mib: int, rounds: int)
     results: dict[str, list[dict[str, float]]] = {c: [] for c in columns}
     try:
         _rounds(inst, url, key, memhog, mib, rounds, cached, uncached, results, columns)
+        alone = _gateway_alone(url, results[columns[1]], rounds)
     finally:
         progress("object store: removing the run's objects")
         _remove_prefix(url)
-    _report(mib, rounds, columns, results)
+    _report(mib, rounds, columns, results, alone)
+
+
+def _gateway_alone(url: str, runs: list[dict[str, float]], rounds: int) -> list[float]:
+    """What the gateway takes to accept a checkpoint's new bytes by themselves: as many
+    objects of the same mean size, PUT as many at a time as the shim's writer does, with
+    the same client. The floor under the S3 column's time after the dump."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hotrestart.store.objectstore import IO_THREADS
+    from hotrestart.store.s3 import Bucket, Location
+
+    new, chunks = statistics.median(r["new"] for r in runs), statistics.median(r["chunks"] for r in runs)
+    size, count = max(1, int(new / max(chunks, 1))), max(1, int(chunks))
+    bucket = Bucket(Location.parse(f"{url}/gateway-alone"))
+    bodies = [os.urandom(size) for _ in range(min(count, 2 * IO_THREADS))]  # incompressible, as sealed chunks are
+    took = []
+    for i in range(rounds):
+        progress(f"object store: the gateway alone, {count} objects of {size >> 10} KiB, round {i + 1} of {rounds}")
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(IO_THREADS) as pool:
+            list(pool.map(lambda n, at=f"{i}/": bucket.put(f"{at}{n}", bodies[n % len(bodies)]), range(count)))
+        took.append(time.monotonic() - t0)
+    return took
 
 
 def _rounds(
@@ -175,7 +237,9 @@ def _rounds(
             cri.close()
 
 
-def _report(mib: int, rounds: int, columns: tuple[str, ...], results: dict[str, list[dict[str, float]]]) -> None:
+def _report(
+    mib: int, rounds: int, columns: tuple[str, ...], results: dict[str, list[dict[str, float]]], alone: list[float]
+) -> None:
     print(f"\n### Object store ({mib} MiB, median of {rounds} rounds in turn, sealed with a store key)\n")
     print(
         "The node that restores from S3 without the node-local chunk cache (`HOTRESTART_S3_CACHE_BYTES=0`)"
@@ -185,9 +249,21 @@ def _report(mib: int, rounds: int, columns: tuple[str, ...], results: dict[str, 
     for label, at in (
         ("stop: signal to exit reported (s)", "stop"),
         ("checkpoint durable after the stop (s)", "durable"),
+        ("of which the dump (s)", "dump"),
+        ("of which storing what was left after the dump (s)", "after_dump"),
+        ("of which publishing the manifest (s)", "publish"),
         ("restore, lazy: StartContainer returns (s)", "lazy_started"),
         ("restore, lazy: the process answers (s)", "lazy_answers"),
         ("restore, full: the process answers (s)", "full_answers"),
     ):
         base, here, other = (statistics.median(r[at] for r in results[c]) for c in columns)
-        print(f"| {label} | {base:.2f} | {here:.2f} | {other:.2f} | {here / base:.2f}x, {other / base:.2f}x |")
+        ratios = f"{here / base:.2f}x, {other / base:.2f}x" if base > 0 else "-"
+        print(f"| {label} | {base:.2f} | {here:.2f} | {other:.2f} | {ratios} |")
+    s3 = results[columns[1]]
+    new, chunks = statistics.median(r["new"] for r in s3), statistics.median(r["chunks"] for r in s3)
+    print(
+        f"\nA checkpoint added {new / 2**20:.0f} MiB of new chunks ({chunks:.0f} chunks in all). The gateway"
+        f" alone took {statistics.median(alone):.2f} s (median of {len(alone)}) to accept that many bytes"
+        " in objects of the same mean size, PUT as many at a time as the shim does: the floor under S3's"
+        " durable time beside the dump on this machine."
+    )
