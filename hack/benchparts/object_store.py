@@ -189,8 +189,9 @@ def _gateway_alone(url: str, runs: list[dict[str, float]], rounds: int) -> list[
     from hotrestart.store.objectstore import IO_THREADS
     from hotrestart.store.s3 import Bucket, Location
 
-    new, chunks = statistics.median(r["new"] for r in runs), statistics.median(r["chunks"] for r in runs)
-    size, count = max(1, int(new / max(chunks, 1))), max(1, int(chunks))
+    new, stored = statistics.median(r["new"] for r in runs), statistics.median(r["stored"] for r in runs)
+    size = max(1, int(stored / max(statistics.median(r["chunks"] for r in runs), 1)))  # a chunk's mean
+    count = max(1, round(new / size))
     bucket = Bucket(Location.parse(f"{url}/gateway-alone"))
     bodies = [os.urandom(size) for _ in range(min(count, 2 * IO_THREADS))]  # incompressible, as sealed chunks are
     took = []
@@ -262,7 +263,7 @@ def _report(
     s3 = results[columns[1]]
     new, chunks = statistics.median(r["new"] for r in s3), statistics.median(r["chunks"] for r in s3)
     print(
-        f"\nA checkpoint added {new / 2**20:.0f} MiB of new chunks ({chunks:.0f} chunks in all). The gateway"
+        f"\nA checkpoint added {new / 2**20:.0f} MiB of new chunks (of {chunks:.0f} in all). The gateway"
         f" alone took {statistics.median(alone):.2f} s (median of {len(alone)}) to accept that many bytes"
         " in objects of the same mean size, PUT as many at a time as the shim does: the floor under S3's"
         " durable time beside the dump on this machine."
