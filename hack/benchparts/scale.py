@@ -121,6 +121,10 @@ def restore_timed(
     cri.start_container(cid)
     r[f"{mode}_started"] = time.monotonic() - t0
     progress(f"{mib} MiB: {mode} restore: started after {r[f'{mode}_started']:.2f}s")
+    # The shim's own account of the part before `runc restore`, for a slow start to be told apart.
+    ready = re.search(rf"{cid}: checkpoint \S+ ready \((\w+), verify ([0-9.]+)s, apply ([0-9.]+)s\)", inst.read_log())
+    if ready is not None:
+        progress(f"{mib} MiB: {mode} restore: {ready.group(1)}, verify {ready.group(2)}s, apply {ready.group(3)}s")
     wait_for_line(cri, cid, lambda x: x.startswith("resumed"))
     r[f"{mode}_answers"] = time.monotonic() - t0
     progress(f"{mib} MiB: {mode} restore: answers after {r[f'{mode}_answers']:.2f}s")
