@@ -90,17 +90,25 @@ class Incarnation:
     def lines(self) -> list[str]:
         return [x.message for x in parse_cri_log(self.client.read_log(self.cid))]
 
+    def _rows(self) -> list[list[str]]:
+        rows = [r.split() for r in self.lines() if not r.startswith("hotrestart:")]
+        return [r for r in rows if len(r) == 3 and all(x.isdigit() for x in r)]
+
     def state(self, timeout: float = 10) -> tuple[int, int, int]:
         """The newest (counter, checksum at start, checksum now) the workload printed."""
         deadline = time.monotonic() + timeout * TIME_SCALE
         while True:
-            rows = [r.split() for r in self.lines() if not r.startswith("hotrestart:")]
-            rows = [r for r in rows if len(r) == 3 and all(x.isdigit() for x in r)]
-            if rows:
+            if rows := self._rows():
                 return int(rows[-1][0]), int(rows[-1][1]), int(rows[-1][2])
             if time.monotonic() > deadline:
                 raise AssertionError(f"no workload output in {self.lines()}")
             time.sleep(0.1)
+
+    def counter(self) -> int:
+        """The newest counter printed, 0 before the first row: for `wait_until`, whose own
+        limit then decides (a workload may take long before its first row)."""
+        rows = self._rows()
+        return int(rows[-1][0]) if rows else 0
 
     def first(self) -> tuple[int, int, int]:
         self.state()

@@ -65,7 +65,7 @@ def _checkpointed(
     client = inst.cri()
     pod = Incarnation(client, inst, tmp, name, runtime_handler=runtime)
     pod.create(image=image)
-    assert host.wait_until(lambda: pod.state()[0] >= 3, 20), pod.lines()[-3:]
+    assert host.wait_until(lambda: pod.counter() >= 3, 20), pod.lines()[-3:]
     archive = tmp / f"{name}.tar"
     client.checkpoint_container(pod.cid, str(archive))
     count, checksum, _ = pod.state()
@@ -120,7 +120,7 @@ def test_an_attested_archive_restores_and_a_changed_one_does_not(
     pages = next(n for n in names if n.startswith("checkpoint/pages-"))
 
     restored = _restore(allowing, tmp_path, "dst-0", archive)
-    assert host.wait_until(lambda: restored.state()[0] > at + 2, 10), restored.lines()[-3:]
+    assert host.wait_until(lambda: restored.counter() > at + 2, 10), restored.lines()[-3:]
     _, s, t = restored.state()
     assert (s, t) == (checksum, checksum), "the same memory: a restore, not a cold start"
     assert not any(line.startswith("hotrestart:") for line in restored.lines())

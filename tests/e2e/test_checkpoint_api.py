@@ -34,7 +34,7 @@ def crit(*args: str) -> str:
 
 
 def counting(pod: Incarnation, at_least: int = 3) -> tuple[int, int, int]:
-    assert host.wait_until(lambda: pod.state()[0] >= at_least, 20), pod.lines()[-3:]
+    assert host.wait_until(lambda: pod.counter() >= at_least, 20), pod.lines()[-3:]
     return pod.state()
 
 
@@ -54,7 +54,7 @@ def test_cri_checkpoint_gives_an_archive_and_a_restore_point(
     client.checkpoint_container(pod.cid, str(archive))
     after = pod.state()[0]
     assert client.container_status(pod.cid).state == CONTAINER_RUNNING
-    assert host.wait_until(lambda: pod.state()[0] > after + 2, 10), "the container keeps running and counting"
+    assert host.wait_until(lambda: pod.counter() > after + 2, 10), "the container keeps running and counting"
     assert pod.state()[1:] == (checksum, checksum)
 
     with tarfile.open(archive) as tar:
@@ -88,7 +88,7 @@ def test_ctr_task_checkpoint(client: CRIClient, inst: ContainerdInstance, tmp_pa
     ref = inst.ctr("tasks", "checkpoint", pod.cid).stdout.strip()
     assert ref.startswith("containerd.io/checkpoint/"), ref
     assert ref in inst.ctr("images", "ls", "-q").stdout.split()
-    assert host.wait_until(lambda: pod.state()[0] > n + 3, 10), "the task keeps running"
+    assert host.wait_until(lambda: pod.counter() > n + 3, 10), "the task keeps running"
     assert pod.state()[1:] == (checksum, checksum)
     [ckpt] = wait_published(inst)
     assert manifest(ckpt)["reason"] == "api"
@@ -105,7 +105,7 @@ def test_periodic_checkpoint_restores_after_a_crash(
     [ckpt] = wait_published(inst, timeout=30)
     assert manifest(ckpt)["reason"] == "periodic"
     n = pod.state()[0]
-    assert host.wait_until(lambda: pod.state()[0] > n + 3, 10), "checkpoints leave it running"
+    assert host.wait_until(lambda: pod.counter() > n + 3, 10), "checkpoints leave it running"
     os.kill(client.container_pid(pod.cid), signal.SIGKILL)  # as a crash would
     assert client.wait_container_exit(pod.cid).exit_code == 137
     crashed_at = pod.state()[0]

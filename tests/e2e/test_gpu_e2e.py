@@ -124,7 +124,7 @@ def test_periodic_checkpoint_leaves_gpu_processes_running(
     wait_published(inst, timeout=20)
     assert standin.summary(pid)[:3] == [("lock", pid, True), ("checkpoint", pid, True), ("toggle", pid, True)]
     n = pod.state()[0]
-    assert host.wait_until(lambda: pod.state()[0] > n + 3, 10), "still running, and running on the GPU"
+    assert host.wait_until(lambda: pod.counter() > n + 3, 10), "still running, and running on the GPU"
     nspid = next(c["nspid"] for c in standin.calls() if c["pid"] == pid)
     assert (Path(f"/proc/{pid}/root/tmp") / f".cuda-standin-{nspid}").read_text().strip() in (
         "running",
@@ -144,7 +144,7 @@ def test_cri_checkpoint_of_a_paused_gpu_container(
     assert standin.summary(pid) == [("lock", pid, True), ("checkpoint", pid, True), ("toggle", pid, True)]
     assert client.container_status(pod.cid).state == CONTAINER_RUNNING
     n = pod.state()[0]
-    assert host.wait_until(lambda: pod.state()[0] > n + 3, 10)
+    assert host.wait_until(lambda: pod.counter() > n + 3, 10)
     pod.remove()
 
 

@@ -93,7 +93,7 @@ def test_an_nss_module_in_the_container_is_never_loaded(
     first = Incarnation(client, inst, tmp_path, f"nss-{where}", annotations=annotations)
     mounts = [(str(payload), "/payload"), (str(first.empty_dir("data")), "/data")]
     first.create(["sh", "-c", script], mounts=mounts)
-    assert host.wait_until(lambda: first.state()[0] >= 3, 10), first.lines()
+    assert host.wait_until(lambda: first.counter() >= 3, 10), first.lines()
     assert first.stop().exit_code == 143
     counter = first.state()[0]
     first.remove()
@@ -193,7 +193,7 @@ def test_a_large_root_filesystem_is_kept_with_its_checkpoint(
     script = "dd if=/dev/urandom of=/big bs=1M count=192 2>/dev/null; md5sum /big > /big.md5; " + COUNTING
     first = Incarnation(client, inst, tmp_path, "bigroot-0")
     first.create(["sh", "-c", script])
-    assert host.wait_until(lambda: first.state()[0] >= 3, 30), first.lines()
+    assert host.wait_until(lambda: first.counter() >= 3, 30), first.lines()
     assert first.stop().exit_code == 143
     counter = first.state()[0]
     first.remove()
@@ -332,7 +332,7 @@ def test_a_restore_cut_off_by_containerd_gives_its_checkpoint_back(
     try:
         first = Incarnation(cri, node, tmp_path, "cut-0")
         first.create(["sh", "-c", script])
-        assert host.wait_until(lambda: first.state()[0] >= 3, 60), first.lines()
+        assert host.wait_until(lambda: first.counter() >= 3, 60), first.lines()
         assert first.stop().exit_code == 143
         first.remove()
         [ckpt] = wait_published(node, timeout=120)
