@@ -112,7 +112,7 @@ class Incarnation:
 
     def first(self) -> tuple[int, int, int]:
         self.state()
-        row = next(r.split() for r in self.lines() if len(r.split()) == 3 and r.split()[0].isdigit())
+        row = self._rows()[0]
         return int(row[0]), int(row[1]), int(row[2])
 
     def stop(self, grace: int = 10) -> Any:
