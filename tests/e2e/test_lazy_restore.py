@@ -35,6 +35,12 @@ def _rows(pod: Incarnation) -> list[tuple[int, int]]:
     return [(int(r[0]), int(r[1])) for r in rows if len(r) == 3 and all(x.isdigit() for x in r)]
 
 
+def _shim_lines(inst: ContainerdInstance, word: str) -> list[str]:
+    """The node's log lines that mention `word`, for a failed assertion to show."""
+    lines = inst.log_path.read_text(errors="replace").splitlines() if inst.log_path.exists() else []
+    return [line for line in lines if word in line][-20:]
+
+
 def _stopped_with_checkpoint(
     client: Any, inst: ContainerdInstance, tmp: Path, memhog: Path, name: str, mib: int
 ) -> tuple[int, int]:
@@ -42,7 +48,10 @@ def _stopped_with_checkpoint(
     run_memhog(pod, memhog, mib)
     pod.state(timeout=60)
     counter, checksum, _ = pod.state()
-    assert pod.stop().exit_code == 143
+    # A kubelet's default grace (30 s): dumping a GiB on a busy two-core node can outlast 10 s,
+    # and the SIGKILL that ends a grace rightly wins over a dump in progress.
+    st = pod.stop(grace=30)
+    assert st.exit_code == 143, _shim_lines(inst, "checkpoint")
     wait_published(inst)
     pod.remove()
     return counter, checksum
