@@ -121,10 +121,17 @@ def _qemu_base(accel: str) -> list[str]:
     ]
 
 
+def ensure_built() -> None:
+    """The image and kernel, and qemu itself (build-image.sh installs it on a fresh machine)."""
+    if not (CACHE / ".built").exists():
+        build()
+
+
 def accelerator() -> str:
     """'kvm' when a guest kernel gets as far as its panic under KVM within 30 s, else 'tcg'."""
     if KVM_VERDICT.exists():
         return KVM_VERDICT.read_text().strip()
+    ensure_built()  # the probe boots the image's kernel with qemu
     verdict = "tcg"
     if os.access("/dev/kvm", os.R_OK | os.W_OK):
         cmd = [*_qemu_base("kvm"), "-m", "512", "-append", "console=ttyS0 panic=-1 rdinit=/hotrestart-no-init"]
@@ -159,8 +166,7 @@ CGROUP_CMDLINE = {
 def run(command: str, timeout: float, out: Path, files: dict[str, Path] | None = None, cgroup: str = "v2") -> int:
     """Boot the machine, run `command` (bash) as root there, power off; its exit status
     (124 when it ran past `timeout`, 125 when the machine never reported)."""
-    if not (CACHE / ".built").exists():
-        build()
+    ensure_built()
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.sh").write_text(command + "\n")
     (out / "timeout").write_text(f"{int(timeout)}\n")
