@@ -41,7 +41,8 @@ def test_a_container_over_the_memory_budget_checkpoints_and_restores_through_dis
     run_memhog(pod, memhog, 512)
     pod.state(timeout=60)
     counter, checksum, _ = pod.state()
-    assert pod.stop().exit_code == 143
+    # A kubelet's default grace: a dump through the disk on a busy node can outlast 10 s.
+    assert pod.stop(grace=30).exit_code == 143
     wait_published(inst)
     pod.remove()
     again = Incarnation(client, inst, tmp_path, "over-budget-0")
