@@ -92,7 +92,8 @@ def usable() -> str:
 
 
 def _run(*argv: str, timeout: float = 120) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    # Importing the installer image unpacks a few hundred MiB: minutes under emulation.
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout * host.TIME_SCALE, check=False)
     if done.returncode != 0:
         raise TestbedError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
     return done.stdout
