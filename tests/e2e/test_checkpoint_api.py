@@ -156,9 +156,9 @@ def test_clean_exit_retires_periodic_checkpoints(client: CRIClient, inst: Contai
     # Under emulation a dump takes longer than the job's 4 s of work: it works for longer.
     steps = round(40 * TIME_SCALE)
     pod.create(["sh", "-c", f"i=0; while [ $i -lt {steps} ]; do i=$((i+1)); echo $i 1 1; sleep 0.1; done"])
-    wait_published(inst, timeout=20 * TIME_SCALE)
+    wait_published(inst, timeout=20)
     assert client.wait_container_exit(pod.cid, timeout=30 * TIME_SCALE).exit_code == 0
-    assert host.wait_until(lambda: not stored(inst), 10 * TIME_SCALE), "a finished job leaves no restore point"
+    assert host.wait_until(lambda: not stored(inst), 10), "a finished job leaves no restore point"
     pod.remove()
 
 

@@ -240,7 +240,7 @@ def test_restored_container_that_keeps_dying_is_not_restored_again(
         pod.create(command, mounts=mounts, attempt=attempt)
         assert pod.first()[0] == counter + 1, f"restore {attempt + 1} continues from the checkpoint"
         assert client.wait_container_exit(pod.cid, timeout=30 * TIME_SCALE).exit_code == 0
-        assert host.wait_until(lambda: bool(stored(inst) or stored(inst, "quarantine")), 10 * TIME_SCALE)
+        assert host.wait_until(lambda: bool(stored(inst) or stored(inst, "quarantine")), 10)
     assert not stored(inst) and len(stored(inst, "quarantine")) == 1
     assert "died within" in (stored(inst, "quarantine")[0] / "reason.txt").read_text()
     pod.create(command, mounts=mounts, attempt=3)
