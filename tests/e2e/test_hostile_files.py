@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hotpods import Incarnation, run_and_stop, stored, wait_published
+from hotpods import TIME_SCALE, Incarnation, run_and_stop, stored, wait_published
 
 from cri import CRIClient
 from hotrestart.store import archive
@@ -329,15 +329,18 @@ def test_a_restore_cut_off_by_containerd_gives_its_checkpoint_back(
     node = containerd_factory("2", store=tmp_path / "store")
     cri = node.cri()
     script = "head -c 400000000 /dev/urandom > /big; " + COUNTING
+    # The 400 MB root filesystem diff is stored with the stop's dump: as a pod author with a
+    # large writable layer would, give the stop-time checkpoint a budget for it (over a minute
+    # under emulation) and a grace period beyond that budget.
+    policy = {"hotrestart.io/checkpoint-timeout": f"{round(50 * TIME_SCALE)}s"}
     try:
-        first = Incarnation(cri, node, tmp_path, "cut-0")
+        first = Incarnation(cri, node, tmp_path, "cut-0", annotations=policy)
         first.create(["sh", "-c", script])
         assert host.wait_until(lambda: first.counter() >= 3, 60), first.lines()
-        # A kubelet's default grace: the 400 MB root filesystem's diff is stored with the dump.
-        assert first.stop(grace=30).exit_code == 143
+        assert first.stop(grace=60).exit_code == 143
         first.remove()
         [ckpt] = wait_published(node, timeout=120)
-        again = Incarnation(cri, node, tmp_path, "cut-0")
+        again = Incarnation(cri, node, tmp_path, "cut-0", annotations=policy)
         again.create(["sh", "-c", script], start=False)
 
         def start() -> None:
