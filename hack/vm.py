@@ -85,6 +85,10 @@ FULL = [
 TCG_DESELECT = ["tests/integration/test_shim_runc.py::test_shims_fork_from_one_zygote"]
 # How much slower than a real node a machine under emulation is, for the tests' grace periods.
 TCG_TIME_SCALE = "4"
+# Each test phase's limit in the machine (pytest-timeout), and the time kept after pytest's own
+# deadline for its teardown and the logs' collection before the machine's limit kills the run.
+TEST_TIMEOUT = 900
+PYTEST_MARGIN = 240.0
 
 
 def log(msg: str) -> None:
@@ -246,11 +250,20 @@ def test(driver: str, pytest_args: list[str], timeout: float, out: Path, cgroup:
     if emulated:
         selected = [*selected, *(x for t in TCG_DESELECT for x in ("--deselect", t))]
     args = " ".join(shlex.quote(a) for a in selected)
+    # pytest is interrupted (SIGINT: it reports what ran and tears down) before the machine's
+    # own limit, so that the logs of a run that hangs still come back.
+    deadline = int(max(60.0, timeout - PYTEST_MARGIN))
+    # A line per test as it ends, so a run cut short says where; a test that outlives its
+    # per-phase timeout without being interrupted gets every thread's stack dumped.
+    pytest = (
+        f"timeout --signal=INT --kill-after=60 {deadline} .venv/bin/python -m pytest -v -p no:cacheprovider "
+        f"-o addopts= --timeout={TEST_TIMEOUT} -o faulthandler_timeout={TEST_TIMEOUT + 300} --durations=15 {args}"
+    )
     # The logs of the run (containerd's, the shims', CRIU's) come back in logs.tgz.
     command = (
         f"cd {shlex.quote(str(REPO))} && export {exports} PATH={shared_out}/bin:$PATH && "
         f"echo v1mounts $(grep -c ' cgroup ' /proc/mounts) >> {shared_out}/node.txt; cat {shared_out}/node.txt && "
-        f".venv/bin/python -m pytest -q -p no:cacheprovider -o addopts= --timeout=900 --durations=15 {args}; rc=$?; "
+        f"{pytest}; rc=$?; "
         "journalctl --no-pager -u containerd > /tmp/node-containerd.log 2>&1; "
         f"find /tmp -name '*.log' -size -20M -print0 | tar -czf {shared_out}/logs.tgz --null -T - 2>/dev/null; "
         "exit $rc"
