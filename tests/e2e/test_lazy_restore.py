@@ -48,8 +48,9 @@ def _stopped_with_checkpoint(
     run_memhog(pod, memhog, mib)
     pod.state(timeout=60)
     counter, checksum, _ = pod.state()
-    # A kubelet's default grace (30 s): dumping a GiB on a busy two-core node can outlast 10 s,
-    # and the SIGKILL that ends a grace rightly wins over a dump in progress.
+    # A kubelet's default grace (30 s). The dump's budget is the pod's checkpoint-timeout (10 s by
+    # default); a grace no longer than that would let the SIGKILL that ends it, which rightly
+    # wins over a dump in progress, cut a GiB's dump still within its budget on a busy node.
     st = pod.stop(grace=30)
     assert st.exit_code == 143, _shim_lines(inst, "checkpoint")
     wait_published(inst)

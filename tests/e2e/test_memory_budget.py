@@ -41,7 +41,9 @@ def test_a_container_over_the_memory_budget_checkpoints_and_restores_through_dis
     run_memhog(pod, memhog, 512)
     pod.state(timeout=60)
     counter, checksum, _ = pod.state()
-    # A kubelet's default grace: a dump through the disk on a busy node can outlast 10 s.
+    # A kubelet's default grace (30 s), longer than the dump's own budget (the pod's
+    # checkpoint-timeout), so containerd's SIGKILL cannot cut a dump through the disk that is
+    # still within it.
     assert pod.stop(grace=30).exit_code == 143
     wait_published(inst)
     pod.remove()
