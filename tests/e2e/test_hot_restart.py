@@ -236,14 +236,21 @@ def test_restored_container_that_keeps_dying_is_not_restored_again(
     wait_published(inst)
     (flags / "die").touch()
     pod = Incarnation(client, inst, tmp_path, "loop-0")
+
+    def start(attempt: int) -> None:
+        # Each of these dies as soon as it runs, often before StartContainer has returned:
+        # containerd may report it exited before a client ever sees it running.
+        pod.create(command, mounts=mounts, attempt=attempt, start=False)
+        client.start_container(pod.cid)
+
     for attempt in range(3):
-        pod.create(command, mounts=mounts, attempt=attempt)
+        start(attempt)
         assert pod.first()[0] == counter + 1, f"restore {attempt + 1} continues from the checkpoint"
         assert client.wait_container_exit(pod.cid, timeout=30 * TIME_SCALE).exit_code == 0
         assert host.wait_until(lambda: bool(stored(inst) or stored(inst, "quarantine")), 10)
     assert not stored(inst) and len(stored(inst, "quarantine")) == 1
     assert "died within" in (stored(inst, "quarantine")[0] / "reason.txt").read_text()
-    pod.create(command, mounts=mounts, attempt=3)
+    start(3)
     assert pod.first()[0] == 1, "after three early deaths the container starts cold"
     # As a kubelet does, remove it once it has exited: a stop that races containerd's own
     # handling of the exit can return before the exit is recorded.
