@@ -261,7 +261,35 @@ async def test_an_api_checkpoint_is_handed_over_and_kept_until_a_clean_exit(tmp_
     newest = store.latest(IDENT)
     assert newest is not None and newest.manifest is not None and newest.manifest.reason == "api"
     hot.exited(0, stop_requested=False)  # done on its own: nothing left to recover
+    await hot.engine.drain()
     assert _states(store) == []
+
+
+async def test_a_clean_exit_during_a_publish_leaves_no_restore_point(tmp_path: Path, freezer: list[str]) -> None:
+    hot, runc, clock, store = _hot(tmp_path, interval=60.0)
+    gate, inside = threading.Event(), threading.Event()
+    publish = store.publish
+
+    def held_publish(*args: Any, **kwargs: Any) -> Any:
+        inside.set()
+        gate.wait(10)
+        return publish(*args, **kwargs)
+
+    store.publish = held_publish  # type: ignore[method-assign]
+    hot.started()
+    try:
+        await asyncio.sleep(0)
+        clock.advance(60)
+        await _until(inside.is_set)  # past the check that drops a superseded publish
+        hot.exited(0, stop_requested=False)
+        gate.set()
+        await hot.engine.drain()
+    finally:
+        gate.set()
+        hot.closed()
+        await hot.engine.drain()
+    assert runc.dumps == 1
+    assert _states(store) == [], "the job is done: the publish under way when it ended is no restore point"
 
 
 def _replica(

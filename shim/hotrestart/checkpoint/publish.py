@@ -59,7 +59,16 @@ class Publisher:
         """Drop the restore points of `identity` taken for `reasons` (a clean exit ends them);
         in a pool, only this pod's (the other members belong to replicas still at work)."""
         self.dumped(identity)
-        self._calls.later(f"restore points of {identity.canonical()} not removed", self._retire, identity, reasons)
+        self._track(self._retire_after_publish(identity, reasons))
+
+    async def _retire_after_publish(self, identity: Identity, reasons: tuple[str, ...]) -> None:
+        # A publish already past its supersession check lands after the exit: wait for it
+        # (the lock), or the restore point it leaves would outlive the job.
+        async with self._lock:
+            try:
+                await self._calls.call(self._retire, identity, reasons)
+            except Exception as exc:  # in the background: nothing else would say so
+                log.warning("restore points of %s not removed: %s", identity.canonical(), exc)
 
     def _retire(self, identity: Identity, reasons: tuple[str, ...]) -> None:
         for entry in self._store.published(identity):
