@@ -235,6 +235,31 @@ async def test_a_restore_that_outlives_the_window_uses_its_checkpoint_up(tmp_pat
     assert _states(store) == []
 
 
+async def test_a_death_while_the_restore_is_finished_is_an_early_death(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hot, _, clock, store = _hot(tmp_path)
+    make_checkpoint(store, tmp_path)
+    hot._planned = store.latest(IDENT)
+    await hot.prepare_restore()
+    finish, handed_back = restore.finish, asyncio.Event()
+
+    async def finish_after_the_device_state(*args: Any) -> None:
+        await handed_back.wait()  # as a GPU process's device state is given back
+        await finish(*args)
+
+    monkeypatch.setattr(restore, "finish", finish_after_the_device_state)
+    finishing = asyncio.ensure_future(hot.finish_restore())
+    await asyncio.sleep(0)
+    clock.advance(1)
+    hot.exited(139, stop_requested=False)  # the exit is reported while start still runs
+    handed_back.set()
+    await finishing
+    assert _states(store) == ["checkpoints"], "given back for another try, not used up"
+    [entry] = store.published(IDENT)
+    assert entry.manifest is not None and entry.manifest.restore_attempts == 1
+
+
 async def test_a_stop_inside_the_window_is_not_a_failed_restore(tmp_path: Path) -> None:
     hot, clock, store = await _restored(tmp_path)
     clock.advance(1)

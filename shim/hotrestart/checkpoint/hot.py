@@ -149,8 +149,10 @@ class HotRestart(PlainCheckpoints):
         if self._claim is None:  # restored from containerd's images, not a checkpoint of ours
             await super().finish_restore()
             return
-        await restore.finish(self.engine, self.view, self._claim)
+        # The window opens before the awaits of `finish`: an exit can be reported while a
+        # GPU process gets its device state back, and it is an early death too.
         self._restored_at = self.clock.monotonic()
+        await restore.finish(self.engine, self.view, self._claim)
         self._window = self.clock.call_later(restore.RESTORE_WINDOW, self._restore_proved)
 
     def abandon_restore(self, exc: BaseException) -> str:
