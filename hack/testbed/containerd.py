@@ -227,11 +227,11 @@ class ContainerdInstance:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def cri(self, timeout: float = 60.0) -> Any:
+    def cri(self, timeout: float = host.CRI_REQUEST_TIMEOUT) -> Any:
         """A new CRIClient on this instance (close it when done)."""
         from cri.client import CRIClient
 
-        return CRIClient(self.address, timeout=timeout)
+        return CRIClient(self.address, timeout=timeout * host.TIME_SCALE)
 
     def ctr(
         self,

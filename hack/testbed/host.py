@@ -362,6 +362,8 @@ def delete_link(name: str) -> None:
 # How much slower than a real node this machine is (hack/vm.py sets it under emulation):
 # every wait of the test bed and the tests is that much longer.
 TIME_SCALE = float(os.environ.get("HOTRESTART_E2E_TIME_SCALE", "1"))
+# The kubelet's default --runtime-request-timeout: the deadline of every CRI call it makes.
+CRI_REQUEST_TIMEOUT = 120.0
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

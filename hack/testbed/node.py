@@ -161,10 +161,10 @@ class KubeadmNode:
 
     # -- use ----------------------------------------------------------------------------
 
-    def cri(self, timeout: float = 60.0) -> Any:
+    def cri(self, timeout: float = host.CRI_REQUEST_TIMEOUT) -> Any:
         from cri.client import CRIClient
 
-        return CRIClient(self.address, timeout=timeout)
+        return CRIClient(self.address, timeout=timeout * host.TIME_SCALE)
 
     def ctr(self, *args: str) -> str:
         return _run(
