@@ -235,8 +235,9 @@ async def test_a_restore_that_outlives_the_window_uses_its_checkpoint_up(tmp_pat
     assert _states(store) == []
 
 
+@pytest.mark.parametrize("then", ["returns", "raises"])
 async def test_a_death_while_the_restore_is_finished_is_an_early_death(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then: str
 ) -> None:
     hot, _, clock, store = _hot(tmp_path)
     make_checkpoint(store, tmp_path)
@@ -246,18 +247,26 @@ async def test_a_death_while_the_restore_is_finished_is_an_early_death(
 
     async def finish_after_the_device_state(*args: Any) -> None:
         await handed_back.wait()  # as a GPU process's device state is given back
+        if then == "raises":
+            raise RuntimeError("cuda-checkpoint: no such process")
         await finish(*args)
 
     monkeypatch.setattr(restore, "finish", finish_after_the_device_state)
     finishing = asyncio.ensure_future(hot.finish_restore())
     await asyncio.sleep(0)
-    clock.advance(1)
+    clock.advance(restore.RESTORE_WINDOW + 10)  # a hand-back longer than the window
     hot.exited(139, stop_requested=False)  # the exit is reported while start still runs
     handed_back.set()
-    await finishing
+    if then == "raises":
+        with pytest.raises(RuntimeError):
+            await finishing
+        hot.abandon_restore(RuntimeError("cuda-checkpoint: no such process"))  # as the container does
+    else:
+        await finishing
     assert _states(store) == ["checkpoints"], "given back for another try, not used up"
     [entry] = store.published(IDENT)
     assert entry.manifest is not None and entry.manifest.restore_attempts == 1
+    assert os.listdir(tmp_path / "work") == []
 
 
 async def test_a_stop_inside_the_window_is_not_a_failed_restore(tmp_path: Path) -> None:

@@ -70,6 +70,7 @@ class HotRestart(PlainCheckpoints):
         self._restoring = ""  # the checkpoint being restored, for messages
         self._claim: restore.Claim | None = None
         self._restored_at = 0.0
+        self._finishing = False  # between `runc restore` and the end of `finish_restore`
         self._window: Timer | None = None
         self._stopping = False
         self._periodic: asyncio.Task[None] | None = None
@@ -149,10 +150,19 @@ class HotRestart(PlainCheckpoints):
         if self._claim is None:  # restored from containerd's images, not a checkpoint of ours
             await super().finish_restore()
             return
-        # The window opens before the awaits of `finish`: an exit can be reported while a
-        # GPU process gets its device state back, and it is an early death too.
+        claim = self._claim
+        # An exit can be reported while a GPU process gets its device state back (the awaits
+        # of `finish`): that is an early death too, however long the hand-back took.
+        self._finishing = True
+        try:
+            await restore.finish(self.engine, self.view, claim)
+        except BaseException:
+            if self._claim is None:  # settled by that exit: the work area is still to free
+                claim.drop_work()
+            raise
+        finally:
+            self._finishing = False
         self._restored_at = self.clock.monotonic()
-        await restore.finish(self.engine, self.view, self._claim)
         self._window = self.clock.call_later(restore.RESTORE_WINDOW, self._restore_proved)
 
     def abandon_restore(self, exc: BaseException) -> str:
@@ -370,7 +380,8 @@ class HotRestart(PlainCheckpoints):
             # A clean exit on its own: the work is done, there is nothing to recover.
             self.engine.publisher.retire(self.policy.identity, ("periodic", "api"))
         if self._claim is not None:
-            died_early = not stop_requested and self.clock.monotonic() - self._restored_at < restore.RESTORE_WINDOW
+            early = self._finishing or self.clock.monotonic() - self._restored_at < restore.RESTORE_WINDOW
+            died_early = not stop_requested and early
             restore.settle(self.engine, self._claim, died_early=died_early)
             self._claim = None
         if self._window is not None:

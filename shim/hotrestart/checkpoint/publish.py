@@ -41,11 +41,18 @@ class Publisher:
         self._background: set[asyncio.Task[None]] = set()
         self._newest: dict[str, float] = {}  # identity -> wall time of its newest successful dump here
         self._in_flight: dict[str, tuple[str, str]] = {}  # checkpoint id -> (identity, reason)
+        # identity -> (wall time, reasons) of the last retire of its restore points
+        self._retired: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._lock = asyncio.Lock()
 
     def dumped(self, identity: Identity) -> None:
         """A dump of `identity` succeeded now: anything dumped before it may not be published after."""
         self._newest[identity.canonical()] = time.time()
+
+    def _retires(self, identity: str, reason: str, created_at: float) -> bool:
+        """A retire after `created_at` covers a checkpoint of `identity` taken for `reason`."""
+        at, reasons = self._retired.get(identity, (0.0, ()))
+        return at > created_at and reason in reasons
 
     def publish_later(self, dumped: Dumped) -> asyncio.Task[None]:
         """Store and publish `dumped` in the background (the shim waits for it on exit)."""
@@ -59,16 +66,8 @@ class Publisher:
         """Drop the restore points of `identity` taken for `reasons` (a clean exit ends them);
         in a pool, only this pod's (the other members belong to replicas still at work)."""
         self.dumped(identity)
-        self._track(self._retire_after_publish(identity, reasons))
-
-    async def _retire_after_publish(self, identity: Identity, reasons: tuple[str, ...]) -> None:
-        # A publish already past its supersession check lands after the exit: wait for it
-        # (the lock), or the restore point it leaves would outlive the job.
-        async with self._lock:
-            try:
-                await self._calls.call(self._retire, identity, reasons)
-            except Exception as exc:  # in the background: nothing else would say so
-                log.warning("restore points of %s not removed: %s", identity.canonical(), exc)
+        self._retired[identity.canonical()] = (time.time(), reasons)
+        self._calls.later(f"restore points of {identity.canonical()} not removed", self._retire, identity, reasons)
 
     def _retire(self, identity: Identity, reasons: tuple[str, ...]) -> None:
         for entry in self._store.published(identity):
@@ -120,6 +119,16 @@ class Publisher:
                 with telemetry.span("hotrestart.checkpoint.publish", checkpoint=dumped.id):
                     manifest.timings["durable"] = time.monotonic() - dumped.started
                     published = await asyncio.to_thread(self._store.publish, dumped.staging, manifest, dumped.sealer)
+                if published is not None and self._retires(identity, manifest.reason, manifest.created_at):
+                    # The job ended cleanly while this was published, and the retire may have
+                    # listed the store before it landed: no restore point, and gone before its
+                    # pending marker clears for a create waiting on it.
+                    log.info("checkpoint %s of %s retired while published; removed", dumped.id, identity)
+                    try:
+                        await self._calls.call(self._store.remove, published)
+                    except OSError as exc:
+                        log.warning("retired checkpoint %s of %s not removed: %s", dumped.id, identity, exc)
+                    return
             if published is None:
                 log.info("checkpoint %s of %s is older than the published one; dropped", dumped.id, identity)
                 return
