@@ -176,16 +176,24 @@ async def test_a_dump_cancelled_part_way_leaves_nothing(tmp_path: Path, freezer:
     assert os.listdir(tmp_path / "work") == []
 
 
-async def test_a_periodic_tick_is_skipped_while_the_last_one_is_published(tmp_path: Path, freezer: list[str]) -> None:
-    hot, runc, clock, store = _hot(tmp_path, interval=60.0)
-    gate = threading.Event()
+def _held_publishes(store: Store) -> tuple[threading.Event, threading.Event]:
+    """Hold every publish of `store` until the first event is set; the second is set once
+    one has begun."""
+    gate, inside = threading.Event(), threading.Event()
     publish = store.publish
 
-    def slow_publish(*args: Any, **kwargs: Any) -> Any:
+    def held_publish(*args: Any, **kwargs: Any) -> Any:
+        inside.set()
         gate.wait(10)
         return publish(*args, **kwargs)
 
-    store.publish = slow_publish  # type: ignore[method-assign]
+    store.publish = held_publish  # type: ignore[method-assign]
+    return gate, inside
+
+
+async def test_a_periodic_tick_is_skipped_while_the_last_one_is_published(tmp_path: Path, freezer: list[str]) -> None:
+    hot, runc, clock, store = _hot(tmp_path, interval=60.0)
+    gate, _ = _held_publishes(store)
     hot.started()
     try:
         await asyncio.sleep(0)
@@ -295,21 +303,12 @@ async def test_an_api_checkpoint_is_handed_over_and_kept_until_a_clean_exit(tmp_
     newest = store.latest(IDENT)
     assert newest is not None and newest.manifest is not None and newest.manifest.reason == "api"
     hot.exited(0, stop_requested=False)  # done on its own: nothing left to recover
-    await hot.engine.drain()
     assert _states(store) == []
 
 
 async def test_a_clean_exit_during_a_publish_leaves_no_restore_point(tmp_path: Path, freezer: list[str]) -> None:
     hot, runc, clock, store = _hot(tmp_path, interval=60.0)
-    gate, inside = threading.Event(), threading.Event()
-    publish = store.publish
-
-    def held_publish(*args: Any, **kwargs: Any) -> Any:
-        inside.set()
-        gate.wait(10)
-        return publish(*args, **kwargs)
-
-    store.publish = held_publish  # type: ignore[method-assign]
+    gate, inside = _held_publishes(store)
     hot.started()
     try:
         await asyncio.sleep(0)
