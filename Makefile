@@ -52,10 +52,13 @@ vm-image:
 
 # The integration and end-to-end tiers on that node, under containerd's systemd cgroup driver
 # (the kubeadm default) and then the cgroupfs one. Under emulation (no usable KVM) this takes
-# hours; `test-vm-smoke` is the smoke subset (README, *Node support*).
+# hours; `test-vm-smoke` is the smoke subset (README, *Node support*). A run cut off part-way
+# goes on where it stopped when run again on the same code (what passed is kept in VM_OUT);
+# `rm -rf $(VM_OUT)` starts over.
+VM_OUT ?= _out/test-vm
 test-vm: setup bytecode installer
-	$(PY) hack/vm.py test --driver systemd --full --timeout 21600
-	$(PY) hack/vm.py test --driver cgroupfs --full --timeout 21600
+	$(PY) hack/vm.py test --driver systemd --full --timeout 21600 --resume --out $(VM_OUT)/systemd
+	$(PY) hack/vm.py test --driver cgroupfs --full --timeout 21600 --resume --out $(VM_OUT)/cgroupfs
 
 test-vm-smoke: setup bytecode installer
 	$(VM_SMOKE)

@@ -3,11 +3,13 @@
 
     python hack/vm.py build                    build the image (once; cached)
     python hack/vm.py run -- CMD...            boot, run CMD as root, power off; CMD's status
-    python hack/vm.py test [--driver D] [--full] [-- PYTEST ARGS]
+    python hack/vm.py test [--driver D] [--full] [--resume --out DIR] [-- PYTEST ARGS]
                                                the end-to-end tests in the VM, with containerd's
                                                cgroup driver D (systemd, the kubeadm default, or
                                                cgroupfs): the smoke subset, --full every
-                                               integration and end-to-end test, or those named
+                                               integration and end-to-end test, or those named;
+                                               --resume: only what has not yet passed in DIR's
+                                               earlier sittings on the same code
 
 The machine shares this checkout, its virtual environment's Python and the test bed's
 sysroot with the host, read-only and at the same paths (9p), so it runs exactly what the
@@ -24,7 +26,10 @@ times slower.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -226,7 +231,68 @@ def memhog(dst: Path) -> Path:
     return binary
 
 
-def test(driver: str, pytest_args: list[str], timeout: float, out: Path, cgroup: str = "v2") -> int:
+# A test's outcome as `pytest -v` prints it when the test ends (its teardown's error follows).
+_OUTCOME = re.compile(r"^(tests/\S+::\S+) (PASSED|SKIPPED|XFAIL|XPASS|FAILED|ERROR)\b", re.MULTILINE)
+
+
+def ended_well(output: str) -> set[str]:
+    """The tests an output.log shows passed or skipped, less any whose teardown then failed."""
+    good, bad = set(), set()
+    for test_id, outcome in _OUTCOME.findall(output):
+        (bad if outcome in ("FAILED", "ERROR") else good).add(test_id)
+    return good - bad
+
+
+def code_key() -> str:
+    """What the machine runs: every tracked file but the docs, as HEAD has them; '' when the
+    checkout's tracked files differ from HEAD (then no earlier sitting counts)."""
+    git = ["git", "-C", str(REPO)]
+    changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    tree = subprocess.run([*git, "ls-tree", "-r", "HEAD"], capture_output=True, text=True)
+    if changed.returncode or tree.returncode or changed.stdout.strip():
+        return ""
+    code = [line for line in tree.stdout.splitlines() if not line.endswith(".md")]
+    return hashlib.sha256("\n".join(code).encode()).hexdigest()
+
+
+class Sittings:
+    """A run that may take several sittings (`--resume`): under emulation the whole tiers take
+    hours, longer than some machines are held. The out folder keeps what passed on which
+    code; a sitting runs only the rest, and only on the same code, node and selection."""
+
+    def __init__(self, out: Path, key: str) -> None:
+        self.path = out / "sittings.json"
+        self.key = key
+        state = json.loads(self.path.read_text()) if self.path.exists() else {}
+        same = bool(key) and state.get("key") == key
+        self.done: set[str] = set(state.get("done", [])) if same else set()
+        self.sittings: list[dict[str, object]] = list(state.get("sittings", [])) if same else []
+        # A sitting cut off before it could record itself still left its line per test.
+        written_by, output = out / "output.key", out / "output.log"
+        if same and output.exists() and written_by.exists() and written_by.read_text().strip() == key:
+            self.done |= ended_well(output.read_text(errors="replace"))
+        if same:  # the coming sitting writes over the last one's output and logs: keep them
+            for name, kept in (("output.log", "output.sitting{}.log"), ("logs.tgz", "logs.sitting{}.tgz")):
+                if (out / name).exists():
+                    (out / name).rename(out / kept.format(len(self.sittings)))
+        self.sittings.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self._save()
+        written_by.write_text(key + "\n")  # what this sitting's output.log will be
+
+    def record(self, output: str, rc: int, took: float) -> None:
+        ran = ended_well(output)
+        self.done |= ran
+        self.sittings[-1].update(passed=len(ran), rc=rc, seconds=round(took))
+        self._save()
+
+    def _save(self) -> None:
+        state = {"key": self.key, "done": sorted(self.done), "sittings": self.sittings}
+        self.path.write_text(json.dumps(state, indent=1) + "\n")
+
+
+def test(
+    driver: str, pytest_args: list[str], timeout: float, out: Path, cgroup: str = "v2", resume: bool = False
+) -> int:
     shared_out = "/run/hotrestart-vm-out"
     # The checkout is read-only in the machine: the CRI client's stubs, which the tests
     # generate on first use, are made here (a fresh clone has none).
@@ -249,6 +315,18 @@ def test(driver: str, pytest_args: list[str], timeout: float, out: Path, cgroup:
     selected = pytest_args or SMOKE
     if emulated:
         selected = [*selected, *(x for t in TCG_DESELECT for x in ("--deselect", t))]
+    sittings = None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "output.key").unlink(missing_ok=True)
+    if resume:
+        key = code_key()
+        if not key:
+            log("--resume: the checkout differs from HEAD, so nothing from an earlier sitting counts")
+        node = json.dumps([key, driver, cgroup, emulated, selected])
+        sittings = Sittings(out, hashlib.sha256(node.encode()).hexdigest() if key else "")
+        if sittings.done:
+            log(f"--resume: {len(sittings.done)} test(s) passed in earlier sittings on this code; running the rest")
+        selected = [*selected, *(x for t in sorted(sittings.done) for x in ("--deselect", t))]
     args = " ".join(shlex.quote(a) for a in selected)
     # pytest is interrupted (SIGINT: it reports what ran and tears down) before the machine's
     # own limit, so that the logs of a run that hangs still come back.
@@ -268,15 +346,21 @@ def test(driver: str, pytest_args: list[str], timeout: float, out: Path, cgroup:
         f"find /tmp -name '*.log' -size -20M -print0 | tar -czf {shared_out}/logs.tgz --null -T - 2>/dev/null; "
         "exit $rc"
     )
+    started = time.monotonic()
     with tempfile.TemporaryDirectory() as build_dir:
         files = {"memhog": memhog(Path(build_dir))}
         # The installer's DaemonSet is rendered with kustomize, which Debian 12 does not carry.
         if kustomize := shutil.which("kustomize"):
             files["bin/kustomize"] = Path(kustomize)
         rc = run(command, timeout, out, files, cgroup)
-    output = out / "output.log"
-    if output.exists():
-        sys.stdout.write(output.read_text(errors="replace"))
+    output = (out / "output.log").read_text(errors="replace") if (out / "output.log").exists() else ""
+    sys.stdout.write(output)
+    if sittings is not None:
+        before = len(sittings.done)
+        sittings.record(output, rc, time.monotonic() - started)
+        # pytest says 5 when every test was deselected: all passed in earlier sittings.
+        rc = 0 if rc == 5 and before and not _OUTCOME.search(output) else rc
+        log(f"--resume: {len(sittings.done)} test(s) passed on this code over {len(sittings.sittings)} sitting(s)")
     return rc
 
 
@@ -295,6 +379,7 @@ def main() -> int:
     t.add_argument("--cgroup", choices=tuple(CGROUP_CMDLINE), default="v2", help="v2 only, or systemd's hybrid v1")
     t.add_argument("--timeout", type=float, default=3000)
     t.add_argument("--out", type=Path, default=None)
+    t.add_argument("--resume", action="store_true", help="skip what passed in --out's earlier sittings on this code")
     t.add_argument("pytest_args", nargs=argparse.REMAINDER)
     ns = parser.parse_args()
     if os.geteuid() != 0:
@@ -303,7 +388,9 @@ def main() -> int:
     if ns.verb == "build":
         build(ns.force)
         return 0
-    out = ns.out or Path(tempfile.mkdtemp(prefix="hotrestart-vm-"))
+    if ns.verb == "test" and ns.resume and ns.out is None:
+        parser.error("--resume needs --out: the folder its earlier sittings wrote")
+    out = (ns.out or Path(tempfile.mkdtemp(prefix="hotrestart-vm-"))).resolve()
     rest = [a for a in (ns.command if ns.verb == "run" else ns.pytest_args) if a != "--"] if ns.verb != "build" else []
     if ns.verb == "run":
         rc = run(" ".join(shlex.quote(a) for a in rest), ns.timeout, out)
@@ -312,7 +399,7 @@ def main() -> int:
             sys.stdout.write(output.read_text(errors="replace"))
         return rc
     smoke = [*SMOKE, *SMOKE_DEFAULT_NODE] if (ns.driver, ns.cgroup) == ("systemd", "v2") else SMOKE
-    return test(ns.driver, rest or (FULL if ns.full else smoke), ns.timeout, out, ns.cgroup)
+    return test(ns.driver, rest or (FULL if ns.full else smoke), ns.timeout, out, ns.cgroup, ns.resume)
 
 
 if __name__ == "__main__":
