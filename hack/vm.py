@@ -235,59 +235,87 @@ def memhog(dst: Path) -> Path:
 _OUTCOME = re.compile(r"^(tests/\S+::\S+) (PASSED|SKIPPED|XFAIL|XPASS|FAILED|ERROR)\b", re.MULTILINE)
 
 
-def ended_well(output: str) -> set[str]:
-    """The tests an output.log shows passed or skipped, less any whose teardown then failed."""
+def outcomes(output: str) -> tuple[set[str], set[str]]:
+    """(the tests an output.log shows passed or skipped, those it shows failed or in error).
+    When any test's teardown failed after it passed, none counts as passed: a session
+    fixture's teardown (containerd's leak check) reports on every test before it, but prints
+    its error under the last one."""
     good, bad = set(), set()
     for test_id, outcome in _OUTCOME.findall(output):
         (bad if outcome in ("FAILED", "ERROR") else good).add(test_id)
-    return good - bad
+    return (set() if good & bad else good - bad), bad
 
 
 def code_key() -> str:
     """What the machine runs: every tracked file but the docs, as HEAD has them; '' when the
-    checkout's tracked files differ from HEAD (then no earlier sitting counts)."""
+    checkout differs from HEAD beyond the docs (an edit, or a file git does not track or
+    ignore): then no sitting counts."""
     git = ["git", "-C", str(REPO)]
-    changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    changed = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
     tree = subprocess.run([*git, "ls-tree", "-r", "HEAD"], capture_output=True, text=True)
-    if changed.returncode or tree.returncode or changed.stdout.strip():
+    if changed.returncode or tree.returncode or any(not x.endswith(".md") for x in changed.stdout.splitlines()):
         return ""
     code = [line for line in tree.stdout.splitlines() if not line.endswith(".md")]
     return hashlib.sha256("\n".join(code).encode()).hexdigest()
 
 
+def node_key(driver: str, cgroup: str, emulated: bool, selected: list[str]) -> str:
+    """The code, the node and the selection a sitting ran; '' as for `code_key`."""
+    code = code_key()
+    return hashlib.sha256(json.dumps([code, driver, cgroup, emulated, selected]).encode()).hexdigest() if code else ""
+
+
 class Sittings:
     """A run that may take several sittings (`--resume`): under emulation the whole tiers take
     hours, longer than some machines are held. The out folder keeps what passed on which
-    code; a sitting runs only the rest, and only on the same code, node and selection."""
+    code; a sitting runs only the rest (testbed.passed_earlier leaves out what `passed-earlier.txt`
+    lists), and only on the same code, node and selection."""
 
     def __init__(self, out: Path, key: str) -> None:
+        self.out = out
         self.path = out / "sittings.json"
         self.key = key
-        state = json.loads(self.path.read_text()) if self.path.exists() else {}
+        try:
+            state = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except ValueError:
+            state = {}
         same = bool(key) and state.get("key") == key
         self.done: set[str] = set(state.get("done", [])) if same else set()
         self.sittings: list[dict[str, object]] = list(state.get("sittings", [])) if same else []
         # A sitting cut off before it could record itself still left its line per test.
         written_by, output = out / "output.key", out / "output.log"
         if same and output.exists() and written_by.exists() and written_by.read_text().strip() == key:
-            self.done |= ended_well(output.read_text(errors="replace"))
-        if same:  # the coming sitting writes over the last one's output and logs: keep them
+            passed, failed = outcomes(output.read_text(errors="replace"))
+            self.done |= passed
+            if self.sittings and "rc" not in self.sittings[-1]:
+                self.sittings[-1].update(passed=len(passed), failed=sorted(failed), rc="cut off")
+        if same:  # this sitting writes over the last one's output and logs: keep them
             for name, kept in (("output.log", "output.sitting{}.log"), ("logs.tgz", "logs.sitting{}.tgz")):
                 if (out / name).exists():
                     (out / name).rename(out / kept.format(len(self.sittings)))
         self.sittings.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S")})
         self._save()
         written_by.write_text(key + "\n")  # what this sitting's output.log will be
+        (out / "passed-earlier.txt").write_text("".join(f"{t}\n" for t in sorted(self.done)))
 
-    def record(self, output: str, rc: int, took: float) -> None:
-        ran = ended_well(output)
-        self.done |= ran
-        self.sittings[-1].update(passed=len(ran), rc=rc, seconds=round(took))
+    def record(self, output: str, rc: int, took: float, key_now: str) -> None:
+        """What the sitting's output shows; nothing counts if the code changed meanwhile
+        (the machine reads the checkout as it is)."""
+        passed, failed = outcomes(output)
+        entry = self.sittings[-1]
+        if key_now != self.key:
+            passed, entry["discarded"] = set(), "the checkout changed during the sitting"
+        self.done |= passed
+        entry.update(passed=len(passed), failed=sorted(failed), rc=rc, seconds=round(took))
         self._save()
 
     def _save(self) -> None:
+        if not self.key:
+            return
         state = {"key": self.key, "done": sorted(self.done), "sittings": self.sittings}
-        self.path.write_text(json.dumps(state, indent=1) + "\n")
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1) + "\n")
+        os.replace(tmp, self.path)
 
 
 def test(
@@ -311,22 +339,22 @@ def test(
         **({"HOTRESTART_LABEL_LOOKUP_TIMEOUT": "60"} if emulated else {}),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     selected = pytest_args or SMOKE
     if emulated:
         selected = [*selected, *(x for t in TCG_DESELECT for x in ("--deselect", t))]
     sittings = None
     out.mkdir(parents=True, exist_ok=True)
-    (out / "output.key").unlink(missing_ok=True)
     if resume:
-        key = code_key()
+        key = node_key(driver, cgroup, emulated, selected)
         if not key:
-            log("--resume: the checkout differs from HEAD, so nothing from an earlier sitting counts")
-        node = json.dumps([key, driver, cgroup, emulated, selected])
-        sittings = Sittings(out, hashlib.sha256(node.encode()).hexdigest() if key else "")
+            log("--resume: the checkout differs from HEAD beyond the docs: no sitting counts, this one neither")
+        sittings = Sittings(out, key)
         if sittings.done:
             log(f"--resume: {len(sittings.done)} test(s) passed in earlier sittings on this code; running the rest")
-        selected = [*selected, *(x for t in sorted(sittings.done) for x in ("--deselect", t))]
+        env["HOTRESTART_PASSED_EARLIER"] = f"{shared_out}/passed-earlier.txt"
+    else:
+        (out / "output.key").unlink(missing_ok=True)
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     args = " ".join(shlex.quote(a) for a in selected)
     # pytest is interrupted (SIGINT: it reports what ran and tears down) before the machine's
     # own limit, so that the logs of a run that hangs still come back.
@@ -357,7 +385,7 @@ def test(
     sys.stdout.write(output)
     if sittings is not None:
         before = len(sittings.done)
-        sittings.record(output, rc, time.monotonic() - started)
+        sittings.record(output, rc, time.monotonic() - started, node_key(driver, cgroup, emulated, selected))
         # pytest says 5 when every test was deselected: all passed in earlier sittings.
         rc = 0 if rc == 5 and before and not _OUTCOME.search(output) else rc
         log(f"--resume: {len(sittings.done)} test(s) passed on this code over {len(sittings.sittings)} sitting(s)")
@@ -393,6 +421,7 @@ def main() -> int:
     out = (ns.out or Path(tempfile.mkdtemp(prefix="hotrestart-vm-"))).resolve()
     rest = [a for a in (ns.command if ns.verb == "run" else ns.pytest_args) if a != "--"] if ns.verb != "build" else []
     if ns.verb == "run":
+        (out / "output.key").unlink(missing_ok=True)  # its output.log is no sitting's
         rc = run(" ".join(shlex.quote(a) for a in rest), ns.timeout, out)
         output = out / "output.log"
         if output.exists():
