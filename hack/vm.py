@@ -272,7 +272,6 @@ class Sittings:
     lists), and only on the same code, node and selection."""
 
     def __init__(self, out: Path, key: str) -> None:
-        self.out = out
         self.path = out / "sittings.json"
         self.key = key
         try:

@@ -37,16 +37,13 @@ from testbed import (
     TESTBED,
     ContainerdInstance,
 )
+from testbed.ci import in_ci
 from testbed.pods import make_pod_config
 
 E2E_DIR = Path(__file__).resolve().parent
 MEMHOG_SOURCE = E2E_DIR.parents[1] / "hack" / "memhog.c"
 
 SHIM_NAME = "containerd-shim-hotrestart-v2"
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def testbed_problems() -> list[str]:

@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 import yaml
-from conftest import in_ci
 
 from cri import NS_NODE, NS_POD, CRIClient
 from testbed import host
+from testbed.ci import in_ci
 from testbed.pods import PodHost, make_pod_config
 
 REPO = Path(__file__).resolve().parents[2]

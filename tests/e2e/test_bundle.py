@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import in_ci
 from hotpods import Incarnation, run_and_stop, wait_published
 
 from testbed import BIN_DIR, ContainerdInstance
+from testbed.ci import in_ci
 
 pytestmark = pytest.mark.e2e
 

@@ -20,6 +20,7 @@ from hotrestart.api.containerd.events import task_pb2 as ev
 from hotrestart.api.containerd.services.events.ttrpc.v1 import events_pb2
 from hotrestart.ttrpc.client import Client
 from hotrestart.ttrpc.server import CallContext, Server, unary
+from testbed.ci import in_ci
 
 TESTBED_BIN = "/opt/hotrestart-testbed/bin"
 NAMESPACE = "hrtest"
@@ -29,7 +30,7 @@ NS_MD = {"containerd-namespace-ttrpc": NAMESPACE}
 
 def _require_testbed() -> None:
     if os.geteuid() != 0 or not os.path.exists(os.path.join(TESTBED_BIN, "runc")) or not shutil.which("busybox"):
-        if os.environ.get("CI"):
+        if in_ci():
             pytest.fail("the testbed (hack/install-testbed.sh) is missing in CI")
         pytest.skip("needs root and the testbed from hack/install-testbed.sh")
 

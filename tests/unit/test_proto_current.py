@@ -15,14 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from testbed.ci import in_ci
+
 REPO = Path(__file__).resolve().parents[2]
 API = Path("hotrestart") / "api"
 COMMITTED = REPO / "shim" / API
 GEN_SCRIPT = REPO / "hack" / "gen-proto.sh"
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _generated_files(root: Path) -> set[Path]:
@@ -40,7 +38,7 @@ def _generated_files(root: Path) -> set[Path]:
 def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if importlib.util.find_spec("grpc_tools") is None:
         msg = "grpcio-tools is not installed (pip install -e '.[dev]')"
-        if _in_ci():
+        if in_ci():
             pytest.fail(msg)
         pytest.skip(msg)
     out = tmp_path_factory.mktemp("proto-out")
