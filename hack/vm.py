@@ -3,11 +3,12 @@
 
     python hack/vm.py build                    build the image (once; cached)
     python hack/vm.py run -- CMD...            boot, run CMD as root, power off; CMD's status
-    python hack/vm.py test [--driver D] [--full] [--resume --out DIR] [-- PYTEST ARGS]
+    python hack/vm.py test [--driver D] [--full] [--shard K/N] [--resume --out DIR] [-- PYTEST ARGS]
                                                the end-to-end tests in the VM, with containerd's
                                                cgroup driver D (systemd, the kubeadm default, or
                                                cgroupfs): the smoke subset, --full every
                                                integration and end-to-end test, or those named;
+                                               --shard: the K-th of N parts of them;
                                                --resume: only what has not yet passed in DIR's
                                                earlier sittings on the same code
 
@@ -37,6 +38,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from testbed import shard
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -73,18 +76,25 @@ SMOKE_DEFAULT_NODE = [
 ]
 # `make test-vm`: everything the host's suite runs that a node runs (not the unit tier, not
 # the VM's own test).
-FULL = [
+FULL_INTEGRATION = [
     "tests/integration",
-    "tests/e2e",
-    # The machine has no network: the test bed's Ceph cannot be installed there, nor an
-    # older Debian debootstrapped for the bundle's glibc check.
-    "--ignore=tests/e2e/test_object_store.py",
+    # The machine has no network: the test bed's Ceph cannot be installed there.
     "--ignore=tests/integration/test_object_store.py",
+]
+FULL_E2E = [
+    "tests/e2e",
+    # Nor can an older Debian be debootstrapped there for the bundle's glibc check.
+    "--ignore=tests/e2e/test_object_store.py",
     "--deselect=tests/e2e/test_bundle.py::test_bundle_runs_on_an_older_glibc_without_python",
     # A 4 GiB container in a 6 GiB machine: its memory and the dump's work folder do not fit
     # (the host's run keeps it).
     "--deselect=tests/e2e/test_scale.py::test_a_4gib_container_checkpointed_periodically_then_stopped_writes_what_changed_and_continues",
 ]
+FULL = [*FULL_INTEGRATION, *FULL_E2E]
+# The integration tier drives runc through the shim without containerd, so containerd's cgroup
+# driver does not reach it: on a node shape the systemd driver's run has covered, the
+# cgroupfs driver's runs the end-to-end tier alone.
+FULL_CGROUPFS = FULL_E2E
 # Under emulation only: a shim waits 5 s for the node's zygote to come up, and a Python
 # process takes longer than that to start there, so shims start without it (by design).
 TCG_DESELECT = ["tests/integration/test_shim_runc.py::test_shims_fork_from_one_zygote"]
@@ -318,7 +328,13 @@ class Sittings:
 
 
 def test(
-    driver: str, pytest_args: list[str], timeout: float, out: Path, cgroup: str = "v2", resume: bool = False
+    driver: str,
+    pytest_args: list[str],
+    timeout: float,
+    out: Path,
+    cgroup: str = "v2",
+    resume: bool = False,
+    shard: str | None = None,
 ) -> int:
     shared_out = "/run/hotrestart-vm-out"
     # The checkout is read-only in the machine: the CRI client's stubs, which the tests
@@ -341,10 +357,13 @@ def test(
     selected = pytest_args or SMOKE
     if emulated:
         selected = [*selected, *(x for t in TCG_DESELECT for x in ("--deselect", t))]
+    keyed = [*selected, *([f"--shard={shard}"] if shard else [])]
+    if shard:
+        env["HOTRESTART_SHARD"] = shard
     sittings = None
     out.mkdir(parents=True, exist_ok=True)
     if resume:
-        key = node_key(driver, cgroup, emulated, selected)
+        key = node_key(driver, cgroup, emulated, keyed)
         if not key:
             log("--resume: the checkout differs from HEAD beyond the docs: no sitting counts, this one neither")
         sittings = Sittings(out, key)
@@ -384,11 +403,19 @@ def test(
     sys.stdout.write(output)
     if sittings is not None:
         before = len(sittings.done)
-        sittings.record(output, rc, time.monotonic() - started, node_key(driver, cgroup, emulated, selected))
+        sittings.record(output, rc, time.monotonic() - started, node_key(driver, cgroup, emulated, keyed))
         # pytest says 5 when every test was deselected: all passed in earlier sittings.
         rc = 0 if rc == 5 and before and not _OUTCOME.search(output) else rc
         log(f"--resume: {len(sittings.done)} test(s) passed on this code over {len(sittings.sittings)} sitting(s)")
     return rc
+
+
+def _shard(spec: str) -> str:
+    try:
+        k, n = shard.parse(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return f"{k}/{n}"
 
 
 def main() -> int:
@@ -407,6 +434,7 @@ def main() -> int:
     t.add_argument("--timeout", type=float, default=3000)
     t.add_argument("--out", type=Path, default=None)
     t.add_argument("--resume", action="store_true", help="skip what passed in --out's earlier sittings on this code")
+    t.add_argument("--shard", type=_shard, default=None, help="K/N: only the K-th of N parts of the selection")
     t.add_argument("pytest_args", nargs=argparse.REMAINDER)
     ns = parser.parse_args()
     if os.geteuid() != 0:
@@ -427,7 +455,8 @@ def main() -> int:
             sys.stdout.write(output.read_text(errors="replace"))
         return rc
     smoke = [*SMOKE, *SMOKE_DEFAULT_NODE] if (ns.driver, ns.cgroup) == ("systemd", "v2") else SMOKE
-    return test(ns.driver, rest or (FULL if ns.full else smoke), ns.timeout, out, ns.cgroup, ns.resume)
+    full = FULL_CGROUPFS if (ns.driver, ns.cgroup) == ("cgroupfs", "v2") else FULL
+    return test(ns.driver, rest or (full if ns.full else smoke), ns.timeout, out, ns.cgroup, ns.resume, ns.shard)
 
 
 if __name__ == "__main__":
